@@ -1,0 +1,8 @@
+"""ToyCanvas: the embedded miniature of UnlearnCanvas and its toy models, trained by `erasure toy build`."""
+
+from pathlib import Path
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+PIPELINE_DIR = WEIGHTS_DIR / "pipeline"
+CLIP_DIR = WEIGHTS_DIR / "clip"
+CLASSIFIER_DIR = WEIGHTS_DIR / "classifier"

@@ -1,0 +1,140 @@
+"""The `erasure` command: parse, validate, call the library, print. Errors a user can cause exit with code 2 and
+one line that says what to do."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .errors import UsageError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="toy", help="'toy', a local diffusers pipeline directory, or a hub id")
+    parser.add_argument("--family", choices=("sd", "sdxl", "flux"), help="fail unless the model is of this family")
+    parser.add_argument("--text-encoder", help="directory of an edited text encoder to use in place of the model's")
+    parser.add_argument("--unet", help="directory of an edited UNet to use in place of the model's")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+
+
+def load_from_args(args):
+    from .models import load_pipeline
+
+    loaded = load_pipeline(args.model, family=args.family, device=args.device)
+    if args.text_encoder:
+        loaded.load_component("text_encoder", args.text_encoder)
+    if args.unet:
+        loaded.load_component("unet", args.unet)
+    return loaded
+
+
+def read_prompt_file(path: str) -> list[str]:
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"prompt file {path} does not exist; pass a text file with one prompt per line")
+    prompts = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise UsageError(f"prompt file {path} has no prompts; write one prompt per line")
+    return prompts
+
+
+def check_image_output(path: str) -> Path:
+    out = Path(path)
+    if out.suffix.lower() not in IMAGE_SUFFIXES:
+        raise UsageError(f"--out {path} must end in one of {', '.join(IMAGE_SUFFIXES)}")
+    if out.exists() and out.is_dir():
+        raise UsageError(f"--out {path} is a directory; pass an image file name")
+    return out
+
+
+def save_image_atomically(image, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp{out.suffix}")
+    image.save(tmp)
+    os.replace(tmp, out)
+
+
+def grid(images, columns: int, scale: int = 1):
+    from diffusers.utils import make_image_grid
+    from PIL import Image
+
+    rows = -(-len(images) // columns)
+    padded = list(images) + [Image.new("RGB", images[0].size, "white")] * (rows * columns - len(images))
+    image = make_image_grid(padded, rows=rows, cols=columns)
+    return image.resize((image.width * scale, image.height * scale), Image.NEAREST) if scale > 1 else image
+
+
+def cmd_generate(args) -> None:
+    if args.prompt is not None and args.prompts:
+        raise UsageError("pass either --prompt or --prompts, not both")
+    if args.prompt is None and not args.prompts:
+        raise UsageError("pass --prompt 'A star image in Flat style.' or --prompts FILE")
+    prompts = [args.prompt] if args.prompt is not None else read_prompt_file(args.prompts)
+    from .models import check_prompts
+
+    check_prompts(prompts)
+    out = check_image_output(args.out)
+    if args.steps is not None and not 1 <= args.steps <= 1000:
+        raise UsageError(f"--steps {args.steps} is out of range; use 1 to 1000")
+    loaded = load_from_args(args)
+    images = loaded.generate(prompts, seeds=args.seed, steps=args.steps, guidance=args.guidance)
+    image = grid(images, args.columns or min(len(images), 10), args.scale)
+    save_image_atomically(image, out)
+    print(f"wrote {out} ({len(images)} image{'s' if len(images) > 1 else ''}, seeds {args.seed}..{args.seed + len(images) - 1})")
+
+
+def cmd_toy_build(args) -> None:
+    from benchmarks.toycanvas import build
+
+    unknown = [s for s in args.stages if s not in build.STAGES]
+    if unknown:
+        raise UsageError(f"unknown stage {unknown[0]!r}; stages are {', '.join(build.STAGES)}")
+    config = build.BuildConfig(build_dir=args.build_dir)
+    build.run(config, tuple(args.stages or build.STAGES), args.threads)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="erasure", description="Concept erasure for diffusion models and VLMs.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    generate = commands.add_parser("generate", help="generate images (one prompt, or a grid from a prompt file)")
+    _add_model_arguments(generate)
+    generate.add_argument("--prompt", help="one prompt")
+    generate.add_argument("--prompts", help="a text file with one prompt per line; writes a grid")
+    generate.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
+    generate.add_argument("--steps", type=int, help="denoising steps (default: the model's recommended)")
+    generate.add_argument("--guidance", type=float, help="classifier-free guidance scale")
+    generate.add_argument("--columns", type=int, help="grid columns (default: up to 10)")
+    generate.add_argument("--scale", type=int, default=1, help="upscale the output by this integer factor")
+    generate.add_argument("--out", required=True, help="output image (.png, .jpg, .webp)")
+    generate.set_defaults(run=cmd_generate)
+
+    toy = commands.add_parser("toy", help="the embedded ToyCanvas world")
+    toy_commands = toy.add_subparsers(dest="toy_command", required=True)
+    build = toy_commands.add_parser("build", help="train the toy models from scratch (resumable)")
+    build.add_argument("stages", nargs="*", help="stages to run (default: all)")
+    build.add_argument("--build-dir", default=".toybuild", help="checkpoints, logs and data")
+    build.add_argument("--threads", type=int, help="torch CPU threads")
+    build.set_defaults(run=cmd_toy_build)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except UsageError as error:
+        print(f"erasure: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("erasure: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,262 @@
+"""Loading diffusion pipelines: "toy", a local directory or a hub id; SD 1.x/2.x, SDXL and Flux.
+
+All architecture knowledge lives here, in one `Family` record per pipeline family: which components are text
+encoders, which is the denoiser, and which linears read the text (the cross-attention keys and values that UCE
+edits). Methods ask a `LoadedPipeline` for these and never test the pipeline's class themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import nn
+
+from .errors import UsageError
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    text_encoders: tuple[str, ...]
+    tokenizers: tuple[str, ...]
+    denoiser: str
+    default_steps: int
+    default_guidance: float
+    # Config keys a replacement component must share with the one it replaces.
+    compatible_keys: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+_TEXT_KEYS = ("hidden_size", "vocab_size", "max_position_embeddings")
+SD = Family("sd", ("text_encoder",), ("tokenizer",), "unet", 50, 7.5,
+            {"text_encoder": _TEXT_KEYS, "unet": ("in_channels", "cross_attention_dim", "block_out_channels")})
+SDXL = Family("sdxl", ("text_encoder", "text_encoder_2"), ("tokenizer", "tokenizer_2"), "unet", 50, 5.0,
+              {"text_encoder": _TEXT_KEYS, "text_encoder_2": _TEXT_KEYS,
+               "unet": ("in_channels", "cross_attention_dim", "block_out_channels", "addition_embed_type")})
+FLUX = Family("flux", ("text_encoder", "text_encoder_2"), ("tokenizer", "tokenizer_2"), "transformer", 28, 3.5,
+              {"text_encoder": _TEXT_KEYS, "text_encoder_2": ("d_model", "vocab_size"),
+               "transformer": ("in_channels", "joint_attention_dim", "pooled_projection_dim")})
+
+PIPELINE_FAMILIES: dict[str, Family] = {
+    "StableDiffusionPipeline": SD,
+    "StableDiffusionXLPipeline": SDXL,
+    "FluxPipeline": FLUX,
+}
+FAMILIES: dict[str, Family] = {f.name: f for f in (SD, SDXL, FLUX)}
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class LoadedPipeline:
+    """A diffusers pipeline with uniform access to its text encoders, tokenizers and denoiser."""
+
+    pipeline: object
+    family: Family
+    source: str
+    default_steps: int
+    default_guidance: float
+
+    @property
+    def text_encoders(self) -> dict[str, nn.Module]:
+        return {name: getattr(self.pipeline, name) for name in self.family.text_encoders}
+
+    @property
+    def tokenizers(self) -> dict[str, object]:
+        return {name: getattr(self.pipeline, name) for name in self.family.tokenizers}
+
+    @property
+    def text_encoder(self) -> nn.Module:
+        """The CLIP text encoder every family has: the one text-encoder erasers edit and transfer."""
+        return self.pipeline.text_encoder
+
+    @property
+    def tokenizer(self):
+        return self.pipeline.tokenizer
+
+    @property
+    def denoiser(self) -> nn.Module:
+        return getattr(self.pipeline, self.family.denoiser)
+
+    @property
+    def device(self) -> torch.device:
+        return self.denoiser.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.denoiser.dtype
+
+    def cross_attention_kv(self) -> list[tuple[str, nn.Linear, nn.Linear]]:
+        """(name, key linear, value linear) of every projection that reads the text embedding."""
+        pairs = []
+        for name, module in self.denoiser.named_modules():
+            if self.family.denoiser == "unet" and name.endswith("attn2"):
+                pairs.append((name, module.to_k, module.to_v))
+            elif self.family.denoiser == "transformer" and getattr(module, "add_k_proj", None) is not None:
+                pairs.append((name, module.add_k_proj, module.add_v_proj))
+        return pairs
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], seeds: list[int] | int = 0, steps: int | None = None,
+                 guidance: float | None = None, batch_size: int = 16, progress: bool = True,
+                 height: int | None = None, width: int | None = None) -> list[Image.Image]:
+        """One image per prompt; image i uses seed seeds[i] (or seeds + i), so any subset regenerates identically."""
+        check_prompts(prompts)
+        seeds = [seeds + i for i in range(len(prompts))] if isinstance(seeds, int) else list(seeds)
+        if len(seeds) != len(prompts):
+            raise UsageError(f"got {len(prompts)} prompts but {len(seeds)} seeds; pass one seed per prompt")
+        steps = steps or self.default_steps
+        guidance = self.default_guidance if guidance is None else guidance
+        self.pipeline.set_progress_bar_config(disable=True)
+        images: list[Image.Image] = []
+        from tqdm.auto import tqdm
+
+        with tqdm(total=len(prompts), desc="generating", unit="img", disable=not progress) as bar:
+            for start in range(0, len(prompts), batch_size):
+                chunk = prompts[start:start + batch_size]
+                generators = [torch.Generator("cpu").manual_seed(s) for s in seeds[start:start + batch_size]]
+                out = self.pipeline(prompt=chunk, generator=generators, num_inference_steps=steps,
+                                    guidance_scale=guidance, height=height, width=width)
+                images += out.images
+                bar.update(len(chunk))
+        return images
+
+    def load_component(self, name: str, path: str | Path, subfolder: str | None = None) -> nn.Module:
+        """Load an edited text encoder or denoiser from `path` in place of this pipeline's `name`."""
+        allowed = (*self.family.text_encoders, self.family.denoiser)
+        if name not in allowed:
+            raise UsageError(f"{self.family.name} pipelines have no component {name!r}; choose one of {', '.join(allowed)}")
+        current = getattr(self.pipeline, name)
+        location = Path(path) / subfolder if subfolder else Path(path)
+        if not (location / "config.json").exists():
+            raise UsageError(f"{location} holds no {name} (no config.json); pass the directory the edit was saved to")
+        config = json.loads((location / "config.json").read_text())
+        saved_class = config.get("_class_name") or (config.get("architectures") or ["?"])[0]
+        if saved_class != type(current).__name__ and not _same_family_of_class(saved_class, type(current).__name__):
+            raise UsageError(f"{location} holds a {saved_class}, but this pipeline's {name} is a "
+                             f"{type(current).__name__}; pass the {name} directory of an edit")
+        try:
+            replacement = type(current).from_pretrained(location, dtype=self.dtype)
+        except Exception as error:  # noqa: BLE001 - any failure here is a bad file the user must replace
+            raise UsageError(f"could not load {name} from {location}: {_first_line(error)}. The file may be "
+                             "truncated or corrupt: save or download the edit again") from None
+        self.check_compatible(name, replacement)
+        self.pipeline.register_modules(**{name: replacement.to(self.device)})
+        return replacement
+
+    def check_compatible(self, name: str, replacement: nn.Module) -> None:
+        current = getattr(self.pipeline, name)
+        for key in self.family.compatible_keys.get(name, ()):
+            want, got = _config_value(current, key), _config_value(replacement, key)
+            if want != got:
+                raise UsageError(f"this {name} has {key}={got} but the {self.family.name} pipeline from {self.source} "
+                                 f"expects {key}={want}: the edit was made for another base model; load it onto "
+                                 "the model it was made from")
+
+
+def text_encoder_layers(text_encoder: nn.Module) -> nn.ModuleList:
+    """The transformer blocks of a CLIP text encoder, first (early) to last (high-level)."""
+    inner = getattr(text_encoder, "text_model", text_encoder)  # transformers < 5 nests the blocks one deeper
+    return inner.encoder.layers
+
+
+def _same_family_of_class(saved: str, wanted: str) -> bool:
+    # A CLIP text encoder saved with or without its projection, or as a whole CLIPModel, loads as either.
+    return saved.startswith("CLIP") and wanted.startswith("CLIPText") and ("Vision" not in saved)
+
+
+def _config_value(module: nn.Module, key: str):
+    value = getattr(module.config, key, None)
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def check_prompts(prompts: list[str]) -> None:
+    if not prompts:
+        raise UsageError("the prompt list is empty; pass at least one prompt")
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise UsageError(f"prompt {i + 1} is empty; every prompt needs some text")
+
+
+def resolve_source(model: str) -> str:
+    """The path or hub id that `model` names, after checking what can be checked without loading."""
+    if model == "toy":
+        from benchmarks.toycanvas import PIPELINE_DIR
+
+        if not (PIPELINE_DIR / "model_index.json").exists():
+            raise UsageError(f"the toy pipeline is missing from {PIPELINE_DIR}; rebuild it with `erasure toy build`")
+        return str(PIPELINE_DIR)
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UsageError(f"{model} is a file; pass a diffusers pipeline directory (one with model_index.json)")
+        if not (path / "model_index.json").exists():
+            config = path / "config.json"
+            if config.exists():
+                kind = json.loads(config.read_text()).get("architectures") or [json.loads(config.read_text()).get("_class_name")]
+                raise UsageError(f"{model} holds a single model ({kind[0]}), not a diffusers pipeline; pass the "
+                                 "pipeline directory, or load this component with --text-encoder/--unet")
+            raise UsageError(f"{model} is not a diffusers pipeline directory (no model_index.json)")
+        return str(path)
+    if _HUB_ID.match(model) and not model.startswith((".", "/", "~")):
+        return model
+    raise UsageError(f"unknown model {model!r}: pass 'toy', a local pipeline directory, or a hub id such as "
+                     "stable-diffusion-v1-5/stable-diffusion-v1-5")
+
+
+def _family_of(class_name: str, source: str) -> Family:
+    if class_name in PIPELINE_FAMILIES:
+        return PIPELINE_FAMILIES[class_name]
+    for known, family in PIPELINE_FAMILIES.items():
+        # Variants (img2img, inpainting) share their base family's components.
+        if class_name.startswith(known.removesuffix("Pipeline")):
+            return family
+    raise UsageError(f"{source} is a {class_name}, which erasure-suite does not support; supported families: "
+                     f"{', '.join(sorted(FAMILIES))} ({', '.join(PIPELINE_FAMILIES)})")
+
+
+def load_pipeline(model: str = "toy", family: str | None = None, device: str | None = None,
+                  dtype: torch.dtype | None = None) -> LoadedPipeline:
+    """Load "toy", a local pipeline directory or a hub id. `family` ("sd", "sdxl", "flux"), when given, is
+    checked against what the directory holds."""
+    from diffusers import DiffusionPipeline
+
+    if family is not None and family not in FAMILIES:
+        raise UsageError(f"unknown model family {family!r}; choose one of {', '.join(FAMILIES)}")
+    source = resolve_source(model)
+    local_index = Path(source) / "model_index.json"
+    if local_index.exists():
+        found = _family_of(json.loads(local_index.read_text()).get("_class_name", "?"), model)
+        if family is not None and found.name != family:
+            raise UsageError(f"{model} is a {found.name} pipeline, not {family}; drop --family or pass a {family} model")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype is None:
+        dtype = torch.float32 if device == "cpu" else torch.float16
+    try:
+        pipeline = DiffusionPipeline.from_pretrained(source, dtype=dtype)
+    except UsageError:
+        raise
+    except Exception as error:  # noqa: BLE001 - one clear line instead of a traceback from deep inside
+        hint = ("check the hub id and your network, or download the model and pass its directory"
+                if not Path(source).exists() else
+                "a weight file may be truncated or corrupt: download or rebuild the model (for 'toy': erasure toy build)")
+        raise UsageError(f"could not load {model}: {_first_line(error)}; {hint}") from None
+    found = _family_of(type(pipeline).__name__, model)
+    if family is not None and found.name != family:
+        raise UsageError(f"{model} is a {found.name} pipeline, not {family}; drop --family or pass a {family} model")
+    pipeline.to(device)
+    steps, guidance = found.default_steps, found.default_guidance
+    sampling = Path(source) / "sampling.json"
+    if sampling.exists():
+        recommended = json.loads(sampling.read_text())
+        steps, guidance = recommended["num_inference_steps"], recommended["guidance_scale"]
+    return LoadedPipeline(pipeline, found, model, steps, guidance)

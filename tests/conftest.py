@@ -1,0 +1,23 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_pipelines import BUILDERS, build_tokenizer  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def clip_tokenizer_dir(tmp_path_factory) -> Path:
+    return build_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dirs(tmp_path_factory, clip_tokenizer_dir) -> dict[str, Path]:
+    """A tiny random-weight pipeline directory per family: {"sd": ..., "sdxl": ..., "flux": ...}."""
+    root = tmp_path_factory.mktemp("pipelines")
+    return {family: build(root / family, clip_tokenizer_dir) for family, build in BUILDERS.items()}
