@@ -48,7 +48,7 @@ class BuildConfig:
     vae_steps: int = 2_000
     vae_batch: int = 32
     vae_deterministic_steps: int = 1_200
-    unet_steps: int = 6_000
+    unet_steps: int = 5_000
     unet_batch: int = 64
     checkpoint_every: int = 250
     latent_channels: int = 8
@@ -81,6 +81,14 @@ def stage_data(cfg: BuildConfig) -> None:
         tmp = out / f"{split}.tmp.npz"
         np.savez(tmp, images=images, objects=objects, styles=styles)
         os.replace(tmp, out / f"{split}.npz")
+
+
+def declare_float32(config_path: Path) -> None:
+    """Weights ship in fp16 to fit the size budget; transformers loads a model in the dtype its config declares,
+    so declaring float32 makes plain `from_pretrained` compute in float32, as diffusers' components do."""
+    config = json.loads(config_path.read_text())
+    config["dtype"] = "float32"
+    config_path.write_text(json.dumps(config, indent=2))
 
 
 def atomic_dir(final: Path) -> Path:
@@ -250,6 +258,7 @@ def stage_clip(cfg: BuildConfig) -> None:
     final = Path(cfg.weights_dir) / "clip"
     tmp = atomic_dir(final)
     model.eval().to(torch.float16).save_pretrained(tmp)
+    declare_float32(tmp / "config.json")
     tokenizer.save_pretrained(tmp)
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_mean=list(CLIP_MEAN),
                        image_std=list(CLIP_STD)).save_pretrained(tmp)
@@ -398,11 +407,13 @@ def export_pipeline(cfg: BuildConfig, unet, vae, text_encoder, tokenizer) -> Non
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                       scheduler=DDIMScheduler.from_config(noise_scheduler().config),
+                                       scheduler=DDIMScheduler.from_config(noise_scheduler().config, steps_offset=1,
+                                                                           set_alpha_to_one=False),
                                        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     final = Path(cfg.weights_dir) / "pipeline"
     tmp = atomic_dir(final)
     pipeline.to(torch.float16).save_pretrained(tmp)
+    declare_float32(tmp / "text_encoder" / "config.json")
     (tmp / "toycanvas.json").write_text(json.dumps({"build_config": asdict(cfg), "torch": torch.__version__}, indent=2))
     # The sampling the quality bars are measured with; load_pipeline takes it as this model's default.
     (tmp / "sampling.json").write_text(json.dumps(SAMPLING, indent=2))
