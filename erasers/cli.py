@@ -58,16 +58,6 @@ def save_image_atomically(image, out: Path) -> None:
     os.replace(tmp, out)
 
 
-def grid(images, columns: int, scale: int = 1):
-    from diffusers.utils import make_image_grid
-    from PIL import Image
-
-    rows = -(-len(images) // columns)
-    padded = list(images) + [Image.new("RGB", images[0].size, "white")] * (rows * columns - len(images))
-    image = make_image_grid(padded, rows=rows, cols=columns)
-    return image.resize((image.width * scale, image.height * scale), Image.NEAREST) if scale > 1 else image
-
-
 def cmd_generate(args) -> None:
     if args.prompt is not None and args.prompts:
         raise UsageError("pass either --prompt or --prompts, not both")
@@ -82,9 +72,40 @@ def cmd_generate(args) -> None:
         raise UsageError(f"--steps {args.steps} is out of range; use 1 to 1000")
     loaded = load_from_args(args)
     images = loaded.generate(prompts, seeds=args.seed, steps=args.steps, guidance=args.guidance)
-    image = grid(images, args.columns or min(len(images), 10), args.scale)
+    from benchmarks.figures import image_grid
+
+    image = image_grid(images, args.columns or min(len(images), 10), args.scale)
     save_image_atomically(image, out)
     print(f"wrote {out} ({len(images)} image{'s' if len(images) > 1 else ''}, seeds {args.seed}..{args.seed + len(images) - 1})")
+
+
+def cmd_erase(args) -> None:
+    from .registry import parse_options
+    from .run import erase
+
+    out = erase(args.model, args.method, args.concept, args.out, args.anchor, args.preserve,
+                {**parse_options(args.set), **({"seed": args.seed} if args.seed is not None else {})}, args.device)
+    print(f"wrote edit {out} (see {out}/erasure.json); compare it with: erasure compare --model {args.model} "
+          f"--edit {out}")
+
+
+def cmd_compare(args) -> None:
+    from .run import compare
+
+    out = args.out or str(Path(args.edit[0]) / "compare")
+    table = compare(args.model, args.edit, out, tuple(args.seeds), args.device)
+    from .run import metrics_markdown
+
+    print(metrics_markdown(table))
+    print(f"wrote {out}/compare.png, {out}/metrics.md and {out}/metrics.json")
+
+
+def cmd_methods(args) -> None:
+    from .registry import METHODS, _load_methods
+
+    _load_methods()
+    for name, entry in sorted(METHODS.items()):
+        print(f"{name:10s} {entry.summary}")
 
 
 def cmd_toy_build(args) -> None:
@@ -112,6 +133,29 @@ def make_parser() -> argparse.ArgumentParser:
     generate.add_argument("--scale", type=int, default=1, help="upscale the output by this integer factor")
     generate.add_argument("--out", required=True, help="output image (.png, .jpg, .webp)")
     generate.set_defaults(run=cmd_generate)
+
+    erase = commands.add_parser("erase", help="erase a concept and save the edit")
+    erase.add_argument("--model", default="toy", help="'toy', a local diffusers pipeline directory, or a hub id")
+    erase.add_argument("--method", required=True, help="an eraser (see `erasure methods`)")
+    erase.add_argument("--concept", action="append", required=True, help="concept to erase (repeatable)")
+    erase.add_argument("--anchor", action="append", help="concept to map the erased one to (method-dependent)")
+    erase.add_argument("--preserve", action="append", help="concept to keep (repeatable)")
+    erase.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a method option")
+    erase.add_argument("--seed", type=int, help="seed of the run")
+    erase.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    erase.add_argument("--out", required=True, help="new directory for the edit")
+    erase.set_defaults(run=cmd_erase)
+
+    compare = commands.add_parser("compare", help="before/after grid and UA/IRA/CRA table of an edit")
+    compare.add_argument("--model", default="toy")
+    compare.add_argument("--edit", action="append", required=True, help="edit directory (repeat to stack edits)")
+    compare.add_argument("--seeds", type=int, nargs="+", default=[188], help="seeds of the answer set")
+    compare.add_argument("--device")
+    compare.add_argument("--out", help="output directory (default: EDIT/compare)")
+    compare.set_defaults(run=cmd_compare)
+
+    methods = commands.add_parser("methods", help="list the erasers")
+    methods.set_defaults(run=cmd_methods)
 
     toy = commands.add_parser("toy", help="the embedded ToyCanvas world")
     toy_commands = toy.add_subparsers(dest="toy_command", required=True)

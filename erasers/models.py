@@ -29,11 +29,15 @@ class Family:
     default_guidance: float
     # Config keys a replacement component must share with the one it replaces.
     compatible_keys: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # Whether the denoiser is an epsilon-predicting UNet conditioned on one CLIP text encoder's hidden states,
+    # which is what the training-based erasers (ESD, UCE and their descendants) edit.
+    text_conditioned_unet: bool = False
 
 
 _TEXT_KEYS = ("hidden_size", "vocab_size", "max_position_embeddings")
 SD = Family("sd", ("text_encoder",), ("tokenizer",), "unet", 50, 7.5,
-            {"text_encoder": _TEXT_KEYS, "unet": ("in_channels", "cross_attention_dim", "block_out_channels")})
+            {"text_encoder": _TEXT_KEYS, "unet": ("in_channels", "cross_attention_dim", "block_out_channels")},
+            text_conditioned_unet=True)
 SDXL = Family("sdxl", ("text_encoder", "text_encoder_2"), ("tokenizer", "tokenizer_2"), "unet", 50, 5.0,
               {"text_encoder": _TEXT_KEYS, "text_encoder_2": _TEXT_KEYS,
                "unet": ("in_channels", "cross_attention_dim", "block_out_channels", "addition_embed_type")})
@@ -89,6 +93,23 @@ class LoadedPipeline:
     @property
     def dtype(self) -> torch.dtype:
         return self.denoiser.dtype
+
+    def require_text_conditioned_unet(self, method: str) -> None:
+        if not self.family.text_conditioned_unet:
+            raise UsageError(f"{method} edits SD 1.x/2.x-style pipelines (one CLIP text encoder and a UNet); "
+                             f"{self.source} is a {self.family.name} pipeline. Erase on an SD model and load the "
+                             "edited text encoder into this one (--text-encoder)")
+
+    def encode_text(self, prompts: list[str], text_encoder: nn.Module | None = None) -> torch.Tensor:
+        """Text-encoder hidden states as the UNet reads them, through `text_encoder` (default: the pipeline's);
+        gradients flow when the caller has them enabled."""
+        tokens = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                                truncation=True, return_tensors="pt").input_ids.to(self.device)
+        return (text_encoder or self.text_encoder)(tokens)[0]
+
+    def latent_shape(self, batch: int = 1) -> tuple[int, ...]:
+        config = self.denoiser.config
+        return (batch, config.in_channels, config.sample_size, config.sample_size)
 
     def cross_attention_kv(self) -> list[tuple[str, nn.Linear, nn.Linear]]:
         """(name, key linear, value linear) of every projection that reads the text embedding."""

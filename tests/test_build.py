@@ -4,13 +4,14 @@ import pytest
 import torch
 
 from benchmarks.toycanvas import build
+from erasers.train import TrainingLoop
 
 
 def _train(cfg, interrupt_at=None):
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
-    loop = build.Checkpointed(cfg, "toy", 6, {"model": model, "opt": optimizer})
+    loop = TrainingLoop("toy", 6, {"model": model, "opt": optimizer}, work_dir=cfg.build_dir, checkpoint_every=1)
     started_at = loop.start
 
     def step(index, generator):

@@ -1,10 +1,7 @@
 """The shipped ToyCanvas models: they load with plain diffusers/transformers calls and meet (a subset of) the
 quality bars. The full bars are measured by `erasure toy build quality` and shown in the README."""
 
-from pathlib import Path
 
-import numpy as np
-import pytest
 import torch
 
 from benchmarks.toycanvas import CLASSIFIER_DIR, CLIP_DIR, PIPELINE_DIR, WEIGHTS_DIR

@@ -2,8 +2,15 @@ import numpy as np
 import pytest
 
 from benchmarks.toycanvas.render import make_dataset, render, sample_image, sample_scene
-from benchmarks.toycanvas.world import (CAPTION_TEMPLATE, OBJECTS, STYLES, UNSAFE_OBJECT, caption, concept_kind,
-                                        paraphrases)
+from benchmarks.toycanvas.world import (
+    CAPTION_TEMPLATE,
+    OBJECTS,
+    STYLES,
+    UNSAFE_OBJECT,
+    caption,
+    concept_kind,
+    paraphrases,
+)
 
 
 def test_world_is_at_least_ten_by_ten_with_an_unsafe_object():

@@ -14,10 +14,7 @@ checkpoint when run again; exports are written under a temporary name and rename
 from __future__ import annotations
 
 import json
-import math
 import os
-import shutil
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,7 +23,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import CLASSIFIER_DIR, CLIP_DIR, PIPELINE_DIR, WEIGHTS_DIR
+from erasers.files import atomic_dir, publish
+from erasers.train import TrainingLoop
+
+from . import WEIGHTS_DIR
 from .classifier import ToyClassifier
 from .render import make_dataset
 from .world import OBJECTS, STYLES, caption
@@ -91,61 +91,6 @@ def declare_float32(config_path: Path) -> None:
     config_path.write_text(json.dumps(config, indent=2))
 
 
-def atomic_dir(final: Path) -> Path:
-    """A fresh temporary directory beside `final`; pass it to `publish` once everything is written into it."""
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def publish(tmp: Path, final: Path) -> None:
-    old = final.with_name(final.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-class Checkpointed:
-    """The training loop every stage uses: seeded per step (so a resumed run draws the same batches), a progress
-    bar, a JSON-lines log, and a checkpoint of all modules and optimisers every `every` steps."""
-
-    def __init__(self, cfg: BuildConfig, name: str, steps: int, state: dict):
-        self.cfg, self.name, self.steps, self.state = cfg, name, steps, state
-        self.dir = Path(cfg.build_dir) / "ckpt"
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.path = self.dir / f"{name}.pt"
-        self.log_path = Path(cfg.build_dir) / "logs" / f"{name}.jsonl"
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self.start = 0
-        if self.path.exists():
-            saved = torch.load(self.path, weights_only=False)
-            for key, obj in state.items():
-                obj.load_state_dict(saved[key])
-            self.start = saved["step"]
-
-    def save(self, step: int) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        torch.save({"step": step, **{k: v.state_dict() for k, v in self.state.items()}}, tmp)
-        os.replace(tmp, self.path)
-
-    def run(self, step_fn) -> None:
-        started = time.time()
-        bar = tqdm(range(self.start, self.steps), initial=self.start, total=self.steps, desc=self.name)
-        with self.log_path.open("a") as log:
-            for step in bar:
-                generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
-                metrics = step_fn(step, generator)
-                bar.set_postfix({k: f"{v:.4f}" for k, v in metrics.items()})
-                if step % 25 == 0 or step == self.steps - 1:
-                    log.write(json.dumps({"step": step, "seconds": round(time.time() - started, 1), **metrics}) + "\n")
-                    log.flush()
-                if (step + 1) % self.cfg.checkpoint_every == 0 or step == self.steps - 1:
-                    self.save(step + 1)
-
-
 def _augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Blur, noise and slight colour jitter: the classifier must also read VAE reconstructions and generations."""
     n = images.shape[0]
@@ -176,7 +121,8 @@ def stage_classifier(cfg: BuildConfig) -> None:
     model = ToyClassifier()
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=cfg.classifier_steps)
-    loop = Checkpointed(cfg, "classifier", cfg.classifier_steps, {"model": model, "opt": optimizer, "sched": schedule})
+    loop = TrainingLoop("classifier", cfg.classifier_steps, {"model": model, "opt": optimizer, "sched": schedule},
+                        cfg.seed, cfg.build_dir, cfg.checkpoint_every)
     model.train()
 
     def step(_, generator):
@@ -238,7 +184,8 @@ def stage_clip(cfg: BuildConfig) -> None:
     model = CLIPModel(clip_config(cfg))
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.05)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=5e-4, total_steps=cfg.clip_steps, pct_start=0.1)
-    loop = Checkpointed(cfg, "clip", cfg.clip_steps, {"model": model, "opt": optimizer, "sched": schedule})
+    loop = TrainingLoop("clip", cfg.clip_steps, {"model": model, "opt": optimizer, "sched": schedule},
+                        cfg.seed, cfg.build_dir, cfg.checkpoint_every)
     model.train()
     repeats = len(images) // pairs
 
@@ -290,7 +237,8 @@ def stage_vae(cfg: BuildConfig) -> None:
     vae = vae_model(cfg)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3, total_steps=cfg.vae_steps, pct_start=0.05)
-    loop = Checkpointed(cfg, "vae", cfg.vae_steps, {"model": vae, "opt": optimizer, "sched": schedule})
+    loop = TrainingLoop("vae", cfg.vae_steps, {"model": vae, "opt": optimizer, "sched": schedule},
+                        cfg.seed, cfg.build_dir, cfg.checkpoint_every)
     vae.train()
 
     def step(step_index, generator):
@@ -373,7 +321,8 @@ def stage_unet(cfg: BuildConfig) -> None:
     scheduler = noise_scheduler()
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=1e-2)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3, total_steps=cfg.unet_steps, pct_start=0.03)
-    loop = Checkpointed(cfg, "unet", cfg.unet_steps, {"model": unet, "ema": ema, "opt": optimizer, "sched": schedule})
+    loop = TrainingLoop("unet", cfg.unet_steps, {"model": unet, "ema": ema, "opt": optimizer, "sched": schedule},
+                        cfg.seed, cfg.build_dir, cfg.checkpoint_every)
     unet.train()
 
     def step(_, generator):

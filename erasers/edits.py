@@ -1,0 +1,104 @@
+"""Saving and loading edits: the edited components in diffusers/transformers format plus `erasure.json`.
+
+    runs/no-star/
+      unet/ or text_encoder/   loads with plain `from_pretrained`
+      erasure.json             method, config, concepts, base model and its fingerprint, package version, cost
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import __version__
+from .errors import UsageError
+from .files import atomic_dir, publish
+from .models import LoadedPipeline
+from .prompts import EraseRequest
+
+METADATA = "erasure.json"
+
+
+def base_fingerprint(loaded: LoadedPipeline) -> str:
+    """A cheap fingerprint of the base model's text encoder and denoiser weights (shapes and sums), to tell later
+    which model an edit was made from."""
+    digest = hashlib.sha256()
+    for module in (loaded.text_encoder, loaded.denoiser):
+        for name, tensor in sorted(module.state_dict().items()):
+            digest.update(f"{name}{tuple(tensor.shape)}{float(tensor.double().sum()):.6e}".encode())
+    return digest.hexdigest()[:16]
+
+
+def check_new_output(out: Path) -> None:
+    if out.exists():
+        raise UsageError(f"{out} already exists; choose a new --out or remove it first")
+
+
+def save_edit(out: str | Path, components: dict[str, nn.Module], loaded: LoadedPipeline, method: str, config,
+              request: EraseRequest, fingerprint: str, seconds: float, peak_memory_bytes: int | None) -> Path:
+    out = Path(out)
+    check_new_output(out)
+    tmp = atomic_dir(out)
+    for name, module in components.items():
+        module.save_pretrained(tmp / name)
+    storage = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
+    metadata = {
+        "method": method,
+        "config": dataclasses.asdict(config),
+        "concepts": request.concepts,
+        "kind": request.kind,
+        "anchors": request.anchors,
+        "preserve": request.preserve,
+        "components": sorted(components),
+        "base_model": loaded.source,
+        "base_family": loaded.family.name,
+        "base_fingerprint": fingerprint,
+        "erasure_suite_version": __version__,
+        "torch_version": torch.__version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "cost": {"seconds": round(seconds, 2), "peak_memory_bytes": peak_memory_bytes, "storage_bytes": storage},
+    }
+    (tmp / METADATA).write_text(json.dumps(metadata, indent=2))
+    publish(tmp, out)
+    return out
+
+
+def read_edit(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_dir():
+        raise UsageError(f"edit {path} does not exist; pass the --out directory of `erasure erase`")
+    metadata_file = path / METADATA
+    if not metadata_file.exists():
+        raise UsageError(f"{path} is not an edit (no {METADATA}); pass the --out directory of `erasure erase`")
+    try:
+        metadata = json.loads(metadata_file.read_text())
+        components = metadata["components"]
+    except (json.JSONDecodeError, KeyError) as error:
+        raise UsageError(f"{metadata_file} is corrupt ({error}); re-run the erase that made it") from None
+    for component in components:
+        if not (path / component).is_dir():
+            raise UsageError(f"edit {path} lists {component} but has no {component}/ directory; re-run the erase")
+    return metadata
+
+
+def apply_edits(loaded: LoadedPipeline, paths: list[str | Path]) -> list[dict]:
+    """Load one or more edits onto a base pipeline. Edits stack when they touch different components (a
+    text-encoder edit with a UNet edit); two edits of the same component are refused."""
+    applied: dict[str, str] = {}
+    metadata = []
+    for path in paths:
+        meta = read_edit(path)
+        for component in meta["components"]:
+            if component in applied:
+                raise UsageError(f"{path} and {applied[component]} both edit the {component}; stack edits of "
+                                 "different components (for example a text-encoder edit with a UNet edit)")
+            loaded.load_component(component, path, subfolder=component)
+            applied[component] = str(path)
+        metadata.append(meta)
+    return metadata

@@ -1,0 +1,128 @@
+"""ESD: Erasing Concepts from Diffusion Models (Gandikota et al., 2023).
+
+Fine-tune part of the model so that, conditioned on the concept, it predicts the frozen model's noise *guided
+away* from the concept (negative guidance). Which part is trained names the variant:
+  esd-x   cross-attention (attn2) of the UNet: for styles and artists, local to the prompt
+  esd-u   everything but cross-attention: for global concepts such as nudity
+  esd-te  the text encoder, with the UNet frozen (AdvUnlearn's outer step)
+The latent x_t is drawn by denoising noise with the model being edited, for a random number of steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .errors import UsageError
+from .losses import esd_target, frozen_copy, predict_noise, sample_partially
+from .models import LoadedPipeline
+from .prompts import EraseRequest
+from .registry import Eraser, register
+from .train import TrainingLoop
+
+PARAMETER_SETS = ("xattn", "xattn-strict", "noxattn", "full", "text_encoder")
+
+
+@dataclass
+class ESDConfig:
+    parameters: str = "xattn"
+    iterations: int = 200
+    lr: float = 5e-5
+    eta: float = 2.0
+    ddim_steps: int = 50
+    sample_guidance: float = 3.0
+    seed: int = 0
+
+
+def trainable_parameters(loaded: LoadedPipeline, which: str) -> list[torch.nn.Parameter]:
+    if which == "text_encoder":
+        return list(loaded.text_encoder.parameters())
+    chosen = []
+    for name, parameter in loaded.denoiser.named_parameters():
+        cross = "attn2" in name
+        if which == "xattn" and cross:
+            chosen.append(parameter)
+        elif which == "xattn-strict" and cross and (".to_k." in name or ".to_v." in name):
+            chosen.append(parameter)
+        elif which == "noxattn" and not cross and "time_emb" not in name:
+            chosen.append(parameter)
+        elif which == "full":
+            chosen.append(parameter)
+    return chosen
+
+
+@register("esd-x", "ESD on the UNet's cross-attention (styles, artists)", parameters="xattn",
+          toy_defaults={"lr": 1e-3, "iterations": 200, "ddim_steps": 25})
+@register("esd-u", "ESD on the UNet outside cross-attention (global concepts such as nudity)", parameters="noxattn",
+          toy_defaults={"lr": 3e-4, "iterations": 200, "ddim_steps": 25})
+@register("esd-te", "ESD through the text encoder, UNet frozen", parameters="text_encoder",
+          toy_defaults={"lr": 3e-4, "iterations": 200, "ddim_steps": 25})
+class ESD(Eraser):
+    config_class = ESDConfig
+
+    def erase(self, loaded: LoadedPipeline, request: EraseRequest, work_dir: Path | None = None):
+        cfg = self.config
+        if cfg.parameters not in PARAMETER_SETS:
+            raise UsageError(f"esd parameters must be one of {', '.join(PARAMETER_SETS)}, not {cfg.parameters!r}")
+        loaded.require_text_conditioned_unet("esd")
+        torch.manual_seed(cfg.seed)
+        unet = loaded.denoiser
+        on_text_encoder = cfg.parameters == "text_encoder"
+        # With the text encoder trained, the UNet itself is the frozen teacher; otherwise a copy of it is.
+        teacher = unet if on_text_encoder else frozen_copy(unet)
+        unet.requires_grad_(False)
+        loaded.text_encoder.requires_grad_(False)
+        parameters = trainable_parameters(loaded, cfg.parameters)
+        for parameter in parameters:
+            parameter.requires_grad_(True)
+
+        prompts = request.erase_prompts()
+        with torch.no_grad():
+            empty = loaded.encode_text([""])
+            concept_states = loaded.encode_text(prompts)
+            anchor_states = loaded.encode_text(request.anchors) if request.anchors else None
+        optimizer = torch.optim.Adam(parameters, lr=cfg.lr)
+
+        def step(_, generator):
+            k = int(torch.randint(len(prompts), (1,), generator=generator))
+            stop = int(torch.randint(1, cfg.ddim_steps - 1, (1,), generator=generator))
+            # Trained-side conditioning: through the text encoder when it is what is being edited.
+            student_states = (loaded.encode_text([prompts[k]]) if on_text_encoder else concept_states[k:k + 1])
+            with torch.no_grad():
+                x_t, t = sample_partially(loaded, unet, student_states.detach(), empty, stop, cfg.ddim_steps,
+                                          cfg.sample_guidance, generator)
+                eps_empty = predict_noise(teacher, x_t, t, empty)
+                eps_concept = predict_noise(teacher, x_t, t, concept_states[k:k + 1])
+                eps_from = (predict_noise(teacher, x_t, t, anchor_states[k % len(anchor_states)][None])
+                            if anchor_states is not None else eps_concept)
+                target = esd_target(eps_from, eps_concept, eps_empty, cfg.eta)
+            loss = F.mse_loss(predict_noise(unet, x_t, t, student_states), target)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            return {"loss": loss.item()}
+
+        unet.train(not on_text_encoder)
+        TrainingLoop("esd", cfg.iterations, {"params": _ParameterState(parameters), "opt": optimizer}, cfg.seed,
+                     work_dir, checkpoint_every=50).run(step)
+        unet.eval()
+        loaded.text_encoder.eval()
+        return {"text_encoder": loaded.text_encoder} if on_text_encoder else {"unet": unet}
+
+
+class _ParameterState:
+    """Checkpoints a list of parameters (the trained subset) for resume."""
+
+    def __init__(self, parameters):
+        self.parameters = parameters
+
+    def state_dict(self):
+        return {str(i): p.detach().clone() for i, p in enumerate(self.parameters)}
+
+    def load_state_dict(self, state):
+        with torch.no_grad():
+            for i, p in enumerate(self.parameters):
+                p.copy_(state[str(i)])

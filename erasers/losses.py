@@ -1,0 +1,47 @@
+"""What the training-based erasers share: frozen teacher copies, sampling a partially denoised latent from the
+model being edited, and ESD's negative-guidance target."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from diffusers import DDIMScheduler
+from torch import nn
+
+from .models import LoadedPipeline
+
+
+def frozen_copy(module: nn.Module) -> nn.Module:
+    teacher = copy.deepcopy(module).eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
+def predict_noise(unet: nn.Module, latents: torch.Tensor, timestep, text_states: torch.Tensor) -> torch.Tensor:
+    if latents.shape[0] != text_states.shape[0]:
+        text_states = text_states.expand(latents.shape[0], -1, -1)
+    return unet(latents, timestep, encoder_hidden_states=text_states).sample
+
+
+@torch.no_grad()
+def sample_partially(loaded: LoadedPipeline, unet: nn.Module, text_states: torch.Tensor, empty_states: torch.Tensor,
+                     stop_index: int, steps: int, guidance: float, generator: torch.Generator):
+    """Denoise fresh noise for `stop_index` of `steps` DDIM steps with classifier-free guidance; returns the
+    latent x_t and its timestep t. ESD trains on x_t drawn this way from the model being edited."""
+    scheduler = DDIMScheduler.from_config(loaded.pipeline.scheduler.config)
+    scheduler.set_timesteps(steps)
+    latents = torch.randn(loaded.latent_shape(text_states.shape[0]), generator=generator).to(loaded.device, loaded.dtype)
+    latents = latents * scheduler.init_noise_sigma
+    both = torch.cat([empty_states.expand_as(text_states), text_states])
+    for t in scheduler.timesteps[:stop_index]:
+        uncond, cond = predict_noise(unet, torch.cat([latents, latents]), t, both).chunk(2)
+        latents = scheduler.step(uncond + guidance * (cond - uncond), t, latents).prev_sample
+    return latents, scheduler.timesteps[stop_index]
+
+
+def esd_target(eps_from: torch.Tensor, eps_concept: torch.Tensor, eps_empty: torch.Tensor, eta: float) -> torch.Tensor:
+    """ESD's negative guidance: where the frozen model would move toward the concept, move away from it instead.
+    eps*(x_t, c_from) - eta * (eps*(x_t, c) - eps*(x_t, "")); with c_from = c and eta = 2 this is the original
+    paper's eps*(x_t, "") - (eps*(x_t, c) - eps*(x_t, ""))."""
+    return eps_from - eta * (eps_concept - eps_empty)

@@ -1,0 +1,96 @@
+"""Prompt sets shared by every eraser: what to erase, what to keep, and how a concept is validated.
+
+On the toy pipeline a concept is a ToyCanvas object or style, and its prompts are the training captions that
+contain it; on any other model a concept is free text, used as its own prompt (as ESD and UCE do).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from benchmarks.toycanvas import world
+
+from .errors import UsageError
+
+MAX_CONCEPT_TOKENS = 75
+
+
+@dataclass
+class EraseRequest:
+    """What to erase. `kind` is "object", "style", "unsafe" or "concept" (free text on a user's model)."""
+
+    concepts: list[str]
+    kind: str = "concept"
+    anchors: list[str] = field(default_factory=list)
+    preserve: list[str] = field(default_factory=list)
+    toy: bool = False
+
+    @property
+    def concept(self) -> str:
+        return self.concepts[0]
+
+    def erase_prompts(self) -> list[str]:
+        """Prompts that evoke the concepts: the concept text itself, plus on ToyCanvas every caption naming it."""
+        prompts = []
+        for concept in self.concepts:
+            prompts.append(concept if self.kind != "style" else f"{concept} style")
+            if self.toy:
+                prompts += _toy_captions(concept, self.kind)
+        return prompts
+
+    def retain_prompts(self) -> list[str]:
+        """Prompts of other concepts, which an eraser should leave as they were."""
+        if self.toy:
+            erased = {c.lower() for c in self.concepts}
+            return [world.caption(o, s) for o, s in world.all_pairs() if o not in erased and s.lower() not in erased]
+        return list(self.preserve)
+
+
+def _toy_captions(concept: str, kind: str) -> list[str]:
+    if kind in ("object", "unsafe"):
+        return [world.caption(concept, style) for style in world.STYLES]
+    return [world.caption(o, concept) for o in world.OBJECTS]
+
+
+def toy_style_name(concept: str) -> str:
+    return next(s for s in world.STYLES if s.lower() == concept.lower())
+
+
+def make_request(concepts: list[str], tokenizer, toy: bool, anchors: list[str] | None = None,
+                 preserve: list[str] | None = None) -> EraseRequest:
+    """Validate concepts for a model: on the toy pipeline they must be ToyCanvas objects or styles (or "unsafe");
+    anywhere they must be non-empty text the tokenizer can hold."""
+    if not concepts or not all(c and c.strip() for c in concepts):
+        raise UsageError("no concept given; pass --concept NAME (for the toy model: an object such as star, or a "
+                         "style such as Stripes)")
+    concepts = [c.strip() for c in concepts]
+    kind = "concept"
+    if toy:
+        kinds = set()
+        normalised = []
+        for concept in concepts:
+            if concept.lower() == "unsafe":
+                concept, found = world.UNSAFE_OBJECT, "unsafe"
+            else:
+                try:
+                    found = world.concept_kind(concept)
+                except KeyError:
+                    raise UsageError(f"the toy model does not know the concept {concept!r}; ToyCanvas objects: "
+                                     f"{', '.join(world.OBJECTS)}; styles: {', '.join(world.STYLES)}; or 'unsafe'"
+                                     ) from None
+                concept = concept.lower() if found == "object" else toy_style_name(concept)
+            kinds.add(found)
+            normalised.append(concept)
+        if len(kinds) > 1:
+            raise UsageError("erase objects and styles in separate requests: UnlearnCanvas scores each kind apart")
+        concepts, kind = normalised, kinds.pop()
+    for concept in concepts:
+        ids = tokenizer(concept).input_ids
+        if len(ids) - 2 > MAX_CONCEPT_TOKENS:
+            raise UsageError(f"the concept {concept[:40]!r}... is {len(ids) - 2} tokens long; the text encoder "
+                             f"reads at most {MAX_CONCEPT_TOKENS}")
+        unknown = tokenizer.unk_token_id
+        if unknown is not None and unknown in ids[1:-1] and unknown != tokenizer.eos_token_id:
+            raise UsageError(f"the model's vocabulary cannot express {concept!r} (unknown tokens); spell it in words "
+                             "the tokenizer knows")
+    return EraseRequest(concepts, kind, list(anchors or []), list(preserve or []), toy)

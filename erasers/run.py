@@ -1,0 +1,116 @@
+"""The main job as library calls: erase a concept and save the edit; compare an edit with its base model."""
+
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from .edits import apply_edits, base_fingerprint, check_new_output, read_edit, save_edit
+from .errors import UsageError
+from .models import load_pipeline
+from .prompts import make_request
+from .registry import build_config, get_method
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    # ru_maxrss is in KiB on Linux: the process's peak resident memory, model loading included.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def erase(model: str, method: str, concepts: list[str], out: str | Path, anchors: list[str] | None = None,
+          preserve: list[str] | None = None, options: dict | None = None, device: str | None = None) -> Path:
+    """Erase `concepts` from `model` with `method` and save the edit to `out` (resuming an interrupted run of the
+    same command from `out`.partial)."""
+    out = Path(out)
+    get_method(method)
+    check_new_output(out)
+    toy = model == "toy"
+    config = build_config(method, toy, options)
+    loaded = load_pipeline(model, device=device)
+    request = make_request(concepts, loaded.tokenizer, toy, anchors, preserve)
+    fingerprint = base_fingerprint(loaded)
+    work_dir = out.with_name(out.name + ".partial")
+    signature = {"method": method, "config": asdict(config), "request": asdict(request), "base": fingerprint}
+    if work_dir.exists() and json.loads((work_dir / "run.json").read_text() or "{}") != signature:
+        shutil.rmtree(work_dir)  # a different run's checkpoints: start afresh
+    work_dir.mkdir(parents=True, exist_ok=True)
+    (work_dir / "run.json").write_text(json.dumps(signature))
+    if loaded.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(loaded.device)
+    started = time.time()
+    components = get_method(method).eraser(config).erase(loaded, request, work_dir)
+    seconds = time.time() - started
+    saved = save_edit(out, components, loaded, method, config, request, fingerprint, seconds,
+                      peak_memory_bytes(loaded.device))
+    shutil.rmtree(work_dir, ignore_errors=True)
+    return saved
+
+
+def compare(model: str, edits: list[str], out: str | Path, seeds: tuple[int, ...] = (188,),
+            device: str | None = None, progress: bool = True) -> dict:
+    """Before/after grid and UA/IRA/CRA table of `edits` (stacked) against `model`, same prompts and seeds.
+    The table needs a classifier, which exists for the toy model."""
+    from benchmarks.figures import labelled_grid
+    from benchmarks.toycanvas import CLASSIFIER_DIR, world
+    from benchmarks.toycanvas.classifier import ToyClassifier
+    from benchmarks.unlearncanvas import AnswerSet, classify_answer_set, score
+
+    if model != "toy":
+        raise UsageError("compare scores edits with the ToyCanvas classifier, so it runs on --model toy; for other "
+                         "models use `erasure generate` with and without --text-encoder/--unet")
+    if not edits:
+        raise UsageError("pass at least one --edit directory")
+    metadata = [read_edit(path) for path in edits]
+    kinds = {m["kind"] for m in metadata}
+    kind = "object" if kinds <= {"object", "unsafe"} else "style" if kinds == {"style"} else None
+    if kind is None:
+        raise UsageError("stacked edits must erase concepts of one kind (objects or styles) to be scored together")
+    erased = [c for m in metadata for c in m["concepts"]]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    classifier = ToyClassifier.from_pretrained(CLASSIFIER_DIR)
+    answers = AnswerSet(seeds=tuple(seeds))
+    base = load_pipeline(model, device=device)
+    base_records, base_images = classify_answer_set(base, classifier, answers, progress)
+    edited = load_pipeline(model, device=device)
+    apply_edits(edited, edits)
+    edited_records, edited_images = classify_answer_set(edited, classifier, answers, progress)
+    table = {"base": score(base_records, erased, kind), "edited": score(edited_records, erased, kind),
+             "erased": erased, "kind": kind, "edits": [str(e) for e in edits], "seeds": list(seeds),
+             "images_per_model": len(base_records)}
+
+    # The grid: the erased concepts' prompts, then as many unrelated ones; base above, edit below.
+    items = answers.items()
+    targeted = [i for i, (o, s, _) in enumerate(items) if (o if kind == "object" else s) in erased]
+    others = [i for i, (o, s, _) in enumerate(items) if (o if kind == "object" else s) not in erased]
+    shown = targeted[:10] + others[:: max(1, len(others) // 10)][:10]
+    labels = [f"{items[i][0]}/{items[i][1]}" for i in shown]
+    grid = labelled_grid([base_images[i] for i in shown] + [edited_images[i] for i in shown], len(shown),
+                         ["base", "edited"], labels, scale=3)
+    grid.save(out / "compare.png")
+    (out / "metrics.json").write_text(json.dumps(table, indent=2))
+    (out / "metrics.md").write_text(metrics_markdown(table))
+    return table
+
+
+def _pct(value) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
+
+
+def metrics_markdown(table: dict) -> str:
+    lines = [f"Erased {table['kind']}: {', '.join(table['erased'])} ({table['images_per_model']} images per model, "
+             f"seeds {table['seeds']})", "", "| model | UA | IRA | CRA | object acc | style acc |",
+             "|---|---|---|---|---|---|"]
+    for name in ("base", "edited"):
+        row = table[name]
+        lines.append(f"| {name} | {_pct(row['UA'])} | {_pct(row['IRA'])} | {_pct(row['CRA'])} | "
+                     f"{_pct(row['accuracy']['object'])} | {_pct(row['accuracy']['style'])} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,66 @@
+"""The one training loop: every toy-model stage and every training-based eraser runs through it."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+
+class TrainingLoop:
+    """Seeded per step (a resumed run draws the same batches as an uninterrupted one), with a progress bar and,
+    when `work_dir` is given, a JSON-lines log and a checkpoint of every module, optimiser and schedule in `state`
+    every `checkpoint_every` steps, from which a later run with the same `work_dir` resumes."""
+
+    def __init__(self, name: str, steps: int, state: dict, seed: int = 0, work_dir: str | Path | None = None,
+                 checkpoint_every: int = 250, progress: bool = True):
+        self.name, self.steps, self.state, self.seed = name, steps, state, seed
+        self.checkpoint_every, self.progress = checkpoint_every, progress
+        self.start = 0
+        self.path = self.log_path = None
+        if work_dir is not None:
+            self.path = Path(work_dir) / "ckpt" / f"{name}.pt"
+            self.log_path = Path(work_dir) / "logs" / f"{name}.jsonl"
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            if self.path.exists():
+                saved = torch.load(self.path, weights_only=False)
+                for key, obj in state.items():
+                    obj.load_state_dict(saved[key])
+                self.start = saved["step"]
+
+    def save(self, step: int) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        torch.save({"step": step, **{k: v.state_dict() for k, v in self.state.items()}}, tmp)
+        os.replace(tmp, self.path)
+
+    def run(self, step_fn: Callable[[int, torch.Generator], dict[str, float]]) -> list[dict]:
+        """Call `step_fn(step, generator)` for every remaining step; returns the logged metrics."""
+        started = time.time()
+        history = []
+        log = self.log_path.open("a") if self.log_path else None
+        bar = tqdm(range(self.start, self.steps), initial=self.start, total=self.steps, desc=self.name,
+                   disable=not self.progress)
+        try:
+            for step in bar:
+                generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+                metrics = step_fn(step, generator)
+                bar.set_postfix({k: f"{v:.4f}" for k, v in metrics.items()})
+                if step % 25 == 0 or step == self.steps - 1:
+                    record = {"step": step, "seconds": round(time.time() - started, 1), **metrics}
+                    history.append(record)
+                    if log:
+                        log.write(json.dumps(record) + "\n")
+                        log.flush()
+                last = step == self.steps - 1
+                if self.path and ((step + 1) % self.checkpoint_every == 0 or last):
+                    self.save(step + 1)
+        finally:
+            if log:
+                log.close()
+        return history
