@@ -88,6 +88,10 @@ def declare_float32(config_path: Path) -> None:
     so declaring float32 makes plain `from_pretrained` compute in float32, as diffusers' components do."""
     config = json.loads(config_path.read_text())
     config["dtype"] = "float32"
+    # Sub-configs (a CLIPModel's text and vision towers) are what CLIPTextModel / CLIPVisionModel* load from.
+    for key, value in config.items():
+        if key.endswith("_config") and isinstance(value, dict):
+            value["dtype"] = "float32"
     config_path.write_text(json.dumps(config, indent=2))
 
 

@@ -1,0 +1,121 @@
+"""Eraser mechanics on a tiny random SD pipeline: registry, configs, saving, loading, stacking, errors; and the
+UCE closed form's defining property. Behaviour on the toy world is in test_erasure_toy.py."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from erasers import UsageError, load_pipeline
+from erasers.edits import apply_edits, read_edit
+from erasers.prompts import make_request
+from erasers.registry import build_config, get_method
+from erasers.run import erase
+
+FAST = {"iterations": "3", "ddim_steps": "5"}
+
+
+def test_registry_and_config_overrides():
+    with pytest.raises(UsageError, match="unknown method 'esd-z'"):
+        get_method("esd-z")
+    config = build_config("esd-x", toy=False, overrides={"iterations": "7", "eta": "1.5"})
+    assert (config.parameters, config.iterations, config.eta, config.lr) == ("xattn", 7, 1.5, 5e-5)
+    assert build_config("esd-u", toy=False).parameters == "noxattn"
+    with pytest.raises(UsageError, match="has no option 'rank'"):
+        build_config("uce", toy=False, overrides={"rank": "4"})
+    with pytest.raises(UsageError, match="wants a int"):
+        build_config("esd-x", toy=False, overrides={"iterations": "many"})
+
+
+def test_toy_concepts_are_validated(clip_tokenizer_dir):
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(clip_tokenizer_dir)
+    request = make_request(["Star"], tokenizer, toy=True)
+    assert (request.concepts, request.kind) == (["star"], "object")
+    assert "A star image in Dots style." in request.erase_prompts()
+    assert all("star" not in p for p in request.retain_prompts())
+    assert make_request(["stripes"], tokenizer, toy=True).concepts == ["Stripes"]
+    assert make_request(["unsafe"], tokenizer, toy=True).kind == "unsafe"
+    with pytest.raises(UsageError, match="does not know the concept 'dog'"):
+        make_request(["dog"], tokenizer, toy=True)
+    with pytest.raises(UsageError, match="separate requests"):
+        make_request(["star", "Dots"], tokenizer, toy=True)
+    with pytest.raises(UsageError, match="no concept"):
+        make_request([" "], tokenizer, toy=False)
+
+
+@pytest.mark.parametrize("method, component", [("esd-x", "unet"), ("esd-u", "unet"), ("esd-te", "text_encoder"),
+                                               ("uce", "unet")])
+def test_erase_saves_a_loadable_edit_with_metadata(tiny_pipeline_dirs, tmp_path, method, component):
+    options = FAST if method != "uce" else {}
+    out = erase(str(tiny_pipeline_dirs["sd"]), method, ["a star"], tmp_path / "edit", options=options, device="cpu")
+    meta = read_edit(out)
+    assert meta["method"] == method and meta["concepts"] == ["a star"] and meta["components"] == [component]
+    assert meta["base_model"] == str(tiny_pipeline_dirs["sd"]) and meta["erasure_suite_version"]
+    assert meta["cost"]["seconds"] >= 0 and meta["cost"]["storage_bytes"] > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["edit"], "no temporary or partial directory is left"
+    # The edited component loads with plain from_pretrained, and differs from the base.
+    base = load_pipeline(str(tiny_pipeline_dirs["sd"]), device="cpu")
+    edited_module = type(getattr(base.pipeline, component)).from_pretrained(out / component)
+    base_state = getattr(base.pipeline, component).state_dict()
+    assert any(not torch.equal(v, base_state[k]) for k, v in edited_module.state_dict().items())
+    apply_edits(base, [out])
+    assert not any(not torch.equal(v, getattr(base.pipeline, component).state_dict()[k])
+                   for k, v in edited_module.state_dict().items())
+
+
+def test_edits_stack_across_components_but_not_within(tiny_pipeline_dirs, tmp_path):
+    sd = str(tiny_pipeline_dirs["sd"])
+    text_edit = erase(sd, "esd-te", ["a star"], tmp_path / "te", options=FAST, device="cpu")
+    unet_edit = erase(sd, "uce", ["a star"], tmp_path / "uce", device="cpu")
+    other_unet_edit = erase(sd, "uce", ["a circle"], tmp_path / "uce2", device="cpu")
+    loaded = load_pipeline(sd, device="cpu")
+    base_image = np.asarray(loaded.generate(["a star"], steps=2, progress=False)[0])
+    apply_edits(loaded, [text_edit, unet_edit])
+    stacked_image = np.asarray(loaded.generate(["a star"], steps=2, progress=False)[0])
+    assert not np.array_equal(base_image, stacked_image)
+    with pytest.raises(UsageError, match="both edit the unet"):
+        apply_edits(load_pipeline(sd, device="cpu"), [unet_edit, other_unet_edit])
+
+
+def test_bad_erase_requests(tiny_pipeline_dirs, tmp_path):
+    sd = str(tiny_pipeline_dirs["sd"])
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(UsageError, match="already exists"):
+        erase(sd, "uce", ["a star"], tmp_path / "taken", device="cpu")
+    with pytest.raises(UsageError, match="edits SD 1.x/2.x-style pipelines"):
+        erase(str(tiny_pipeline_dirs["flux"]), "esd-x", ["a star"], tmp_path / "flux", options=FAST, device="cpu")
+    with pytest.raises(UsageError, match="not an edit"):
+        read_edit(tiny_pipeline_dirs["sd"])
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "erasure.json").write_text("{not json")
+    with pytest.raises(UsageError, match="corrupt"):
+        read_edit(broken)
+    assert not (tmp_path / "flux").exists()
+
+
+def test_uce_maps_the_concept_to_its_guide_and_keeps_preserved_prompts(tiny_pipeline_dirs):
+    """The closed form's defining property: W c_concept ~ W0 c_guide and W p ~ W0 p for preserved prompts."""
+    from erasers.uce import UCE, UCEConfig, token_columns
+
+    loaded = load_pipeline(str(tiny_pipeline_dirs["sd"]), device="cpu")
+    request = make_request(["star"], loaded.tokenizer, toy=False, preserve=["circle", "square"])
+    concept = token_columns(loaded, ["star"])
+    guide = token_columns(loaded, [""], lengths=[concept.shape[1] + 1])  # the default guide: the empty prompt
+    preserved = token_columns(loaded, ["circle", "square"])
+    name, _, to_v = loaded.cross_attention_kv()[0]
+    w0 = to_v.weight.detach().double().clone()
+    UCE(UCEConfig(lamb=1e-3)).erase(loaded, request)
+    w = to_v.weight.detach().double()
+    concept_error = (w @ concept - w0 @ guide).norm() / (w0 @ concept - w0 @ guide).norm()
+    preserve_error = (w @ preserved - w0 @ preserved).norm() / (w0 @ preserved).norm()
+    assert concept_error < 0.2 and preserve_error < 0.2, (concept_error, preserve_error)
+
+
+def test_edit_metadata_is_json_with_the_method_config(tiny_pipeline_dirs, tmp_path):
+    out = erase(str(tiny_pipeline_dirs["sd"]), "uce", ["a star"], tmp_path / "e", options={"lamb": "0.25"},
+                device="cpu")
+    assert json.loads((out / "erasure.json").read_text())["config"]["lamb"] == 0.25
