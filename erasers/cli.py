@@ -76,7 +76,8 @@ def cmd_generate(args) -> None:
 
     image = image_grid(images, args.columns or min(len(images), 10), args.scale)
     save_image_atomically(image, out)
-    print(f"wrote {out} ({len(images)} image{'s' if len(images) > 1 else ''}, seeds {args.seed}..{args.seed + len(images) - 1})")
+    last_seed = args.seed + len(images) - 1
+    print(f"wrote {out} ({len(images)} image{'s' if len(images) > 1 else ''}, seeds {args.seed}..{last_seed})")
 
 
 def cmd_erase(args) -> None:
@@ -90,21 +91,18 @@ def cmd_erase(args) -> None:
 
 
 def cmd_compare(args) -> None:
-    from .run import compare
+    from .run import compare, metrics_markdown
 
     out = args.out or str(Path(args.edit[0]) / "compare")
     table = compare(args.model, args.edit, out, tuple(args.seeds), args.device)
-    from .run import metrics_markdown
-
     print(metrics_markdown(table))
     print(f"wrote {out}/compare.png, {out}/metrics.md and {out}/metrics.json")
 
 
 def cmd_methods(args) -> None:
-    from .registry import METHODS, _load_methods
+    from .registry import available_methods
 
-    _load_methods()
-    for name, entry in sorted(METHODS.items()):
+    for name, entry in sorted(available_methods().items()):
         print(f"{name:10s} {entry.summary}")
 
 

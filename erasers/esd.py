@@ -106,8 +106,8 @@ class ESD(Eraser):
             return {"loss": loss.item()}
 
         unet.train(not on_text_encoder)
-        TrainingLoop("esd", cfg.iterations, {"params": _ParameterState(parameters), "opt": optimizer}, cfg.seed,
-                     work_dir, checkpoint_every=50).run(step)
+        self.history = TrainingLoop("esd", cfg.iterations, {"params": _ParameterState(parameters), "opt": optimizer},
+                                    cfg.seed, work_dir, checkpoint_every=50).run(step)
         unet.eval()
         loaded.text_encoder.eval()
         return {"text_encoder": loaded.text_encoder} if on_text_encoder else {"unet": unet}

@@ -31,8 +31,8 @@ def sample_partially(loaded: LoadedPipeline, unet: nn.Module, text_states: torch
     latent x_t and its timestep t. ESD trains on x_t drawn this way from the model being edited."""
     scheduler = DDIMScheduler.from_config(loaded.pipeline.scheduler.config)
     scheduler.set_timesteps(steps)
-    latents = torch.randn(loaded.latent_shape(text_states.shape[0]), generator=generator).to(loaded.device, loaded.dtype)
-    latents = latents * scheduler.init_noise_sigma
+    noise = torch.randn(loaded.latent_shape(text_states.shape[0]), generator=generator)
+    latents = noise.to(loaded.device, loaded.dtype) * scheduler.init_noise_sigma
     both = torch.cat([empty_states.expand_as(text_states), text_states])
     for t in scheduler.timesteps[:stop_index]:
         uncond, cond = predict_noise(unet, torch.cat([latents, latents]), t, both).chunk(2)

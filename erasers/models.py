@@ -150,7 +150,8 @@ class LoadedPipeline:
         """Load an edited text encoder or denoiser from `path` in place of this pipeline's `name`."""
         allowed = (*self.family.text_encoders, self.family.denoiser)
         if name not in allowed:
-            raise UsageError(f"{self.family.name} pipelines have no component {name!r}; choose one of {', '.join(allowed)}")
+            raise UsageError(f"{self.family.name} pipelines have no component {name!r}; "
+                             f"choose one of {', '.join(allowed)}")
         current = getattr(self.pipeline, name)
         location = Path(path) / subfolder if subfolder else Path(path)
         if not (location / "config.json").exists():
@@ -223,8 +224,9 @@ def resolve_source(model: str) -> str:
         if not (path / "model_index.json").exists():
             config = path / "config.json"
             if config.exists():
-                kind = json.loads(config.read_text()).get("architectures") or [json.loads(config.read_text()).get("_class_name")]
-                raise UsageError(f"{model} holds a single model ({kind[0]}), not a diffusers pipeline; pass the "
+                values = json.loads(config.read_text())
+                kind = (values.get("architectures") or [values.get("_class_name")])[0]
+                raise UsageError(f"{model} holds a single model ({kind}), not a diffusers pipeline; pass the "
                                  "pipeline directory, or load this component with --text-encoder/--unet")
             raise UsageError(f"{model} is not a diffusers pipeline directory (no model_index.json)")
         return str(path)
@@ -245,6 +247,12 @@ def _family_of(class_name: str, source: str) -> Family:
                      f"{', '.join(sorted(FAMILIES))} ({', '.join(PIPELINE_FAMILIES)})")
 
 
+def _check_family(found: Family, wanted: str | None, model: str) -> Family:
+    if wanted is not None and found.name != wanted:
+        raise UsageError(f"{model} is a {found.name} pipeline, not {wanted}; drop --family or pass a {wanted} model")
+    return found
+
+
 def load_pipeline(model: str = "toy", family: str | None = None, device: str | None = None,
                   dtype: torch.dtype | None = None) -> LoadedPipeline:
     """Load "toy", a local pipeline directory or a hub id. `family` ("sd", "sdxl", "flux"), when given, is
@@ -256,9 +264,7 @@ def load_pipeline(model: str = "toy", family: str | None = None, device: str | N
     source = resolve_source(model)
     local_index = Path(source) / "model_index.json"
     if local_index.exists():
-        found = _family_of(json.loads(local_index.read_text()).get("_class_name", "?"), model)
-        if family is not None and found.name != family:
-            raise UsageError(f"{model} is a {found.name} pipeline, not {family}; drop --family or pass a {family} model")
+        _check_family(_family_of(json.loads(local_index.read_text()).get("_class_name", "?"), model), family, model)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype is None:
         dtype = torch.float32 if device == "cpu" else torch.float16
@@ -269,11 +275,10 @@ def load_pipeline(model: str = "toy", family: str | None = None, device: str | N
     except Exception as error:  # noqa: BLE001 - one clear line instead of a traceback from deep inside
         hint = ("check the hub id and your network, or download the model and pass its directory"
                 if not Path(source).exists() else
-                "a weight file may be truncated or corrupt: download or rebuild the model (for 'toy': erasure toy build)")
+                "a weight file may be truncated or corrupt: download or rebuild the model "
+                "(for 'toy': erasure toy build)")
         raise UsageError(f"could not load {model}: {_first_line(error)}; {hint}") from None
-    found = _family_of(type(pipeline).__name__, model)
-    if family is not None and found.name != family:
-        raise UsageError(f"{model} is a {found.name} pipeline, not {family}; drop --family or pass a {family} model")
+    found = _check_family(_family_of(type(pipeline).__name__, model), family, model)
     pipeline.to(device)
     steps, guidance = found.default_steps, found.default_guidance
     sampling = Path(source) / "sampling.json"

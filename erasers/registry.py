@@ -53,6 +53,11 @@ def _load_methods() -> None:
     from . import esd, uce  # noqa: F401
 
 
+def available_methods() -> dict[str, MethodEntry]:
+    _load_methods()
+    return METHODS
+
+
 def get_method(name: str) -> MethodEntry:
     _load_methods()
     if name not in METHODS:

@@ -59,7 +59,7 @@ def compare(model: str, edits: list[str], out: str | Path, seeds: tuple[int, ...
     """Before/after grid and UA/IRA/CRA table of `edits` (stacked) against `model`, same prompts and seeds.
     The table needs a classifier, which exists for the toy model."""
     from benchmarks.figures import labelled_grid
-    from benchmarks.toycanvas import CLASSIFIER_DIR, world
+    from benchmarks.toycanvas import CLASSIFIER_DIR
     from benchmarks.toycanvas.classifier import ToyClassifier
     from benchmarks.unlearncanvas import AnswerSet, classify_answer_set, score
 

@@ -56,7 +56,8 @@ class UCE(Eraser):
         cfg = self.config
         loaded.require_text_conditioned_unet("uce")
         erase = request.erase_prompts()
-        guides = [guide_prompt(p, request.concepts, request.anchors[0] if request.anchors else cfg.guide) for p in erase]
+        guide = request.anchors[0] if request.anchors else cfg.guide
+        guides = [guide_prompt(p, request.concepts, guide) for p in erase]
         # Erase and guide prompts are aligned position by position over the longer of the two.
         lengths = [max(a, b) for a, b in zip(token_counts(loaded, erase), token_counts(loaded, guides))]
         concept_columns = token_columns(loaded, erase, lengths)

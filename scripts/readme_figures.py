@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from benchmarks.figures import labelled_grid
 from benchmarks.toycanvas.render import sample_image
 from benchmarks.toycanvas.world import OBJECTS, STYLES, caption
-from benchmarks.figures import labelled_grid
 from erasers.models import load_pipeline
 
 FIGURES = Path(__file__).resolve().parents[1] / "benchmarks" / "toycanvas" / "figures"

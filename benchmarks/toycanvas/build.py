@@ -48,7 +48,7 @@ class BuildConfig:
     vae_steps: int = 2_000
     vae_batch: int = 32
     vae_deterministic_steps: int = 1_200
-    unet_steps: int = 5_000
+    unet_steps: int = 4_500
     unet_batch: int = 64
     checkpoint_every: int = 250
     latent_channels: int = 8
@@ -74,7 +74,8 @@ def load_data(cfg: BuildConfig, split: str) -> tuple[torch.Tensor, torch.Tensor,
 def stage_data(cfg: BuildConfig) -> None:
     out = Path(cfg.build_dir) / "data"
     out.mkdir(parents=True, exist_ok=True)
-    for split, count, seed in (("train", cfg.train_images, cfg.seed + 1), ("heldout", cfg.heldout_images, cfg.seed + 2)):
+    splits = (("train", cfg.train_images, cfg.seed + 1), ("heldout", cfg.heldout_images, cfg.seed + 2))
+    for split, count, seed in splits:
         if (out / f"{split}.npz").exists():
             continue
         images, objects, styles = make_dataset(count, seed)

@@ -78,4 +78,5 @@ class ToyClassifier(nn.Module):
 
 
 def pil_to_tensor(images: list) -> torch.Tensor:
-    return torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in images])).permute(0, 3, 1, 2).float() / 255.0
+    pixels = np.stack([np.asarray(im.convert("RGB")) for im in images])
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255.0

@@ -196,7 +196,8 @@ def render(scene: Scene, size: int = 32) -> Image.Image:
     return image.resize((size, size), Image.BOX)
 
 
-def sample_image(object_name: str | None, style: str | None, seed: int, size: int = 32, **kwargs) -> tuple[Image.Image, Scene]:
+def sample_image(object_name: str | None, style: str | None, seed: int, size: int = 32,
+                 **kwargs) -> tuple[Image.Image, Scene]:
     scene = sample_scene(np.random.default_rng(seed), object_name, style, size=size, **kwargs)
     return render(scene, size), scene
 

@@ -19,7 +19,7 @@ MERGE_COUNT = 49152 - 256 - 2
 
 def _bytes_to_unicode() -> dict[int, str]:
     # GPT-2/CLIP byte-level mapping: printable bytes map to themselves, the rest to unused code points.
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     codes = printable[:]
     extra = 0
     for b in range(256):
@@ -45,7 +45,8 @@ def build_clip_tokenizer(out_dir: str | Path) -> CLIPTokenizer:
     vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     (out_dir / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}, ensure_ascii=False))
-    (out_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8")
+    merges_text = "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n"
+    (out_dir / "merges.txt").write_text(merges_text, encoding="utf-8")
     tokenizer = CLIPTokenizer(str(out_dir / "vocab.json"), str(out_dir / "merges.txt"), model_max_length=77,
                               pad_token="<|endoftext|>")
     tokenizer.save_pretrained(out_dir)

@@ -1,0 +1,64 @@
+"""Erasure behaviour on the toy world: after erasing a concept the classifier finds it less, and unrelated
+objects and styles hold. Fast configs on a subset; the full table is benchmarks/method_table.py's."""
+
+import pytest
+
+from benchmarks.toycanvas import CLASSIFIER_DIR, world
+from benchmarks.toycanvas.classifier import ToyClassifier
+from benchmarks.unlearncanvas import AnswerSet, classify_answer_set, score
+from erasers.edits import apply_edits
+from erasers.models import load_pipeline
+from erasers.run import compare, erase
+
+SEEDS = (188,)
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    return ToyClassifier.from_pretrained(CLASSIFIER_DIR)
+
+
+def subset(concept: str, kind: str) -> AnswerSet:
+    """Every prompt naming the concept, and one unrelated prompt per other concept of the same kind."""
+    if kind == "object":
+        pairs = [(concept, s) for s in world.STYLES]
+        pairs += [(o, world.STYLES[i % 10]) for i, o in enumerate(world.OBJECTS) if o != concept]
+    else:
+        pairs = [(o, concept) for o in world.OBJECTS]
+        pairs += [(world.OBJECTS[i % 10], s) for i, s in enumerate(world.STYLES) if s != concept]
+    return AnswerSet(seeds=SEEDS, pairs=pairs)
+
+
+@pytest.fixture(scope="module")
+def base_scores(classifier):
+    loaded = load_pipeline("toy", device="cpu")
+    return {concept: score(classify_answer_set(loaded, classifier, subset(concept, kind), progress=False)[0],
+                           [concept], kind)
+            for concept, kind in (("star", "object"), ("Stripes", "style"))}
+
+
+@pytest.mark.parametrize("method, concept, kind, options", [
+    ("esd-x", "star", "object", {"iterations": 80}),
+    ("esd-u", "star", "object", {"iterations": 80}),
+    ("uce", "star", "object", {}),
+    ("uce", "Stripes", "style", {}),
+])
+def test_erased_concept_disappears_and_unrelated_concepts_hold(tmp_path, classifier, base_scores, method, concept,
+                                                               kind, options):
+    out = erase("toy", method, [concept], tmp_path / "edit", options=options, device="cpu")
+    loaded = load_pipeline("toy", device="cpu")
+    apply_edits(loaded, [out])
+    records, _ = classify_answer_set(loaded, classifier, subset(concept, kind), progress=False)
+    edited = score(records, [concept], kind)
+    base = base_scores[concept]
+    assert edited["UA"] >= base["UA"] + 0.5, (base, edited)
+    # Chance is 10%: the other concepts must still be drawn and recognised.
+    assert edited["IRA"] >= 0.5 and edited["CRA"] >= 0.5, (base, edited)
+
+
+def test_compare_writes_grid_and_table(tmp_path):
+    out = erase("toy", "uce", ["moon"], tmp_path / "no-moon", device="cpu")
+    table = compare("toy", [str(out)], tmp_path / "cmp", seeds=(188,), device="cpu", progress=False)
+    assert (tmp_path / "cmp" / "compare.png").exists() and (tmp_path / "cmp" / "metrics.md").exists()
+    assert table["edited"]["UA"] > table["base"]["UA"]
+    assert table["images_per_model"] == 100
