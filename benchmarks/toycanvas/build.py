@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -395,6 +396,17 @@ def run(cfg: BuildConfig, stages: tuple[str, ...] = STAGES, threads: int | None 
     runners = {name: globals()[f"stage_{name}"] for name in stages}
     for name in stages:
         runners[name](cfg)
+        copy_logs(cfg)
+
+
+def copy_logs(cfg: BuildConfig) -> None:
+    """Ship the training logs beside the weights they produced."""
+    logs = Path(cfg.build_dir) / "logs"
+    if logs.is_dir():
+        target = Path(cfg.weights_dir) / "logs"
+        target.mkdir(parents=True, exist_ok=True)
+        for log in logs.glob("*.jsonl"):
+            shutil.copyfile(log, target / log.name)
 
 
 if __name__ == "__main__":
