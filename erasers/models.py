@@ -64,6 +64,8 @@ class LoadedPipeline:
     source: str
     default_steps: int
     default_guidance: float
+    # The ToyCanvas pipeline (its directory carries toycanvas.json): concepts are ToyCanvas objects and styles.
+    is_toy: bool = False
 
     @property
     def text_encoders(self) -> dict[str, nn.Module]:
@@ -285,4 +287,4 @@ def load_pipeline(model: str = "toy", family: str | None = None, device: str | N
     if sampling.exists():
         recommended = json.loads(sampling.read_text())
         steps, guidance = recommended["num_inference_steps"], recommended["guidance_scale"]
-    return LoadedPipeline(pipeline, found, model, steps, guidance)
+    return LoadedPipeline(pipeline, found, model, steps, guidance, (Path(source) / "toycanvas.json").exists())

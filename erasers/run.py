@@ -13,7 +13,7 @@ import torch
 
 from .edits import apply_edits, base_fingerprint, check_new_output, read_edit, save_edit
 from .errors import UsageError
-from .models import load_pipeline
+from .models import load_pipeline, resolve_source
 from .prompts import make_request
 from .registry import build_config, get_method
 
@@ -30,17 +30,17 @@ def erase(model: str, method: str, concepts: list[str], out: str | Path, anchors
     """Erase `concepts` from `model` with `method` and save the edit to `out` (resuming an interrupted run of the
     same command from `out`.partial)."""
     out = Path(out)
-    get_method(method)
+    build_config(method, False, options)  # fail on a bad method or option before a slow model load
     check_new_output(out)
-    toy = model == "toy"
-    config = build_config(method, toy, options)
     loaded = load_pipeline(model, device=device)
-    request = make_request(concepts, loaded.tokenizer, toy, anchors, preserve)
+    config = build_config(method, loaded.is_toy, options)
+    request = make_request(concepts, loaded.tokenizer, loaded.is_toy, anchors, preserve)
     fingerprint = base_fingerprint(loaded)
     work_dir = out.with_name(out.name + ".partial")
     signature = {"method": method, "config": asdict(config), "request": asdict(request), "base": fingerprint}
-    if work_dir.exists() and json.loads((work_dir / "run.json").read_text() or "{}") != signature:
-        shutil.rmtree(work_dir)  # a different run's checkpoints: start afresh
+    run_file = work_dir / "run.json"
+    if work_dir.exists() and (not run_file.exists() or json.loads(run_file.read_text()) != signature):
+        shutil.rmtree(work_dir)  # another run's checkpoints: start afresh
     work_dir.mkdir(parents=True, exist_ok=True)
     (work_dir / "run.json").write_text(json.dumps(signature))
     if loaded.device.type == "cuda":
@@ -63,7 +63,7 @@ def compare(model: str, edits: list[str], out: str | Path, seeds: tuple[int, ...
     from benchmarks.toycanvas.classifier import ToyClassifier
     from benchmarks.unlearncanvas import AnswerSet, classify_answer_set, score
 
-    if model != "toy":
+    if not (Path(resolve_source(model)) / "toycanvas.json").exists():
         raise UsageError("compare scores edits with the ToyCanvas classifier, so it runs on --model toy; for other "
                          "models use `erasure generate` with and without --text-encoder/--unet")
     if not edits:
