@@ -87,8 +87,9 @@ def build_flux(directory: Path, tokenizer_dir: Path) -> Path:
                                          pooled_projection_dim=TEXT_HIDDEN, axes_dims_rope=[4, 4, 8])
     t5 = T5EncoderModel(T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
                                  decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
-    pipeline = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_vae(latent_channels=1, shift_factor=0.0609, scaling_factor=1.5035,
-                                                                use_quant_conv=False, use_post_quant_conv=False),
+    vae = tiny_vae(latent_channels=1, shift_factor=0.0609, scaling_factor=1.5035, use_quant_conv=False,
+                   use_post_quant_conv=False)
+    pipeline = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
                             text_encoder=CLIPTextModel(clip_text_config()),
                             tokenizer=CLIPTokenizer.from_pretrained(tokenizer_dir), text_encoder_2=t5,
                             tokenizer_2=t5_tokenizer(), transformer=transformer)
