@@ -106,6 +106,12 @@ def cmd_methods(args) -> None:
         print(f"{name:10s} {entry.summary}")
 
 
+def cmd_app(args) -> None:
+    from apps.app import launch
+
+    launch(args.model, args.edits, args.output, args.host, args.port)
+
+
 def cmd_toy_build(args) -> None:
     from benchmarks.toycanvas import build
 
@@ -154,6 +160,14 @@ def make_parser() -> argparse.ArgumentParser:
 
     methods = commands.add_parser("methods", help="list the erasers")
     methods.set_defaults(run=cmd_methods)
+
+    app = commands.add_parser("app", help="the Gradio app: base and edits side by side")
+    app.add_argument("--model", default="toy")
+    app.add_argument("--edits", default="runs", help="folder whose subfolders are edits (erasure.json)")
+    app.add_argument("--output", default="app-output", help="the only folder the app writes to")
+    app.add_argument("--host", default="127.0.0.1")
+    app.add_argument("--port", type=int, default=7860)
+    app.set_defaults(run=cmd_app)
 
     toy = commands.add_parser("toy", help="the embedded ToyCanvas world")
     toy_commands = toy.add_subparsers(dest="toy_command", required=True)

@@ -1,0 +1,210 @@
+"""The reviewers' Gradio app: the same prompt and seed through the base model and chosen edits, side by side.
+
+    erasure app                                   # the toy pipeline, edits found under ./runs
+    erasure app --model path/to/sd --edits runs   # any SD-family model and its edits
+
+Tabs are built by the functions in `TABS`; a VLM tab (an image and a question, base and edited answers side by
+side) is one more function there. Handlers turn every error into a message on the page (gr.Error), and every
+file the app writes (gradio's image cache) goes under its output folder.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gradio as gr
+
+from erasers.edits import apply_edits, read_edit
+from erasers.errors import UsageError
+from erasers.models import LoadedPipeline, check_prompts, load_pipeline
+
+MAX_STEPS = 100
+MAX_GUIDANCE = 30.0
+MAX_SEED = 2**31 - 1
+
+
+@dataclass
+class AppState:
+    """The base model, the edits on offer, and pipelines with edits applied (loaded on first use)."""
+
+    model: str
+    edits_dir: Path | None
+    classifier: object | None = None
+    pipelines: dict[tuple[str, ...], LoadedPipeline] = field(default_factory=dict)
+
+    def edits(self) -> dict[str, Path]:
+        if not self.edits_dir or not self.edits_dir.is_dir():
+            return {}
+        found = {}
+        for path in sorted(self.edits_dir.iterdir()):
+            if (path / "erasure.json").exists():
+                found[path.name] = path
+        return found
+
+    def pipeline(self, edit_names: tuple[str, ...] = ()) -> LoadedPipeline:
+        if edit_names not in self.pipelines:
+            available = self.edits()
+            missing = [name for name in edit_names if name not in available]
+            if missing:
+                raise UsageError(f"edit {missing[0]!r} is not in {self.edits_dir}; refresh the page")
+            loaded = load_pipeline(self.model)
+            apply_edits(loaded, [available[name] for name in edit_names])
+            if len(self.pipelines) >= 6:  # keep memory bounded: drop the oldest edited pipeline
+                oldest = next(k for k in self.pipelines if k)
+                del self.pipelines[oldest]
+            self.pipelines[edit_names] = loaded
+        return self.pipelines[edit_names]
+
+    def describe(self, edit_name: str) -> str:
+        meta = read_edit(self.edits()[edit_name])
+        return f"{edit_name}: {meta['method']} erasing {', '.join(meta['concepts'])}"
+
+
+def _check_inputs(prompt: str, seed, steps, guidance) -> tuple[int, int, float]:
+    check_prompts([prompt or ""])
+    try:
+        seed, steps, guidance = int(seed), int(steps), float(guidance)
+    except (TypeError, ValueError):
+        raise UsageError("seed and steps must be whole numbers and guidance a number") from None
+    if not 0 <= seed <= MAX_SEED:
+        raise UsageError(f"seed must be between 0 and {MAX_SEED}")
+    if not 1 <= steps <= MAX_STEPS:
+        raise UsageError(f"steps must be between 1 and {MAX_STEPS}")
+    if not 0 <= guidance <= MAX_GUIDANCE:
+        raise UsageError(f"guidance must be between 0 and {MAX_GUIDANCE}")
+    return seed, steps, guidance
+
+
+def _readout(state: AppState, image) -> str:
+    if state.classifier is None:
+        return ""
+    objects, styles = state.classifier.predict([image])
+    return f" | classifier: {objects[0]} / {styles[0]}"
+
+
+def _scale(image, factor: int):
+    from PIL import Image
+
+    return image.resize((image.width * factor, image.height * factor), Image.NEAREST) if factor > 1 else image
+
+
+def side_by_side(state: AppState, prompt: str, seed, steps, guidance, chosen: list[str] | None, stack: bool,
+                 progress=gr.Progress(track_tqdm=True)):
+    """Base, each chosen edit, and (when asked) all chosen edits stacked: one image each, same prompt and seed."""
+    try:
+        seed, steps, guidance = _check_inputs(prompt, seed, steps, guidance)
+        variants: list[tuple[str, tuple[str, ...]]] = [("base", ())]
+        variants += [(state.describe(name), (name,)) for name in chosen or []]
+        if stack and chosen and len(chosen) > 1:
+            variants.append((f"stack: {' + '.join(chosen)}", tuple(chosen)))
+        gallery = []
+        for label, names in progress.tqdm(variants, desc="generating"):
+            loaded = state.pipeline(names)
+            image = loaded.generate([prompt], seeds=[seed], steps=steps, guidance=guidance, progress=False)[0]
+            factor = max(1, 256 // image.width)
+            gallery.append((_scale(image, factor), label + _readout(state, image)))
+        return gallery
+    except UsageError as error:
+        raise gr.Error(str(error)) from None
+
+
+def benchmark_grid(state: AppState, edit_name: str | None, seed, progress=gr.Progress(track_tqdm=True)):
+    """The edit's concept prompts and as many unrelated ones, base above and edit below, with UA/IRA/CRA."""
+    from benchmarks.figures import labelled_grid
+    from benchmarks.toycanvas import world
+    from benchmarks.unlearncanvas import AnswerSet, classify_answer_set, score
+
+    try:
+        if not edit_name:
+            raise UsageError("choose an edit first")
+        if state.classifier is None:
+            raise UsageError("the gallery scores edits with the ToyCanvas classifier; it runs on the toy model")
+        seed = _check_inputs("gallery", seed, 1, 0)[0]
+        if edit_name not in state.edits():
+            raise UsageError(f"edit {edit_name!r} is not in {state.edits_dir}; refresh the page")
+        meta = read_edit(state.edits()[edit_name])
+        concept, kind = meta["concepts"][0], "style" if meta["kind"] == "style" else "object"
+        if kind == "object":
+            pairs = [(concept, s) for s in world.STYLES]
+            pairs += [(o, world.STYLES[0]) for o in world.OBJECTS if o != concept]
+        else:
+            pairs = [(o, concept) for o in world.OBJECTS]
+            pairs += [(world.OBJECTS[0], s) for s in world.STYLES if s != concept]
+        answers = AnswerSet(seeds=(seed,), pairs=pairs)
+        base_records, base_images = classify_answer_set(state.pipeline(()), state.classifier, answers)
+        records, images = classify_answer_set(state.pipeline((edit_name,)), state.classifier, answers)
+        labels = [f"{o}/{s}" for o, s in pairs]
+        grid = labelled_grid(base_images + images, len(pairs), ["base", "edited"], labels, scale=3)
+        rows = [("base", score(base_records, meta["concepts"], kind)),
+                ("edited", score(records, meta["concepts"], kind))]
+        table = "| model | UA | IRA | CRA |\n|---|---|---|---|\n" + "\n".join(
+            f"| {name} | {s['UA']:.0%} | {s['IRA']:.0%} | {s['CRA']:.0%} |" for name, s in rows)
+        return grid, table
+    except UsageError as error:
+        raise gr.Error(str(error)) from None
+
+
+def diffusion_tab(state: AppState):
+    with gr.Tab("Diffusion"):
+        with gr.Row():
+            prompt = gr.Textbox(label="Prompt", value="A star image in Stripes style.", scale=3)
+            seed = gr.Number(label="Seed", value=0, precision=0)
+        with gr.Row():
+            steps = gr.Slider(1, MAX_STEPS, value=25, step=1, label="Steps")
+            guidance = gr.Slider(0, MAX_GUIDANCE, value=5.0, step=0.5, label="Guidance")
+        names = list(state.edits())
+        chosen = gr.CheckboxGroup(names, value=names[:2], label="Edits to compare with the base")
+        stack = gr.Checkbox(label="Also show the chosen edits stacked", value=False)
+        run = gr.Button("Generate", variant="primary")
+        gallery = gr.Gallery(label="Same prompt and seed", columns=4, height="auto", format="png")
+        inputs = [prompt, seed, steps, guidance, chosen, stack]
+        run.click(lambda *a: side_by_side(state, *a), inputs, gallery, api_name="generate")
+        return inputs, gallery
+
+
+def gallery_tab(state: AppState) -> None:
+    with gr.Tab("Benchmark gallery"):
+        names = list(state.edits())
+        edit = gr.Dropdown(names, value=names[0] if names else None, label="Edit")
+        seed = gr.Number(label="Seed", value=188, precision=0)
+        run = gr.Button("Run the concept's benchmark prompts", variant="primary")
+        grid = gr.Image(label="Before (top) / after (bottom)", format="png", type="pil")
+        table = gr.Markdown()
+        run.click(lambda *a: benchmark_grid(state, *a), [edit, seed], [grid, table], api_name="gallery")
+
+
+TABS = [diffusion_tab, gallery_tab]
+
+
+def build_app(model: str = "toy", edits_dir: str | Path | None = "runs", output_dir: str | Path = "app-output",
+              generate_on_load: bool = True) -> gr.Blocks:
+    output_dir = Path(output_dir).resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    # Gradio writes every image it serves to its cache: keep that inside our output folder.
+    os.environ["GRADIO_TEMP_DIR"] = str(output_dir / "cache")
+    state = AppState(model, Path(edits_dir) if edits_dir else None)
+    base = state.pipeline(())
+    if base.is_toy:
+        from benchmarks.toycanvas import CLASSIFIER_DIR
+        from benchmarks.toycanvas.classifier import ToyClassifier
+
+        state.classifier = ToyClassifier.from_pretrained(CLASSIFIER_DIR)
+    with gr.Blocks(title="erasure-suite: before / after") as app:
+        gr.Markdown(f"## erasure-suite — base vs edits\nModel: `{model}`; edits from `{edits_dir}`.")
+        first = None
+        for build_tab in TABS:
+            built = build_tab(state)
+            first = first or built
+        if generate_on_load and first:
+            # Reviewers open the page to a first comparison, not to an empty gallery.
+            inputs, gallery = first
+            app.load(lambda *a: side_by_side(state, *a), inputs, gallery)
+    return app
+
+
+def launch(model: str = "toy", edits_dir: str | None = "runs", output_dir: str = "app-output",
+           host: str = "127.0.0.1", port: int = 7860, **kwargs):
+    app = build_app(model, edits_dir, output_dir)
+    return app.launch(server_name=host, server_port=port, **kwargs)
