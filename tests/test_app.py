@@ -4,7 +4,6 @@ Chromium."""
 import os
 import shutil
 import socket
-import subprocess
 
 import pytest
 
@@ -48,9 +47,10 @@ def test_bad_input_is_a_message_not_a_crash(app_env):
     from gradio_client import Client
 
     client = Client(app_env["url"], verbose=False)
-    for args, message in ((("", 0, 5, 5.0, [], False), "prompt 1 is empty"),
-                          (("a star", 0, 100000, 5.0, [], False), "greater than maximum value 100|steps must be between"),
-                          (("a star", 0, 5, 5.0, ["gone"], False), "not in")):
+    cases = ((("", 0, 5, 5.0, [], False), "prompt 1 is empty"),
+             (("a star", 0, 100000, 5.0, [], False), "greater than maximum value 100|steps must be between"),
+             (("a star", 0, 5, 5.0, ["gone"], False), "not in"))
+    for args, message in cases:
         with pytest.raises(Exception, match=message):
             client.predict(*args, api_name="/generate")
     # The app is still serving.
@@ -76,12 +76,11 @@ def test_page_renders_generated_images_in_headless_chromium(app_env, tmp_path):
         if os.environ.get("CI"):
             pytest.fail("chromium is missing: .ci/run installs Debian's chromium package")
         pytest.skip("chromium is not installed (apt-get install chromium)")
-    shot = tmp_path / "app.png"
-    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                    "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path}/u",
-                    "--window-size=1100,1300", "--virtual-time-budget=30000", f"--screenshot={shot}",
-                    app_env["url"]], check=True, capture_output=True, timeout=180)
     from PIL import Image
+
+    from apps.screenshot import screenshot
+
+    shot = screenshot(browser, app_env["url"], tmp_path / "app.png")
 
     image = Image.open(shot).convert("RGB")
     assert image.size == (1100, 1300)
