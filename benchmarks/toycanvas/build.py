@@ -52,7 +52,7 @@ class BuildConfig:
     unet_steps: int = 4_500
     # Shapes were still blobs when the first cycle ended (about half the objects recognised): a second,
     # gentler cycle on other batches sharpens them.
-    unet_refine_steps: int = 3_000
+    unet_refine_steps: int = 2_400
     unet_refine_lr: float = 4e-4
     unet_batch: int = 64
     checkpoint_every: int = 250
