@@ -55,11 +55,11 @@ def trainable_parameters(loaded: LoadedPipeline, which: str) -> list[torch.nn.Pa
 
 
 @register("esd-x", "ESD on the UNet's cross-attention (styles, artists)", parameters="xattn",
-          toy_defaults={"lr": 1e-3, "iterations": 200, "ddim_steps": 25})
+          toy_defaults={"lr": 1e-4, "iterations": 200, "ddim_steps": 25})
 @register("esd-u", "ESD on the UNet outside cross-attention (global concepts such as nudity)", parameters="noxattn",
-          toy_defaults={"lr": 3e-4, "iterations": 200, "ddim_steps": 25})
+          toy_defaults={"lr": 1e-4, "iterations": 200, "ddim_steps": 25})
 @register("esd-te", "ESD through the text encoder, UNet frozen", parameters="text_encoder",
-          toy_defaults={"lr": 3e-4, "iterations": 200, "ddim_steps": 25})
+          toy_defaults={"lr": 1e-4, "iterations": 200, "ddim_steps": 25})
 class ESD(Eraser):
     config_class = ESDConfig
 
