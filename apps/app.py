@@ -191,6 +191,9 @@ def build_app(model: str = "toy", edits_dir: str | Path | None = "runs", output_
         from benchmarks.toycanvas.classifier import ToyClassifier
 
         state.classifier = ToyClassifier.from_pretrained(CLASSIFIER_DIR)
+    # Load the edits the page opens with now, so the first comparison is ready when a browser asks for it.
+    for name in list(state.edits())[:2]:
+        state.pipeline((name,))
     with gr.Blocks(title="erasure-suite: before / after") as app:
         gr.Markdown(f"## erasure-suite — base vs edits\nModel: `{model}`; edits from `{edits_dir}`.")
         first = None

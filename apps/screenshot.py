@@ -19,7 +19,7 @@ def screenshot(browser: str, url: str, out: Path) -> Path:
     with tempfile.TemporaryDirectory() as profile:
         subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
-                        f"--window-size={WINDOW[0]},{WINDOW[1]}", "--virtual-time-budget=30000",
+                        f"--window-size={WINDOW[0]},{WINDOW[1]}", "--virtual-time-budget=60000",
                         f"--screenshot={out}", url], check=True, capture_output=True, timeout=180)
     return out
 
