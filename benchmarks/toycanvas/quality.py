@@ -17,7 +17,10 @@ BARS = {"real": 0.98, "reconstruction_gap": 0.02, "generation": 0.90}
 
 
 def accuracy(classifier: ToyClassifier, images, objects: list[str], styles: list[str]) -> dict[str, float]:
-    predicted_objects, predicted_styles = classifier.predict(images)
+    return _share_right(*classifier.predict(images), objects, styles)
+
+
+def _share_right(predicted_objects, predicted_styles, objects, styles) -> dict[str, float]:
     return {"object": float(np.mean([p == t for p, t in zip(predicted_objects, objects)])),
             "style": float(np.mean([p == t for p, t in zip(predicted_styles, styles)]))}
 
@@ -44,8 +47,8 @@ def generation_accuracy(loaded, classifier: ToyClassifier, pairs: list[tuple[str
             styles.append(style)
             seed_list.append(seed)
     images = loaded.generate(prompts, seeds=seed_list, steps=steps, guidance=guidance, batch_size=50, progress=progress)
-    result = accuracy(classifier, images, objects, styles)
     predicted_objects, predicted_styles = classifier.predict(images)
+    result = _share_right(predicted_objects, predicted_styles, objects, styles)
     result["per_object"] = {o: float(np.mean([p == o for p, t in zip(predicted_objects, objects) if t == o]))
                             for o in sorted(set(objects))}
     result["per_style"] = {s: float(np.mean([p == s for p, t in zip(predicted_styles, styles) if t == s]))
