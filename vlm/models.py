@@ -1,0 +1,173 @@
+"""Loading vision-language models: "toy-vlm", a local directory or a hub id; LLaVA-1.5 and Qwen2.5-VL.
+
+As on the diffusion side, the architecture knowledge lives here, in one `VLMFamily` record per model type: which
+transformers class loads it and where its language model's decoder layers are. Erasers reach the layers through
+`decoder_layers` and `vlm.hooks`, and ask questions through `ask`; none of them tests a model's class.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import nn
+
+from erasers.errors import UsageError
+
+TOY_VLM = "toy-vlm"
+TOY_VLM_DIR = Path(__file__).parent / "weights" / TOY_VLM
+
+
+@dataclass(frozen=True)
+class VLMFamily:
+    name: str
+    model_type: str
+    model_class: str
+
+
+LLAVA = VLMFamily("llava", "llava", "LlavaForConditionalGeneration")
+QWEN2_5_VL = VLMFamily("qwen2.5-vl", "qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration")
+VLM_FAMILIES: dict[str, VLMFamily] = {f.model_type: f for f in (LLAVA, QWEN2_5_VL)}
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class LoadedVLM:
+    """A vision-language model with its processor, and uniform access to its decoder layers."""
+
+    model: nn.Module
+    processor: object
+    family: VLMFamily
+    source: str
+    is_toy: bool = False
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return decoder_layers(self.model)
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def prompt(self, question: str, with_image: bool = True) -> str:
+        """The model's chat prompt for one user turn, ending where the assistant's answer starts."""
+        content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": question}]
+        return self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+    def inputs(self, images: list[Image.Image | None], questions: list[str]) -> dict:
+        """Processor outputs for a batch of (image or None, question), left-padded for generation."""
+        if len(images) != len(questions):
+            raise UsageError(f"got {len(images)} images but {len(questions)} questions; pass one image (or None) "
+                             "per question")
+        for i, question in enumerate(questions):
+            if not isinstance(question, str) or not question.strip():
+                raise UsageError(f"question {i + 1} is empty; every question needs some text")
+        prompts = [self.prompt(q, image is not None) for image, q in zip(images, questions)]
+        pictures = [image.convert("RGB") for image in images if image is not None]
+        self.tokenizer.padding_side = "left"
+        inputs = self.processor(images=pictures or None, text=prompts, padding=True, return_tensors="pt")
+        dtype = next(self.model.parameters()).dtype
+        return {k: (v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device))
+                for k, v in inputs.items()}
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks of a VLM's language model, first to last (LLaVA and Qwen2.5-VL alike)."""
+    inner = getattr(model, "model", model)
+    language_model = getattr(inner, "language_model", None)
+    layers = getattr(language_model, "layers", None)
+    if layers is None:  # transformers < 5 nested the language model as `language_model.model`
+        layers = getattr(getattr(language_model, "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise UsageError(f"{type(model).__name__} has no decoder layers at model.language_model.layers; "
+                         f"supported VLMs: {', '.join(f.model_class for f in VLM_FAMILIES.values())}")
+    return layers
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def resolve_vlm_source(model: str) -> tuple[str, str | None]:
+    """(path or hub id, model_type when it can be read without loading) for `model`, after the checks that need
+    no network."""
+    if model == TOY_VLM:
+        if not (TOY_VLM_DIR / "config.json").exists():
+            raise UsageError(f"the toy VLM is missing from {TOY_VLM_DIR}; build it with `python -m vlm.toy_build`")
+        return str(TOY_VLM_DIR), "llava"
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UsageError(f"{model} is a file; pass a model directory (one with config.json)")
+        config = path / "config.json"
+        if not config.exists():
+            raise UsageError(f"{model} is not a transformers model directory (no config.json)")
+        try:
+            model_type = json.loads(config.read_text()).get("model_type")
+        except json.JSONDecodeError:
+            raise UsageError(f"{config} is not valid JSON: the download may be truncated") from None
+        return str(path), model_type
+    if _HUB_ID.match(model) and not model.startswith((".", "/", "~")):
+        return model, None
+    raise UsageError(f"unknown VLM {model!r}: pass '{TOY_VLM}', a local model directory, or a hub id such as "
+                     "llava-hf/llava-1.5-7b-hf or Qwen/Qwen2.5-VL-7B-Instruct")
+
+
+def _family(model_type: str | None, model: str) -> VLMFamily:
+    if model_type not in VLM_FAMILIES:
+        raise UsageError(f"{model} is a {model_type or 'model of unknown type'}, not a supported VLM; supported: "
+                         f"{', '.join(f'{f.name} ({f.model_class})' for f in VLM_FAMILIES.values())}")
+    return VLM_FAMILIES[model_type]
+
+
+def load_vlm(model: str = TOY_VLM, device: str | None = None, dtype: torch.dtype | None = None) -> LoadedVLM:
+    """Load "toy-vlm", a local directory or a hub id holding a LLaVA(-1.5) or Qwen2.5-VL model and its processor."""
+    import transformers
+    from transformers import AutoConfig, AutoProcessor
+
+    source, model_type = resolve_vlm_source(model)
+    try:
+        if model_type is None:
+            model_type = AutoConfig.from_pretrained(source).model_type
+    except Exception as error:  # noqa: BLE001 - one clear line instead of a traceback from deep inside
+        raise UsageError(f"could not read the config of {model}: {_first_line(error)}; check the hub id and your "
+                         "network, or download the model and pass its directory") from None
+    family = _family(model_type, model)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype is None:
+        dtype = torch.float32 if device == "cpu" else torch.float16
+    try:
+        vlm = getattr(transformers, family.model_class).from_pretrained(source, dtype=dtype)
+        processor = AutoProcessor.from_pretrained(source)
+    except Exception as error:  # noqa: BLE001
+        hint = ("a weight file may be truncated or corrupt: download or rebuild the model"
+                + (" (python -m vlm.toy_build)" if model == TOY_VLM else "")) if Path(source).exists() else \
+            "check the hub id and your network, or download the model and pass its directory"
+        raise UsageError(f"could not load {model}: {_first_line(error)}; {hint}") from None
+    return LoadedVLM(vlm.to(device).eval(), processor, family, model, model == TOY_VLM)
+
+
+@torch.no_grad()
+def ask_many(loaded: LoadedVLM, images: list[Image.Image | None], questions: list[str],
+             max_new_tokens: int = 50) -> list[str]:
+    """Greedy answers to a batch of questions, each about its image (None: a text-only question)."""
+    inputs = loaded.inputs(images, questions)
+    output = loaded.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                   pad_token_id=loaded.tokenizer.pad_token_id)
+    answers = output[:, inputs["input_ids"].shape[1]:]
+    return [text.strip() for text in loaded.tokenizer.batch_decode(answers, skip_special_tokens=True)]
+
+
+def ask(loaded: LoadedVLM, image: Image.Image | None, question: str, max_new_tokens: int = 50) -> str:
+    """The model's greedy answer to `question` about `image` (None: a text-only question)."""
+    return ask_many(loaded, [image], [question], max_new_tokens)[0]
