@@ -113,7 +113,6 @@ def side_by_side(state: AppState, prompt: str, seed, steps, guidance, chosen: li
 def benchmark_grid(state: AppState, edit_name: str | None, seed, progress=gr.Progress(track_tqdm=True)):
     """The edit's concept prompts and as many unrelated ones, base above and edit below, with UA/IRA/CRA."""
     from benchmarks.figures import labelled_grid
-    from benchmarks.toycanvas import world
     from benchmarks.unlearncanvas import AnswerSet, classify_answer_set, score
 
     try:
@@ -126,17 +125,11 @@ def benchmark_grid(state: AppState, edit_name: str | None, seed, progress=gr.Pro
             raise UsageError(f"edit {edit_name!r} is not in {state.edits_dir}; refresh the page")
         meta = read_edit(state.edits()[edit_name])
         concept, kind = meta["concepts"][0], "style" if meta["kind"] == "style" else "object"
-        if kind == "object":
-            pairs = [(concept, s) for s in world.STYLES]
-            pairs += [(o, world.STYLES[0]) for o in world.OBJECTS if o != concept]
-        else:
-            pairs = [(o, concept) for o in world.OBJECTS]
-            pairs += [(world.OBJECTS[0], s) for s in world.STYLES if s != concept]
-        answers = AnswerSet(seeds=(seed,), pairs=pairs)
+        answers = AnswerSet.for_concept(concept, kind, seeds=(seed,))
         base_records, base_images = classify_answer_set(state.pipeline(()), state.classifier, answers)
         records, images = classify_answer_set(state.pipeline((edit_name,)), state.classifier, answers)
-        labels = [f"{o}/{s}" for o, s in pairs]
-        grid = labelled_grid(base_images + images, len(pairs), ["base", "edited"], labels, scale=3)
+        labels = [f"{o}/{s}" for o, s in answers.pairs]
+        grid = labelled_grid(base_images + images, len(labels), ["base", "edited"], labels, scale=3)
         rows = [("base", score(base_records, meta["concepts"], kind)),
                 ("edited", score(records, meta["concepts"], kind))]
         table = "| model | UA | IRA | CRA |\n|---|---|---|---|\n" + "\n".join(
@@ -158,7 +151,7 @@ def diffusion_tab(state: AppState):
         chosen = gr.CheckboxGroup(names, value=names[:2], label="Edits to compare with the base")
         stack = gr.Checkbox(label="Also show the chosen edits stacked", value=False)
         run = gr.Button("Generate", variant="primary")
-        gallery = gr.Gallery(label="Same prompt and seed", columns=4, height="auto", format="png")
+        gallery = gr.Gallery(label="Same prompt and seed", columns=4, height="auto", format="png", elem_id="comparison")
         inputs = [prompt, seed, steps, guidance, chosen, stack]
         run.click(lambda *a: side_by_side(state, *a), inputs, gallery, api_name="generate")
         return inputs, gallery

@@ -21,9 +21,33 @@ class AnswerSet:
     template: str = world.CAPTION_TEMPLATE
     pairs: list[tuple[str, str]] | None = field(default=None)
 
+    @classmethod
+    def for_concept(cls, concept: str, kind: str, seeds: tuple[int, ...] = UNLEARNCANVAS_SEEDS[:1],
+                    objects: tuple[str, ...] = world.OBJECTS, styles: tuple[str, ...] = world.STYLES) -> AnswerSet:
+        """The concept's prompt subset: every prompt naming the concept, then one unrelated prompt per other concept
+        of the same kind (the i-th object drawn in the (i mod n)-th style, or the reverse for a style)."""
+        if kind == "object":
+            pairs = [(concept, s) for s in styles]
+            pairs += [(o, styles[i % len(styles)]) for i, o in enumerate(objects) if o != concept]
+        elif kind == "style":
+            pairs = [(o, concept) for o in objects]
+            pairs += [(objects[i % len(objects)], s) for i, s in enumerate(styles) if s != concept]
+        else:
+            raise ValueError(f"kind must be object or style, not {kind!r}")
+        return cls(objects=tuple(objects), styles=tuple(styles), seeds=tuple(seeds), pairs=pairs)
+
     def items(self) -> list[tuple[str, str, int]]:
         pairs = self.pairs or [(o, s) for s in self.styles for o in self.objects]
         return [(o, s, seed) for seed in self.seeds for o, s in pairs]
+
+    def shown(self, erased: list[str], kind: str, per_side: int = 10) -> list[int]:
+        """Indices into `items()` for a before/after grid: the first `per_side` items naming an erased concept,
+        then `per_side` of the others, spread evenly."""
+        position = 0 if kind == "object" else 1
+        items = self.items()
+        targeted = [i for i, item in enumerate(items) if item[position] in erased]
+        others = [i for i, item in enumerate(items) if item[position] not in erased]
+        return targeted[:per_side] + others[:: max(1, len(others) // per_side)][:per_side]
 
     def prompt(self, object_name: str, style: str) -> str:
         return self.template.format(object=object_name, style=style.replace("_", " "))

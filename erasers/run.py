@@ -89,9 +89,7 @@ def compare(model: str, edits: list[str], out: str | Path, seeds: tuple[int, ...
 
     # The grid: the erased concepts' prompts, then as many unrelated ones; base above, edit below.
     items = answers.items()
-    targeted = [i for i, (o, s, _) in enumerate(items) if (o if kind == "object" else s) in erased]
-    others = [i for i, (o, s, _) in enumerate(items) if (o if kind == "object" else s) not in erased]
-    shown = targeted[:10] + others[:: max(1, len(others) // 10)][:10]
+    shown = answers.shown(erased, kind)
     labels = [f"{items[i][0]}/{items[i][1]}" for i in shown]
     grid = labelled_grid([base_images[i] for i in shown] + [edited_images[i] for i in shown], len(shown),
                          ["base", "edited"], labels, scale=3)

@@ -2,7 +2,6 @@
 Chromium."""
 
 import os
-import shutil
 import socket
 
 import pytest
@@ -71,18 +70,21 @@ def test_app_writes_only_inside_its_output_folder(app_env):
 
 
 def test_page_renders_generated_images_in_headless_chromium(app_env, tmp_path):
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    from apps.screenshot import WINDOW, find_chromium, screenshot
+
+    browser = find_chromium()
     if browser is None:
         if os.environ.get("CI"):
             pytest.fail("chromium is missing: .ci/run installs Debian's chromium package")
         pytest.skip("chromium is not installed (apt-get install chromium)")
     from PIL import Image
 
-    from apps.screenshot import screenshot
+    # The page opens generating the base and the two edits the app preloads; the screenshot waits for them.
+    shot = screenshot(app_env["url"], tmp_path / "app.png", expected_images=3, browser=browser)
 
-    shot = screenshot(browser, app_env["url"], tmp_path / "app.png")
-
-    image = Image.open(shot).convert("RGB")
-    assert image.size == (1100, 1300)
-    # Generated images make the page more than white space and text: many distinct colours.
-    assert len(set(image.resize((275, 325)).getdata())) > 500
+    # The DOM, not the picture's colours: three generated images loaded in the page, captioned side by side.
+    assert len(shot.captions) == 3 and all(width > 0 for width in shot.image_widths), shot
+    assert shot.captions[0].startswith("base") and "uce erasing star" in shot.captions[1], shot
+    assert "esd-te erasing Stripes" in shot.captions[2], shot
+    assert all("classifier:" in caption for caption in shot.captions), shot
+    assert Image.open(shot.path).size == WINDOW

@@ -3,7 +3,7 @@ objects and styles hold. Fast configs on a subset; the full table is benchmarks/
 
 import pytest
 
-from benchmarks.toycanvas import CLASSIFIER_DIR, world
+from benchmarks.toycanvas import CLASSIFIER_DIR
 from benchmarks.toycanvas.classifier import ToyClassifier
 from benchmarks.unlearncanvas import AnswerSet, classify_answer_set, score
 from erasers.edits import apply_edits
@@ -20,13 +20,7 @@ def classifier():
 
 def subset(concept: str, kind: str) -> AnswerSet:
     """Every prompt naming the concept, and one unrelated prompt per other concept of the same kind."""
-    if kind == "object":
-        pairs = [(concept, s) for s in world.STYLES]
-        pairs += [(o, world.STYLES[i % 10]) for i, o in enumerate(world.OBJECTS) if o != concept]
-    else:
-        pairs = [(o, concept) for o in world.OBJECTS]
-        pairs += [(world.OBJECTS[i % 10], s) for i, s in enumerate(world.STYLES) if s != concept]
-    return AnswerSet(seeds=SEEDS, pairs=pairs)
+    return AnswerSet.for_concept(concept, kind, seeds=SEEDS)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import torch
 
 from . import CLASSIFIER_DIR, PIPELINE_DIR
 from .classifier import ToyClassifier
-from .world import OBJECTS, STYLES, caption
+from .world import OBJECTS, STYLES
 
 BARS = {"real": 0.98, "reconstruction_gap": 0.02, "generation": 0.90}
 
@@ -39,14 +39,13 @@ def real_and_reconstruction_accuracy(images: torch.Tensor, objects: torch.Tensor
 
 def generation_accuracy(loaded, classifier: ToyClassifier, pairs: list[tuple[str, str]], seeds: list[int],
                         steps: int | None = None, guidance: float | None = None, progress: bool = True) -> dict:
-    prompts, objects, styles, seed_list = [], [], [], []
-    for seed in seeds:
-        for object_name, style in pairs:
-            prompts.append(caption(object_name, style))
-            objects.append(object_name)
-            styles.append(style)
-            seed_list.append(seed)
-    images = loaded.generate(prompts, seeds=seed_list, steps=steps, guidance=guidance, batch_size=50, progress=progress)
+    from benchmarks.unlearncanvas import AnswerSet
+
+    answers = AnswerSet(seeds=tuple(seeds), pairs=list(pairs))
+    items = answers.items()
+    objects, styles = [o for o, _, _ in items], [s for _, s, _ in items]
+    images = loaded.generate([answers.prompt(o, s) for o, s, _ in items], seeds=[seed for _, _, seed in items],
+                             steps=steps, guidance=guidance, batch_size=50, progress=progress)
     predicted_objects, predicted_styles = classifier.predict(images)
     result = _share_right(predicted_objects, predicted_styles, objects, styles)
     result["per_object"] = {o: float(np.mean([p == o for p, t in zip(predicted_objects, objects) if t == o]))
