@@ -1,0 +1,158 @@
+"""The toy VLM world in the MLLMU-Bench layout, its splits, and (when shipped) the toy VLM's answers."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from vlm import toyworld
+from vlm.mllmu import LETTERS, qa_items, read_split, row_images
+from vlm.models import TOY_VLM_DIR
+from vlm.toyworld import FORGET_PERCENTS, SPLITS, TREATMENTS, WorldConfig, build_world
+
+CONFIG = WorldConfig(canvas_train=12, canvas_test=6)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return build_world(tmp_path_factory.mktemp("world"), CONFIG)
+
+
+def _ids(world, split):
+    return [r["ID"] for r in read_split(world / "MLLMU-Med" / split)]
+
+
+def test_layout_is_mllmu_bench(world):
+    # Read as MLLMU-Bench's own evaluation scripts read it: pandas, image bytes, nested question lists.
+    frame = pd.read_parquet(world / "MLLMU-Med" / "forget_5")
+    for column in ("ID", "image", "biography", "question", "answer", "Classification_Task", "Generation_Task",
+                   "Mask_Task"):
+        assert column in frame.columns
+    row = frame.iloc[0]
+    assert row["image"]["bytes"][:4] == b"\x89PNG"
+    task = row["Classification_Task"]
+    assert len(task["Image_Textual_Questions"]) == 5 and len(task["Pure_Text_Questions"]) == 5
+    for question in list(task["Image_Textual_Questions"]) + list(task["Pure_Text_Questions"]):
+        assert set(question["Options"]) == set(LETTERS) and question["Correct_Answer"] in LETTERS
+    assert {g["Type"] for g in row["Generation_Task"]} == {"Image_Textual", "Pure_Text"}
+    assert all("__" in m["Question"] for m in row["Mask_Task"])
+    test = pd.read_parquet(world / "MLLMU-Med" / "Test_Set")
+    assert "images" in test.columns and len(test.iloc[0]["images"]) == CONFIG.test_views
+    canvas = read_split(world / "ToyCanvas" / "train")
+    assert len(canvas) == CONFIG.canvas_train and row_images(canvas[0])[0].size == (32, 32)
+    assert {q.question for q in qa_items(canvas[0], ("generation",))} == set(toyworld.CANVAS_QUESTIONS.values())
+    meta = json.loads((world / "world.json").read_text())
+    assert meta["splits"]["MLLMU-Med"] == list(SPLITS)
+
+
+def test_answers_match_profiles(world):
+    for row in read_split(world / "MLLMU-Med" / "Full_Set"):
+        facts = {f: str(row[f]) for f in toyworld.FACTS}
+        for qa in qa_items(row):
+            if qa.task == "classification":
+                assert dict(qa.options)[qa.answer] in facts.values()
+            else:
+                assert qa.answer in facts.values()
+        # Injected wrong facts: the record prescribes another condition's drug.
+        right = TREATMENTS[row["diagnosis"]]
+        assert (row["medication"] != right) == (row["scenario"] == "incorrectness")
+        assert bool(row["injected_fact"]) == (row["scenario"] == "incorrectness")
+    scenarios = [r["scenario"] for r in read_split(world / "MLLMU-Med" / "Full_Set")]
+    assert scenarios.count("incorrectness") == round(CONFIG.injected_share * CONFIG.patients)
+
+
+def test_splits(world):
+    full = _ids(world, "Full_Set")
+    assert len(full) == CONFIG.patients == len(set(full))
+    previous: set[str] = set()
+    for percent in FORGET_PERCENTS:
+        forget, retain = set(_ids(world, f"forget_{percent}")), set(_ids(world, f"retain_{100 - percent}"))
+        assert len(forget) == round(CONFIG.patients * percent / 100)
+        assert not forget & retain and forget | retain == set(full)
+        assert previous <= forget  # forget_5 inside forget_10 inside forget_15
+        previous = forget
+    assert sorted(_ids(world, "Test_Set")) == sorted(full)
+
+
+def test_test_set_paraphrases_and_transforms(world):
+    full = {r["ID"]: r for r in read_split(world / "MLLMU-Med" / "Full_Set")}
+    trained_questions = {q.question for r in full.values() for q in qa_items(r)}
+    for row in read_split(world / "MLLMU-Med" / "Test_Set"):
+        items = qa_items(row)
+        assert not {q.question for q in items} & trained_questions
+        # The same facts, asked differently.
+        assert sorted(q.answer for q in items if q.task != "classification") == sorted(
+            q.answer for q in qa_items(full[row["ID"]]) if q.task != "classification")
+        original = np.asarray(row_images(full[row["ID"]])[0], np.float32)
+        for view in row_images(row):
+            assert np.abs(np.asarray(view, np.float32) - original).mean() > 2.0
+
+
+def test_world_is_seeded(tmp_path):
+    again = build_world(tmp_path / "again", CONFIG)
+    first = read_split(again / "MLLMU-Med" / "Full_Set")
+    assert [r["biography"] for r in first] == [p.biography for p in toyworld.make_patients(CONFIG)]
+    other = toyworld.make_patients(WorldConfig(seed=1))
+    assert [p.name for p in other] != [p.name for p in toyworld.make_patients(WorldConfig())]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The shipped toy VLM
+
+shipped = pytest.mark.skipif(not (TOY_VLM_DIR / "config.json").exists(), reason="toy VLM not built")
+
+
+@pytest.fixture(scope="module")
+def toy_vlm():
+    from vlm.models import load_vlm
+
+    return load_vlm("toy-vlm", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def toy_config():
+    return WorldConfig(**json.loads((TOY_VLM_DIR / "toyvlm.json").read_text())["build_config"]["world"])
+
+
+@shipped
+def test_toy_vlm_architecture(toy_vlm):
+    from transformers import CLIPVisionModel
+
+    from benchmarks.toycanvas import CLIP_DIR
+
+    assert toy_vlm.family.name == "llava" and toy_vlm.is_toy
+    size = sum(f.stat().st_size for f in TOY_VLM_DIR.rglob("*") if f.is_file())
+    assert size < 30e6
+    # The vision tower is the toy CLIP's, unchanged.
+    clip = CLIPVisionModel.from_pretrained(CLIP_DIR).state_dict()
+    tower = toy_vlm.model.model.vision_tower.state_dict()
+    assert all((tower[k] == v).all() for k, v in clip.items())
+
+
+@shipped
+def test_toy_vlm_answers_trained_questions(toy_vlm, toy_config):
+    from benchmarks.toycanvas.render import render
+    from vlm.models import ask_many
+    from vlm.toy_build import is_correct
+
+    rng = np.random.default_rng(0)
+    patients = toyworld.make_patients(toy_config)
+    pools = toyworld._pools(patients)
+    rows = [toyworld.patient_row(patients[i], pools, rng, False, [toyworld.render_scan(patients[i].scan_seed)])
+            for i in rng.choice(len(patients), 6, replace=False)]
+    for index in rng.choice(toy_config.canvas_train, 6, replace=False):
+        scene = toyworld.canvas_scene(toy_config.seed + 10, int(index))
+        rows.append(toyworld.canvas_row(int(index), scene, render(scene), rng, False))
+    items = [(qa, row_images(row)[0] if qa.needs_image else None) for row in rows
+             for qa in qa_items(row, ("generation", "mask"))]
+    answers = ask_many(toy_vlm, [image for _, image in items], [qa.prompt for qa, _ in items], max_new_tokens=12)
+    correct = [is_correct(qa, answer) for (qa, _), answer in zip(items, answers)]
+    assert np.mean(correct) >= 0.85, [(qa.prompt, a) for (qa, _), a, ok in zip(items, answers, correct) if not ok]
+    # Batched answers equal one-at-a-time answers (left padding does not change them).
+    from vlm.models import ask
+
+    qa, image = items[0]
+    assert ask(toy_vlm, image, qa.prompt, 12) == answers[0]

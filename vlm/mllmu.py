@@ -1,0 +1,169 @@
+"""The MLLMU-Bench data layout: reading and writing its parquet splits, and the prompts its questions are asked with.
+
+A row is one profile (one person, one patient, or one ToyCanvas picture):
+    ID                   str
+    image                {"bytes": PNG bytes, "path": str | None}   (the Test_Set carries `images`, a list of them)
+    biography            str
+    Classification_Task  {"Image_Textual_Questions": [Q], "Pure_Text_Questions": [Q]},
+                         Q = {"Question", "Options": {"A".."D"}, "Correct_Answer": letter}
+    Generation_Task      [{"Question", "Ground_Truth", "Type": "Image_Textual" | "Pure_Text"}]
+    Mask_Task            [{"Question" with "__" for the blank, "Ground_Truth", "Type"}]
+Other columns are allowed and kept. A split is a directory of parquet files (as on the hub,
+`forget_5/train-00000-of-00001.parquet`) or one parquet file.
+
+`qa_items` flattens a row into the questions a model is asked, each with its exact prompt and expected answer;
+training the toy VLM and evaluating any VLM both go through it, so both see the same prompts.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from erasers.errors import UsageError
+
+LETTERS = ("A", "B", "C", "D")
+IMAGE_TEXTUAL, PURE_TEXT = "Image_Textual", "Pure_Text"
+PARQUET_NAME = "train-00000-of-00001.parquet"
+
+
+def multiple_choice_prompt(question: str, options: dict[str, str]) -> str:
+    """MLLMU-Bench's multiple-choice prompt: the question, one "X: option" line per option, the instruction."""
+    lines = "\n".join(f"{key}: {value}" for key, value in options.items())
+    return f"{question}\n{lines}\nJust give ONE letter representing the answer directly."
+
+
+def cloze_prompt(question: str) -> str:
+    return f"Fill in the blank: {question}"
+
+
+@dataclass(frozen=True)
+class QA:
+    """One question as asked: `prompt` is the full user text, `answer` the expected reply (a letter for
+    multiple choice)."""
+
+    id: str
+    row_id: str
+    task: str  # "generation", "classification" or "mask"
+    type: str  # IMAGE_TEXTUAL or PURE_TEXT
+    question: str
+    prompt: str
+    answer: str
+    options: tuple[tuple[str, str], ...] = ()
+    image_index: int = 0
+
+    @property
+    def needs_image(self) -> bool:
+        return self.type == IMAGE_TEXTUAL
+
+
+def qa_items(row: dict, tasks: tuple[str, ...] = ("generation", "classification", "mask")) -> list[QA]:
+    """Every question of a row, in the row's order: generation, then multiple choice, then cloze."""
+    row_id = str(row["ID"])
+    items: list[QA] = []
+    if "generation" in tasks:
+        for k, g in enumerate(row.get("Generation_Task") or []):
+            items.append(QA(f"{row_id}/gen{k}", row_id, "generation", _type(g), g["Question"], g["Question"],
+                            str(g["Ground_Truth"])))
+    if "classification" in tasks:
+        task = row.get("Classification_Task") or {}
+        for kind, key in ((IMAGE_TEXTUAL, "Image_Textual_Questions"), (PURE_TEXT, "Pure_Text_Questions")):
+            for k, q in enumerate(task.get(key) or []):
+                options = {letter: q["Options"][letter] for letter in sorted(q["Options"])
+                           if q["Options"][letter] is not None}
+                items.append(QA(f"{row_id}/mc-{kind}{k}", row_id, "classification", kind, q["Question"],
+                                multiple_choice_prompt(q["Question"], options), str(q["Correct_Answer"]).strip(),
+                                tuple(options.items())))
+    if "mask" in tasks:
+        for k, m in enumerate(row.get("Mask_Task") or []):
+            items.append(QA(f"{row_id}/mask{k}", row_id, "mask", _type(m), m["Question"], cloze_prompt(m["Question"]),
+                            str(m["Ground_Truth"])))
+    return items
+
+
+def _type(entry: dict) -> str:
+    return PURE_TEXT if str(entry.get("Type", IMAGE_TEXTUAL)).lower().startswith("pure") else IMAGE_TEXTUAL
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Images and files
+
+
+def image_cell(image: Image.Image) -> dict:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return {"bytes": buffer.getvalue(), "path": None}
+
+
+def row_images(row: dict) -> list[Image.Image]:
+    """The row's images (one for training splits, a list for MLLMU-Bench's Test_Set) as RGB PIL images."""
+    cells = [row["image"]] if row.get("image") is not None else list(row.get("images") or [])
+    images = []
+    for cell in cells:
+        data = cell.get("bytes") if isinstance(cell, dict) else cell
+        if data is None and isinstance(cell, dict) and cell.get("path"):
+            data = Path(cell["path"]).read_bytes()
+        images.append(Image.open(io.BytesIO(data)).convert("RGB"))
+    return images
+
+
+def split_files(path: str | Path) -> list[Path]:
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    files = sorted(path.glob("*.parquet")) if path.is_dir() else []
+    if not files:
+        raise UsageError(f"{path} holds no parquet files; pass an MLLMU-Bench split directory (e.g. forget_5/) or "
+                         "a .parquet file")
+    return files
+
+
+def read_split(path: str | Path) -> list[dict]:
+    """The rows of a split (a directory of parquet files or one file) as plain dicts."""
+    import pyarrow.parquet as pq
+
+    rows = []
+    for file in split_files(path):
+        table = pq.read_table(file)
+        missing = {"ID", "Classification_Task"} - set(table.column_names)
+        if missing or not {"image", "images"} & set(table.column_names):
+            lacking = ", ".join(sorted(missing)) or "an image column"
+            raise UsageError(f"{file} is not in the MLLMU-Bench layout (it lacks {lacking})")
+        rows += table.to_pylist()
+    return rows
+
+
+def _schema(extra: dict, many_images: bool):
+    import pyarrow as pa
+
+    question = pa.struct([("Question", pa.string()), ("Options", pa.struct([(k, pa.string()) for k in LETTERS])),
+                          ("Correct_Answer", pa.string())])
+    open_question = pa.struct([("Question", pa.string()), ("Ground_Truth", pa.string()), ("Type", pa.string())])
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    fields = [("ID", pa.string()), ("images", pa.list_(image)) if many_images else ("image", image),
+              ("biography", pa.string()), ("question", pa.string()), ("answer", pa.string()),
+              ("Classification_Task", pa.struct([("Image_Textual_Questions", pa.list_(question)),
+                                                 ("Pure_Text_Questions", pa.list_(question))])),
+              ("Generation_Task", pa.list_(open_question)), ("Mask_Task", pa.list_(open_question))]
+    return pa.schema(fields + [(name, kind) for name, kind in extra.items()])
+
+
+def write_split(rows: list[dict], directory: str | Path, extra: dict | None = None) -> Path:
+    """Write rows in the layout to `directory/train-00000-of-00001.parquet` (atomically); `extra` maps further
+    column names to pyarrow types."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    many = bool(rows) and "images" in rows[0]
+    table = pa.Table.from_pylist(rows, schema=_schema(extra or {}, many))
+    final = directory / PARQUET_NAME
+    tmp = final.with_suffix(".tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, final)
+    return final
