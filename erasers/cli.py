@@ -122,6 +122,16 @@ def cmd_toy_build(args) -> None:
     build.run(config, tuple(args.stages or build.STAGES), args.threads)
 
 
+def cmd_toy_build_vlm(args) -> None:
+    from vlm import toy_build
+
+    unknown = [s for s in args.stages if s not in toy_build.STAGES]
+    if unknown:
+        raise UsageError(f"unknown stage {unknown[0]!r}; stages are {', '.join(toy_build.STAGES)}")
+    config = toy_build.ToyVLMConfig(build_dir=args.build_dir, threads=args.threads)
+    toy_build.run(config, tuple(args.stages or toy_build.STAGES))
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="erasure", description="Concept erasure for diffusion models and VLMs.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -176,6 +186,12 @@ def make_parser() -> argparse.ArgumentParser:
     build.add_argument("--build-dir", default=".toybuild", help="checkpoints, logs and data")
     build.add_argument("--threads", type=int, help="torch CPU threads")
     build.set_defaults(run=cmd_toy_build)
+    build_vlm = toy_commands.add_parser("build-vlm", help="train the toy VLM (LLaVA: toy CLIP + small Llama) and "
+                                        "its MLLMU-Med world from scratch (resumable)")
+    build_vlm.add_argument("stages", nargs="*", help="stages to run (default: all)")
+    build_vlm.add_argument("--build-dir", default=".toybuild/vlm", help="checkpoints, logs, data and features")
+    build_vlm.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a busy machine)")
+    build_vlm.set_defaults(run=cmd_toy_build_vlm)
     return parser
 
 

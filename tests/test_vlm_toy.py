@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 import numpy as np
 import pandas as pd
@@ -97,6 +98,81 @@ def test_world_is_seeded(tmp_path):
     assert [r["biography"] for r in first] == [p.biography for p in toyworld.make_patients(CONFIG)]
     other = toyworld.make_patients(WorldConfig(seed=1))
     assert [p.name for p in other] != [p.name for p in toyworld.make_patients(WorldConfig())]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The toy VLM's training rows
+
+
+@pytest.fixture(scope="module")
+def build(world, tmp_path_factory):
+    """A toy build directory over the small world, with a tokenizer trained on it and a tiny random model."""
+    import torch
+
+    from vlm import toy_build as tb
+
+    root = tmp_path_factory.mktemp("build")
+    (root / "world").symlink_to(world, target_is_directory=True)
+    cfg = tb.ToyVLMConfig(build_dir=str(root), world=asdict(CONFIG), hidden=32, layers=2, heads=2, intermediate=64,
+                          vocab_size=700, patient_views=2)
+    tb.stage_tokenizer(cfg)
+    tokenizer = tb.load_tokenizer(cfg)
+    rows = tb.load_rows(cfg)
+    torch.manual_seed(0)
+    features = {"canvas": torch.randn(len(rows["canvas"]), 65, 128),
+                "patients": torch.randn(CONFIG.patients * cfg.patient_views, 65, 128)}
+    model = tb.new_model(cfg, tokenizer).eval()
+    return cfg, tokenizer, rows, tb.Batcher(tokenizer, features, model.config.image_seq_length), model
+
+
+def test_training_tokens_match_the_processor(build):
+    from vlm import toy_build as tb
+
+    cfg, tokenizer, rows, batcher, _ = build
+    processor = tb.make_processor(cfg, tokenizer)
+    image = row_images(rows["canvas"][0])[0]
+    for with_image in (True, False):
+        conversation = [{"role": "user", "content": ([{"type": "image"}] if with_image else [])
+                         + [{"type": "text", "text": "What object is in this image?"}]}]
+        prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
+        assert prompt == tb.user_text("What object is in this image?", with_image)
+        ids = processor(images=image if with_image else None, text=prompt, return_tensors="pt").input_ids[0].tolist()
+        assert ids == batcher.encode("What object is in this image?", with_image)
+
+
+def test_packed_rows_equal_questions_asked_alone(build):
+    import torch
+
+    from vlm import toy_build as tb
+
+    cfg, _, rows, batcher, model = build
+    packer = tb.Packer(batcher)
+    image_rows, text_rows = tb.draw_rows(cfg, tb.training_pools(cfg, rows), torch.Generator().manual_seed(0))
+    assert len(image_rows) == cfg.patient_rows + cfg.canvas_rows and len(text_rows) == cfg.text_rows
+    with torch.no_grad():
+        for chosen in (image_rows[:2] + image_rows[-1:], text_rows[:2]):
+            ids, mask, positions, labels, feats = packer(chosen)
+            hidden = tb.forward_hidden(model, ids, mask, feats, positions)
+            packed = model.lm_head(hidden[:, :-1][labels[:, 1:] != -100])
+            alone = []
+            for image, questions in chosen:
+                for question in questions:
+                    one, one_mask, one_labels, one_feats = batcher([question])
+                    state = tb.forward_hidden(model, one, one_mask, one_feats)
+                    alone.append(model.lm_head(state[:, :-1][one_labels[:, 1:] != -100]))
+            torch.testing.assert_close(packed, torch.cat(alone), atol=1e-4, rtol=1e-4)
+
+
+def test_scoring_rules():
+    from vlm.mllmu import QA
+    from vlm.toy_build import is_correct
+
+    mc = QA("x", "x", "classification", "Pure_Text", "q", "q", "B")
+    assert is_correct(mc, "B") and is_correct(mc, "b: asthma") and not is_correct(mc, "asthma")
+    cloze = QA("x", "x", "mask", "Pure_Text", "q", "q", "asthma")
+    assert is_correct(cloze, "Asthma.") and not is_correct(cloze, "gout")
+    gen = QA("x", "x", "generation", "Pure_Text", "q", "q", "12 Elm Road, Dover")
+    assert is_correct(gen, "12 elm road, dover.") and not is_correct(gen, "12 Elm Road")
 
 
 # ----------------------------------------------------------------------------------------------------------------
