@@ -163,6 +163,23 @@ def test_packed_rows_equal_questions_asked_alone(build):
             torch.testing.assert_close(packed, torch.cat(alone), atol=1e-4, rtol=1e-4)
 
 
+def test_growing_keeps_the_function(build):
+    import torch
+
+    from vlm import toy_build as tb
+    from vlm.models import decoder_layers
+
+    cfg, tokenizer, rows, batcher, model = build
+    grown = tb.grow(cfg, model, tokenizer).eval()
+    assert len(decoder_layers(grown)) == cfg.layers + cfg.grow_layers
+    image_rows, _ = tb.draw_rows(cfg, tb.training_pools(cfg, rows), torch.Generator().manual_seed(1))
+    ids, mask, positions, _, feats = tb.Packer(batcher)(image_rows[:2])
+    with torch.no_grad():
+        torch.testing.assert_close(tb.forward_hidden(grown, ids, mask, feats, positions),
+                                   tb.forward_hidden(model, ids, mask, feats, positions))
+    assert not any(p.requires_grad for p in grown.model.vision_tower.parameters())
+
+
 def test_scoring_rules():
     from vlm.mllmu import QA
     from vlm.toy_build import is_correct
