@@ -1,0 +1,157 @@
+"""Saving, reading and applying VLM edits.
+
+    runs/vlm-no-star/
+      erasure.json        method, config, concept, what the method chose (layers, features), base model, its family
+                          and fingerprint, versions, cost; "model_kind": "vlm"
+      edit.safetensors    hook-applied edits: SAUCE's autoencoder and feature list, MLLMEraser's steering maps
+      adapter/            LoRA edits (peft's save_pretrained): the fine-tuning baselines
+
+Written to a temporary directory and renamed (erasers.files). `applied(loaded, path)` applies an edit for the
+duration of a `with` block: hooks on the decoder layers, or the LoRA adapter injected and unloaded afterwards, so
+the same loaded model answers as the base outside the block.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from erasers import __version__
+from erasers.errors import UsageError
+from erasers.files import atomic_dir, publish
+
+from .hooks import hook_layers
+from .models import LoadedVLM
+
+METADATA = "erasure.json"
+TENSORS = "edit.safetensors"
+ADAPTER = "adapter"
+
+
+def vlm_fingerprint(loaded: LoadedVLM) -> str:
+    """A cheap fingerprint of the base model: its text config's sizes and its token embedding's sum, enough to
+    tell an edit made for another model."""
+    text = getattr(loaded.model.config, "text_config", loaded.model.config)
+    embedding = loaded.model.get_input_embeddings().weight
+    digest = hashlib.sha256(f"{loaded.family.name}{text.hidden_size}{text.num_hidden_layers}{text.vocab_size}"
+                            f"{float(embedding.double().sum()):.6e}".encode())
+    return digest.hexdigest()[:16]
+
+
+def save_vlm_edit(out: str | Path, content, loaded: LoadedVLM, method: str, config, concept: str,
+                  seconds: float, target_source: str = "") -> Path:
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    if out.exists():
+        raise UsageError(f"{out} already exists; choose a new --out or remove it first")
+    tmp = atomic_dir(out)
+    if content.tensors:
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in content.tensors.items()}, tmp / TENSORS)
+    if content.adapter is not None:
+        content.adapter.save_pretrained(tmp / ADAPTER)
+    storage = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
+    metadata = {
+        "model_kind": "vlm",
+        "method": method,
+        "config": dataclasses.asdict(config),
+        "concept": concept,
+        "concept_source": target_source,
+        "info": content.info,
+        "files": sorted([TENSORS] * bool(content.tensors) + [ADAPTER] * (content.adapter is not None)),
+        "base_model": loaded.source,
+        "base_family": loaded.family.name,
+        "base_fingerprint": vlm_fingerprint(loaded),
+        "erasure_suite_version": __version__,
+        "torch_version": torch.__version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "cost": {"seconds": round(seconds, 2), "storage_bytes": storage},
+    }
+    (tmp / METADATA).write_text(json.dumps(metadata, indent=2))
+    publish(tmp, out)
+    return out
+
+
+def read_vlm_edit(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_dir():
+        raise UsageError(f"edit {path} does not exist; pass the --out directory of `erasure vlm erase`")
+    metadata_file = path / METADATA
+    if not metadata_file.exists():
+        raise UsageError(f"{path} is not an edit (no {METADATA}); pass the --out directory of `erasure vlm erase`")
+    try:
+        metadata = json.loads(metadata_file.read_text())
+        files, method = metadata["files"], metadata["method"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise UsageError(f"{metadata_file} is corrupt ({type(error).__name__}); re-run the erase that made it") \
+            from None
+    if metadata.get("model_kind") != "vlm":
+        raise UsageError(f"{path} is a diffusion-model edit; VLM commands take edits of `erasure vlm erase`")
+    for name in files:
+        if not (path / name).exists():
+            raise UsageError(f"edit {path} lists {name} but lacks it; re-run the erase that made it")
+    from .registry import get_vlm_method
+
+    get_vlm_method(method)
+    return metadata
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path / TENSORS)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise UsageError(f"{path / TENSORS} is corrupt ({str(error).splitlines()[0]}); re-run the erase that "
+                         "made it") from None
+
+
+def check_base(loaded: LoadedVLM, metadata: dict, path: Path) -> None:
+    if metadata["base_family"] != loaded.family.name:
+        raise UsageError(f"{path} was made for a {metadata['base_family']} model ({metadata['base_model']}); this "
+                         f"model is {loaded.family.name}: load the edit onto its own base model")
+    if metadata["base_fingerprint"] != vlm_fingerprint(loaded):
+        raise UsageError(f"{path} was made for another model ({metadata['base_model']}); load it onto that model")
+
+
+@contextmanager
+def applied(loaded: LoadedVLM, path: str | Path | None):
+    """Within the block, `loaded` answers with the edit at `path` applied (None: unchanged)."""
+    if path is None:
+        yield None
+        return
+    path = Path(path)
+    metadata = read_vlm_edit(path)
+    check_base(loaded, metadata, path)
+    if ADAPTER in metadata["files"]:
+        from peft import PeftModel
+
+        try:
+            wrapped = PeftModel.from_pretrained(loaded.model, path / ADAPTER)
+        except Exception as error:  # noqa: BLE001 - one line instead of peft's traceback
+            raise UsageError(f"could not load the adapter in {path}: {str(error).splitlines()[0]}; re-run the "
+                             "erase that made it") from None
+        try:
+            yield metadata
+        finally:
+            # Removes the LoRA layers again (without merging): `loaded.model` is the base model after the block.
+            wrapped.unload()
+        return
+    from .registry import get_vlm_method
+
+    tensors = load_tensors(path)
+    eraser = get_vlm_method(metadata["method"]).eraser
+    try:
+        edits = eraser.layer_edits(loaded, tensors, metadata["config"], metadata["info"])
+    except (KeyError, RuntimeError) as error:
+        raise UsageError(f"{path / TENSORS} does not fit this model ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0]}); re-run the erase") from None
+    with hook_layers(loaded.model, edit=edits):
+        yield metadata

@@ -1,0 +1,71 @@
+"""The VLM side as library calls: erase a concept and save the edit; ask a question with and without an edit.
+
+    from vlm.run import erase, ask_before_after
+    erase("toy-vlm", "sauce", "star", "runs/vlm-no-star")
+    ask_before_after("toy-vlm", "runs/vlm-no-star", image, "What object is in this image?")
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from PIL import Image
+
+from erasers.errors import UsageError
+
+from .edits import applied, read_vlm_edit, save_vlm_edit
+from .models import LoadedVLM, ask, load_vlm
+from .registry import build_vlm_config, get_vlm_method
+from .targets import resolve_target
+
+
+def erase_loaded(loaded: LoadedVLM, method: str, concept: str, out: str | Path, options: dict | None = None,
+                 data: str | Path | None = None) -> Path:
+    """Erase `concept` from an already loaded VLM with `method` and save the edit to `out`; the loaded model is
+    left as it was (LoRA layers are removed again after saving)."""
+    config = build_vlm_config(method, loaded.is_toy, options)
+    target = resolve_target(concept, data)
+    started = time.time()
+    content = get_vlm_method(method).eraser(config).erase(loaded, target)
+    try:
+        return save_vlm_edit(out, content, loaded, method, config, concept, time.time() - started, target.source)
+    finally:
+        if content.adapter is not None:
+            content.adapter.unload()
+
+
+def erase(model: str, method: str, concept: str, out: str | Path, options: dict | None = None,
+          data: str | Path | None = None, device: str | None = None) -> Path:
+    out = Path(out)
+    build_vlm_config(method, False, options)  # a bad method or option fails before a slow model load
+    if out.exists():
+        raise UsageError(f"{out} already exists; choose a new --out or remove it first")
+    resolve_target(concept, data)  # so does an unknown concept
+    return erase_loaded(load_vlm(model, device=device), method, concept, out, options, data)
+
+
+def open_image(path: str | Path | None) -> Image.Image | None:
+    if path is None:
+        return None
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"image {path} does not exist; pass an image file (.png, .jpg)")
+    try:
+        with Image.open(file) as image:
+            return image.convert("RGB")
+    except OSError:
+        raise UsageError(f"{path} is not a readable image; pass a .png or .jpg file") from None
+
+
+def ask_before_after(loaded: LoadedVLM, edit: str | Path | None, image: Image.Image | None, question: str,
+                     max_new_tokens: int = 50) -> tuple[str, str | None]:
+    """The base model's answer and, with `edit`, the edited model's."""
+    if edit is not None:
+        read_vlm_edit(edit)  # a bad edit fails before the base answer is computed
+    before = ask(loaded, image, question, max_new_tokens)
+    if edit is None:
+        return before, None
+    with applied(loaded, edit):
+        after = ask(loaded, image, question, max_new_tokens)
+    return before, after

@@ -1,0 +1,168 @@
+"""What is erased and what must stay: a concept name resolved to forget, retain and test questions.
+
+Two kinds of concept:
+  * a ToyCanvas object ("star", ...): forget = the object question (generation, multiple choice, cloze) on
+    training pictures of that object; test = the same question paraphrased, on held-out pictures of it; retain =
+    every question on pictures of the other objects.
+  * an MLLMU-Bench forget split ("forget_5", "forget_10", "forget_15"), of the toy MLLMU-Med world or of any
+    directory in the MLLMU-Bench layout (`data=`): forget = every question on the forget profiles; retain = the
+    matching retain_{100-N} split; test = the Test_Set rows of the forget profiles (new images, paraphrases), as
+    MLLMU-Bench's test set measures whether forgetting generalises.
+Erasers fit on `forget` and `retain_fit`; evaluation uses `forget`, `test` and `retain`, which holds other rows than
+`retain_fit`, so a method is never scored on the very retain questions it was fitted to keep.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from erasers.errors import UsageError
+
+from .forward import Item
+from .mllmu import qa_items, read_split, row_images
+from .models import TOY_VLM_DIR
+
+FORGET_SPLIT = re.compile(r"^forget_(\d+)$")
+
+
+@dataclass
+class Target:
+    concept: str
+    kind: str  # "object" or "profiles"
+    forget: list[Item]
+    retain_fit: list[Item]
+    retain: list[Item]
+    test: list[Item]
+    source: str
+
+    def concept_images(self, count: int) -> list[Item]:
+        """Up to `count` forget items with an image, one per distinct image (what SAUCE contrasts)."""
+        return _distinct_images(self.forget, count)
+
+    def neutral_images(self, count: int) -> list[Item]:
+        return _distinct_images(self.retain_fit, count)
+
+
+def _distinct_images(items: list[Item], count: int) -> list[Item]:
+    seen, chosen = set(), []
+    for item in items:
+        if item.image is not None and id(item.image) not in seen:
+            seen.add(id(item.image))
+            chosen.append(item)
+        if len(chosen) == count:
+            break
+    return chosen
+
+
+def _items(rows: list[dict], keep=lambda row, qa: True, all_views: bool = True) -> list[Item]:
+    items = []
+    for row in rows:
+        images = row_images(row)
+        for qa in qa_items(row):
+            if not keep(row, qa):
+                continue
+            views = (images if all_views else images[:1]) if qa.needs_image else [None]
+            items += [Item(qa, view) for view in views]
+    return items
+
+
+def _asks_object(row: dict, qa) -> bool:
+    value = dict(qa.options)[qa.answer] if qa.task == "classification" else qa.answer
+    return value == row["object"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The toy world
+
+
+def toy_world_config() -> dict:
+    info = TOY_VLM_DIR / "toyvlm.json"
+    if info.exists():
+        return json.loads(info.read_text())["build_config"]["world"]
+    from .toyworld import WorldConfig
+
+    return asdict(WorldConfig())
+
+
+def toy_world_dir() -> Path:
+    """The toy VLM's world: the build's copy when it matches the shipped model's, else built once (seconds) into
+    the user's cache directory."""
+    from .toyworld import WorldConfig, build_world
+
+    config = toy_world_config()
+    build_copy = Path(".toybuild/vlm/world")
+    if (build_copy / "world.json").exists() and \
+            json.loads((build_copy / "world.json").read_text())["world_config"] == config:
+        return build_copy
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "erasure-suite"
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+    root = cache / f"toy-vlm-world-{digest}"
+    if not (root / "world.json").exists():
+        from erasers.files import atomic_dir, publish
+
+        tmp = atomic_dir(root)
+        build_world(tmp, WorldConfig(**config))
+        publish(tmp, root)
+    return root
+
+
+def object_names() -> tuple[str, ...]:
+    from benchmarks.toycanvas.world import OBJECTS
+
+    return tuple(OBJECTS)
+
+
+def object_target(concept: str, world: Path, forget_rows: int = 60, retain_rows: int = 60,
+                  fit_rows: int = 60) -> Target:
+    train = read_split(world / "ToyCanvas" / "train")
+    test = read_split(world / "ToyCanvas" / "test")
+    concept_rows = [r for r in train if r["object"] == concept][:forget_rows]
+    others = [r for r in train if r["object"] != concept]
+    if not concept_rows:
+        raise UsageError(f"the world at {world} has no pictures of {concept!r}")
+    return Target(concept, "object",
+                  forget=_items(concept_rows, _asks_object),
+                  retain_fit=_items(others[:fit_rows]),
+                  retain=_items(others[fit_rows:fit_rows + retain_rows]),
+                  test=_items([r for r in test if r["object"] == concept], _asks_object),
+                  source=str(world / "ToyCanvas"))
+
+
+def split_target(concept: str, data: Path, retain_rows: int = 20, fit_rows: int = 40) -> Target:
+    percent = int(FORGET_SPLIT.match(concept).group(1))
+    forget_dir, retain_dir = data / concept, data / f"retain_{100 - percent}"
+    for needed in (forget_dir, retain_dir):
+        if not needed.exists():
+            raise UsageError(f"{data} has no {needed.name}/; pass an MLLMU-Bench directory holding {concept}/, "
+                             f"retain_{100 - percent}/ and Test_Set/")
+    forget = read_split(forget_dir)
+    retain = read_split(retain_dir)
+    forget_ids = {r["ID"] for r in forget}
+    test_rows = [r for r in read_split(data / "Test_Set") if r["ID"] in forget_ids] \
+        if (data / "Test_Set").exists() else []
+    return Target(concept, "profiles", forget=_items(forget), retain_fit=_items(retain[:fit_rows]),
+                  retain=_items(retain[fit_rows:fit_rows + retain_rows]), test=_items(test_rows), source=str(data))
+
+
+def resolve_target(concept: str, data: str | Path | None = None) -> Target:
+    """The forget/retain/test questions of `concept`: a ToyCanvas object, or forget_N of the MLLMU-Bench layout
+    directory `data` (default: the toy world's MLLMU-Med)."""
+    concept = concept.strip()
+    if FORGET_SPLIT.match(concept):
+        if data is not None:
+            path = Path(data)
+            if not path.is_dir():
+                raise UsageError(f"data directory {data} does not exist; pass a directory in the MLLMU-Bench layout")
+            return split_target(concept, path)
+        return split_target(concept, toy_world_dir() / "MLLMU-Med")
+    if concept in object_names():
+        if data is not None:
+            raise UsageError(f"{concept!r} is a ToyCanvas object; --data is only for forget_N splits")
+        return object_target(concept, toy_world_dir())
+    raise UsageError(f"unknown concept {concept!r}: pass a ToyCanvas object ({', '.join(object_names())}) or an "
+                     "MLLMU-Bench forget split (forget_5, forget_10, forget_15)")
