@@ -192,6 +192,10 @@ def make_parser() -> argparse.ArgumentParser:
     build_vlm.add_argument("--build-dir", default=".toybuild/vlm", help="checkpoints, logs, data and features")
     build_vlm.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a busy machine)")
     build_vlm.set_defaults(run=cmd_toy_build_vlm)
+
+    from vlm.cli import add_vlm_commands  # `erasure vlm ...` and `erasure bench mllmu-med`
+
+    add_vlm_commands(commands)
     return parser
 
 

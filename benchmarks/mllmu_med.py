@@ -1,0 +1,209 @@
+"""MLLMU-Med evaluation: how much a VLM edit forgets, keeps and generalises, MLLMU-Bench style.
+
+    erasure bench mllmu-med --model toy-vlm --edit runs/vlm-no-star                 # concept from the edit
+    erasure bench mllmu-med --model toy-vlm --concept forget_10                     # the base model alone
+    erasure bench mllmu-med --model llava-hf/llava-1.5-7b-hf --data MLLMU-Bench/ --concept forget_5 --edit DIR
+
+Sets (vlm.targets): forget (what was erased), test (the forget profiles or concept on new images and paraphrased
+questions) and retain (other profiles or objects, not the ones the eraser fitted on). In the toy world the
+privacy scenario is a patient's personal facts and the incorrectness scenario the injected wrong prescriptions;
+each row carries `scenario`, and forget/retain/test figures are also reported per scenario when rows have one.
+
+Protocol, fixed so figures compare across methods: zero-shot (no examples in the prompt), the model's own chat
+template, prompts of `vlm.mllmu` (multiple choice: the question, one "X: option" line each, "Just give ONE letter
+representing the answer directly."; cloze: "Fill in the blank: ..."; generation: the question), greedy decoding,
+50 new tokens at most.
+Metrics: multiple-choice accuracy (the answer's first letter), fill-in-the-blank accuracy (the ground truth,
+lower-cased and without trailing dots, contained in the answer), generation ROUGE-L F1 (torchmetrics). A set's
+score is the mean of the three (each in [0, 1]).
+
+Unlearning Efficiency Score (our definition; MLLMU-Med's own is not public), from the base and edited scores:
+    forget efficacy      F = clip(1 - forget_edit / forget_base, 0, 1)   share of the forget knowledge removed
+    test efficacy        T = clip(1 - test_edit / test_base, 0, 1)       ... on unseen views of it
+    retain preservation  R = clip(retain_edit / retain_base, 0, 1)       share of the rest kept
+    UES = 3 / (1/F + 1/T + 1/R)   (the harmonic mean: 0 when any part is 0; without a test set, of F and R)
+It is reported with its parts beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from erasers.errors import UsageError
+
+SHOTS = 0
+MAX_NEW_TOKENS = 50
+TASKS = {"classification": "mc", "mask": "cloze", "generation": "rouge_l"}
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    max_new_tokens: int = MAX_NEW_TOKENS
+    batch_size: int = 32
+    shots: int = SHOTS
+
+
+def normalise(text: str) -> str:
+    return re.sub(r"[\s.]+$", "", text.strip().lower())
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    from torchmetrics.functional.text.rouge import rouge_score
+
+    if not prediction.strip() or not reference.strip():
+        return float(prediction.strip() == reference.strip())
+    return float(rouge_score(prediction, reference, rouge_keys="rougeL")["rougeL_fmeasure"])
+
+
+def score_answer(qa, answer: str) -> float:
+    """1/0 for multiple choice (first letter) and cloze (containment); ROUGE-L F1 for generation."""
+    if qa.task == "classification":
+        return float(answer.strip()[:1].upper() == qa.answer.strip().upper())
+    if qa.task == "mask":
+        return float(normalise(qa.answer) in answer.lower())
+    return rouge_l(answer, qa.answer)
+
+
+def summarise(scored: list[tuple[object, float]]) -> dict:
+    """{"mc", "cloze", "rouge_l", "score", "n"} of (qa, score) pairs; absent tasks are left out of the score."""
+    result: dict = {"n": len(scored)}
+    parts = []
+    for task, key in TASKS.items():
+        values = [s for qa, s in scored if qa.task == task]
+        if values:
+            result[key] = round(sum(values) / len(values), 4)
+            parts.append(result[key])
+    result["score"] = round(sum(parts) / len(parts), 4) if parts else None
+    return result
+
+
+def answer_items(loaded, items, cfg: EvalConfig = EvalConfig(), progress: bool = False) -> list[str]:
+    from tqdm.auto import tqdm
+
+    from vlm.forward import chunks
+    from vlm.models import ask_many
+
+    answers = []
+    for chunk in tqdm(list(chunks(items, cfg.batch_size)), desc="asking", disable=not progress):
+        answers += ask_many(loaded, [i.image for i in chunk], [i.prompt for i in chunk], cfg.max_new_tokens)
+    return answers
+
+
+def evaluate_set(loaded, items, cfg: EvalConfig = EvalConfig(), scenarios: dict[str, str] | None = None,
+                 progress: bool = False) -> dict:
+    """Metrics of a list of `vlm.forward.Item`; `scenarios` maps row ids to a scenario for a per-scenario split."""
+    if not items:
+        return {"n": 0, "score": None}
+    answers = answer_items(loaded, items, cfg, progress)
+    scored = [(item.qa, score_answer(item.qa, answer)) for item, answer in zip(items, answers)]
+    result = summarise(scored)
+    if scenarios:
+        for scenario in sorted(set(scenarios.values())):
+            part = [(qa, s) for qa, s in scored if scenarios.get(qa.row_id) == scenario]
+            if part:
+                result[scenario] = summarise(part)
+    result["examples"] = [{"prompt": item.prompt[:120], "expected": item.answer, "answer": answer}
+                          for item, answer in list(zip(items, answers))[:3]]
+    return result
+
+
+def scenario_map(target) -> dict[str, str]:
+    """Row id -> scenario for MLLMU-Med rows (those with a `scenario` column)."""
+    if target.kind != "profiles":
+        return {}
+    from vlm.mllmu import read_split
+
+    mapping = {}
+    for split in Path(target.source).iterdir():
+        if split.is_dir() and split.name.startswith(("forget_", "retain_")):
+            for row in read_split(split):
+                if row.get("scenario"):
+                    mapping[str(row["ID"])] = row["scenario"]
+    return mapping
+
+
+def evaluate_target(loaded, target, edit: str | Path | None = None, cfg: EvalConfig = EvalConfig(),
+                    progress: bool = False) -> dict:
+    """{"forget", "retain", "test"} metrics of the loaded model, with `edit` applied when given."""
+    from vlm.edits import applied
+
+    scenarios = scenario_map(target)
+    with applied(loaded, edit):
+        return {name: evaluate_set(loaded, getattr(target, name), cfg, scenarios, progress)
+                for name in ("forget", "retain", "test")}
+
+
+def unlearning_efficiency(base: dict, edited: dict) -> dict:
+    """UES and its parts (see the module docstring) from two `evaluate_target` results."""
+    def ratio(name: str) -> float | None:
+        before, after = base[name].get("score"), edited[name].get("score")
+        if before is None or after is None:
+            return None
+        return min(max(after / before, 0.0), 1.0) if before > 0 else 1.0
+
+    forget, test, retain = ratio("forget"), ratio("test"), ratio("retain")
+    parts = {"forget_efficacy": None if forget is None else 1 - forget,
+             "test_efficacy": None if test is None else 1 - test, "retain_preservation": retain}
+    present = [v for v in parts.values() if v is not None]
+    ues = 0.0 if any(v <= 0 for v in present) else len(present) / sum(1 / v for v in present)
+    return {"ues": round(ues, 4), **{k: None if v is None else round(v, 4) for k, v in parts.items()}}
+
+
+def run(model: str, concept: str | None = None, edit: str | Path | None = None, data: str | Path | None = None,
+        out: str | Path | None = None, cfg: EvalConfig = EvalConfig(), device: str | None = None,
+        progress: bool = True) -> dict:
+    """Evaluate the base model and, with `edit`, the edited one on `concept`'s sets; writes results.json and
+    report.md under `out` when given."""
+    from vlm.edits import read_vlm_edit
+    from vlm.models import load_vlm
+    from vlm.targets import resolve_target
+
+    metadata = read_vlm_edit(edit) if edit is not None else None
+    concept = concept or (metadata or {}).get("concept")
+    if not concept:
+        raise UsageError("pass --concept (a ToyCanvas object or forget_5/10/15), or an --edit that names one")
+    if metadata and metadata["concept"] != concept:
+        raise UsageError(f"the edit erased {metadata['concept']!r}, not {concept!r}; leave out --concept")
+    target = resolve_target(concept, data)
+    loaded = load_vlm(model, device=device)
+    result = {"model": model, "concept": concept, "data": target.source, "edit": str(edit) if edit else None,
+              "protocol": asdict(cfg), "base": evaluate_target(loaded, target, None, cfg, progress)}
+    if edit is not None:
+        result["method"] = metadata["method"]
+        result["edited"] = evaluate_target(loaded, target, edit, cfg, progress)
+        result["unlearning_efficiency"] = unlearning_efficiency(result["base"], result["edited"])
+    if out is not None:
+        write_report(result, Path(out))
+    return result
+
+
+def _percent(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def report_markdown(result: dict) -> str:
+    lines = [f"MLLMU-Med evaluation of {result['model']} on {result['concept']} ({result['data']})", "",
+             "| model | set | n | MC acc | cloze acc | ROUGE-L | score |", "|---|---|---|---|---|---|---|"]
+    for label in ("base", "edited"):
+        if label in result:
+            for name in ("forget", "test", "retain"):
+                m = result[label][name]
+                lines.append(f"| {label} | {name} | {m['n']} | {_percent(m.get('mc'))} | {_percent(m.get('cloze'))} "
+                             f"| {_percent(m.get('rouge_l'))} | {_percent(m.get('score'))} |")
+    if "unlearning_efficiency" in result:
+        u = result["unlearning_efficiency"]
+        lines += ["", f"UES {u['ues']:.3f} (forget efficacy {u['forget_efficacy']}, test efficacy "
+                  f"{u['test_efficacy']}, retain preservation {u['retain_preservation']})"]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(result: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in (("results.json", json.dumps(result, indent=2)), ("report.md", report_markdown(result))):
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, out / name)

@@ -1,0 +1,125 @@
+"""`python -m benchmarks.vlm_table`: every VLM method on the toy VLM, one table (benchmarks/vlm_table.md).
+
+For each concept (default: the ToyCanvas object "star", and the MLLMU-Med split forget_10) the base model is
+evaluated once, then each method erases the concept with its toy defaults and the edit is evaluated with
+`benchmarks.mllmu_med` (forget / test / retain scores, UES). Edits go to runs/vlm-table/ and per-method results
+to runs/vlm-table/results.json, so an interrupted run resumes with the methods not yet measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.mllmu_med import EvalConfig, evaluate_target, unlearning_efficiency
+
+# (row label, method, option overrides)
+RUNS = (
+    ("SAUCE (clamp to zero)", "sauce", {"clamp": "zero"}),
+    ("SAUCE (clamp negative)", "sauce", {"clamp": "negative"}),
+    ("MLLMEraser", "mllmeraser", {}),
+    ("GA", "ga", {}),
+    ("GradDiff", "graddiff", {}),
+    ("KL", "kl", {}),
+    ("NPO", "npo", {}),
+)
+TABLE = Path(__file__).parent / "vlm_table.md"
+
+
+def _pct(metrics: dict, key: str = "score") -> str:
+    value = metrics.get(key)
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def _parts(metrics: dict) -> str:
+    return " / ".join(_pct(metrics, key) for key in ("mc", "cloze", "rouge_l"))
+
+
+def _ues(u: dict | None) -> str:
+    if u is None:
+        return "-"
+    parts = ", ".join("-" if u[k] is None else f"{u[k]:.2f}"
+                      for k in ("forget_efficacy", "test_efficacy", "retain_preservation"))
+    return f"{u['ues']:.2f} ({parts})"
+
+
+def markdown(results: dict) -> str:
+    lines = ["Toy VLM (`toy-vlm`), zero-shot greedy, protocol of `benchmarks/mllmu_med.py`. Score = mean of "
+             "multiple-choice accuracy, cloze accuracy and generation ROUGE-L, in %; UES and its parts as defined "
+             "there. Written by `python -m benchmarks.vlm_table`.", ""]
+    for concept, entry in results.items():
+        base = entry["base"]
+        lines += [f"### {concept}: forget n={base['forget']['n']}, test n={base['test']['n']}, "
+                  f"retain n={base['retain']['n']}", "",
+                  "| method | forget score | forget MC / cloze / ROUGE-L | test score | retain score | "
+                  "retain MC / cloze / ROUGE-L | UES (F, T, R) | erase time |",
+                  "|---|---|---|---|---|---|---|---|"]
+        rows = [("base model", base, None, None)] + [(label, r["edited"], r["unlearning_efficiency"], r["seconds"])
+                                                      for label, r in entry["methods"].items()]
+        for label, m, u, seconds in rows:
+            lines.append(f"| {label} | {_pct(m['forget'])} | {_parts(m['forget'])} | {_pct(m['test'])} | "
+                         f"{_pct(m['retain'])} | {_parts(m['retain'])} | {_ues(u)} | "
+                         f"{'-' if seconds is None else f'{seconds:.0f} s'} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def save_json(data: dict, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--concepts", nargs="+", default=["star", "forget_10"])
+    parser.add_argument("--methods", nargs="+", help="row labels' methods to run (default: all)")
+    parser.add_argument("--work-dir", default="runs/vlm-table")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--max-new-tokens", type=int, default=EvalConfig.max_new_tokens)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from vlm.models import load_vlm
+    from vlm.run import erase_loaded
+    from vlm.targets import resolve_target
+
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    results_file = work / "results.json"
+    results = json.loads(results_file.read_text()) if results_file.exists() else {}
+    cfg = EvalConfig(max_new_tokens=args.max_new_tokens)
+    loaded = load_vlm("toy-vlm", device="cpu")
+    for concept in args.concepts:
+        target = resolve_target(concept)
+        entry = results.setdefault(concept, {"methods": {}})
+        if "base" not in entry:
+            entry["base"] = evaluate_target(loaded, target, None, cfg, progress=True)
+            save_json(results, results_file)
+        for label, method, options in RUNS:
+            if label in entry["methods"] or (args.methods and method not in args.methods):
+                continue
+            out = work / f"{concept}-{label.split()[0].lower()}-{options.get('clamp', '')}".rstrip("-")
+            shutil.rmtree(out, ignore_errors=True)
+            started = time.time()
+            erase_loaded(loaded, method, concept, out, options)
+            seconds = time.time() - started
+            edited = evaluate_target(loaded, target, out, cfg, progress=True)
+            entry["methods"][label] = {"method": method, "options": options, "seconds": round(seconds, 1),
+                                       "edited": edited,
+                                       "unlearning_efficiency": unlearning_efficiency(entry["base"], edited)}
+            save_json(results, results_file)
+            print(label, concept, {k: edited[k]["score"] for k in ("forget", "test", "retain")}, flush=True)
+    tmp = TABLE.with_name(f".{TABLE.name}.tmp")
+    tmp.write_text(markdown(results))
+    os.replace(tmp, TABLE)
+    print(TABLE.read_text())
+
+
+if __name__ == "__main__":
+    main()
