@@ -1,8 +1,11 @@
 """The README's method table: erase an object and a style with each method on ToyCanvas, score UA / IRA / CRA on
 the answer set (every object x style at the given seeds) beside the base model's accuracy, with run time, peak
-memory and storage of each edit. Resumable: finished rows are kept in the results file.
+memory and storage of each edit, and the UnlearnDiffAtk attack success rate on the concepts named by --attack.
+A method written "a+b" erases with each and stacks the edits (a text-encoder edit with a UNet edit); its time and
+storage are the sums. Resumable: finished rows are kept in the results file.
 
-    python -m benchmarks.method_table --methods esd-x,esd-u,uce --concepts star,Stripes
+    python -m benchmarks.method_table --methods esd-x,esd-u,uce,hirm,advunlearn,hirm+esd-u,hirm+uce \
+        --concepts arrow,Stripes --attack arrow
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 from benchmarks.toycanvas import CLASSIFIER_DIR, world
 from benchmarks.toycanvas.classifier import ToyClassifier
 from benchmarks.unlearncanvas import AnswerSet, classify_answer_set, score
+from erasers.attack import attack_success_rate
 from erasers.edits import apply_edits, read_edit
 from erasers.models import load_pipeline
 from erasers.run import erase
@@ -27,7 +31,7 @@ def _pct(value) -> str:
 
 
 def run(methods: list[str], concepts: list[str], seeds: tuple[int, ...], results_path: Path = RESULTS,
-        options: dict[str, dict] | None = None) -> dict:
+        options: dict[str, dict] | None = None, attacked: tuple[str, ...] = (), attack_prompts: int = 10) -> dict:
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     classifier = ToyClassifier.from_pretrained(CLASSIFIER_DIR)
     answers = AnswerSet(seeds=seeds)
@@ -44,16 +48,24 @@ def run(methods: list[str], concepts: list[str], seeds: tuple[int, ...], results
             _save(results, results_path)
         for method in methods:
             row_key = f"{method}/{concept}"
-            if row_key in table:
+            wants_attack = concept in attacked
+            if row_key in table and (not wants_attack or "asr" in table[row_key]):
                 continue
             with tempfile.TemporaryDirectory() as tmp:
-                out = erase("toy", method, [concept], Path(tmp) / "edit", options=(options or {}).get(method))
-                meta = read_edit(out)
+                edits = [erase("toy", part, [concept], Path(tmp) / part, options=(options or {}).get(part))
+                         for part in method.split("+")]
+                metas = [read_edit(edit) for edit in edits]
                 loaded = load_pipeline("toy")
-                apply_edits(loaded, [out])
+                apply_edits(loaded, edits)
                 records, _ = classify_answer_set(loaded, classifier, answers)
-            table[row_key] = {"method": method, "concept": concept, **score(records, [concept], meta["kind"]),
-                              "cost": meta["cost"], "config": meta["config"]}
+                row = {"method": method, "concept": concept, **score(records, [concept], metas[0]["kind"]),
+                       "cost": {name: sum(m["cost"][name] for m in metas)
+                                for name in ("seconds", "peak_memory_bytes", "storage_bytes")},
+                       "config": {m["method"]: m["config"] for m in metas}}
+                if wants_attack:
+                    attack = attack_success_rate("toy", edits, concept, count=attack_prompts, progress=False)
+                    row.update(pre_asr=attack["pre_asr"], asr=attack["asr"])
+            table[row_key] = row
             _save(results, results_path)
     return table
 
@@ -66,26 +78,31 @@ def _save(results: dict, path: Path) -> None:
 
 
 def markdown(table: dict) -> str:
-    lines = ["| method | erased | UA % | IRA % | CRA % | time s | peak RSS MiB | edit MiB |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | erased | UA % | IRA % | CRA % | ASR % (pre) | time s | peak RSS MiB | edit MiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for row in table.values():
         cost = row.get("cost", {})
         seconds = f"{cost['seconds']:.1f}" if cost else "-"
         memory = f"{cost['peak_memory_bytes'] / 2**20:.0f}" if cost.get("peak_memory_bytes") else "-"
         storage = f"{cost['storage_bytes'] / 2**20:.2f}" if cost else "-"
+        asr = f"{_pct(row['asr'])} ({_pct(row['pre_asr'])})" if "asr" in row else "-"
         lines.append(f"| {row['method']} | {row['concept']} | {_pct(row['UA'])} | {_pct(row['IRA'])} | "
-                     f"{_pct(row['CRA'])} | {seconds} | {memory} | {storage} |")
+                     f"{_pct(row['CRA'])} | {asr} | {seconds} | {memory} | {storage} |")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", default="esd-x,esd-u,uce")
-    parser.add_argument("--concepts", default="star,Stripes")
+    parser.add_argument("--methods", default="esd-x,esd-u,uce,hirm,advunlearn,hirm+esd-u,hirm+uce")
+    parser.add_argument("--concepts", default="arrow,Stripes")
+    parser.add_argument("--attack", default="arrow", help="concepts whose rows also get the attack success rate "
+                        "(UnlearnDiffAtk, toy settings); '' for none")
+    parser.add_argument("--attack-prompts", type=int, default=10)
     parser.add_argument("--seeds", type=int, nargs="+", default=[188, 288])
     parser.add_argument("--results", default=str(RESULTS))
     args = parser.parse_args()
-    table = run(args.methods.split(","), args.concepts.split(","), tuple(args.seeds), Path(args.results))
+    table = run(args.methods.split(","), args.concepts.split(","), tuple(args.seeds), Path(args.results),
+                attacked=tuple(c for c in args.attack.split(",") if c), attack_prompts=args.attack_prompts)
     print(markdown(table))
 
 

@@ -1,7 +1,7 @@
 """Step time and peak memory of each eraser against a plain forward+backward of the same denoiser, measured in
 one run on this machine: on the toy UNet and on a full-size SD 1.5 UNet architecture with random weights.
 
-    python -m benchmarks.step_cost                  # toy and sd15, esd-x esd-u uce
+    python -m benchmarks.step_cost                  # toy and sd15, esd-x esd-u uce hirm advunlearn
     python -m benchmarks.step_cost --models toy
 
 Each measurement runs in its own process, so peak resident memory (ru_maxrss) is that measurement's alone.
@@ -67,10 +67,15 @@ def measure(model: str, method: str, steps: int) -> dict:
             times.append(time.perf_counter() - started)
         per_step = sum(times[1:]) / steps  # the first step pays one-off allocation
     else:
+        import dataclasses
+
         from erasers.prompts import make_request
         from erasers.registry import build_config, get_method
 
-        overrides = {} if method == "uce" else {"iterations": steps + 1, "ddim_steps": 4}
+        # Enough iterations to time `steps` of them; short sampling chains, and AdvUnlearn's attack from the start.
+        wanted = {"iterations": steps + 1, "ddim_steps": 4, "warmup": 0}
+        fields = {f.name for f in dataclasses.fields(get_method(method).eraser.config_class)}
+        overrides = {key: value for key, value in wanted.items() if key in fields}
         config = build_config(method, model == "toy", overrides)
         eraser = get_method(method).eraser(config)
         request = make_request(["star"], loaded.tokenizer, model == "toy")
@@ -87,7 +92,7 @@ def measure(model: str, method: str, steps: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="toy,sd15")
-    parser.add_argument("--methods", default="esd-x,esd-u,uce")
+    parser.add_argument("--methods", default="esd-x,esd-u,uce,hirm,advunlearn")
     parser.add_argument("--one", nargs=3, metavar=("MODEL", "METHOD", "STEPS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:

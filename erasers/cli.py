@@ -99,6 +99,21 @@ def cmd_compare(args) -> None:
     print(f"wrote {out}/compare.png, {out}/metrics.md and {out}/metrics.json")
 
 
+def cmd_attack(args) -> None:
+    from .attack import attack_success_rate, load_judge
+
+    judge = load_judge(args.judge) if args.judge else None
+    prompts = read_prompt_file(args.prompt_file) if args.prompt_file else None
+    options = {key: value for key, value in (("iterations", args.iterations), ("tokens", args.tokens))
+               if value is not None}
+    result = attack_success_rate(args.model, args.edit, args.concept, prompts=prompts, count=args.prompts,
+                                 seed=args.seed, config=options, judge=judge, device=args.device, out=args.out)
+    n = result["n"]
+    print(f"{result['concept']}: Pre-ASR {result['pre_asr']:.1%} ({result['pre_successes']}/{n}), "
+          f"ASR {result['asr']:.1%} ({result['pre_successes'] + result['attack_successes']}/{n})")
+    print(f"wrote {args.out}/attack.json and {args.out}/attack.png")
+
+
 def cmd_methods(args) -> None:
     from .registry import available_methods
 
@@ -167,6 +182,24 @@ def make_parser() -> argparse.ArgumentParser:
     compare.add_argument("--device")
     compare.add_argument("--out", help="output directory (default: EDIT/compare)")
     compare.set_defaults(run=cmd_compare)
+
+    attack = commands.add_parser("attack", help="UnlearnDiffAtk: adversarial prompts that bring an erased concept "
+                                 "back; prints Pre-ASR and ASR")
+    attack.add_argument("--model", default="toy", help="the base model the edit was made from")
+    attack.add_argument("--edit", action="append", required=True, help="edit directory (repeat to stack edits)")
+    attack.add_argument("--concept", help="the concept to bring back (default: the edit's)")
+    attack.add_argument("--prompts", type=int, help="number of prompts attacked (default: one per prompt; on the "
+                        "toy model, the concept's 10 captions; more repeat them with the next seed)")
+    attack.add_argument("--prompt-file", help="prompts of the concept, one a line (default: the toy captions, or "
+                        "the concept itself)")
+    attack.add_argument("--iterations", type=int, help="optimisation steps per prompt (default 40; 20 on toy)")
+    attack.add_argument("--tokens", type=int, help="adversarial prefix tokens (default 5)")
+    attack.add_argument("--judge", metavar="MODULE:FUNCTION", help="function (images, concept) -> list of bools "
+                        "saying where the concept is; required off the toy model")
+    attack.add_argument("--seed", type=int, default=188, help="seed of the first prompt's images")
+    attack.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    attack.add_argument("--out", required=True, help="new directory for attack.json and attack.png")
+    attack.set_defaults(run=cmd_attack)
 
     methods = commands.add_parser("methods", help="list the erasers")
     methods.set_defaults(run=cmd_methods)

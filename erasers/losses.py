@@ -24,20 +24,30 @@ def predict_noise(unet: nn.Module, latents: torch.Tensor, timestep, text_states:
     return unet(latents, timestep, encoder_hidden_states=text_states).sample
 
 
-@torch.no_grad()
 def sample_partially(loaded: LoadedPipeline, unet: nn.Module, text_states: torch.Tensor, empty_states: torch.Tensor,
                      stop_index: int, steps: int, guidance: float, generator: torch.Generator):
     """Denoise fresh noise for `stop_index` of `steps` DDIM steps with classifier-free guidance; returns the
     latent x_t and its timestep t. ESD trains on x_t drawn this way from the model being edited."""
+    return sample_trajectory(loaded, unet, text_states, empty_states, stop_index, steps, guidance, generator)[-1]
+
+
+@torch.no_grad()
+def sample_trajectory(loaded: LoadedPipeline, unet: nn.Module, text_states: torch.Tensor, empty_states: torch.Tensor,
+                      stop_index: int, steps: int, guidance: float, generator: torch.Generator):
+    """As `sample_partially`, but returns every (x_t, t) on the way: stop_index + 1 pairs, from pure noise to the
+    latent after `stop_index` steps. One run gives latents at many noise levels (what an attack round needs)."""
     scheduler = DDIMScheduler.from_config(loaded.pipeline.scheduler.config)
     scheduler.set_timesteps(steps)
     noise = torch.randn(loaded.latent_shape(text_states.shape[0]), generator=generator)
     latents = noise.to(loaded.device, loaded.dtype) * scheduler.init_noise_sigma
     both = torch.cat([empty_states.expand_as(text_states), text_states])
+    path = []
     for t in scheduler.timesteps[:stop_index]:
+        path.append((latents, t))
         uncond, cond = predict_noise(unet, torch.cat([latents, latents]), t, both).chunk(2)
         latents = scheduler.step(uncond + guidance * (cond - uncond), t, latents).prev_sample
-    return latents, scheduler.timesteps[stop_index]
+    path.append((latents, scheduler.timesteps[stop_index]))
+    return path
 
 
 def esd_target(eps_from: torch.Tensor, eps_concept: torch.Tensor, eps_empty: torch.Tensor, eta: float) -> torch.Tensor:

@@ -188,6 +188,21 @@ def text_encoder_layers(text_encoder: nn.Module) -> nn.ModuleList:
     return inner.encoder.layers
 
 
+def encode_token_embeddings(text_encoder: nn.Module, input_ids: torch.Tensor,
+                            token_embeddings: torch.Tensor) -> torch.Tensor:
+    """Hidden states of a CLIP text encoder fed `token_embeddings` (batch, length, width) in place of the
+    embeddings of `input_ids`: soft tokens, as adversarial prompt attacks optimise them. transformers 5's
+    CLIPTextModel takes no `inputs_embeds`, so a forward hook swaps the token-embedding layer's output; the rest
+    is the model's own forward (positions, causal mask, attention, final layer norm, EOS pooling read from
+    `input_ids`). Gradients flow to `token_embeddings` and to the encoder's parameters."""
+    layer = text_encoder.get_input_embeddings()
+    handle = layer.register_forward_hook(lambda module, args, output: token_embeddings.to(output.dtype))
+    try:
+        return text_encoder(input_ids)[0]
+    finally:
+        handle.remove()
+
+
 def _same_family_of_class(saved: str, wanted: str) -> bool:
     # A CLIP text encoder saved with or without its projection, or as a whole CLIPModel, loads as either.
     return saved.startswith("CLIP") and wanted.startswith("CLIPText") and ("Vision" not in saved)

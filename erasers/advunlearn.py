@@ -1,0 +1,188 @@
+"""AdvUnlearn: Defensive Unlearning with Adversarial Training for Robust Concept Erasure (Zhang et al., 2024).
+
+ESD through the text encoder, made robust by a min-max game:
+    min_theta  ESD(theta, [c_adv ; c]) + retain_weight * retain(theta)
+    c_adv = argmin_delta MSE(eps(x_t, text_theta([delta ; c])), eps*(x_t, c))       (the inner attack)
+For `warmup` iterations the outer step is plain ESD on the concept prompt. After that, every `attack_every`
+iterations the inner attack (erasers.attack.soft_prompt_attack: soft token(s) in word-embedding space, warm-
+started from the previous round's) finds the prefix under which the edited text encoder still brings the concept
+back, and the ESD step is taken on that adversarial prompt. The retain loss keeps the edited encoder's noise
+predictions on unrelated prompts equal to the frozen encoder's. The UNet is never changed: the edit is a text
+encoder, which drops into any pipeline of the same base model (`text_encoder=`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .attack import adversarial_prompt, new_adversary, soft_prompt_attack
+from .errors import UsageError
+from .losses import esd_target, predict_noise, sample_partially
+from .models import LoadedPipeline, text_encoder_layers
+from .prompts import EraseRequest
+from .registry import Eraser, register
+from .train import TrainingLoop
+
+COMPONENTS = ("all", "attn", "ffn")
+
+# AdvUnlearn retains "a photo of {COCO object}" prompts; off the toy world, with no --preserve, these are used.
+COCO_OBJECTS = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
+    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee", "skis",
+    "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket",
+    "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
+    "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant", "bed",
+    "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone", "microwave", "oven",
+    "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
+)
+
+
+@dataclass
+class AdvUnlearnConfig:
+    iterations: int = 1000
+    warmup: int = 200
+    lr: float = 1e-5
+    eta: float = 1.0
+    # Which text-encoder blocks train: "all", "first" (block 0 only: more robust, less faithful on other
+    # prompts), or comma-separated block indices; and which part of them: "all", "attn" or "ffn".
+    layers: str = "all"
+    component: str = "all"
+    attack: str = "soft"           # "soft": word-embedding tokens; "discrete": vocabulary tokens (UnlearnDiffAtk)
+    attack_method: str = "pgd"     # "pgd": Adam on the gradient; "sign": on its sign (fast adversarial training)
+    attack_tokens: int = 1
+    attack_steps: int = 30
+    attack_lr: float = 1e-3
+    attack_every: int = 1          # re-run the attack every n outer steps; in between, reuse its tokens
+    attack_init: str = "random"    # each attack starts from "random" words or from the "latest" attack's tokens
+    retain_weight: float = 0.3
+    retain_batch: int = 5
+    ddim_steps: int = 50
+    sample_guidance: float = 3.0
+    seed: int = 0
+
+
+def chosen_layers(count: int, layers: str) -> list[int]:
+    if layers == "all":
+        return list(range(count))
+    if layers == "first":
+        return [0]
+    try:
+        chosen = sorted({int(part) for part in layers.split(",")})
+    except ValueError:
+        chosen = []
+    if not chosen or not all(0 <= i < count for i in chosen):
+        raise UsageError(f"advunlearn layers must be all, first, or block indices 0..{count - 1} separated by "
+                         f"commas, not {layers!r}")
+    return chosen
+
+
+def trainable_parameters(text_encoder: torch.nn.Module, layers: str, component: str) -> list[torch.nn.Parameter]:
+    """The chosen blocks' parameters (only their self-attention or MLP for "attn" / "ffn"); with every block and
+    every component, the final layer norm too, as AdvUnlearn trains it. Token and position embeddings never."""
+    if component not in COMPONENTS:
+        raise UsageError(f"advunlearn component must be one of {', '.join(COMPONENTS)}, not {component!r}")
+    blocks = text_encoder_layers(text_encoder)
+    part = {"attn": "self_attn", "ffn": "mlp", "all": ""}[component]
+    chosen = [p for i in chosen_layers(len(blocks), layers)
+              for name, p in blocks[i].named_parameters() if part in name]
+    if layers == "all" and component == "all":
+        chosen += list(getattr(text_encoder, "text_model", text_encoder).final_layer_norm.parameters())
+    return chosen
+
+
+def retain_prompts(request: EraseRequest) -> list[str]:
+    prompts = request.retain_prompts()
+    if prompts:
+        return prompts
+    erased = [c.lower() for c in request.concepts]
+    return [f"a photo of a {name}" for name in COCO_OBJECTS if not any(c in name or name in c for c in erased)]
+
+
+@register("advunlearn", "ESD through the text encoder with adversarial prompts in the loop (robust to attacks)",
+          toy_defaults={"iterations": 200, "warmup": 50, "lr": 5e-4, "layers": "first", "attack_steps": 10,
+                        "attack_every": 5, "attack_init": "latest", "retain_weight": 1.0, "retain_batch": 8,
+                        "ddim_steps": 10})
+class AdvUnlearn(Eraser):
+    config_class = AdvUnlearnConfig
+
+    def erase(self, loaded: LoadedPipeline, request: EraseRequest, work_dir: Path | None = None):
+        cfg = self.config
+        loaded.require_text_conditioned_unet("advunlearn")
+        if cfg.attack not in ("soft", "discrete"):
+            raise UsageError(f"advunlearn attack must be soft or discrete, not {cfg.attack!r}")
+        if cfg.attack_method not in ("pgd", "sign"):
+            raise UsageError(f"advunlearn attack_method must be pgd or sign, not {cfg.attack_method!r}")
+        if cfg.attack_init not in ("random", "latest"):
+            raise UsageError(f"advunlearn attack_init must be random or latest, not {cfg.attack_init!r}")
+        if cfg.attack_every < 1 or cfg.attack_tokens < 1 or cfg.ddim_steps < 3:
+            raise UsageError("advunlearn attack_every and attack_tokens must be at least 1, ddim_steps at least 3")
+        torch.manual_seed(cfg.seed)
+        unet, text_encoder = loaded.denoiser, loaded.text_encoder
+        unet.requires_grad_(False).eval()  # the UNet is its own frozen teacher: only the text encoder changes
+        text_encoder.requires_grad_(False)
+        parameters = trainable_parameters(text_encoder, cfg.layers, cfg.component)
+        for parameter in parameters:
+            parameter.requires_grad_(True)
+
+        prompts, retained = request.erase_prompts(), retain_prompts(request)
+        with torch.no_grad():  # the frozen encoder's states: the teacher's conditioning
+            empty = loaded.encode_text([""])
+            concept_states = loaded.encode_text(prompts)
+            retain_states = loaded.encode_text(retained) if retained else None
+        retain_batch = min(cfg.retain_batch, len(retained)) if cfg.retain_weight > 0 else 0
+        optimizer = torch.optim.Adam(parameters, lr=cfg.lr)
+        adversary = new_adversary(cfg.attack, cfg.attack_tokens, text_encoder, torch.Generator().manual_seed(cfg.seed))
+
+        def step(i, generator):
+            k = int(torch.randint(len(prompts), (1,), generator=generator))
+            stop = int(torch.randint(1, cfg.ddim_steps - 1, (1,), generator=generator))
+            picked = torch.randperm(len(retained), generator=generator)[:retain_batch].tolist()
+            adversarial = None
+            if i >= cfg.warmup:
+                if (i - cfg.warmup) % cfg.attack_every == 0:
+                    if cfg.attack_init == "random" and i > cfg.warmup:
+                        adversary.load_state_dict(
+                            new_adversary(cfg.attack, cfg.attack_tokens, text_encoder, generator).state_dict())
+                    adversarial = soft_prompt_attack(
+                        loaded, prompts[k], concept_states[k:k + 1], empty, generator, adversary=adversary,
+                        tokens=cfg.attack_tokens, steps=cfg.attack_steps, lr=cfg.attack_lr,
+                        method=cfg.attack_method, variant=cfg.attack, ddim_steps=cfg.ddim_steps,
+                        guidance=cfg.sample_guidance)
+                else:
+                    adversarial = adversarial_prompt(loaded, prompts[k], adversary)
+            teacher_states = concept_states[k:k + 1]
+            if picked:
+                teacher_states = torch.cat([teacher_states, retain_states[picked]])
+            with torch.no_grad():
+                # x_t: the frozen model's partial trajectory for the concept (and the retain prompts), as
+                # AdvUnlearn samples it with the original text encoder.
+                x_t, t = sample_partially(loaded, unet, teacher_states, empty, stop, cfg.ddim_steps,
+                                          cfg.sample_guidance, generator)
+                eps_empty = predict_noise(unet, x_t[:1], t, empty)
+                eps_teacher = predict_noise(unet, x_t, t, teacher_states)
+                targets = torch.cat([esd_target(eps_teacher[:1], eps_teacher[:1], eps_empty, cfg.eta),
+                                     eps_teacher[1:]])
+            student = (adversarial.states(text_encoder) if adversarial is not None else
+                       loaded.encode_text([prompts[k]]))
+            if picked:
+                student = torch.cat([student, loaded.encode_text([retained[j] for j in picked])])
+            predicted = predict_noise(unet, x_t, t, student)
+            erase_loss = F.mse_loss(predicted[:1], targets[:1])
+            retain_loss = F.mse_loss(predicted[1:], targets[1:]) if picked else torch.zeros(())
+            loss = erase_loss + cfg.retain_weight * retain_loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            return {"loss": erase_loss.item(), "retain": retain_loss.item()}
+
+        text_encoder.train()
+        state = {"text_encoder": text_encoder, "opt": optimizer, "adversary": adversary}
+        self.history = TrainingLoop("advunlearn", cfg.iterations, state, cfg.seed, work_dir,
+                                    checkpoint_every=50).run(step)
+        text_encoder.eval().requires_grad_(False)
+        return {"text_encoder": text_encoder}

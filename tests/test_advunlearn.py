@@ -1,0 +1,44 @@
+"""AdvUnlearn on the toy world: it trains only the text-encoder parameters it is told to, with either attack.
+Its erasure behaviour is tested in test_erasure_toy.py, its robustness in benchmarks/method_table.py (ASR)."""
+
+import pytest
+import torch
+
+from erasers.models import load_pipeline
+from erasers.prompts import make_request
+from erasers.registry import build_config, get_method
+
+TINY = {"iterations": 3, "warmup": 1, "attack_steps": 2, "attack_every": 1, "ddim_steps": 4, "retain_batch": 1,
+        "lr": 1e-3}
+
+
+def run_advunlearn(concept: str, options: dict):
+    loaded = load_pipeline("toy", device="cpu")
+    before = {k: v.clone() for k, v in loaded.text_encoder.state_dict().items()}
+    unet_before = {k: v.clone() for k, v in loaded.denoiser.state_dict().items()}
+    config = build_config("advunlearn", True, options)
+    edited = get_method("advunlearn").eraser(config).erase(loaded, make_request([concept], loaded.tokenizer, True))
+    assert set(edited) == {"text_encoder"}
+    assert all(torch.equal(v, unet_before[k]) for k, v in loaded.denoiser.state_dict().items()), "UNet untouched"
+    changed = {k for k, v in edited["text_encoder"].state_dict().items() if not torch.equal(v, before[k])}
+    return loaded, changed
+
+
+@pytest.mark.parametrize("options, allowed, required", [
+    ({"layers": "first"}, ("layers.0.",), ("layers.0.self_attn", "layers.0.mlp")),
+    ({"layers": "all", "component": "attn", "attack": "discrete", "attack_method": "sign", "attack_lr": 0.01},
+     ("self_attn",), ("layers.0.self_attn", "layers.3.self_attn")),
+    ({"layers": "all"}, ("encoder.layers.", "final_layer_norm"), ("layers.3.mlp", "final_layer_norm")),
+])
+def test_only_the_chosen_text_encoder_parameters_change(options, allowed, required):
+    _, changed = run_advunlearn("arrow", {**TINY, **options})
+    assert changed and all(any(a in name for a in allowed) for name in changed), sorted(changed)
+    assert all(any(r in name for name in changed) for r in required), sorted(changed)
+    assert not any("embeddings" in name for name in changed)
+
+
+def test_bad_layer_choice_is_a_usage_error():
+    from erasers.errors import UsageError
+
+    with pytest.raises(UsageError, match="block indices 0..3"):
+        run_advunlearn("arrow", {**TINY, "layers": "7"})
