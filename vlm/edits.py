@@ -38,7 +38,7 @@ def vlm_fingerprint(loaded: LoadedVLM) -> str:
     """A cheap fingerprint of the base model: its text config's sizes and its token embedding's sum, enough to
     tell an edit made for another model."""
     text = getattr(loaded.model.config, "text_config", loaded.model.config)
-    embedding = loaded.model.get_input_embeddings().weight
+    embedding = loaded.model.get_input_embeddings().weight.detach()
     digest = hashlib.sha256(f"{loaded.family.name}{text.hidden_size}{text.num_hidden_layers}{text.vocab_size}"
                             f"{float(embedding.double().sum()):.6e}".encode())
     return digest.hexdigest()[:16]

@@ -6,9 +6,9 @@
    minus the share of neutral prompts, with its mean activation on concept tokens over that on neutral tokens
    breaking ties; keep the `features` best with a positive score.
 4. At inference a hook re-encodes the layer's output and, wherever a chosen feature fires, clamps it to zero
-   (`clamp="zero"`) or to `clamp_value` times its mean concept activation (`clamp="negative"`, which LLM
-   unlearning found removes knowledge where zeroing does not), adding the change through the decoder so the
-   autoencoder's reconstruction error is kept: h' = h + (z_clamped - z) W_dec.
+   (`clamp="zero"`) or to `clamp_value` times its mean activation where it fires on the concept
+   (`clamp="negative"`, which LLM unlearning found removes knowledge where zeroing does not), adding the change
+   through the decoder so the autoencoder's reconstruction error is kept: h' = h + (z_clamped - z) W_dec.
 Where no chosen feature fires (neutral inputs) the output is exactly unchanged.
 """
 
@@ -25,12 +25,13 @@ from .sae import SAETraining, SparseAutoencoder, train_sae
 
 @dataclass
 class SauceConfig:
-    layer: int = -1  # decoder layer whose output is edited; -1: the middle layer
+    layer: int = -1  # decoder layer whose output is edited; -1: a quarter of the way up
+    # (on the toy VLM layer 0 erases best: its image tokens still carry the object before later layers pass it on)
     concept_images: int = 24
     neutral_images: int = 96
-    features: int = 24
+    features: int = 48
     clamp: str = "negative"  # "zero" or "negative"
-    clamp_value: float = -2.0  # in units of each feature's mean activation on concept tokens
+    clamp_value: float = -2.0  # in units of each feature's mean activation where it fires on concept tokens
     expansion: int = 8
     k: int = 16
     sae_steps: int = 1500
@@ -41,18 +42,20 @@ class SauceConfig:
 
 def feature_scores(z_concept: list[torch.Tensor], z_neutral: list[torch.Tensor]) -> tuple[torch.Tensor,
                                                                                        torch.Tensor]:
-    """(specificity score, mean activation on concept tokens) per feature, from per-prompt feature activations
-    (tokens, features)."""
+    """(specificity score, mean activation on the concept tokens where it fires) per feature, from per-prompt
+    feature activations (tokens, features)."""
     fires_concept = torch.stack([(z > 0).any(0).float() for z in z_concept]).mean(0)
     fires_neutral = torch.stack([(z > 0).any(0).float() for z in z_neutral]).mean(0)
-    mean_concept = torch.cat(z_concept).mean(0)
-    mean_neutral = torch.cat(z_neutral).mean(0)
+    concept, neutral = torch.cat(z_concept), torch.cat(z_neutral)
+    mean_concept, mean_neutral = concept.mean(0), neutral.mean(0)
     ratio = mean_concept / (mean_concept + mean_neutral + 1e-6)
-    return fires_concept - fires_neutral + 1e-3 * ratio, mean_concept
+    # The typical size of a feature where it fires on the concept, the unit of a negative clamp.
+    firing = (concept > 0).sum(0).clamp(min=1)
+    return fires_concept - fires_neutral + 1e-3 * ratio, concept.sum(0) / firing
 
 
 @register_vlm("sauce", "SAUCE: sparse-autoencoder features of the concept clamped at inference (training-free "
-              "for the model)", toy_defaults={"sae_steps": 1200})
+              "for the model)", toy_defaults={"layer": 0, "sae_steps": 1000, "clamp_value": -1.0})
 class Sauce(VLMEraser):
     config_class = SauceConfig
 
@@ -62,7 +65,7 @@ class Sauce(VLMEraser):
             from erasers.errors import UsageError
 
             raise UsageError(f"sauce option clamp must be 'zero' or 'negative', not {cfg.clamp!r}")
-        layer = cfg.layer % len(loaded.layers) if cfg.layer >= 0 else len(loaded.layers) // 2
+        layer = cfg.layer % len(loaded.layers) if cfg.layer >= 0 else len(loaded.layers) // 4
         concept = target.concept_images(cfg.concept_images)
         neutral = target.neutral_images(cfg.neutral_images)
         # Per prompt, so "fires on this prompt" can be counted; together they train the autoencoder.

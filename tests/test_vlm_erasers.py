@@ -1,0 +1,205 @@
+"""VLM erasers on tiny random-weight LLaVA / Qwen2.5-VL models: what each method must do, not how.
+
+SAUCE changes answers where the concept's features fire and nothing elsewhere; MLLMEraser moves forget states and
+leaves retain states where they were; each fine-tuning baseline makes the forget answers less likely; edits save,
+load and refuse the wrong model; the CLI turns bad input into one line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_vlm_models import build_llava, build_qwen
+
+from erasers.errors import UsageError
+from vlm.edits import TENSORS, applied, read_vlm_edit
+from vlm.forward import Item, answer_nll, layer_states
+from vlm.mllmu import QA
+from vlm.models import ask_many, load_vlm
+from vlm.registry import EditContent, build_vlm_config, get_vlm_method
+from vlm.targets import Target
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny-vlms")
+    return {"llava": build_llava(root / "llava"), "qwen2.5-vl": build_qwen(root / "qwen")}
+
+
+@pytest.fixture(scope="module")
+def llava(tiny_dirs):
+    return load_vlm(str(tiny_dirs["llava"]), device="cpu")
+
+
+def _solid(colour, size=28) -> Image.Image:
+    return Image.new("RGB", (size, size), colour)
+
+
+def _noise(seed: int, size=28) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8))
+
+
+def _item(k: int, image, answer: str, question: str = "What colour is the star?") -> Item:
+    return Item(QA(f"r{k}/gen0", f"r{k}", "generation", "Image_Textual", question, question, answer), image)
+
+
+def toy_target() -> Target:
+    """Concept: plain bright pictures (answer "red"); neutral: noise pictures (answer "blue")."""
+    forget = [_item(k, _solid((255, 40 + 20 * k, 40)), "red") for k in range(8)]
+    retain = [_item(100 + k, _noise(k), "blue") for k in range(16)]
+    return Target("red", "object", forget=forget, retain_fit=retain[:8], retain=retain[8:], test=forget[:2],
+                  source="test")
+
+
+def _erase(loaded, method, options, tmp_path, name=None):
+    from vlm.edits import save_vlm_edit
+
+    config = build_vlm_config(method, False, options)
+    content = get_vlm_method(method).eraser(config).erase(loaded, toy_target())
+    out = tmp_path / (name or method)
+    try:
+        save_vlm_edit(out, content, loaded, method, config, "red", 0.0)
+    finally:
+        if content.adapter is not None:
+            content.adapter.unload()
+    return out
+
+
+def test_sauce_changes_concept_answers_only(llava, tmp_path):
+    target = toy_target()
+    edit = _erase(llava, "sauce", {"layer": 0, "sae_steps": 100, "batch_size": 64, "features": 4,
+                                   "clamp": "negative", "clamp_value": -30.0}, tmp_path)
+    meta = read_vlm_edit(edit)
+    assert meta["info"]["features"] and meta["config"]["clamp"] == "negative"
+    concept = target.forget
+    neutral = target.retain
+    images = [i.image for i in concept + neutral]
+    questions = [i.prompt for i in concept + neutral]
+    # The first answer token depends on the prompt alone; later ones on generated text, on which a feature may
+    # fire for any input (and a random model's text is arbitrary).
+    base = ask_many(llava, images, questions, 1)
+    with applied(llava, edit):
+        edited = ask_many(llava, images, questions, 1)
+    # The chosen features never fire on the neutral prompts, so their answers are exactly the base model's.
+    assert edited[len(concept):] == base[len(concept):]
+    assert sum(a != b for a, b in zip(edited[:len(concept)], base[:len(concept)])) >= len(concept) // 2, (base, edited)
+    assert ask_many(llava, images, questions, 1) == base  # the hooks are gone after the block
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2.5-vl"])
+def test_mllmeraser_moves_forget_states_not_retain(tiny_dirs, family, tmp_path):
+    loaded = load_vlm(str(tiny_dirs[family]), device="cpu")
+    target = toy_target()
+    # Eight retain states span eight of 32 dimensions: the exact null space of the "energy" gate has room.
+    edit = _erase(loaded, "mllmeraser", {"null_space": "energy", "retain_energy": 0.999999, "pgd_steps": 3,
+                                         "strength": 1.0}, tmp_path)
+    layer = read_vlm_edit(edit)["info"]["layers"][0]
+
+    def states(items):
+        return layer_states(loaded, items, [layer], "last")[layer]
+
+    before_retain, before_forget = states(target.retain_fit), states(target.forget)
+    with applied(loaded, edit):
+        after_retain, after_forget = states(target.retain_fit), states(target.forget)
+    retain_shift = (after_retain - before_retain).norm(dim=1) / before_retain.norm(dim=1)
+    forget_shift = (after_forget - before_forget).norm(dim=1) / before_forget.norm(dim=1)
+    assert retain_shift.max() < 1e-3, retain_shift
+    assert forget_shift.mean() > 0.05, forget_shift
+
+
+@pytest.mark.parametrize("method", ["ga", "graddiff", "kl", "npo"])
+def test_baselines_make_forget_answers_less_likely(llava, method, tmp_path):
+    target = toy_target()
+    with torch.no_grad():
+        before = answer_nll(llava, target.forget).mean()
+    edit = _erase(llava, method, {"steps": 4, "batch_size": 4, "lr": 5e-3, "lora_dropout": 0.0}, tmp_path)
+    assert (edit / "adapter" / "adapter_config.json").exists()
+    with torch.no_grad():
+        restored = answer_nll(llava, target.forget).mean()
+        with applied(llava, edit):
+            after = answer_nll(llava, target.forget).mean()
+    torch.testing.assert_close(restored, before)  # the adapter was unloaded: the base model is intact
+    assert after > before + 0.05, (before, after)
+
+
+def test_edit_metadata_and_bad_edits(tiny_dirs, llava, tmp_path):
+    edit = _erase(llava, "mllmeraser", {"pgd_steps": 1}, tmp_path)
+    meta = json.loads((edit / "erasure.json").read_text())
+    for key in ("method", "config", "concept", "base_model", "base_family", "base_fingerprint",
+                "erasure_suite_version", "info", "cost"):
+        assert key in meta
+    assert meta["model_kind"] == "vlm" and meta["method"] == "mllmeraser" and meta["concept"] == "red"
+    assert not list(tmp_path.glob("*.tmp"))  # written atomically
+    with pytest.raises(UsageError, match="already exists"):
+        _erase(llava, "mllmeraser", {"pgd_steps": 1}, tmp_path)
+    # Another family's model refuses it.
+    qwen = load_vlm(str(tiny_dirs["qwen2.5-vl"]), device="cpu")
+    with pytest.raises(UsageError, match="made for a llava model"):
+        with applied(qwen, edit):
+            pass
+    # A truncated tensor file and a corrupt erasure.json are one clear error each.
+    data = (edit / TENSORS).read_bytes()
+    (edit / TENSORS).write_bytes(data[: len(data) // 2])
+    with pytest.raises(UsageError, match="corrupt"):
+        with applied(llava, edit):
+            pass
+    (edit / "erasure.json").write_text("{not json")
+    with pytest.raises(UsageError, match="corrupt"):
+        read_vlm_edit(edit)
+    with pytest.raises(UsageError, match="does not exist"):
+        read_vlm_edit(tmp_path / "missing")
+
+
+def test_config_errors():
+    with pytest.raises(UsageError, match="unknown VLM method"):
+        get_vlm_method("esd-x")
+    with pytest.raises(UsageError, match="no option"):
+        build_vlm_config("sauce", False, {"nope": "1"})
+    with pytest.raises(UsageError, match="wants a int"):
+        build_vlm_config("ga", False, {"steps": "many"})
+    assert build_vlm_config("ga", True, {}).steps != build_vlm_config("ga", False, {}).steps
+    assert isinstance(EditContent().tensors, dict)
+
+
+def _cli(capsys, *argv):
+    from erasers.cli import main
+
+    code = main(list(argv))
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def test_cli_bad_input_is_one_line(capsys, tmp_path, tiny_dirs):
+    cases = [
+        (["vlm", "erase", "--method", "nope", "--concept", "star", "--out", str(tmp_path / "a")], "unknown VLM method"),
+        (["vlm", "erase", "--method", "sauce", "--concept", "nothing", "--out", str(tmp_path / "a")],
+         "unknown concept"),
+        (["vlm", "erase", "--method", "sauce", "--concept", "forget_5", "--data", str(tmp_path / "none"), "--out",
+          str(tmp_path / "a")], "does not exist"),
+        (["vlm", "ask", "--model", str(tiny_dirs["llava"]), "--edit", str(tmp_path / "none"), "--question", "hi"],
+         "does not exist"),
+        (["vlm", "ask", "--model", str(tiny_dirs["llava"]), "--image", str(tmp_path / "none.png"), "--question",
+          "hi"], "does not exist"),
+        (["vlm", "ask", "--model", "not a model", "--question", "hi"], "unknown VLM"),
+        (["bench", "mllmu-med", "--edit", str(tmp_path)], "not an edit"),
+    ]
+    for argv, message in cases:
+        code, err = _cli(capsys, *argv)
+        assert code == 2, (argv, err)
+        assert err.startswith("erasure: error:") and message in err and len(err.splitlines()) == 1, err
+
+
+def test_cli_ask_before_after(capsys, tiny_dirs, llava, tmp_path):
+    from erasers.cli import main
+
+    edit = _erase(llava, "sauce", {"layer": 0, "sae_steps": 50, "batch_size": 64}, tmp_path)
+    image = tmp_path / "red.png"
+    _solid((255, 40, 40)).save(image)
+    assert main(["vlm", "ask", "--model", str(tiny_dirs["llava"]), "--edit", str(edit), "--image", str(image),
+                 "--question", "What colour is the star?", "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("base:") and out[1].startswith("edited:")
