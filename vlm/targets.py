@@ -123,6 +123,7 @@ def object_target(concept: str, world: Path, forget_rows: int = 60, retain_rows:
     test = read_split(world / "ToyCanvas" / "test")
     concept_rows = [r for r in train if r["object"] == concept][:forget_rows]
     others = [r for r in train if r["object"] != concept]
+    fit_rows = min(fit_rows, len(others) // 2)
     if not concept_rows:
         raise UsageError(f"the world at {world} has no pictures of {concept!r}")
     return Target(concept, "object",
@@ -145,6 +146,7 @@ def split_target(concept: str, data: Path, retain_rows: int = 20, fit_rows: int 
     forget_ids = {r["ID"] for r in forget}
     test_rows = [r for r in read_split(data / "Test_Set") if r["ID"] in forget_ids] \
         if (data / "Test_Set").exists() else []
+    fit_rows = min(fit_rows, len(retain) // 2)  # a small split still leaves rows to evaluate on
     return Target(concept, "profiles", forget=_items(forget), retain_fit=_items(retain[:fit_rows]),
                   retain=_items(retain[fit_rows:fit_rows + retain_rows]), test=_items(test_rows), source=str(data))
 

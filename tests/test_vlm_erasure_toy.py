@@ -1,0 +1,44 @@
+"""Erasing a ToyCanvas object from the shipped toy VLM: the concept's questions fail, the others still pass.
+Skipped when the toy VLM is not built (vlm/weights/toy-vlm)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from benchmarks.mllmu_med import EvalConfig, evaluate_set
+from vlm.edits import applied
+from vlm.models import TOY_VLM_DIR
+
+pytestmark = pytest.mark.skipif(not (TOY_VLM_DIR / "config.json").exists(), reason="toy VLM not built")
+EVAL = EvalConfig(max_new_tokens=8, batch_size=64)
+
+
+@pytest.fixture(scope="module")
+def toy():
+    import torch
+
+    from vlm.models import load_vlm
+    from vlm.targets import resolve_target
+
+    torch.manual_seed(0)
+    loaded = load_vlm("toy-vlm", device="cpu")
+    target = resolve_target("star")
+    rng = random.Random(0)
+    sets = {"forget": rng.sample(target.forget, 45), "retain": rng.sample(target.retain, 90)}
+    base = {name: evaluate_set(loaded, items, EVAL)["score"] for name, items in sets.items()}
+    return loaded, sets, base
+
+
+@pytest.mark.parametrize("method, options", [("mllmeraser", {"forget_samples": 32}),
+                                             ("sauce", {"sae_steps": 400})])
+def test_erasing_star_fails_its_questions_and_keeps_the_rest(toy, method, options, tmp_path):
+    from vlm.run import erase_loaded
+
+    loaded, sets, base = toy
+    edit = erase_loaded(loaded, method, "star", tmp_path / method, options)
+    with applied(loaded, edit):
+        edited = {name: evaluate_set(loaded, items, EVAL)["score"] for name, items in sets.items()}
+    assert edited["forget"] < 0.5 * base["forget"], (base, edited)
+    assert edited["retain"] >= 0.9 * base["retain"], (base, edited)
