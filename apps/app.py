@@ -39,8 +39,8 @@ class AppState:
             return {}
         found = {}
         for path in sorted(self.edits_dir.iterdir()):
-            if (path / "erasure.json").exists():
-                found[path.name] = path
+            if (path / "erasure.json").exists() and '"model_kind": "vlm"' not in (path / "erasure.json").read_text():
+                found[path.name] = path  # VLM edits belong to the VLM tab
         return found
 
     def pipeline(self, edit_names: tuple[str, ...] = ()) -> LoadedPipeline:
@@ -168,7 +168,9 @@ def gallery_tab(state: AppState) -> None:
         run.click(lambda *a: benchmark_grid(state, *a), [edit, seed], [grid, table], api_name="gallery")
 
 
-TABS = [diffusion_tab, gallery_tab]
+from apps.vlm_tab import vlm_tab  # noqa: E402  (the VLM tab: base and edited answers side by side)
+
+TABS = [diffusion_tab, gallery_tab, vlm_tab]
 
 
 def build_app(model: str = "toy", edits_dir: str | Path | None = "runs", output_dir: str | Path = "app-output",

@@ -203,3 +203,23 @@ def test_cli_ask_before_after(capsys, tiny_dirs, llava, tmp_path):
                  "--question", "What colour is the star?", "--max-new-tokens", "4"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("base:") and out[1].startswith("edited:")
+
+
+def test_app_vlm_tab_answers_side_by_side(tiny_dirs, llava, tmp_path):
+    import gradio as gr
+
+    from apps.vlm_tab import VLMState, answer_pair, example_image, vlm_edits
+
+    edits = tmp_path / "edits"
+    edits.mkdir()
+    _erase(llava, "sauce", {"layer": 0, "sae_steps": 20, "batch_size": 64}, edits, "no-red")
+    (edits / "diffusion-edit").mkdir()
+    (edits / "diffusion-edit" / "erasure.json").write_text(json.dumps({"method": "uce", "components": []}))
+    assert list(vlm_edits(edits)) == ["no-red"]  # diffusion edits stay in the diffusion tabs
+    state = VLMState(str(tiny_dirs["llava"]), edits, loaded=llava)
+    before, after = answer_pair(state, example_image(), "What colour is the star?", "no-red")
+    assert isinstance(before, str) and isinstance(after, str)
+    with pytest.raises(gr.Error, match="type a question"):
+        answer_pair(state, None, " ", None)
+    with pytest.raises(gr.Error, match="refresh the page"):
+        answer_pair(state, None, "hi", "gone")
