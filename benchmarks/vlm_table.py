@@ -3,7 +3,8 @@
 For each concept (default: the ToyCanvas object "star", and the MLLMU-Med split forget_10) the base model is
 evaluated once, then each method erases the concept with its toy defaults and the edit is evaluated with
 `benchmarks.mllmu_med` (forget / test / retain scores, UES). Edits go to runs/vlm-table/ and per-method results
-to runs/vlm-table/results.json, so an interrupted run resumes with the methods not yet measured.
+to runs/vlm-table/results.json, so an interrupted run resumes with the methods not yet measured; the finished
+figures are copied to benchmarks/vlm_table.json.
 """
 
 from __future__ import annotations
@@ -118,6 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     tmp = TABLE.with_name(f".{TABLE.name}.tmp")
     tmp.write_text(markdown(results))
     os.replace(tmp, TABLE)
+    save_json(results, TABLE.with_suffix(".json"))  # every figure, with example answers, beside the table
     print(TABLE.read_text())
 
 
