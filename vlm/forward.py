@@ -120,3 +120,18 @@ def layer_states(loaded: LoadedVLM, items: Sequence[Item], layers: Sequence[int]
             states = hooks.last(layer).float().cpu()
             collected[layer].append(states[:, -1] if where == "last" else states[mask])
     return {layer: torch.cat(parts) for layer, parts in collected.items()}
+
+
+@torch.no_grad()
+def token_states_per_item(loaded: LoadedVLM, items: Sequence[Item], layer: int,
+                          batch_size: int = 16) -> list[torch.Tensor]:
+    """One (tokens, hidden) tensor per item: the output of decoder `layer` at the item's non-padding prompt
+    positions, on the CPU in float32."""
+    per_item: list[torch.Tensor] = []
+    for chunk in chunks(list(items), batch_size):
+        inputs = loaded.inputs([item.image for item in chunk], [item.prompt for item in chunk])
+        with hook_layers(loaded.model, capture=[layer]) as hooks:
+            loaded.model(**inputs)
+        states, mask = hooks.last(layer).float().cpu(), inputs["attention_mask"].bool().cpu()
+        per_item += [row[keep] for row, keep in zip(states, mask)]
+    return per_item

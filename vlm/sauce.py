@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .forward import layer_states
+from .forward import token_states_per_item
 from .registry import EditContent, VLMEraser, register_vlm
 from .sae import SAETraining, SparseAutoencoder, train_sae
 
@@ -69,7 +69,7 @@ class Sauce(VLMEraser):
         concept = target.concept_images(cfg.concept_images)
         neutral = target.neutral_images(cfg.neutral_images)
         # Per prompt, so "fires on this prompt" can be counted; together they train the autoencoder.
-        per_prompt = [layer_states(loaded, [item], [layer], "tokens")[layer] for item in concept + neutral]
+        per_prompt = token_states_per_item(loaded, concept + neutral, layer)
         training = SAETraining(cfg.expansion, cfg.k, cfg.sae_steps, cfg.batch_size, cfg.lr, cfg.seed)
         sae, quality = train_sae(torch.cat(per_prompt), training)
         with torch.no_grad():
