@@ -120,6 +120,23 @@ def test_mllmeraser_moves_forget_states_not_retain(tiny_dirs, family, tmp_path):
     assert forget_shift.mean() > 0.05, forget_shift
 
 
+def test_mllmeraser_text_pairs_perturb_prompt_embeddings(llava, tmp_path):
+    from vlm.mllmeraser import MLLMEraserConfig, perturb_text
+
+    target = toy_target()
+    text_items = [Item(QA(f"t{k}/gen0", f"t{k}", "generation", "Pure_Text", q, q, "red"), None)
+                  for k, q in enumerate(["Which colour is Anna's star?", "What colour is the star of Ben?"])]
+    cfg = MLLMEraserConfig(pgd_steps=2, pgd_text_epsilon=0.5)
+    embeds = perturb_text(llava, text_items, cfg)
+    prompt = llava.inputs([None, None], [i.prompt for i in text_items])["input_ids"]
+    change = (embeds - llava.model.get_input_embeddings()(prompt)).abs().max()
+    assert 0 < change <= 0.5 * llava.model.get_input_embeddings().weight.std() + 1e-6
+    target.forget.extend(text_items)
+    config = build_vlm_config("mllmeraser", False, {"text_pairs": "true", "pgd_steps": 1})
+    content = get_vlm_method("mllmeraser").eraser(config).erase(llava, target)
+    assert content.info["text_forget_pairs"] == 2 and content.info["forget_pairs"] == 8
+
+
 @pytest.mark.parametrize("method", ["ga", "graddiff", "kl", "npo"])
 def test_baselines_make_forget_answers_less_likely(llava, method, tmp_path):
     target = toy_target()

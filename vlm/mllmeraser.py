@@ -20,7 +20,8 @@
 4. At prefill (a forward over more than one position) a hook on each steered layer adds
    strength_l * (h_last @ W_l^T), h_last the layer's output at the prompt's last position, to every position.
    Decoding steps are not steered: the prefilled cache already carries the edit.
-Questions without an image have no pixels to perturb and are not used for the fit.
+Questions without an image have no pixels and are left out of the fit, as published; with `text_pairs` their
+erasure pairs perturb the prompt's input embeddings instead (our extension).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch
 
 from erasers.errors import UsageError
 
-from .forward import Item, answer_nll, chunks, layer_states
+from .forward import Item, answer_batch, answer_nll, chunks, layer_states, nll_from_logits
 from .hooks import hook_layers
 from .registry import EditContent, VLMEraser, register_vlm
 
@@ -51,6 +52,12 @@ class MLLMEraserConfig:
     retain_samples: int = 256
     pgd_steps: int = 5
     pgd_epsilon: float = 0.25
+    # Our extension, off by default: text-only forget questions (MLLMU-Bench asks half its questions by name) get
+    # erasure pairs too, with the PGD on their prompt embeddings instead of pixels. On the toy MLLMU-Med
+    # (forget_10) it lowered forget scores only together with retain ones: ten patients' identities share the
+    # few gated directions with the ninety kept.
+    text_pairs: bool = False
+    pgd_text_epsilon: float = 0.5
     refusal: str = REFUSAL
     batch_size: int = 16
     seed: int = 0
@@ -96,12 +103,43 @@ def perturb_images(loaded, items: list[Item], cfg: MLLMEraserConfig) -> torch.Te
     return (original + delta).detach()
 
 
+def perturb_text(loaded, items: list[Item], cfg: MLLMEraserConfig) -> torch.Tensor:
+    """The same PGD for text-only questions, on the prompt's input embeddings (epsilon in units of the embedding
+    matrix's standard deviation); returns the perturbed prompt embeddings."""
+    embedding = loaded.model.get_input_embeddings()
+    prompt = loaded.inputs([None] * len(items), [item.prompt for item in items])
+    width = prompt["input_ids"].shape[1]
+    with torch.no_grad():
+        original = embedding(prompt["input_ids"])
+    epsilon = cfg.pgd_text_epsilon * float(embedding.weight.std())
+    delta = torch.zeros_like(original, requires_grad=True)
+
+    def nll(answers):
+        batch, labels = answer_batch(loaded, items, answers)
+        embeds = embedding(batch.pop("input_ids"))
+        embeds = torch.cat([embeds[:, :width] + delta, embeds[:, width:]], dim=1)
+        total, count = nll_from_logits(loaded.model(inputs_embeds=embeds, **batch).logits, labels)
+        return total / count.clamp(min=1)
+
+    for _ in range(cfg.pgd_steps):
+        loss = (nll([cfg.refusal] * len(items)) - nll(None)).sum()
+        (grad,) = torch.autograd.grad(loss, delta)
+        with torch.no_grad():
+            delta -= 2.5 * epsilon / max(cfg.pgd_steps, 1) * grad.sign()
+            delta.clamp_(-epsilon, epsilon)
+    return (original + delta).detach()
+
+
 @torch.no_grad()
-def last_states(loaded, items: list[Item], layers: list[int], pixel_values: torch.Tensor | None = None):
-    """Like forward.layer_states(..., "last"), optionally with replaced pixels."""
+def last_states(loaded, items: list[Item], layers: list[int], pixel_values: torch.Tensor | None = None,
+                prompt_embeds: torch.Tensor | None = None):
+    """Like forward.layer_states(..., "last"), optionally with replaced pixels or prompt embeddings."""
     inputs = loaded.inputs([item.image for item in items], [item.prompt for item in items])
     if pixel_values is not None:
         inputs["pixel_values"] = pixel_values
+    if prompt_embeds is not None:
+        inputs.pop("input_ids")
+        inputs["inputs_embeds"] = prompt_embeds
     with hook_layers(loaded.model, capture=layers) as hooks:
         loaded.model(**inputs)
     return {layer: hooks.last(layer)[:, -1].float().cpu() for layer in layers}
@@ -149,8 +187,10 @@ class MLLMEraser(VLMEraser):
         layers = parse_layers(cfg.layers, len(loaded.layers))
         strengths = parse_strengths(cfg, layers)
         forget = [item for item in target.forget if item.image is not None][:cfg.forget_samples]
-        if not forget:
-            raise UsageError(f"{target.concept} has no image questions to steer on; MLLMEraser needs some")
+        text_forget = [item for item in target.forget if item.image is None][:cfg.forget_samples] \
+            if cfg.text_pairs else []
+        if not forget + text_forget:
+            raise UsageError(f"{target.concept} has no forget questions to steer on")
         generator = torch.Generator().manual_seed(cfg.seed)
         order = torch.randperm(len(target.retain_fit), generator=generator)[:cfg.retain_samples].tolist()
         retain = [target.retain_fit[i] for i in order]
@@ -163,6 +203,13 @@ class MLLMEraser(VLMEraser):
             perturbed = perturb_images(loaded, chunk, cfg)
             for layer, states in last_states(loaded, chunk, layers, perturbed).items():
                 erasure[layer].append(states)
+        for chunk in chunks(text_forget, cfg.batch_size):
+            chunk = list(chunk)
+            for layer, states in last_states(loaded, chunk, layers).items():
+                recall[layer].append(states)
+            perturbed = perturb_text(loaded, chunk, cfg)
+            for layer, states in last_states(loaded, chunk, layers, prompt_embeds=perturbed).items():
+                erasure[layer].append(states)
         retain_states = layer_states(loaded, retain, layers, "last", cfg.batch_size)
 
         tensors, kept = {}, {}
@@ -172,6 +219,7 @@ class MLLMEraser(VLMEraser):
             tensors[f"W.{layer}"] = steering_map(h_f, h_e - h_f, basis, cfg.gamma).T.contiguous()
             kept[layer] = basis.shape[1]
         info = {"layers": layers, "strengths": strengths, "null_space_dims": kept, "forget_pairs": len(forget),
+                "text_forget_pairs": len(text_forget),
                 "retain_states": len(retain)}
         return EditContent(tensors=tensors, info=info)
 
