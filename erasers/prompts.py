@@ -29,11 +29,15 @@ class EraseRequest:
     def concept(self) -> str:
         return self.concepts[0]
 
+    def concept_prompts(self) -> list[str]:
+        """The concepts' own text, as ESD and UCE prompt with it ("Stripes style" for a style)."""
+        return [concept if self.kind != "style" else f"{concept} style" for concept in self.concepts]
+
     def erase_prompts(self) -> list[str]:
         """Prompts that evoke the concepts: the concept text itself, plus on ToyCanvas every caption naming it."""
         prompts = []
-        for concept in self.concepts:
-            prompts.append(concept if self.kind != "style" else f"{concept} style")
+        for concept, own in zip(self.concepts, self.concept_prompts()):
+            prompts.append(own)
             if self.toy:
                 prompts += _toy_captions(concept, self.kind)
         return prompts
