@@ -142,7 +142,7 @@ def benchmark_grid(state: AppState, edit_name: str | None, seed, progress=gr.Pro
 def diffusion_tab(state: AppState):
     with gr.Tab("Diffusion"):
         with gr.Row():
-            prompt = gr.Textbox(label="Prompt", value="A star image in Stripes style.", scale=3)
+            prompt = gr.Textbox(label="Prompt", value="A arrow image in Stripes style.", scale=3)
             seed = gr.Number(label="Seed", value=0, precision=0)
         with gr.Row():
             steps = gr.Slider(1, MAX_STEPS, value=25, step=1, label="Steps")

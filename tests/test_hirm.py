@@ -103,3 +103,24 @@ def test_hirm_edit_made_on_sd_transfers_to_sdxl_and_flux(shared_clip_pipelines, 
         # The pooled output (what SDXL and Flux read from CLIP) moves for the concept, far less for a kept prompt.
         shift = (edited_states.pooler_output - base_states.pooler_output).norm(dim=-1)
         assert shift[0] > 3 * shift[1], (family, shift)
+
+
+def test_hirm_leaves_unrelated_generations_closer_to_the_base_than_esd_u(tmp_path):
+    """HiRM's claim is a more localised erasure: with the concept erased, images of other prompts (same seeds)
+    move less from the base model's than under ESD-u, which edits the UNet every prompt goes through."""
+    from benchmarks.toycanvas.world import OBJECTS, STYLES, caption
+
+    unrelated = [caption(o, s) for o, s in zip([o for o in OBJECTS if o != "arrow"], STYLES)]
+    edits = {"hirm": erase("toy", "hirm", ["arrow"], tmp_path / "hirm", device="cpu"),
+             "esd-u": erase("toy", "esd-u", ["arrow"], tmp_path / "esd-u", options={"iterations": 60},
+                            device="cpu")}
+
+    def images(edit=None):
+        loaded = load_pipeline("toy", device="cpu")
+        if edit:
+            apply_edits(loaded, [edit])
+        return np.stack([np.asarray(im, dtype=np.float32) for im in loaded.generate(unrelated, seeds=0)])
+
+    base = images()
+    drift = {name: float(np.abs(images(edit) - base).mean()) for name, edit in edits.items()}
+    assert drift["hirm"] < 0.5 * drift["esd-u"], drift

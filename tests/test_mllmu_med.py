@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from test_vlm_models import build_llava
 
 from benchmarks import mllmu_med
@@ -14,15 +13,6 @@ from benchmarks.mllmu_med import EvalConfig, evaluate_set, score_answer, summari
 from vlm.forward import Item
 from vlm.mllmu import QA
 from vlm.toyworld import WorldConfig, build_world
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run many small operations: on two busy cores one thread is several times faster than two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _qa(task, answer, row="P001"):

@@ -19,9 +19,6 @@ EVAL = EvalConfig(max_new_tokens=8, batch_size=64)
 def toy():
     import torch
 
-    # One thread: PGD's many small operations run several times slower on two threads sharing busy cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     from vlm.models import load_vlm
     from vlm.targets import resolve_target
 
@@ -32,7 +29,6 @@ def toy():
     sets = {"forget": rng.sample(target.forget, 45), "retain": rng.sample(target.retain, 90)}
     base = {name: evaluate_set(loaded, items, EVAL)["score"] for name, items in sets.items()}
     yield loaded, sets, base
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("method, options", [
