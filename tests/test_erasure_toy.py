@@ -18,33 +18,35 @@ def classifier():
     return ToyClassifier.from_pretrained(CLASSIFIER_DIR)
 
 
-def subset(concept: str, kind: str) -> AnswerSet:
-    """Every prompt naming the concept, and one unrelated prompt per other concept of the same kind."""
-    return AnswerSet.for_concept(concept, kind, seeds=SEEDS)
+def answer_set() -> AnswerSet:
+    """The whole 10 x 10 grid on one seed (about 10 s of CPU per model): one unrelated prompt per other concept
+    proved too few, since the base pipeline itself draws about 70% of objects right and nine prompts swing by 30
+    points."""
+    return AnswerSet(seeds=SEEDS)
 
 
 @pytest.fixture(scope="module")
 def base_scores(classifier):
     loaded = load_pipeline("toy", device="cpu")
-    return {concept: score(classify_answer_set(loaded, classifier, subset(concept, kind), progress=False)[0],
+    return {concept: score(classify_answer_set(loaded, classifier, answer_set(), progress=False)[0],
                            [concept], kind)
             for concept, kind in (("arrow", "object"), ("Stripes", "style"))}
 
 
 # Fast configs where a method's toy default takes minutes; benchmarks/method_table.py runs the defaults on the full
-# answer set (README). HiRM and UCE run their defaults here.
+# answer set (README). HiRM, UCE and AdvUnlearn run their defaults here.
 @pytest.mark.parametrize("method, concept, kind, options", [
     ("esd-x", "arrow", "object", {"iterations": 150}),
     ("uce", "Stripes", "style", {}),
     ("hirm", "Stripes", "style", {}),
-    ("advunlearn", "arrow", "object", {"iterations": 100, "warmup": 40, "attack_every": 10}),
+    ("advunlearn", "arrow", "object", {}),
 ])
 def test_erased_concept_disappears_and_unrelated_concepts_hold(tmp_path, classifier, base_scores, method, concept,
                                                                kind, options):
     out = erase("toy", method, [concept], tmp_path / "edit", options=options, device="cpu")
     loaded = load_pipeline("toy", device="cpu")
     apply_edits(loaded, [out])
-    records, _ = classify_answer_set(loaded, classifier, subset(concept, kind), progress=False)
+    records, _ = classify_answer_set(loaded, classifier, answer_set(), progress=False)
     edited = score(records, [concept], kind)
     base = base_scores[concept]
     assert edited["UA"] >= base["UA"] + 0.25, (base, edited)
