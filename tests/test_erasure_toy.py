@@ -1,5 +1,5 @@
 """Erasure behaviour on the toy world: after erasing a concept the classifier finds it less, and unrelated
-objects and styles hold. Fast configs on a subset; the full table is benchmarks/method_table.py's."""
+objects and styles hold. Fast configs on one seed; the full table is benchmarks/method_table.py's."""
 
 import pytest
 
@@ -27,10 +27,8 @@ def answer_set() -> AnswerSet:
 
 @pytest.fixture(scope="module")
 def base_scores(classifier):
-    loaded = load_pipeline("toy", device="cpu")
-    return {concept: score(classify_answer_set(loaded, classifier, answer_set(), progress=False)[0],
-                           [concept], kind)
-            for concept, kind in (("arrow", "object"), ("Stripes", "style"))}
+    records, _ = classify_answer_set(load_pipeline("toy", device="cpu"), classifier, answer_set(), progress=False)
+    return {concept: score(records, [concept], kind) for concept, kind in (("arrow", "object"), ("Stripes", "style"))}
 
 
 # Fast configs where a method's toy default takes minutes; benchmarks/method_table.py runs the defaults on the full
