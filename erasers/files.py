@@ -1,10 +1,15 @@
-"""Writing outputs under a temporary name and renaming them, so a crash never leaves a half-written model."""
+"""Writing outputs under a temporary name and renaming them, so a crash never leaves a half-written model; the
+`OUT.partial/` directory an interrupted training run resumes from; the peak memory an erase reports."""
 
 from __future__ import annotations
 
+import json
 import os
+import resource
 import shutil
 from pathlib import Path
+
+import torch
 
 
 def atomic_dir(final: Path) -> Path:
@@ -25,3 +30,29 @@ def publish(tmp: Path, final: Path) -> None:
         os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def resumable_work_dir(out: Path, signature: dict) -> Path:
+    """`OUT.partial/` for checkpoints of the run that will write `out`. Checkpoints left there by an interrupted run
+    of the same command (same `signature`: method, config, concept, base model) are kept, so it resumes; any other
+    run's are removed."""
+    out = Path(out)
+    work_dir = out.with_name(out.name + ".partial")
+    run_file = work_dir / "run.json"
+    if work_dir.exists() and (not run_file.exists() or json.loads(run_file.read_text()) != signature):
+        shutil.rmtree(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    run_file.write_text(json.dumps(signature))
+    return work_dir
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    # ru_maxrss is in KiB on Linux: the process's peak resident memory, model loading included.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

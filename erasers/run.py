@@ -3,26 +3,17 @@
 from __future__ import annotations
 
 import json
-import resource
 import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
 from .edits import apply_edits, base_fingerprint, check_new_output, read_edit, save_edit
 from .errors import UsageError
+from .files import peak_memory_bytes, reset_peak_memory, resumable_work_dir
 from .models import load_pipeline, resolve_source
 from .prompts import make_request
 from .registry import build_config, get_method
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    # ru_maxrss is in KiB on Linux: the process's peak resident memory, model loading included.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def erase(model: str, method: str, concepts: list[str], out: str | Path, anchors: list[str] | None = None,
@@ -36,15 +27,9 @@ def erase(model: str, method: str, concepts: list[str], out: str | Path, anchors
     config = build_config(method, loaded.is_toy, options)
     request = make_request(concepts, loaded.tokenizer, loaded.is_toy, anchors, preserve)
     fingerprint = base_fingerprint(loaded)
-    work_dir = out.with_name(out.name + ".partial")
     signature = {"method": method, "config": asdict(config), "request": asdict(request), "base": fingerprint}
-    run_file = work_dir / "run.json"
-    if work_dir.exists() and (not run_file.exists() or json.loads(run_file.read_text()) != signature):
-        shutil.rmtree(work_dir)  # another run's checkpoints: start afresh
-    work_dir.mkdir(parents=True, exist_ok=True)
-    (work_dir / "run.json").write_text(json.dumps(signature))
-    if loaded.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(loaded.device)
+    work_dir = resumable_work_dir(out, signature)
+    reset_peak_memory(loaded.device)
     started = time.time()
     components = get_method(method).eraser(config).erase(loaded, request, work_dir)
     seconds = time.time() - started

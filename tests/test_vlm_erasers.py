@@ -240,3 +240,37 @@ def test_app_vlm_tab_answers_side_by_side(tiny_dirs, llava, tmp_path):
         answer_pair(state, None, " ", None)
     with pytest.raises(gr.Error, match="refresh the page"):
         answer_pair(state, None, "hi", "gone")
+
+
+def test_an_interrupted_baseline_resumes_to_the_same_adapter(llava, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    import vlm.run
+    from vlm.baselines import GradientAscent
+
+    monkeypatch.setattr(vlm.run, "resolve_target", lambda concept, data=None: toy_target())
+    options = {"steps": 6, "batch_size": 4, "lr": 5e-3, "lora_dropout": 0.0, "checkpoint_every": 2}
+    straight = vlm.run.erase_loaded(llava, "ga", "red", tmp_path / "straight", options)
+
+    original_loss, steps_run = GradientAscent.loss, []
+
+    def crashing_loss(self, *args):
+        steps_run.append(1)
+        if len(steps_run) == 5:
+            raise RuntimeError("interrupted")
+        return original_loss(self, *args)
+
+    monkeypatch.setattr(GradientAscent, "loss", crashing_loss)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        vlm.run.erase_loaded(llava, "ga", "red", tmp_path / "resumed", options)
+    assert not (tmp_path / "resumed").exists() and (tmp_path / "resumed.partial" / "ckpt").is_dir()
+    assert not any("lora" in name for name, _ in llava.model.named_modules()), "the crash left LoRA layers behind"
+
+    steps_run.clear()
+    monkeypatch.setattr(GradientAscent, "loss", lambda self, *args: steps_run.append(1) or original_loss(self, *args))
+    resumed = vlm.run.erase_loaded(llava, "ga", "red", tmp_path / "resumed", options)
+    assert len(steps_run) == 2, "the run resumed from its step-4 checkpoint"
+    before, after = (load_file(edit / "adapter" / "adapter_model.safetensors") for edit in (straight, resumed))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert not (tmp_path / "resumed.partial").exists()
+    assert json.loads((resumed / "erasure.json").read_text())["cost"]["peak_memory_bytes"] > 0

@@ -37,7 +37,25 @@ class FineTuneConfig:
     beta: float = 0.1  # NPO's inverse temperature
     retain_weight: float = 1.0
     kl_weight: float = 1.0
+    checkpoint_every: int = 25  # LoRA weights and optimiser state only: small
     seed: int = 0
+
+
+class AdapterState:
+    """Checkpoints hold the LoRA weights only, not the base model around them."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def state_dict(self) -> dict:
+        from peft import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(self.model)
+
+    def load_state_dict(self, state: dict) -> None:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(self.model, state)
 
 
 def sample(items: list, count: int, generator: torch.Generator) -> list:
@@ -81,7 +99,14 @@ class FineTuneBaseline(VLMEraser):
             optimiser.step()
             return {"loss": loss.item(), **metrics}
 
-        history = TrainingLoop(type(self).__name__.lower(), cfg.steps, {}, seed=cfg.seed).run(step)
+        state = {"adapter": AdapterState(model), "optimiser": optimiser}
+        loop = TrainingLoop(type(self).__name__.lower(), cfg.steps, state, cfg.seed, work_dir,
+                            checkpoint_every=cfg.checkpoint_every)
+        try:
+            history = loop.run(step)
+        except BaseException:
+            model.unload()  # an interrupted run must not leave LoRA layers in the caller's model
+            raise
         model.eval()
         return EditContent(adapter=model, info={"history": history[-3:]})
 

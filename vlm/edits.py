@@ -45,7 +45,7 @@ def vlm_fingerprint(loaded: LoadedVLM) -> str:
 
 
 def save_vlm_edit(out: str | Path, content, loaded: LoadedVLM, method: str, config, concept: str,
-                  seconds: float, target_source: str = "") -> Path:
+                  seconds: float, target_source: str = "", peak_memory_bytes: int | None = None) -> Path:
     from safetensors.torch import save_file
 
     out = Path(out)
@@ -71,7 +71,7 @@ def save_vlm_edit(out: str | Path, content, loaded: LoadedVLM, method: str, conf
         "erasure_suite_version": __version__,
         "torch_version": torch.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "cost": {"seconds": round(seconds, 2), "storage_bytes": storage},
+        "cost": {"seconds": round(seconds, 2), "peak_memory_bytes": peak_memory_bytes, "storage_bytes": storage},
     }
     (tmp / METADATA).write_text(json.dumps(metadata, indent=2))
     publish(tmp, out)

@@ -1,4 +1,5 @@
-"""The VLM side as library calls: erase a concept and save the edit; ask a question with and without an edit.
+"""The VLM side as library calls: erase a concept and save the edit (an interrupted training run resumes from
+`OUT.partial/` when the same call is made again); ask a question with and without an edit.
 
     from vlm.run import erase, ask_before_after
     erase("toy-vlm", "sauce", "star", "runs/vlm-no-star")
@@ -7,14 +8,17 @@
 
 from __future__ import annotations
 
+import shutil
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from PIL import Image
 
 from erasers.errors import UsageError
+from erasers.files import peak_memory_bytes, reset_peak_memory, resumable_work_dir
 
-from .edits import applied, read_vlm_edit, save_vlm_edit
+from .edits import applied, read_vlm_edit, save_vlm_edit, vlm_fingerprint
 from .models import LoadedVLM, ask, load_vlm
 from .registry import build_vlm_config, get_vlm_method
 from .targets import resolve_target
@@ -26,13 +30,20 @@ def erase_loaded(loaded: LoadedVLM, method: str, concept: str, out: str | Path, 
     left as it was (LoRA layers are removed again after saving)."""
     config = build_vlm_config(method, loaded.is_toy, options)
     target = resolve_target(concept, data)
+    signature = {"method": method, "config": asdict(config), "concept": concept, "data": str(data or ""),
+                 "base": vlm_fingerprint(loaded)}
+    work_dir = resumable_work_dir(out, signature)
+    reset_peak_memory(loaded.device)
     started = time.time()
-    content = get_vlm_method(method).eraser(config).erase(loaded, target)
+    content = get_vlm_method(method).eraser(config).erase(loaded, target, work_dir)
     try:
-        return save_vlm_edit(out, content, loaded, method, config, concept, time.time() - started, target.source)
+        saved = save_vlm_edit(out, content, loaded, method, config, concept, time.time() - started, target.source,
+                              peak_memory_bytes(loaded.device))
     finally:
         if content.adapter is not None:
             content.adapter.unload()
+    shutil.rmtree(work_dir, ignore_errors=True)
+    return saved
 
 
 def erase(model: str, method: str, concept: str, out: str | Path, options: dict | None = None,

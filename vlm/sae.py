@@ -9,6 +9,7 @@ TopK fixes the sparsity directly, so no L1 weight needs tuning per model; a ReLU
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -68,10 +69,10 @@ class SAETraining:
     seed: int = 0
 
 
-def train_sae(activations: torch.Tensor, cfg: SAETraining, progress: bool = True) -> tuple[SparseAutoencoder,
-                                                                                               dict]:
+def train_sae(activations: torch.Tensor, cfg: SAETraining, progress: bool = True,
+              work_dir: Path | None = None) -> tuple[SparseAutoencoder, dict]:
     """Fit an autoencoder to rows of `activations` (tokens, hidden); returns it and its final fraction of variance
-    unexplained (FVU) on all rows."""
+    unexplained (FVU) on all rows. With `work_dir`, checkpoints there and resumes from them."""
     activations = activations.float()
     torch.manual_seed(cfg.seed)
     sae = SparseAutoencoder(activations.shape[1], cfg.expansion * activations.shape[1], cfg.k)
@@ -90,7 +91,8 @@ def train_sae(activations: torch.Tensor, cfg: SAETraining, progress: bool = True
         sae.normalise_decoder()
         return {"fvu": loss.item()}
 
-    TrainingLoop("sae", cfg.steps, {}, seed=cfg.seed, progress=progress).run(step)
+    TrainingLoop("sae", cfg.steps, {"sae": sae, "optimiser": optimiser}, cfg.seed, work_dir,
+                 progress=progress).run(step)
     with torch.no_grad():
         reconstruction, z = sae(activations)
         fvu = ((reconstruction - activations).pow(2).sum(-1).mean() / variance).item()

@@ -71,7 +71,7 @@ class Sauce(VLMEraser):
         # Per prompt, so "fires on this prompt" can be counted; together they train the autoencoder.
         per_prompt = token_states_per_item(loaded, concept + neutral, layer)
         training = SAETraining(cfg.expansion, cfg.k, cfg.sae_steps, cfg.batch_size, cfg.lr, cfg.seed)
-        sae, quality = train_sae(torch.cat(per_prompt), training)
+        sae, quality = train_sae(torch.cat(per_prompt), training, work_dir=work_dir)
         with torch.no_grad():
             codes = [sae.encode(states) for states in per_prompt]
         scores, mean_concept = feature_scores(codes[:len(concept)], codes[len(concept):])
