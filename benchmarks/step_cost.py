@@ -108,6 +108,7 @@ def main() -> None:
                 print(f"{model} {method}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
                 continue
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)  # a long run killed later keeps what it measured
     print("| model | method | s/step | x plain | peak RSS MiB | x plain |")
     print("|---|---|---|---|---|---|")
     for row in rows:
