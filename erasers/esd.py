@@ -2,7 +2,7 @@
 
 Fine-tune part of the model so that, conditioned on the concept, it predicts the frozen model's noise *guided
 away* from the concept (negative guidance). Which part is trained names the variant:
-  esd-x   cross-attention (attn2) of the UNet: for styles and artists, local to the prompt
+  esd-x   the UNet attention that reads the text (attn2 in SD): for styles and artists, local to the prompt
   esd-u   everything but cross-attention: for global concepts such as nudity
   esd-te  the text encoder, with the UNet frozen (AdvUnlearn's outer step)
 The latent x_t is drawn by denoising noise with the model being edited, for a random number of steps.
@@ -44,8 +44,9 @@ def trainable_parameters(loaded: LoadedPipeline, which: str) -> list[torch.nn.Pa
     if which == "text_encoder":
         return list(loaded.text_encoder.parameters())
     chosen = []
+    text_attention = tuple(f"{name}." for name in loaded.text_attention_names())
     for name, parameter in loaded.denoiser.named_parameters():
-        cross = "attn2" in name
+        cross = name.startswith(text_attention)
         if which == "xattn" and cross:
             chosen.append(parameter)
         elif which == "xattn-strict" and cross and (".to_k." in name or ".to_v." in name):

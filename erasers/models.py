@@ -113,15 +113,21 @@ class LoadedPipeline:
         config = self.denoiser.config
         return (batch, config.in_channels, config.sample_size, config.sample_size)
 
+    def text_attention_names(self) -> list[str]:
+        """Names of the UNet attention modules that read the text embedding: SD's attn2, and attn1 as well in
+        blocks built with only_cross_attention (the toy UNet's 16x16 blocks)."""
+        if self.family.denoiser != "unet":
+            return []
+        return [name for name, module in self.denoiser.named_modules()
+                if getattr(module, "is_cross_attention", False) and hasattr(module, "to_k")]
+
     def cross_attention_kv(self) -> list[tuple[str, nn.Linear, nn.Linear]]:
         """(name, key linear, value linear) of every projection that reads the text embedding."""
-        pairs = []
-        for name, module in self.denoiser.named_modules():
-            if self.family.denoiser == "unet" and name.endswith("attn2"):
-                pairs.append((name, module.to_k, module.to_v))
-            elif self.family.denoiser == "transformer" and getattr(module, "add_k_proj", None) is not None:
-                pairs.append((name, module.add_k_proj, module.add_v_proj))
-        return pairs
+        if self.family.denoiser == "unet":
+            return [(name, self.denoiser.get_submodule(name).to_k, self.denoiser.get_submodule(name).to_v)
+                    for name in self.text_attention_names()]
+        return [(name, module.add_k_proj, module.add_v_proj) for name, module in self.denoiser.named_modules()
+                if getattr(module, "add_k_proj", None) is not None]
 
     @torch.no_grad()
     def generate(self, prompts: list[str], seeds: list[int] | int = 0, steps: int | None = None,

@@ -119,3 +119,29 @@ def test_edit_metadata_is_json_with_the_method_config(tiny_pipeline_dirs, tmp_pa
     out = erase(str(tiny_pipeline_dirs["sd"]), "uce", ["a star"], tmp_path / "e", options={"lamb": "0.25"},
                 device="cpu")
     assert json.loads((out / "erasure.json").read_text())["config"]["lamb"] == 0.25
+
+
+def test_text_reading_attention_is_found_by_what_it_reads_not_by_its_name(tiny_pipeline_dirs, tmp_path):
+    """In blocks built with only_cross_attention (the toy UNet's 16x16 blocks) attn1 reads the text too: UCE must
+    edit it and ESD-x must train it, or the concept keeps a path through it."""
+    from diffusers import UNet2DConditionModel
+
+    from erasers.esd import trainable_parameters
+
+    loaded = load_pipeline(str(tiny_pipeline_dirs["sd"]), device="cpu")
+    config = dict(loaded.denoiser.config)
+    config["only_cross_attention"] = [True, False]
+    loaded.pipeline.unet = UNet2DConditionModel.from_config(config)
+    names = loaded.text_attention_names()
+    assert {n.rsplit(".", 1)[-1] for n in names} == {"attn1", "attn2"}
+    assert all(loaded.denoiser.get_submodule(n).is_cross_attention for n in names)
+    text_reading = {id(p) for n in names for p in loaded.denoiser.get_submodule(n).parameters()}
+    assert {id(p) for p in trainable_parameters(loaded, "xattn")} == text_reading
+    assert not text_reading & {id(p) for p in trainable_parameters(loaded, "noxattn")}
+
+    from erasers.uce import UCE, UCEConfig
+
+    attn1 = next(n for n in names if n.endswith("attn1"))
+    before = loaded.denoiser.get_submodule(attn1).to_v.weight.detach().clone()
+    UCE(UCEConfig()).erase(loaded, make_request(["star"], loaded.tokenizer, toy=False))
+    assert not torch.allclose(loaded.denoiser.get_submodule(attn1).to_v.weight, before)
