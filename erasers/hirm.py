@@ -155,7 +155,7 @@ def supercategory(cfg: HiRMConfig, request: EraseRequest) -> str:
 
 
 @register("hirm", "misdirects the text encoder's final representation of the concept by training its early "
-          "layers (any CLIP-based family)", toy_defaults={"iterations": 100, "lr": 1e-3})
+          "layers (any CLIP-based family)", toy_defaults={"iterations": 100, "lr": 2e-3})
 class HiRM(Eraser):
     config_class = HiRMConfig
 
