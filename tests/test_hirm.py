@@ -44,7 +44,9 @@ def test_only_the_chosen_early_blocks_train():
 
 
 def test_concept_is_misdirected_and_other_prompts_stay():
-    loaded, teacher, edited, request = run_hirm("arrow", {"iterations": 60})
+    # A gentle rate, so the check is on the mechanism (misdirect + retain), not on the toy default's step size,
+    # whose cost on other prompts the method table measures as IRA / CRA.
+    loaded, teacher, edited, request = run_hirm("arrow", {"iterations": 60, "lr": 1e-3})
     prompt, word = "A arrow image in Flat style.", "object"
     concept_position = loaded.tokenizer(prompt).input_ids.index(loaded.tokenizer("arrow").input_ids[1])
     before, _ = final_states(loaded, teacher, [prompt, prompt.replace("arrow", word)])
