@@ -19,9 +19,10 @@ import torch.nn.functional as F
 from .errors import UsageError
 from .losses import esd_target, frozen_copy, predict_noise, sample_partially
 from .models import LoadedPipeline
-from .prompts import EraseRequest
+from .prompts import EraseRequest, supercategory_word
 from .registry import Eraser, register
 from .train import TrainingLoop
+from .uce import guide_prompt
 
 PARAMETER_SETS = ("xattn", "xattn-strict", "noxattn", "full", "text_encoder")
 
@@ -37,6 +38,10 @@ class ESDConfig:
     # "captions": the concept and, on ToyCanvas, every caption naming it; "concept": the concept's text alone, as
     # the ESD paper prompts.
     prompts: str = "captions"
+    # What the concept is guided away from: "empty" (ESD's unconditional prediction) or "neutral" (the same prompt
+    # with the concept replaced by its supercategory word), which cancels everything in a caption but the concept;
+    # on a caption naming an object and a style, the unconditional direction is mostly the object's.
+    contrast: str = "empty"
     seed: int = 0
 
 
@@ -87,10 +92,14 @@ class ESD(Eraser):
 
         if cfg.prompts not in ("captions", "concept"):
             raise UsageError(f"esd prompts must be captions or concept, not {cfg.prompts!r}")
+        if cfg.contrast not in ("empty", "neutral"):
+            raise UsageError(f"esd contrast must be empty or neutral, not {cfg.contrast!r}")
         prompts = request.erase_prompts() if cfg.prompts == "captions" else request.concept_prompts()
         with torch.no_grad():
             empty = loaded.encode_text([""])
             concept_states = loaded.encode_text(prompts)
+            neutral_states = (loaded.encode_text([guide_prompt(p, request.concepts, supercategory_word(request))
+                                                  for p in prompts]) if cfg.contrast == "neutral" else None)
             anchor_states = loaded.encode_text(request.anchors) if request.anchors else None
         optimizer = torch.optim.Adam(parameters, lr=cfg.lr)
 
@@ -102,11 +111,12 @@ class ESD(Eraser):
             with torch.no_grad():
                 x_t, t = sample_partially(loaded, unet, student_states.detach(), empty, stop, cfg.ddim_steps,
                                           cfg.sample_guidance, generator)
-                eps_empty = predict_noise(teacher, x_t, t, empty)
+                contrast = empty if neutral_states is None else neutral_states[k:k + 1]
+                eps_contrast = predict_noise(teacher, x_t, t, contrast)
                 eps_concept = predict_noise(teacher, x_t, t, concept_states[k:k + 1])
                 eps_from = (predict_noise(teacher, x_t, t, anchor_states[k % len(anchor_states)][None])
                             if anchor_states is not None else eps_concept)
-                target = esd_target(eps_from, eps_concept, eps_empty, cfg.eta)
+                target = esd_target(eps_from, eps_concept, eps_contrast, cfg.eta)
             loss = F.mse_loss(predict_noise(unet, x_t, t, student_states), target)
             optimizer.zero_grad()
             loss.backward()

@@ -27,14 +27,12 @@ import torch.nn.functional as F
 from .errors import UsageError
 from .losses import frozen_copy
 from .models import LoadedPipeline, text_encoder_layers
-from .prompts import EraseRequest
+from .prompts import EraseRequest, supercategory_word
 from .registry import Eraser, register
 from .train import TrainingLoop
 from .uce import guide_prompt
 
 TARGETS = ("random", "supercategory")
-# The broader word a concept is misdirected to, by request kind, when no supercategory is given.
-SUPERCATEGORIES = {"object": "object", "unsafe": "object", "style": "painting", "concept": "thing"}
 
 
 @dataclass
@@ -151,7 +149,7 @@ def designated_targets(cfg: HiRMConfig, loaded: LoadedPipeline, request: EraseRe
 
 
 def supercategory(cfg: HiRMConfig, request: EraseRequest) -> str:
-    return cfg.supercategory.strip() or SUPERCATEGORIES.get(request.kind, "thing")
+    return cfg.supercategory.strip() or supercategory_word(request)
 
 
 @register("hirm", "misdirects the text encoder's final representation of the concept by training its early "

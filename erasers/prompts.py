@@ -56,6 +56,14 @@ def _toy_captions(concept: str, kind: str) -> list[str]:
     return [world.caption(o, concept) for o in world.OBJECTS]
 
 
+# The broader word that stands in for a concept of each kind (HiRM's target, ESD's neutral contrast).
+SUPERCATEGORIES = {"object": "object", "unsafe": "object", "style": "painting", "concept": "thing"}
+
+
+def supercategory_word(request: EraseRequest) -> str:
+    return SUPERCATEGORIES.get(request.kind, "thing")
+
+
 def toy_style_name(concept: str) -> str:
     return next(s for s in world.STYLES if s.lower() == concept.lower())
 
