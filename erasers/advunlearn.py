@@ -65,6 +65,17 @@ class AdvUnlearnConfig:
     sample_guidance: float = 3.0
     seed: int = 0
 
+    def __post_init__(self):
+        # Checked when the config is built, before the pipeline loads or OUT.partial/ is made.
+        if self.attack not in ("soft", "discrete"):
+            raise UsageError(f"advunlearn attack must be soft or discrete, not {self.attack!r}")
+        if self.attack_method not in ("pgd", "sign"):
+            raise UsageError(f"advunlearn attack_method must be pgd or sign, not {self.attack_method!r}")
+        if self.attack_init not in ("random", "latest"):
+            raise UsageError(f"advunlearn attack_init must be random or latest, not {self.attack_init!r}")
+        if self.attack_every < 1 or self.attack_tokens < 1 or self.ddim_steps < 3:
+            raise UsageError("advunlearn attack_every and attack_tokens must be at least 1, ddim_steps at least 3")
+
 
 def chosen_layers(count: int, layers: str) -> list[int]:
     if layers == "all":
@@ -113,14 +124,6 @@ class AdvUnlearn(Eraser):
     def erase(self, loaded: LoadedPipeline, request: EraseRequest, work_dir: Path | None = None):
         cfg = self.config
         loaded.require_text_conditioned_unet("advunlearn")
-        if cfg.attack not in ("soft", "discrete"):
-            raise UsageError(f"advunlearn attack must be soft or discrete, not {cfg.attack!r}")
-        if cfg.attack_method not in ("pgd", "sign"):
-            raise UsageError(f"advunlearn attack_method must be pgd or sign, not {cfg.attack_method!r}")
-        if cfg.attack_init not in ("random", "latest"):
-            raise UsageError(f"advunlearn attack_init must be random or latest, not {cfg.attack_init!r}")
-        if cfg.attack_every < 1 or cfg.attack_tokens < 1 or cfg.ddim_steps < 3:
-            raise UsageError("advunlearn attack_every and attack_tokens must be at least 1, ddim_steps at least 3")
         torch.manual_seed(cfg.seed)
         unet, text_encoder = loaded.denoiser, loaded.text_encoder
         unet.requires_grad_(False).eval()  # the UNet is its own frozen teacher: only the text encoder changes

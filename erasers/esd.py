@@ -44,6 +44,15 @@ class ESDConfig:
     contrast: str = "empty"
     seed: int = 0
 
+    def __post_init__(self):
+        # Checked when the config is built, before the pipeline loads or OUT.partial/ is made.
+        if self.parameters not in PARAMETER_SETS:
+            raise UsageError(f"esd parameters must be one of {', '.join(PARAMETER_SETS)}, not {self.parameters!r}")
+        if self.prompts not in ("captions", "concept"):
+            raise UsageError(f"esd prompts must be captions or concept, not {self.prompts!r}")
+        if self.contrast not in ("empty", "neutral"):
+            raise UsageError(f"esd contrast must be empty or neutral, not {self.contrast!r}")
+
 
 def trainable_parameters(loaded: LoadedPipeline, which: str) -> list[torch.nn.Parameter]:
     if which == "text_encoder":
@@ -76,8 +85,6 @@ class ESD(Eraser):
 
     def erase(self, loaded: LoadedPipeline, request: EraseRequest, work_dir: Path | None = None):
         cfg = self.config
-        if cfg.parameters not in PARAMETER_SETS:
-            raise UsageError(f"esd parameters must be one of {', '.join(PARAMETER_SETS)}, not {cfg.parameters!r}")
         loaded.require_text_conditioned_unet("esd")
         torch.manual_seed(cfg.seed)
         unet = loaded.denoiser
@@ -90,10 +97,6 @@ class ESD(Eraser):
         for parameter in parameters:
             parameter.requires_grad_(True)
 
-        if cfg.prompts not in ("captions", "concept"):
-            raise UsageError(f"esd prompts must be captions or concept, not {cfg.prompts!r}")
-        if cfg.contrast not in ("empty", "neutral"):
-            raise UsageError(f"esd contrast must be empty or neutral, not {cfg.contrast!r}")
         prompts = request.erase_prompts() if cfg.prompts == "captions" else request.concept_prompts()
         with torch.no_grad():
             empty = loaded.encode_text([""])

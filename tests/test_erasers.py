@@ -150,4 +150,4 @@ def test_text_reading_attention_is_found_by_what_it_reads_not_by_its_name(tiny_p
 def test_esd_contrast_must_be_known(tmp_path):
     with pytest.raises(UsageError, match="esd contrast must be empty or neutral"):
         erase("toy", "esd-x", ["arrow"], tmp_path / "edit", options={"contrast": "nowhere", **FAST}, device="cpu")
-    assert not (tmp_path / "edit").exists()
+    assert not (tmp_path / "edit").exists() and not (tmp_path / "edit.partial").exists()
