@@ -19,10 +19,9 @@ import torch.nn.functional as F
 from .errors import UsageError
 from .losses import esd_target, frozen_copy, predict_noise, sample_partially
 from .models import LoadedPipeline
-from .prompts import EraseRequest, supercategory_word
+from .prompts import EraseRequest, guide_prompt, supercategory_word
 from .registry import Eraser, register
 from .train import TrainingLoop
-from .uce import guide_prompt
 
 PARAMETER_SETS = ("xattn", "xattn-strict", "noxattn", "full", "text_encoder")
 

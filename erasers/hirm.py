@@ -27,10 +27,9 @@ import torch.nn.functional as F
 from .errors import UsageError
 from .losses import frozen_copy
 from .models import LoadedPipeline, text_encoder_layers
-from .prompts import EraseRequest, supercategory_word
+from .prompts import EraseRequest, guide_prompt, supercategory_word
 from .registry import Eraser, register
 from .train import TrainingLoop
-from .uce import guide_prompt
 
 TARGETS = ("random", "supercategory")
 

@@ -6,6 +6,7 @@ contain it; on any other model a concept is free text, used as its own prompt (a
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from benchmarks.toycanvas import world
@@ -62,6 +63,13 @@ SUPERCATEGORIES = {"object": "object", "unsafe": "object", "style": "painting", 
 
 def supercategory_word(request: EraseRequest) -> str:
     return SUPERCATEGORIES.get(request.kind, "thing")
+
+
+def guide_prompt(prompt: str, concepts: list[str], guide: str) -> str:
+    """`prompt` with each concept (any case) replaced by `guide`: UCE's guide text, HiRM's and ESD's neutral one."""
+    for concept in concepts:
+        prompt = re.sub(re.escape(concept), guide, prompt, flags=re.IGNORECASE)
+    return re.sub(r"\s+", " ", prompt).strip()
 
 
 def toy_style_name(concept: str) -> str:

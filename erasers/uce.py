@@ -9,14 +9,13 @@ No training: it runs in seconds.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .models import LoadedPipeline
-from .prompts import EraseRequest
+from .prompts import EraseRequest, guide_prompt
 from .registry import Eraser, register
 
 
@@ -46,12 +45,6 @@ def token_columns(loaded: LoadedPipeline, prompts: list[str], lengths: list[int]
         states = loaded.encode_text(prompts).double().cpu()
     lengths = lengths or token_counts(loaded, prompts)
     return torch.cat([states[i, 1:lengths[i]] for i in range(len(prompts))]).T
-
-
-def guide_prompt(prompt: str, concepts: list[str], guide: str) -> str:
-    for concept in concepts:
-        prompt = re.sub(re.escape(concept), guide, prompt, flags=re.IGNORECASE)
-    return re.sub(r"\s+", " ", prompt).strip()
 
 
 @register("uce", "closed-form edit of cross-attention keys/values", toy_defaults={})
