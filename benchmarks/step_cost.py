@@ -4,7 +4,7 @@ one run on this machine: on the toy UNet and on a full-size SD 1.5 UNet architec
     python -m benchmarks.step_cost                  # toy and sd15, esd-x esd-u uce hirm advunlearn
     python -m benchmarks.step_cost --models toy
 
-Each measurement runs in its own process, so peak resident memory (ru_maxrss) is that measurement's alone.
+Each measurement runs in its own process, so peak resident memory (VmHWM on Linux) is that measurement's alone.
 Prints ratios: method step time / plain forward+backward time, and the same for peak memory.
 """
 
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -54,6 +53,8 @@ def build_loaded(model: str):
 
 def measure(model: str, method: str, steps: int) -> dict:
     """Seconds per step and peak RSS for `method` ('plain' = forward+backward of the whole denoiser)."""
+    from erasers.files import peak_resident_bytes
+
     loaded = build_loaded(model)
     if method == "plain":
         unet = loaded.denoiser.train()
@@ -86,7 +87,7 @@ def measure(model: str, method: str, steps: int) -> dict:
         per_step = ((history[-1]["seconds"] - history[0]["seconds"]) / (history[-1]["step"] - history[0]["step"])
                     if history and len(history) > 1 else total)
     return {"model": model, "method": method, "seconds_per_step": per_step,
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+            "peak_rss_bytes": peak_resident_bytes()}
 
 
 def main() -> None:

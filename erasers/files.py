@@ -54,5 +54,19 @@ def reset_peak_memory(device: torch.device) -> None:
 def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    # ru_maxrss is in KiB on Linux: the process's peak resident memory, model loading included.
+    return peak_resident_bytes()
+
+
+def peak_resident_bytes() -> int:
+    """This process's peak resident memory, model loading included. On Linux, VmHWM: ru_maxrss survives exec, so a
+    process spawned by a large parent (a benchmark running each erase in a fresh process) would report the
+    parent's peak, while VmHWM belongs to the process's own address space."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    # Without /proc: ru_maxrss, in KiB on most Unix systems (bytes on macOS, as before).
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

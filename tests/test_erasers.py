@@ -2,6 +2,7 @@
 UCE closed form's defining property. Behaviour on the toy world is in test_erasure_toy.py."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -151,3 +152,19 @@ def test_esd_contrast_must_be_known(tmp_path):
     with pytest.raises(UsageError, match="esd contrast must be empty or neutral"):
         erase("toy", "esd-x", ["arrow"], tmp_path / "edit", options={"contrast": "nowhere", **FAST}, device="cpu")
     assert not (tmp_path / "edit").exists() and not (tmp_path / "edit.partial").exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="VmHWM is Linux's")
+def test_a_spawned_erase_reports_its_own_peak_memory_not_its_parents():
+    """The method table runs each erase in a fresh spawned process; ru_maxrss survives exec on Linux, so a child
+    of a large benchmark process would report the parent's peak as its own."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from erasers.files import peak_memory_bytes
+
+    ballast = torch.ones(2 * 2**30 // 4)  # 2 GiB held by this (parent) process while the child runs
+    ballast += 1
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        child_peak = pool.submit(peak_memory_bytes, torch.device("cpu")).result()
+    assert child_peak < ballast.numel() * 4, child_peak
