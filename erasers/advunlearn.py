@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from .attack import adversarial_prompt, new_adversary, soft_prompt_attack
 from .errors import UsageError
-from .losses import esd_target, predict_noise, sample_partially
+from .losses import check_contrast, contrast_states, esd_target, predict_noise, sample_partially
 from .models import LoadedPipeline, text_encoder_layers
 from .prompts import EraseRequest
 from .registry import Eraser, register
@@ -48,6 +48,7 @@ class AdvUnlearnConfig:
     warmup: int = 200
     lr: float = 1e-5
     eta: float = 1.0
+    contrast: str = "empty"        # what the concept is guided away from: "empty" or "neutral" (losses.CONTRASTS)
     # Which text-encoder blocks train: "all", "first" (block 0 only: more robust, less faithful on other
     # prompts), or comma-separated block indices; and which part of them: "all", "attn" or "ffn".
     layers: str = "all"
@@ -73,6 +74,7 @@ class AdvUnlearnConfig:
             raise UsageError(f"advunlearn attack_method must be pgd or sign, not {self.attack_method!r}")
         if self.attack_init not in ("random", "latest"):
             raise UsageError(f"advunlearn attack_init must be random or latest, not {self.attack_init!r}")
+        check_contrast("advunlearn", self.contrast)
         if self.attack_every < 1 or self.attack_tokens < 1 or self.ddim_steps < 3:
             raise UsageError("advunlearn attack_every and attack_tokens must be at least 1, ddim_steps at least 3")
 
@@ -136,6 +138,7 @@ class AdvUnlearn(Eraser):
         with torch.no_grad():  # the frozen encoder's states: the teacher's conditioning
             empty = loaded.encode_text([""])
             concept_states = loaded.encode_text(prompts)
+            contrasts = contrast_states(loaded, request, prompts, cfg.contrast)
             retain_states = loaded.encode_text(retained) if retained else None
         retain_batch = min(cfg.retain_batch, len(retained)) if cfg.retain_weight > 0 else 0
         optimizer = torch.optim.Adam(parameters, lr=cfg.lr)
@@ -166,9 +169,9 @@ class AdvUnlearn(Eraser):
                 # AdvUnlearn samples it with the original text encoder.
                 x_t, t = sample_partially(loaded, unet, teacher_states, empty, stop, cfg.ddim_steps,
                                           cfg.sample_guidance, generator)
-                eps_empty = predict_noise(unet, x_t[:1], t, empty)
+                eps_contrast = predict_noise(unet, x_t[:1], t, contrasts[k:k + 1])
                 eps_teacher = predict_noise(unet, x_t, t, teacher_states)
-                targets = torch.cat([esd_target(eps_teacher[:1], eps_teacher[:1], eps_empty, cfg.eta),
+                targets = torch.cat([esd_target(eps_teacher[:1], eps_teacher[:1], eps_contrast, cfg.eta),
                                      eps_teacher[1:]])
             student = (adversarial.states(text_encoder) if adversarial is not None else
                        loaded.encode_text([prompts[k]]))

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from .errors import UsageError
-from .losses import esd_target, frozen_copy, predict_noise, sample_partially
+from .losses import check_contrast, contrast_states, esd_target, frozen_copy, predict_noise, sample_partially
 from .models import LoadedPipeline
-from .prompts import EraseRequest, guide_prompt, supercategory_word
+from .prompts import EraseRequest
 from .registry import Eraser, register
 from .train import TrainingLoop
 
@@ -37,10 +37,7 @@ class ESDConfig:
     # "captions": the concept and, on ToyCanvas, every caption naming it; "concept": the concept's text alone, as
     # the ESD paper prompts.
     prompts: str = "captions"
-    # What the concept is guided away from: "empty" (ESD's unconditional prediction) or "neutral" (the same prompt
-    # with the concept replaced by its supercategory word), which cancels everything in a caption but the concept;
-    # on a caption naming an object and a style, the unconditional direction is mostly the object's.
-    contrast: str = "empty"
+    contrast: str = "empty"        # what the concept is guided away from: "empty" or "neutral" (losses.CONTRASTS)
     seed: int = 0
 
     def __post_init__(self):
@@ -49,8 +46,7 @@ class ESDConfig:
             raise UsageError(f"esd parameters must be one of {', '.join(PARAMETER_SETS)}, not {self.parameters!r}")
         if self.prompts not in ("captions", "concept"):
             raise UsageError(f"esd prompts must be captions or concept, not {self.prompts!r}")
-        if self.contrast not in ("empty", "neutral"):
-            raise UsageError(f"esd contrast must be empty or neutral, not {self.contrast!r}")
+        check_contrast("esd", self.contrast)
 
 
 def trainable_parameters(loaded: LoadedPipeline, which: str) -> list[torch.nn.Parameter]:
@@ -100,8 +96,7 @@ class ESD(Eraser):
         with torch.no_grad():
             empty = loaded.encode_text([""])
             concept_states = loaded.encode_text(prompts)
-            neutral_states = (loaded.encode_text([guide_prompt(p, request.concepts, supercategory_word(request))
-                                                  for p in prompts]) if cfg.contrast == "neutral" else None)
+            contrasts = contrast_states(loaded, request, prompts, cfg.contrast)
             anchor_states = loaded.encode_text(request.anchors) if request.anchors else None
         optimizer = torch.optim.Adam(parameters, lr=cfg.lr)
 
@@ -113,8 +108,7 @@ class ESD(Eraser):
             with torch.no_grad():
                 x_t, t = sample_partially(loaded, unet, student_states.detach(), empty, stop, cfg.ddim_steps,
                                           cfg.sample_guidance, generator)
-                contrast = empty if neutral_states is None else neutral_states[k:k + 1]
-                eps_contrast = predict_noise(teacher, x_t, t, contrast)
+                eps_contrast = predict_noise(teacher, x_t, t, contrasts[k:k + 1])
                 eps_concept = predict_noise(teacher, x_t, t, concept_states[k:k + 1])
                 eps_from = (predict_noise(teacher, x_t, t, anchor_states[k % len(anchor_states)][None])
                             if anchor_states is not None else eps_concept)

@@ -9,13 +9,33 @@ import torch
 from diffusers import DDIMScheduler
 from torch import nn
 
+from .errors import UsageError
 from .models import LoadedPipeline
+from .prompts import EraseRequest
+
+# What ESD's negative guidance pushes a prompt away from (ESD, AdvUnlearn): "empty", the unconditional
+# prediction, as the paper; or "neutral", the same prompt with the concept replaced by its supercategory word.
+# On a caption naming an object and a style the unconditional direction is mostly the object's, so "empty" erases
+# the object with a style; "neutral" cancels everything in the caption but the concept.
+CONTRASTS = ("empty", "neutral")
 
 
 def frozen_copy(module: nn.Module) -> nn.Module:
     teacher = copy.deepcopy(module).eval()
     teacher.requires_grad_(False)
     return teacher
+
+
+def check_contrast(method: str, contrast: str) -> None:
+    if contrast not in CONTRASTS:
+        raise UsageError(f"{method} contrast must be one of {', '.join(CONTRASTS)}, not {contrast!r}")
+
+
+@torch.no_grad()
+def contrast_states(loaded: LoadedPipeline, request: EraseRequest, prompts: list[str], contrast: str) -> torch.Tensor:
+    """One row per prompt: the text states ESD guides that prompt away from."""
+    texts = [""] * len(prompts) if contrast == "empty" else request.neutral_prompts(prompts)
+    return loaded.encode_text(texts)
 
 
 def predict_noise(unet: nn.Module, latents: torch.Tensor, timestep, text_states: torch.Tensor) -> torch.Tensor:

@@ -148,10 +148,24 @@ def test_text_reading_attention_is_found_by_what_it_reads_not_by_its_name(tiny_p
     assert not torch.allclose(loaded.denoiser.get_submodule(attn1).to_v.weight, before)
 
 
-def test_esd_contrast_must_be_known(tmp_path):
-    with pytest.raises(UsageError, match="esd contrast must be empty or neutral"):
-        erase("toy", "esd-x", ["arrow"], tmp_path / "edit", options={"contrast": "nowhere", **FAST}, device="cpu")
+@pytest.mark.parametrize("method", ["esd-x", "advunlearn"])
+def test_esd_contrast_must_be_known(tmp_path, method):
+    with pytest.raises(UsageError, match="contrast must be one of empty, neutral, not 'nowhere'"):
+        erase("toy", method, ["arrow"], tmp_path / "edit", options={"contrast": "nowhere", **FAST}, device="cpu")
     assert not (tmp_path / "edit").exists() and not (tmp_path / "edit.partial").exists()
+
+
+def test_neutral_contrast_replaces_only_the_concept():
+    from erasers.losses import contrast_states
+
+    loaded = load_pipeline("toy", device="cpu")
+    request = make_request(["arrow"], loaded.tokenizer, toy=True)
+    prompts = request.erase_prompts()[:3]
+    assert request.neutral_prompts(prompts) == [p.replace("arrow", "object") for p in prompts]
+    neutral = contrast_states(loaded, request, prompts, "neutral")
+    assert torch.allclose(neutral, loaded.encode_text(request.neutral_prompts(prompts)))
+    empty = contrast_states(loaded, request, prompts, "empty")
+    assert torch.allclose(empty, loaded.encode_text([""]).expand(3, -1, -1))
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="VmHWM is Linux's")
