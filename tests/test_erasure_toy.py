@@ -35,9 +35,9 @@ def base_scores(classifier):
 # answer set (README). HiRM, UCE and AdvUnlearn run their defaults here.
 @pytest.mark.parametrize("method, concept, kind, options", [
     ("esd-x", "arrow", "object", {"iterations": 150}),
-    # Guided away from "A star image in painting style." rather than from the empty prompt: on this UNet the
-    # unconditional contrast erases the objects of the Stripes captions and leaves the stripes (README).
-    ("esd-x", "Stripes", "style", {"iterations": 150, "contrast": "neutral"}),
+    # The toy default guides away from "A star image in painting style.": on this UNet, guided away from the empty
+    # prompt, ESD-x erases the objects of the Stripes captions and leaves the stripes (README).
+    ("esd-x", "Stripes", "style", {"iterations": 150}),
     ("uce", "Stripes", "style", {}),
     ("hirm", "Stripes", "style", {}),
     ("advunlearn", "arrow", "object", {}),
