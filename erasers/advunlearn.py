@@ -116,10 +116,12 @@ def retain_prompts(request: EraseRequest) -> list[str]:
     return [f"a photo of a {name}" for name in COCO_OBJECTS if not any(c in name or name in c for c in erased)]
 
 
+# Toy defaults (README method table): with the empty contrast AdvUnlearn's ESD target erased 60% of the arrow and
+# 10% of Stripes; guided away from the supercategory caption, 90% and 100%.
 @register("advunlearn", "ESD through the text encoder with adversarial prompts in the loop (robust to attacks)",
           toy_defaults={"iterations": 200, "warmup": 50, "lr": 5e-4, "layers": "first", "attack_steps": 10,
                         "attack_every": 5, "attack_init": "latest", "retain_weight": 1.0, "retain_batch": 8,
-                        "ddim_steps": 10})
+                        "ddim_steps": 10, "contrast": "neutral"})
 class AdvUnlearn(Eraser):
     config_class = AdvUnlearnConfig
 

@@ -38,6 +38,7 @@ def base_scores(classifier):
     # The toy default guides away from "A star image in painting style.": on this UNet, guided away from the empty
     # prompt, ESD-x erases the objects of the Stripes captions and leaves the stripes (README).
     ("esd-x", "Stripes", "style", {"iterations": 150}),
+    ("esd-u", "arrow", "object", {"iterations": 100}),
     ("uce", "Stripes", "style", {}),
     ("hirm", "Stripes", "style", {}),
     ("advunlearn", "arrow", "object", {}),
