@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from .errors import UsageError
 from .losses import frozen_copy
 from .models import LoadedPipeline, text_encoder_layers
-from .prompts import EraseRequest, guide_prompt, supercategory_word
+from .prompts import EraseRequest, supercategory_word
 from .registry import Eraser, register
 from .train import TrainingLoop
 
@@ -113,7 +113,7 @@ def designated_targets(cfg: HiRMConfig, loaded: LoadedPipeline, request: EraseRe
         raise UsageError(f"none of the prompts holds the concept's tokens ({', '.join(request.concepts)})")
     # The neutral prompt: the concept replaced by the supercategory, or removed for a random target.
     word = supercategory(cfg, request) if cfg.target == "supercategory" else ""
-    neutral = _Prompts(loaded, [guide_prompt(p, request.concepts, word) for p in prompts])
+    neutral = _Prompts(loaded, request.neutral_prompts(prompts, word))
     with torch.no_grad():
         neutral_states = teacher(neutral.ids)[0]
     width = len(tokenizer(word).input_ids) - 2 if word else 0
@@ -173,7 +173,7 @@ class HiRM(Eraser):
         prompts = request.erase_prompts()
         # Off the toy world with no --preserve, the prompts themselves with the supercategory for the concept.
         retained = (request.retain_prompts()
-                    or [guide_prompt(p, request.concepts, supercategory(cfg, request)) for p in prompts])
+                    or request.neutral_prompts(prompts, supercategory(cfg, request)))
         erase, retain = _Prompts(loaded, prompts), _Prompts(loaded, retained)
         with torch.no_grad():
             retain_states = teacher(retain.ids)[0]

@@ -43,9 +43,11 @@ class EraseRequest:
                 prompts += _toy_captions(concept, self.kind)
         return prompts
 
-    def neutral_prompts(self, prompts: list[str]) -> list[str]:
-        """`prompts` with the concepts replaced by their supercategory word: "A object image in Stripes style."."""
-        return [guide_prompt(p, self.concepts, supercategory_word(self)) for p in prompts]
+    def neutral_prompts(self, prompts: list[str], word: str | None = None) -> list[str]:
+        """`prompts` with the concepts replaced by `word` (default: their supercategory word, "A object image in
+        Stripes style."): ESD's neutral contrast, HiRM's neutral prompts, UCE's guides."""
+        word = supercategory_word(self) if word is None else word
+        return [guide_prompt(p, self.concepts, word) for p in prompts]
 
     def retain_prompts(self) -> list[str]:
         """Prompts of other concepts, which an eraser should leave as they were."""

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .models import LoadedPipeline
-from .prompts import EraseRequest, guide_prompt
+from .prompts import EraseRequest
 from .registry import Eraser, register
 
 
@@ -56,7 +56,7 @@ class UCE(Eraser):
         loaded.require_text_conditioned_unet("uce")
         erase = request.erase_prompts()
         guide = request.anchors[0] if request.anchors else cfg.guide
-        guides = [guide_prompt(p, request.concepts, guide) for p in erase]
+        guides = request.neutral_prompts(erase, guide)
         # Erase and guide prompts are aligned position by position over the longer of the two.
         padded = cfg.include_padding
         lengths = [max(a, b) for a, b in zip(token_counts(loaded, erase, padded), token_counts(loaded, guides, padded))]
