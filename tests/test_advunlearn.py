@@ -27,6 +27,7 @@ def run_advunlearn(concept: str, options: dict):
 
 @pytest.mark.parametrize("options, allowed, required", [
     ({"layers": "first"}, ("layers.0.",), ("layers.0.self_attn", "layers.0.mlp")),
+    ({"layers": "first", "plain_weight": 1.0}, ("layers.0.",), ("layers.0.self_attn",)),
     ({"layers": "all", "component": "attn", "attack": "discrete", "attack_method": "sign", "attack_lr": 0.01},
      ("self_attn",), ("layers.0.self_attn", "layers.3.self_attn")),
     ({"layers": "all"}, ("encoder.layers.", "final_layer_norm"), ("layers.3.mlp", "final_layer_norm")),
