@@ -7,8 +7,8 @@ For `warmup` iterations the outer step is plain ESD on the concept prompt. After
 iterations the inner attack (erasers.attack.soft_prompt_attack: soft token(s) in word-embedding space, warm-
 started from the previous round's) finds the prefix under which the edited text encoder still brings the concept
 back, and the ESD step is taken on that adversarial prompt (and, with `plain_weight`, on the plain prompt too).
-The retain loss keeps the edited encoder's noise
-predictions on unrelated prompts equal to the frozen encoder's. The UNet is never changed: the edit is a text
+The retain loss keeps the edited encoder's noise predictions on unrelated prompts equal to the frozen encoder's.
+The UNet is never changed: the edit is a text
 encoder, which drops into any pipeline of the same base model (`text_encoder=`).
 """
 

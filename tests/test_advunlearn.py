@@ -47,8 +47,6 @@ def test_bad_layer_choice_is_a_usage_error():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="issue 6's bar, not met on the toy world yet: ASR 90% vs ESD-x's 40% (README method table)",
-                   strict=False)
 def test_advunlearn_resists_the_attack_better_than_esd_x(tmp_path):
     """AdvUnlearn's point: the attack brings the concept back less often than after ESD-x. Minutes of CPU (two
     default erasures, 20 attacks each), so it runs with -m slow; benchmarks/method_table.py reports the figures."""
