@@ -8,8 +8,8 @@ iterations the inner attack (erasers.attack.soft_prompt_attack: soft token(s) in
 started from the previous round's) finds the prefix under which the edited text encoder still brings the concept
 back, and the ESD step is taken on that adversarial prompt (and, with `plain_weight`, on the plain prompt too).
 The retain loss keeps the edited encoder's noise predictions on unrelated prompts equal to the frozen encoder's.
-The UNet is never changed: the edit is a text
-encoder, which drops into any pipeline of the same base model (`text_encoder=`).
+The UNet is never changed: the edit is a text encoder, which drops into any pipeline of the same base model
+(`text_encoder=`).
 """
 
 from __future__ import annotations
@@ -123,9 +123,10 @@ def retain_prompts(request: EraseRequest) -> list[str]:
 
 # Toy defaults (README method table): with the empty contrast AdvUnlearn's ESD target erased 60% of the arrow and
 # 10% of Stripes; guided away from the supercategory caption, 90% and 100%. Robustness needs the training prefix as
-# long as the attack's (5 tokens, not the paper's 1; with 1, a fixed "!!!!!" prefix brought the arrow back in 50% of
-# 20 prompts) and eta 2, so the target leaves the concept instead of landing on the supercategory caption, which
-# itself draws some arrows (arrow ASR: 1 token, eta 1: 90%; 5 tokens: 55%; 5 tokens, eta 2: 15%; ESD-x 40%).
+# long as the attack's (5 tokens, not the paper's 1; with 1, a fixed, unoptimised "!!!!!" prefix brought the arrow
+# back in 6 of 20 prompts) and eta 2, so the target leaves the concept instead of landing on the supercategory
+# caption, which itself draws some arrows (arrow ASR over 20 attacks: 1 token, eta 1: 90%; 5 tokens: 55%; 5 tokens,
+# eta 2: 15%, against ESD-x's 60% in the same table run).
 @register("advunlearn", "ESD through the text encoder with adversarial prompts in the loop (robust to attacks)",
           toy_defaults={"iterations": 200, "warmup": 50, "lr": 5e-4, "layers": "first", "attack_steps": 10,
                         "attack_every": 5, "attack_init": "latest", "retain_weight": 1.0, "retain_batch": 8,
