@@ -75,12 +75,13 @@ def test_classifier_reads_fresh_renders():
 
 
 def test_generations_show_the_asked_object_in_the_asked_style():
-    """A subset of the quality bar (every object and every style twice, one seed). The issue's object bar (90%)
-    is not met yet (66% on the full set): this guards the level reached, styles at the issue's bar."""
+    """A subset of the quality bar (every object and every style twice, one seed), against a slightly lower bar
+    than the full one (90%): 20 images of one seed swing by several points (this subset: 90% objects, 100%
+    styles; the full set over eight seeds: 91.8% and 99.9%)."""
     from erasers.models import load_pipeline
 
     classifier = ToyClassifier.from_pretrained(CLASSIFIER_DIR)
     loaded = load_pipeline("toy", device="cpu")
     pairs = [(o, STYLES[(i + shift) % len(STYLES)]) for shift in (0, 5) for i, o in enumerate(OBJECTS)]
     result = generation_accuracy(loaded, classifier, pairs, seeds=[11], progress=False)
-    assert result["object"] >= 0.5 and result["style"] >= 0.85, result
+    assert result["object"] >= 0.8 and result["style"] >= 0.9, result

@@ -14,6 +14,9 @@ from .classifier import ToyClassifier
 from .world import OBJECTS, STYLES
 
 BARS = {"real": 0.98, "reconstruction_gap": 0.02, "generation": 0.90}
+# Six consecutive seeds and the two the benchmarks use (188, 288): three seeds alone swung the object figure by
+# several points.
+QUALITY_SEEDS = (0, 1, 2, 3, 4, 5, 188, 288)
 
 
 def accuracy(classifier: ToyClassifier, images, objects: list[str], styles: list[str]) -> dict[str, float]:
@@ -52,12 +55,16 @@ def generation_accuracy(loaded, classifier: ToyClassifier, pairs: list[tuple[str
                             for o in sorted(set(objects))}
     result["per_style"] = {s: float(np.mean([p == s for p, t in zip(predicted_styles, styles) if t == s]))
                            for s in sorted(set(styles))}
+    seeds_of_items = [seed for _, _, seed in items]
+    # Every prompt of one seed starts from the same noise, so a seed's images tend to succeed or fail together.
+    result["per_seed_object"] = {str(seed): float(np.mean([p == t for p, t, i in zip(
+        predicted_objects, objects, seeds_of_items) if i == seed])) for seed in seeds}
     result["images"] = len(images)
     return result
 
 
 def measure(heldout: tuple[torch.Tensor, torch.Tensor, torch.Tensor], pipeline_dir: Path = PIPELINE_DIR,
-            classifier_dir: Path = CLASSIFIER_DIR, seeds: tuple[int, ...] = (0, 1, 2)) -> dict:
+            classifier_dir: Path = CLASSIFIER_DIR, seeds: tuple[int, ...] = QUALITY_SEEDS) -> dict:
     from erasers.models import load_pipeline
 
     classifier = ToyClassifier.from_pretrained(classifier_dir)
