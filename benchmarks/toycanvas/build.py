@@ -390,6 +390,14 @@ def stage_unet(cfg: BuildConfig) -> None:
         state = {"model": unet, "ema": ema, "opt": optimizer, "sched": schedule}
         TrainingLoop(name, steps, state, seed, cfg.build_dir, cfg.checkpoint_every).run(step)
 
+    def phase_with_fresh_ema(name: str, steps: int, max_lr: float, seed: int) -> None:
+        """A cycle whose average starts from the current weights, not from an earlier cycle's."""
+        nonlocal ema
+        unet.train()
+        ema = EMAModel(unet.parameters(), decay=0.999, use_ema_warmup=True)
+        phase(name, steps, max_lr, seed)
+        ema.copy_to(unet.parameters())
+
     def save_checkpoint(directory: Path) -> None:
         tmp = atomic_dir(directory)
         unet.save_pretrained(tmp)
@@ -399,7 +407,7 @@ def stage_unet(cfg: BuildConfig) -> None:
     two_cycles = Path(cfg.build_dir) / "unet-two-cycles"
     three_cycles = Path(cfg.build_dir) / "unet-three-cycles"
     if (three_cycles / "config.json").exists():
-        unet = UNet2DConditionModel.from_pretrained(three_cycles, dtype=torch.float32).train()
+        unet = UNet2DConditionModel.from_pretrained(three_cycles, dtype=torch.float32)
     else:
         if (two_cycles / "config.json").exists():
             unet = UNet2DConditionModel.from_pretrained(two_cycles, dtype=torch.float32)
@@ -410,16 +418,12 @@ def stage_unet(cfg: BuildConfig) -> None:
             ema.copy_to(unet.parameters())
             save_checkpoint(two_cycles)
         if cfg.unet_full_res_text_steps:
-            unet = with_full_resolution_text(unet).train()
-            ema = EMAModel(unet.parameters(), decay=0.999, use_ema_warmup=True)
-            phase("unet-full-res-text", cfg.unet_full_res_text_steps, cfg.unet_full_res_text_lr, cfg.seed + 2)
-            ema.copy_to(unet.parameters())
+            unet = with_full_resolution_text(unet)
+            phase_with_fresh_ema("unet-full-res-text", cfg.unet_full_res_text_steps, cfg.unet_full_res_text_lr,
+                                 cfg.seed + 2)
             save_checkpoint(three_cycles)
     if cfg.unet_polish_steps:
-        unet.train()
-        ema = EMAModel(unet.parameters(), decay=0.999, use_ema_warmup=True)
-        phase("unet-polish", cfg.unet_polish_steps, cfg.unet_polish_lr, cfg.seed + 3)
-        ema.copy_to(unet.parameters())
+        phase_with_fresh_ema("unet-polish", cfg.unet_polish_steps, cfg.unet_polish_lr, cfg.seed + 3)
     export_pipeline(cfg, unet.eval(), vae, text_encoder, tokenizer)
 
 

@@ -28,6 +28,12 @@ def _share_right(predicted_objects, predicted_styles, objects, styles) -> dict[s
             "style": float(np.mean([p == t for p, t in zip(predicted_styles, styles)]))}
 
 
+def _share_right_by(predicted: list[str], truth: list[str], groups: list[str], keys=None) -> dict[str, float]:
+    """The share of right predictions within each group; keyed by `keys` in their order (default: sorted groups)."""
+    return {g: float(np.mean([p == t for p, t, k in zip(predicted, truth, groups) if k == g]))
+            for g in (keys if keys is not None else sorted(set(groups)))}
+
+
 def real_and_reconstruction_accuracy(images: torch.Tensor, objects: torch.Tensor, styles: torch.Tensor,
                                      classifier: ToyClassifier, vae) -> dict[str, dict[str, float]]:
     object_names = [OBJECTS[i] for i in objects.tolist()]
@@ -51,14 +57,11 @@ def generation_accuracy(loaded, classifier: ToyClassifier, pairs: list[tuple[str
                              steps=steps, guidance=guidance, batch_size=50, progress=progress)
     predicted_objects, predicted_styles = classifier.predict(images)
     result = _share_right(predicted_objects, predicted_styles, objects, styles)
-    result["per_object"] = {o: float(np.mean([p == o for p, t in zip(predicted_objects, objects) if t == o]))
-                            for o in sorted(set(objects))}
-    result["per_style"] = {s: float(np.mean([p == s for p, t in zip(predicted_styles, styles) if t == s]))
-                           for s in sorted(set(styles))}
-    seeds_of_items = [seed for _, _, seed in items]
+    result["per_object"] = _share_right_by(predicted_objects, objects, objects)
+    result["per_style"] = _share_right_by(predicted_styles, styles, styles)
     # Every prompt of one seed starts from the same noise, so a seed's images tend to succeed or fail together.
-    result["per_seed_object"] = {str(seed): float(np.mean([p == t for p, t, i in zip(
-        predicted_objects, objects, seeds_of_items) if i == seed])) for seed in seeds}
+    result["per_seed_object"] = _share_right_by(predicted_objects, objects, [str(seed) for _, _, seed in items],
+                                                keys=[str(seed) for seed in seeds])
     result["images"] = len(images)
     return result
 
