@@ -9,7 +9,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny_pipelines import BUILDERS, build_tokenizer  # noqa: E402
 
 # Tiny models run many small operations: on two cores one thread per process is several times faster than two
-# (measured: the toy VLM tests 123 s -> 6 s), and it leaves a core to the app server the app tests launch.
+# (measured: the toy VLM tests 123 s -> 6 s). The cores are used by pytest-xdist instead, one worker per core
+# (pyproject's addopts); the app tests' server runs in its worker's process and is idle while the client waits.
 torch.set_num_threads(1)
 
 
