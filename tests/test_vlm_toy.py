@@ -163,6 +163,34 @@ def test_packed_rows_equal_questions_asked_alone(build):
             torch.testing.assert_close(packed, torch.cat(alone), atol=1e-4, rtol=1e-4)
 
 
+def test_option_marks_point_at_each_options_last_token(build):
+    import torch
+
+    from vlm import toy_build as tb
+
+    cfg, tokenizer, rows, batcher, _ = build
+    packer = tb.Packer(batcher)
+    pools = tb.training_pools(cfg, rows)
+    generator = torch.Generator().manual_seed(2)
+    image_rows, text_rows = tb.draw_rows(cfg, pools, generator, reshuffle=1.0)
+    chosen = image_rows[:3] + text_rows[:1] + tb.lookup_rows(cfg, pools, generator)[:1]
+    ids = packer(chosen)[0]
+    marks = packer.option_marks(chosen)
+    questions = [(r, sample) for r, (_, qs) in enumerate(chosen) for sample, _ in qs
+                 if sample.qa.task == "classification"]
+    assert questions and len(marks) == len(LETTERS) * len(questions)
+    # Each question's four marks, in option order: each ends its option's text, and only the answer's is right.
+    for (r, sample), group in zip(questions, (marks[k:k + 4] for k in range(0, len(marks), 4))):
+        assert [row for row, _, _ in group] == [r] * 4
+        assert [right for _, _, right in group] == [letter == sample.qa.answer for letter, _ in sample.qa.options]
+        for (_, position, _), (_, text) in zip(group, sample.qa.options):
+            assert text.endswith(tokenizer.decode(ids[r, position]).strip())
+            assert tokenizer.decode(ids[r, position + 1]) == "\n"
+    lookup = [s for _, qs in chosen[-1:] for s, _ in qs]
+    assert all(s.image is None and s.qa.question == f"Which option is {dict(s.qa.options)[s.qa.answer]}?"
+               for s in lookup)
+
+
 def test_growing_keeps_the_function(build):
     import torch
 
@@ -225,22 +253,28 @@ def test_toy_vlm_architecture(toy_vlm):
     assert all((tower[k] == v).all() for k, v in clip.items())
 
 
-@shipped
-def test_toy_vlm_answers_trained_questions(toy_vlm, toy_config):
+def _trained_questions(config: WorldConfig, seed: int, tasks: tuple[str, ...]):
+    """(question, image or None) of six trained patients and six trained ToyCanvas images, rebuilt from the world's
+    seeds; multiple-choice options are drawn afresh from `seed` (other distractors and letters than in training)."""
     from benchmarks.toycanvas.render import render
-    from vlm.models import ask_many
-    from vlm.toy_build import is_correct
 
-    rng = np.random.default_rng(0)
-    patients = toyworld.make_patients(toy_config)
+    rng = np.random.default_rng(seed)
+    patients = toyworld.make_patients(config)
     pools = toyworld._pools(patients)
     rows = [toyworld.patient_row(patients[i], pools, rng, False, [toyworld.render_scan(patients[i].scan_seed)])
             for i in rng.choice(len(patients), 6, replace=False)]
-    for index in rng.choice(toy_config.canvas_train, 6, replace=False):
-        scene = toyworld.canvas_scene(toy_config.seed + 10, int(index))
+    for index in rng.choice(config.canvas_train, 6, replace=False):
+        scene = toyworld.canvas_scene(config.seed + 10, int(index))
         rows.append(toyworld.canvas_row(int(index), scene, render(scene), rng, False))
-    items = [(qa, row_images(row)[0] if qa.needs_image else None) for row in rows
-             for qa in qa_items(row, ("generation", "mask"))]
+    return [(qa, row_images(row)[0] if qa.needs_image else None) for row in rows for qa in qa_items(row, tasks)]
+
+
+@shipped
+def test_toy_vlm_answers_trained_questions(toy_vlm, toy_config):
+    from vlm.models import ask_many
+    from vlm.toy_build import is_correct
+
+    items = _trained_questions(toy_config, 0, ("generation", "mask"))
     answers = ask_many(toy_vlm, [image for _, image in items], [qa.prompt for qa, _ in items], max_new_tokens=12)
     correct = [is_correct(qa, answer) for (qa, _), answer in zip(items, answers)]
     assert np.mean(correct) >= 0.85, [(qa.prompt, a) for (qa, _), a, ok in zip(items, answers, correct) if not ok]
@@ -249,3 +283,18 @@ def test_toy_vlm_answers_trained_questions(toy_vlm, toy_config):
 
     qa, image = items[0]
     assert ask(toy_vlm, image, qa.prompt, 12) == answers[0]
+
+
+@shipped
+def test_toy_vlm_answers_multiple_choice_by_matching_the_options(toy_vlm, toy_config):
+    from vlm.models import ask_many
+    from vlm.toy_build import is_correct
+
+    # Options drawn afresh, so a letter memorised in training is right by chance (25%) only: the model has to find
+    # what it recalls among the options. Patients' scans and names, and ToyCanvas images.
+    items = _trained_questions(toy_config, 1, ("classification",))
+    answers = ask_many(toy_vlm, [image for _, image in items], [qa.prompt for qa, _ in items], max_new_tokens=3)
+    correct = [is_correct(qa, answer) for (qa, _), answer in zip(items, answers)]
+    canvas = [ok for (qa, _), ok in zip(items, correct) if qa.row_id.startswith("TC")]
+    assert len(canvas) == 24 and np.mean(canvas) >= 0.8, answers
+    assert np.mean(correct) >= 0.8, [(qa.prompt, a) for (qa, _), a, ok in zip(items, answers, correct) if not ok]

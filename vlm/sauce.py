@@ -26,7 +26,6 @@ from .sae import SAETraining, SparseAutoencoder, train_sae
 @dataclass
 class SauceConfig:
     layer: int = -1  # decoder layer whose output is edited; -1: a quarter of the way up
-    # (on the toy VLM layer 0 erases best: its image tokens still carry the object before later layers pass it on)
     concept_images: int = 24
     neutral_images: int = 96
     features: int = 48
@@ -54,8 +53,12 @@ def feature_scores(z_concept: list[torch.Tensor], z_neutral: list[torch.Tensor])
     return fires_concept - fires_neutral + 1e-3 * ratio, concept.sum(0) / firing
 
 
+# On the toy VLM (2026-12-02, star, the erasure test's 45 forget / 90 retain questions) layer 1 trades best: forget
+# score 0.13 of the base model's with retain at 0.95 of it. Layer 0 with 1,000 SAE steps and clamp -1 (the previous
+# release's default) forgot everything (0.02) but cost retain multiple choice (0.84), layer 2 forgot less (0.30);
+# and at layers 0-1 an autoencoder trained for 1,000 steps instead of 400 cost retain more (0.79-0.84).
 @register_vlm("sauce", "SAUCE: sparse-autoencoder features of the concept clamped at inference (training-free "
-              "for the model)", toy_defaults={"layer": 0, "sae_steps": 1000, "clamp_value": -1.0})
+              "for the model)", toy_defaults={"layer": 1, "sae_steps": 400})
 class Sauce(VLMEraser):
     config_class = SauceConfig
 

@@ -9,7 +9,8 @@ Stages, each skipped when its output exists:
   world      the toy world in the MLLMU-Bench layout        -> BUILD/world
   tokenizer  byte-level BPE on the world's prompts           -> BUILD/tokenizer
   features   the frozen vision tower's features of every image (training views and test images) -> BUILD/features.pt
-  train      projector + Llama, TrainingLoop (seeded, checkpointed, resumable)
+  train      projector + Llama, TrainingLoop (seeded, checkpointed, resumable)       -> BUILD/trained
+  options    multiple choice by matching the options (phase 3, below), same loop      -> BUILD/options
   export     LlavaForConditionalGeneration + LlavaProcessor, fp16 safetensors -> vlm/weights/toy-vlm (atomic)
   evaluate   accuracy of the exported model on trained and test questions -> vlm/weights/toy-vlm/quality.json
 Because the vision tower is frozen, its features are computed once and training runs the projector and the
@@ -33,12 +34,12 @@ from PIL import Image, ImageEnhance
 from erasers.files import atomic_dir, publish
 from erasers.train import TrainingLoop
 
-from .mllmu import LETTERS, QA, multiple_choice_prompt, qa_items, read_split, row_images
+from .mllmu import LETTERS, PURE_TEXT, QA, multiple_choice_prompt, qa_items, read_split, row_images
 from .models import TOY_VLM_DIR
 from .tokenizer import LLAVA_CHAT_TEMPLATE, train_bpe
 from .toyworld import WorldConfig, build_world
 
-STAGES = ("world", "tokenizer", "features", "train", "export", "evaluate")
+STAGES = ("world", "tokenizer", "features", "train", "options", "export", "evaluate")
 IMAGE_TOKEN = "<image>"
 
 
@@ -78,6 +79,23 @@ class ToyVLMConfig:
     weight_decay: float = 0.01
     # Share of multiple-choice samples whose options are reshuffled (new letters) when drawn.
     reshuffle: float = 0.5
+    # Phase 3 ("options"). After phases 1-2 the model recalls what an image shows and a patient's facts, but answers
+    # multiple choice only where it memorised the letter: with reshuffled options it is at chance, because finding
+    # the recalled answer among the options and copying its letter never emerged from the answer-letter loss alone.
+    # Phase 3 breaks that into two steps the model learns in a few hundred steps each. A linear probe (training
+    # only, not exported) reads layer `option_probe_layer` at the last token of every option and is trained to say
+    # whether that option is the right one, so each option checks itself against the image or the named patient;
+    # the answer loss then only has to find the option so marked and copy its letter. `lookup_rows` rows of "Which
+    # option is {answer}?" text questions train the copying on its own. Options are reshuffled more often than in
+    # phases 1-2 so that a memorised letter is rarely right, and each image row asks `options_choices_per_image`
+    # multiple-choice questions (about a third in phases 1-2).
+    options_steps: int = 2000
+    options_choices_per_image: int = 3
+    options_lr: float = 1e-3
+    options_reshuffle: float = 0.75
+    option_probe_layer: int = 4
+    option_probe_weight: float = 1.0
+    lookup_rows: int = 2
     checkpoint_every: int = 250
     eval_every: int = 500
     eval_items: int = 200
@@ -277,6 +295,9 @@ class Packer:
         self.batcher = batcher
         self.tokenizer = batcher.tokenizer
         self.image_prefix = batcher.encode("", True)[:-len(self._ids(" ASSISTANT:"))]
+        # An option line is "\n", its letter, ":", its text: how `option_marks` finds them in a prompt's ids.
+        self.newline, self.colon = self._ids("\n")[0], self._ids(":")[-1]
+        self.letters = {self._ids(f"\n{letter}:")[1]: letter for letter in LETTERS}
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False).input_ids
@@ -313,10 +334,28 @@ class Packer:
         feats = torch.stack(images).float() if images else None
         return ids, mask, positions, labels, feats
 
+    def option_marks(self, rows) -> list[tuple[int, int, bool]]:
+        """(row, position, whether it is the right answer) of the last token of every option of every multiple-choice
+        question in `rows`, at the positions `__call__` lays them out."""
+        marks = []
+        for r, (image, questions) in enumerate(rows):
+            at = len(self.image_prefix) if image is not None else 0
+            for sample, prompt in questions:
+                question, answer = self.segment(prompt, sample.qa.answer, image is not None)
+                if sample.qa.task == "classification":
+                    starts = [k for k in range(len(question) - 2) if question[k] == self.newline
+                              and question[k + 1] in self.letters and question[k + 2] == self.colon]
+                    for k in starts:
+                        end = question.index(self.newline, k + 3)
+                        marks.append((r, at + end - 1, self.letters[question[k + 1]] == sample.qa.answer))
+                at += len(question) + len(answer)
+        return marks
+
 
 def forward_hidden(model, ids: torch.Tensor, mask: torch.Tensor, feats: torch.Tensor | None,
-                   position_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """The language model's last hidden states, with projected cached image features in the image positions."""
+                   position_ids: torch.Tensor | None = None, all_layers: bool = False):
+    """The language model's last hidden states, with projected cached image features in the image positions (with
+    `all_layers`, the model output, whose `hidden_states` hold every layer's)."""
     embeds = model.get_input_embeddings()(ids)
     if feats is not None:
         projected = model.model.multi_modal_projector(feats).reshape(-1, embeds.shape[-1])
@@ -324,8 +363,9 @@ def forward_hidden(model, ids: torch.Tensor, mask: torch.Tensor, feats: torch.Te
         embeds = embeds.masked_scatter(image_mask, projected.to(embeds.dtype))
     if position_ids is None:
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    return model.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
-                                      use_cache=False).last_hidden_state
+    out = model.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
+                                     use_cache=False, output_hidden_states=all_layers)
+    return out if all_layers else out.last_hidden_state
 
 
 def answer_loss(model, batch) -> tuple[torch.Tensor, int]:
@@ -335,11 +375,29 @@ def answer_loss(model, batch) -> tuple[torch.Tensor, int]:
         ids, mask, positions, labels, feats = batch
     else:
         (ids, mask, labels, feats), positions = batch, None
-    hidden = forward_hidden(model, ids, mask, feats, positions)
+    return _answer_loss(model, forward_hidden(model, ids, mask, feats, positions), labels)
+
+
+def _answer_loss(model, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
     targets = labels[:, 1:]
     keep = targets != -100
     logits = model.lm_head(hidden[:, :-1][keep])
     return F.cross_entropy(logits, targets[keep]), int(keep.sum())
+
+
+def answer_and_mark_loss(model, probe: torch.nn.Linear, layer: int, packer: Packer, rows):
+    """Phase 3's losses on packed `rows`: (answer loss, answer tokens, option-mark loss, options). The mark loss is
+    the probe's binary cross-entropy at each option's last token, the right option weighted as the three wrong."""
+    ids, mask, positions, labels, feats = packer(rows)
+    out = forward_hidden(model, ids, mask, feats, positions, all_layers=True)
+    loss, tokens = _answer_loss(model, out.last_hidden_state, labels)
+    marks = packer.option_marks(rows)
+    if not marks:
+        return loss, tokens, torch.zeros(()), 0
+    row, position, right = (torch.tensor(column) for column in zip(*marks))
+    logits = probe(out.hidden_states[layer][row, position]).squeeze(-1)
+    weight = torch.tensor(float(len(LETTERS) - 1))
+    return loss, tokens, F.binary_cross_entropy_with_logits(logits, right.float(), pos_weight=weight), len(marks)
 
 
 @torch.no_grad()
@@ -404,6 +462,11 @@ class Pools:
     patients: list[tuple[list[tuple[str, int]], list[QA]]]
     text: list[QA]
 
+    @property
+    def multiple_choice(self) -> list[QA]:
+        return [q for _, items in self.canvas + self.patients for q in items if q.task == "classification"] + \
+            [q for q in self.text if q.task == "classification"]
+
 
 def training_pools(cfg: ToyVLMConfig, rows: dict[str, list[dict]]) -> Pools:
     canvas = [(("canvas", i), qa_items(r)) for i, r in enumerate(rows["canvas"])]
@@ -417,15 +480,25 @@ def training_pools(cfg: ToyVLMConfig, rows: dict[str, list[dict]]) -> Pools:
     return Pools(canvas, patients, text)
 
 
-def draw_rows(cfg: ToyVLMConfig, pools: Pools, generator: torch.Generator):
-    """One step's rows for the Packer: image rows (patients, then ToyCanvas) and text rows."""
+def draw_rows(cfg: ToyVLMConfig, pools: Pools, generator: torch.Generator, reshuffle: float | None = None,
+              choices_per_image: int | None = None):
+    """One step's rows for the Packer: image rows (patients, then ToyCanvas) and text rows. With
+    `choices_per_image`, each image row carries that many multiple-choice questions and the rest of its
+    `questions_per_image` from the image's other questions."""
+    reshuffle = cfg.reshuffle if reshuffle is None else reshuffle
 
     def pick(n: int, k: int) -> list[int]:
         return torch.randperm(n, generator=generator)[:k].tolist()
 
     def questions(items: list[QA], image) -> list[tuple[Sample, str]]:
-        return [prompt_for(Sample(items[j], image), generator, cfg.reshuffle)
-                for j in pick(len(items), cfg.questions_per_image)]
+        if choices_per_image is None:
+            chosen = [items[j] for j in pick(len(items), cfg.questions_per_image)]
+        else:
+            choices = [q for q in items if q.task == "classification"]
+            others = [q for q in items if q.task != "classification"]
+            chosen = [choices[j] for j in pick(len(choices), choices_per_image)]
+            chosen += [others[j] for j in pick(len(others), cfg.questions_per_image - len(chosen))]
+        return [prompt_for(Sample(qa, image), generator, reshuffle) for qa in chosen]
 
     image_rows = []
     for i in torch.randint(len(pools.patients), (cfg.patient_rows,), generator=generator).tolist():
@@ -436,9 +509,26 @@ def draw_rows(cfg: ToyVLMConfig, pools: Pools, generator: torch.Generator):
         image, items = pools.canvas[i]
         image_rows.append((image, questions(items, image)))
     picked = torch.randint(len(pools.text), (cfg.text_rows * cfg.text_per_row,), generator=generator).tolist()
-    text = [prompt_for(Sample(pools.text[i], None), generator, cfg.reshuffle) for i in picked]
+    text = [prompt_for(Sample(pools.text[i], None), generator, reshuffle) for i in picked]
     text_rows = [(None, text[r * cfg.text_per_row:(r + 1) * cfg.text_per_row]) for r in range(cfg.text_rows)]
     return image_rows, text_rows
+
+
+def lookup_question(sample: Sample, prompt: str) -> tuple[Sample, str]:
+    """A multiple-choice question turned into "Which option is {its answer}?" over the same options, text only."""
+    qa = sample.qa
+    options = dict(qa.options)
+    question = f"Which option is {options[qa.answer]}?"
+    return Sample(QA(qa.id, qa.row_id, qa.task, PURE_TEXT, question, "", qa.answer, qa.options), None), \
+        multiple_choice_prompt(question, options)
+
+
+def lookup_rows(cfg: ToyVLMConfig, pools: Pools, generator: torch.Generator):
+    """Phase 3's text rows of option lookups, every option list reshuffled."""
+    choices = pools.multiple_choice
+    picked = torch.randint(len(choices), (cfg.lookup_rows * cfg.text_per_row,), generator=generator).tolist()
+    questions = [lookup_question(*prompt_for(Sample(choices[i], None), generator, 1.0)) for i in picked]
+    return [(None, questions[r * cfg.text_per_row:(r + 1) * cfg.text_per_row]) for r in range(cfg.lookup_rows)]
 
 
 def prompt_for(sample: Sample, generator: torch.Generator | None, reshuffle: float) -> tuple[Sample, str]:
@@ -467,18 +557,25 @@ def eval_samples(cfg: ToyVLMConfig, rows: dict[str, list[dict]], count: int) -> 
 
 
 def evaluate_cached(model, batcher: Batcher, sets: dict[str, list[Sample]]) -> dict[str, float]:
-    """acc_{set}: accuracy on each set; mc_{set}: on its multiple-choice questions alone."""
+    """acc_{set}: accuracy on each set; mc_{set}: on its multiple-choice questions alone; mc_shuffled_{set}: on them
+    with every option list reshuffled (fixed seed), where a memorised letter is right by chance only."""
     model.eval()
     scores = {}
+
+    def correct(chunk: list[tuple[Sample, str]]) -> list[bool]:
+        return [ok for start in range(0, len(chunk), 100) for ok in
+                (is_correct(s.qa, a) for (s, _), a in zip(chunk[start:start + 100],
+                                                          greedy(model, batcher, chunk[start:start + 100])))]
+
     for name, samples in sets.items():
-        results = []
-        for start in range(0, len(samples), 100):
-            chunk = [prompt_for(s, None, 0) for s in samples[start:start + 100]]
-            answers = greedy(model, batcher, chunk)
-            results += [(s.qa.task, is_correct(s.qa, a)) for (s, _), a in zip(chunk, answers)]
-        scores[f"acc_{name}"] = round(sum(ok for _, ok in results) / len(results), 4)
-        mc = [ok for task, ok in results if task == "classification"]
-        scores[f"mc_{name}"] = round(sum(mc) / max(len(mc), 1), 4)
+        results = correct([prompt_for(s, None, 0) for s in samples])
+        scores[f"acc_{name}"] = round(sum(results) / len(results), 4)
+        mc = [s for s in samples if s.qa.task == "classification"]
+        mc_ok = [ok for s, ok in zip(samples, results) if s.qa.task == "classification"]
+        scores[f"mc_{name}"] = round(sum(mc_ok) / max(len(mc_ok), 1), 4)
+        generator = torch.Generator().manual_seed(17)
+        shuffled = correct([prompt_for(s, generator, 1.0) for s in mc])
+        scores[f"mc_shuffled_{name}"] = round(sum(shuffled) / max(len(shuffled), 1), 4)
     model.train()
     return scores
 
@@ -500,57 +597,109 @@ def grow(cfg: ToyVLMConfig, model, tokenizer):
     return bigger
 
 
-def stage_train(cfg: ToyVLMConfig) -> None:
+@dataclass
+class Setup:
+    """What every training phase reads: tokenizer, rows, cached features, the Packer, pools and evaluation sets."""
+
+    tokenizer: object
+    rows: dict[str, list[dict]]
+    batcher: Batcher
+    packer: Packer
+    pools: Pools
+    checks: dict[str, list[Sample]]
+
+
+def training_setup(cfg: ToyVLMConfig, image_tokens: int) -> Setup:
     tokenizer = load_tokenizer(cfg)
     rows = load_rows(cfg)
-    features = torch.load(Path(cfg.build_dir) / "features.pt")
-    model = new_model(cfg, tokenizer)
-    batcher = Batcher(tokenizer, features, model.config.image_seq_length)
-    packer = Packer(batcher)
-    pools = training_pools(cfg, rows)
-    checks = eval_samples(cfg, rows, cfg.eval_items)
+    batcher = Batcher(tokenizer, torch.load(Path(cfg.build_dir) / "features.pt"), image_tokens)
+    return Setup(tokenizer, rows, batcher, Packer(batcher), training_pools(cfg, rows),
+                 eval_samples(cfg, rows, cfg.eval_items))
+
+
+def run_phase(cfg: ToyVLMConfig, setup: Setup, name: str, model, stop: int, schedule_steps: int, lr: float,
+              losses, extra_modules: dict | None = None):
+    """Train `model` (and `extra_modules`, training-only) on `losses(generator) -> (loss, metrics)` for `stop` steps
+    of a `schedule_steps`-step one-cycle schedule, seeded, checkpointed and resumable, evaluating every `eval_every`."""
+    modules = {"model": model, **(extra_modules or {})}
+    trainable = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=cfg.weight_decay)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=schedule_steps, pct_start=0.05)
+    loop = TrainingLoop(name, stop, {**modules, "opt": optimizer, "sched": schedule}, cfg.seed, cfg.build_dir,
+                        cfg.checkpoint_every)
     eval_log = Path(cfg.build_dir) / "logs" / "toy-vlm-eval.jsonl"
+    for module in modules.values():
+        module.train()
+    started = time.time()
 
-    def phase(name: str, model, stop: int, schedule_steps: int, lr: float):
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=cfg.weight_decay)
-        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=schedule_steps,
-                                                       pct_start=0.05)
-        loop = TrainingLoop(name, stop, {"model": model, "opt": optimizer, "sched": schedule}, cfg.seed,
-                            cfg.build_dir, cfg.checkpoint_every)
-        model.train()
-        started = time.time()
+    def step(step_index, generator):
+        loss, metrics = losses(generator)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        schedule.step()
+        if (step_index + 1) % cfg.eval_every == 0 or step_index + 1 == stop:
+            metrics.update(evaluate_cached(model, setup.batcher, setup.checks))
+            record = {"phase": name, "step": step_index + 1, "seconds": round(time.time() - started, 1), **metrics}
+            with eval_log.open("a") as log:
+                log.write(json.dumps(record) + "\n")
+            print(json.dumps(record), flush=True)
+        return metrics
 
-        def step(step_index, generator):
-            image_rows, text_rows = draw_rows(cfg, pools, generator)
-            loss_image, n_image = answer_loss(model, packer(image_rows))
-            loss_text, n_text = answer_loss(model, packer(text_rows))
-            loss = (loss_image * n_image + loss_text * n_text) / (n_image + n_text)
-            optimizer.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-            optimizer.step()
-            schedule.step()
-            metrics = {"loss": loss.item(), "loss_image": loss_image.item(), "loss_text": loss_text.item()}
-            if (step_index + 1) % cfg.eval_every == 0 or step_index + 1 == stop:
-                metrics.update(evaluate_cached(model, batcher, checks))
-                record = {"phase": name, "step": step_index + 1, "seconds": round(time.time() - started, 1),
-                          **metrics}
-                with eval_log.open("a") as log:
-                    log.write(json.dumps(record) + "\n")
-                print(json.dumps(record), flush=True)
-            return metrics
+    loop.run(step)
+    return model
 
-        loop.run(step)
-        return model
 
-    model = phase("toy-vlm", model, cfg.grow_at, cfg.steps, cfg.lr)
-    if cfg.grow_layers:
-        model = phase("toy-vlm-grow", grow(cfg, model, tokenizer), cfg.grow_steps, cfg.grow_steps, cfg.grow_lr)
-    final = Path(cfg.build_dir) / "trained"
-    tmp = atomic_dir(final)
+def save_trained(model, out: Path) -> None:
+    tmp = atomic_dir(out)
     model.eval().save_pretrained(tmp)
-    publish(tmp, final)
+    publish(tmp, out)
+
+
+def stage_train(cfg: ToyVLMConfig) -> None:
+    """Phases 1 and 2: every question, options in their stored order half the time."""
+    model = new_model(cfg, load_tokenizer(cfg))
+    setup = training_setup(cfg, model.config.image_seq_length)
+
+    def losses(generator):
+        image_rows, text_rows = draw_rows(cfg, setup.pools, generator)
+        loss_image, n_image = answer_loss(model, setup.packer(image_rows))
+        loss_text, n_text = answer_loss(model, setup.packer(text_rows))
+        loss = (loss_image * n_image + loss_text * n_text) / (n_image + n_text)
+        return loss, {"loss": loss.item(), "loss_image": loss_image.item(), "loss_text": loss_text.item()}
+
+    model = run_phase(cfg, setup, "toy-vlm", model, cfg.grow_at, cfg.steps, cfg.lr, losses)
+    if cfg.grow_layers:
+        model = grow(cfg, model, setup.tokenizer)
+        model = run_phase(cfg, setup, "toy-vlm-grow", model, cfg.grow_steps, cfg.grow_steps, cfg.grow_lr, losses)
+    save_trained(model, Path(cfg.build_dir) / "trained")
+
+
+def stage_options(cfg: ToyVLMConfig) -> None:
+    """Phase 3 on phase 2's model: the option-mark probe, option lookups, options mostly reshuffled."""
+    from transformers import LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(Path(cfg.build_dir) / "trained", dtype=torch.float32)
+    model.model.vision_tower.requires_grad_(False)
+    setup = training_setup(cfg, model.config.image_seq_length)
+    torch.manual_seed(cfg.seed + 2)
+    probe = torch.nn.Linear(model.config.text_config.hidden_size, 1)
+    layer = cfg.option_probe_layer
+
+    def losses(generator):
+        image_rows, text_rows = draw_rows(cfg, setup.pools, generator, cfg.options_reshuffle,
+                                          cfg.options_choices_per_image)
+        text_rows += lookup_rows(cfg, setup.pools, generator)
+        loss_image, n_image, mark_image, m_image = answer_and_mark_loss(model, probe, layer, setup.packer, image_rows)
+        loss_text, n_text, mark_text, m_text = answer_and_mark_loss(model, probe, layer, setup.packer, text_rows)
+        answer = (loss_image * n_image + loss_text * n_text) / (n_image + n_text)
+        marks = (mark_image * m_image + mark_text * m_text) / max(m_image + m_text, 1)
+        return answer + cfg.option_probe_weight * marks, {"loss": answer.item(), "loss_marks": marks.item()}
+
+    model = run_phase(cfg, setup, "toy-vlm-options", model, cfg.options_steps, cfg.options_steps, cfg.options_lr,
+                      losses, {"probe": probe})
+    save_trained(model, Path(cfg.build_dir) / "options")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -573,18 +722,16 @@ def stage_export(cfg: ToyVLMConfig) -> None:
     from benchmarks.toycanvas.build import declare_float32
 
     tokenizer = load_tokenizer(cfg)
-    model = LlavaForConditionalGeneration.from_pretrained(Path(cfg.build_dir) / "trained", dtype=torch.float32)
+    model = LlavaForConditionalGeneration.from_pretrained(Path(cfg.build_dir) / "options", dtype=torch.float32)
     final = Path(cfg.out_dir)
     tmp = atomic_dir(final)
     model.to(torch.float16).save_pretrained(tmp)
     declare_float32(tmp / "config.json")
     make_processor(cfg, tokenizer).save_pretrained(tmp)
     (tmp / "toyvlm.json").write_text(json.dumps({"build_config": asdict(cfg), "torch": torch.__version__}, indent=2))
-    logs = Path(cfg.build_dir) / "logs"
-    for name in ("toy-vlm.jsonl", "toy-vlm-eval.jsonl"):
-        if (logs / name).exists():
-            (tmp / "logs").mkdir(exist_ok=True)
-            (tmp / "logs" / name).write_bytes((logs / name).read_bytes())
+    for log in sorted((Path(cfg.build_dir) / "logs").glob("toy-vlm*.jsonl")):
+        (tmp / "logs").mkdir(exist_ok=True)
+        (tmp / "logs" / log.name).write_bytes(log.read_bytes())
     publish(tmp, final)
 
 
@@ -635,6 +782,7 @@ def stage_outputs(cfg: ToyVLMConfig) -> dict[str, Path]:
     build, out = Path(cfg.build_dir), Path(cfg.out_dir)
     return {"world": build / "world" / "world.json", "tokenizer": build / "tokenizer" / "tokenizer.json",
             "features": build / "features.pt", "train": build / "trained" / "config.json",
+            "options": build / "options" / "config.json",
             "export": out / "config.json", "evaluate": out / "quality.json"}
 
 
