@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -189,6 +190,33 @@ def test_option_marks_point_at_each_options_last_token(build):
     lookup = [s for _, qs in chosen[-1:] for s, _ in qs]
     assert all(s.image is None and s.qa.question == f"Which option is {dict(s.qa.options)[s.qa.answer]}?"
                for s in lookup)
+
+
+def test_the_training_stages_run_end_to_end(build, tmp_path):
+    import dataclasses
+
+    import torch
+    from safetensors import safe_open
+
+    from vlm import toy_build as tb
+
+    cfg, _, _, batcher, _ = build
+    for name in ("world", "tokenizer"):
+        (tmp_path / name).symlink_to(Path(cfg.build_dir) / name, target_is_directory=True)
+    torch.save(batcher.features, tmp_path / "features.pt")
+    tiny = dataclasses.replace(cfg, build_dir=str(tmp_path), steps=4, grow_at=2, grow_layers=1, grow_steps=2,
+                               options_steps=2, option_probe_layer=2, eval_every=2, eval_items=6, patient_rows=2,
+                               canvas_rows=2, text_rows=1, checkpoint_every=1)
+    tb.stage_train(tiny)
+    tb.stage_options(tiny)
+    logged = [json.loads(line) for line in (tmp_path / "logs" / "toy-vlm-eval.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in logged] == ["toy-vlm", "toy-vlm-grow", "toy-vlm-options"]
+    assert all(0 <= r["mc_shuffled_canvas"] <= 1 and r["loss_marks"] > 0 for r in logged[2:])
+    # The probe is a training aid: the model saved after phase 3 holds the Llava weights only.
+    with safe_open(tmp_path / "options" / "model.safetensors", "pt") as saved:
+        keys = set(saved.keys())
+    assert keys and not any("probe" in key for key in keys)
+    assert torch.load(tmp_path / "ckpt" / "toy-vlm-options.pt", weights_only=False)["step"] == 2
 
 
 def test_growing_keeps_the_function(build):

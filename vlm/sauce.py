@@ -55,7 +55,7 @@ def feature_scores(z_concept: list[torch.Tensor], z_neutral: list[torch.Tensor])
 
 # On the toy VLM (2026-12-02, star, the erasure test's 45 forget / 90 retain questions) layer 1 trades best: forget
 # score 0.13 of the base model's with retain at 0.95 of it. Layer 0 with 1,000 SAE steps and clamp -1 (the previous
-# release's default) forgot everything (0.02) but cost retain multiple choice (0.84), layer 2 forgot less (0.30);
+# release's default) forgot everything (0.02) but cost retain (0.84), layer 2 forgot less (0.30);
 # and at layers 0-1 an autoencoder trained for 1,000 steps instead of 400 cost retain more (0.79-0.84).
 @register_vlm("sauce", "SAUCE: sparse-autoencoder features of the concept clamped at inference (training-free "
               "for the model)", toy_defaults={"layer": 1, "sae_steps": 400})
