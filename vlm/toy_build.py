@@ -60,9 +60,8 @@ class ToyVLMConfig:
     patient_views: int = 4
     # Phase 1 runs the first `grow_at` steps of a `steps`-step one-cycle schedule on a `layers`-layer Llama; phase 2
     # ("grow") appends `grow_layers` layers whose output projections start at zero (the function is unchanged) and
-    # trains all of it for `grow_steps` on a fresh cycle. Three layers learned to recall facts and read images but
-    # not to answer multiple choice (matching the recalled answer to an option and copying its letter takes more
-    # composition than three layers left); the grown model learns it without relearning the facts.
+    # trains all of it for `grow_steps` on a fresh cycle, so that the extra depth does not cost relearning the facts.
+    # Neither the three layers nor the six learned to answer multiple choice by its options (phase 3 below).
     steps: int = 5000
     grow_at: int = 2250
     grow_layers: int = 3
