@@ -24,6 +24,7 @@ import os
 import re
 import time
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -384,6 +385,11 @@ def _answer_loss(model, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[tor
     return F.cross_entropy(logits, targets[keep]), int(keep.sum())
 
 
+def pooled_mean(*parts: tuple[torch.Tensor, int]) -> torch.Tensor:
+    """The mean over all items of (mean, count) parts, as if their items had been averaged together."""
+    return sum(mean * count for mean, count in parts) / max(sum(count for _, count in parts), 1)
+
+
 def answer_and_mark_loss(model, probe: torch.nn.Linear, layer: int, packer: Packer, rows):
     """Phase 3's losses on packed `rows`: (answer loss, answer tokens, option-mark loss, options). The mark loss is
     the probe's binary cross-entropy at each option's last token, the right option weighted as the three wrong."""
@@ -461,7 +467,7 @@ class Pools:
     patients: list[tuple[list[tuple[str, int]], list[QA]]]
     text: list[QA]
 
-    @property
+    @cached_property
     def multiple_choice(self) -> list[QA]:
         return [q for _, items in self.canvas + self.patients for q in items if q.task == "classification"] + \
             [q for q in self.text if q.task == "classification"]
@@ -513,7 +519,7 @@ def draw_rows(cfg: ToyVLMConfig, pools: Pools, generator: torch.Generator, reshu
     return image_rows, text_rows
 
 
-def lookup_question(sample: Sample, prompt: str) -> tuple[Sample, str]:
+def lookup_question(sample: Sample) -> tuple[Sample, str]:
     """A multiple-choice question turned into "Which option is {its answer}?" over the same options, text only."""
     qa = sample.qa
     options = dict(qa.options)
@@ -526,7 +532,7 @@ def lookup_rows(cfg: ToyVLMConfig, pools: Pools, generator: torch.Generator):
     """Phase 3's text rows of option lookups, every option list reshuffled."""
     choices = pools.multiple_choice
     picked = torch.randint(len(choices), (cfg.lookup_rows * cfg.text_per_row,), generator=generator).tolist()
-    questions = [lookup_question(*prompt_for(Sample(choices[i], None), generator, 1.0)) for i in picked]
+    questions = [lookup_question(prompt_for(Sample(choices[i], None), generator, 1.0)[0]) for i in picked]
     return [(None, questions[r * cfg.text_per_row:(r + 1) * cfg.text_per_row]) for r in range(cfg.lookup_rows)]
 
 
@@ -561,10 +567,12 @@ def evaluate_cached(model, batcher: Batcher, sets: dict[str, list[Sample]]) -> d
     model.eval()
     scores = {}
 
-    def correct(chunk: list[tuple[Sample, str]]) -> list[bool]:
-        return [ok for start in range(0, len(chunk), 100) for ok in
-                (is_correct(s.qa, a) for (s, _), a in zip(chunk[start:start + 100],
-                                                          greedy(model, batcher, chunk[start:start + 100])))]
+    def correct(asked: list[tuple[Sample, str]]) -> list[bool]:
+        results = []
+        for start in range(0, len(asked), 100):
+            chunk = asked[start:start + 100]
+            results += [is_correct(s.qa, a) for (s, _), a in zip(chunk, greedy(model, batcher, chunk))]
+        return results
 
     for name, samples in sets.items():
         results = correct([prompt_for(s, None, 0) for s in samples])
@@ -598,10 +606,10 @@ def grow(cfg: ToyVLMConfig, model, tokenizer):
 
 @dataclass
 class Setup:
-    """What every training phase reads: tokenizer, rows, cached features, the Packer, pools and evaluation sets."""
+    """What every training phase reads: tokenizer, cached features (in the Batcher), the Packer, pools and
+    evaluation sets."""
 
     tokenizer: object
-    rows: dict[str, list[dict]]
     batcher: Batcher
     packer: Packer
     pools: Pools
@@ -612,7 +620,7 @@ def training_setup(cfg: ToyVLMConfig, image_tokens: int) -> Setup:
     tokenizer = load_tokenizer(cfg)
     rows = load_rows(cfg)
     batcher = Batcher(tokenizer, torch.load(Path(cfg.build_dir) / "features.pt"), image_tokens)
-    return Setup(tokenizer, rows, batcher, Packer(batcher), training_pools(cfg, rows),
+    return Setup(tokenizer, batcher, Packer(batcher), training_pools(cfg, rows),
                  eval_samples(cfg, rows, cfg.eval_items))
 
 
@@ -665,7 +673,7 @@ def stage_train(cfg: ToyVLMConfig) -> None:
         image_rows, text_rows = draw_rows(cfg, setup.pools, generator)
         loss_image, n_image = answer_loss(model, setup.packer(image_rows))
         loss_text, n_text = answer_loss(model, setup.packer(text_rows))
-        loss = (loss_image * n_image + loss_text * n_text) / (n_image + n_text)
+        loss = pooled_mean((loss_image, n_image), (loss_text, n_text))
         return loss, {"loss": loss.item(), "loss_image": loss_image.item(), "loss_text": loss_text.item()}
 
     model = run_phase(cfg, setup, "toy-vlm", model, cfg.grow_at, cfg.steps, cfg.lr, losses)
@@ -692,8 +700,8 @@ def stage_options(cfg: ToyVLMConfig) -> None:
         text_rows += lookup_rows(cfg, setup.pools, generator)
         loss_image, n_image, mark_image, m_image = answer_and_mark_loss(model, probe, layer, setup.packer, image_rows)
         loss_text, n_text, mark_text, m_text = answer_and_mark_loss(model, probe, layer, setup.packer, text_rows)
-        answer = (loss_image * n_image + loss_text * n_text) / (n_image + n_text)
-        marks = (mark_image * m_image + mark_text * m_text) / max(m_image + m_text, 1)
+        answer = pooled_mean((loss_image, n_image), (loss_text, n_text))
+        marks = pooled_mean((mark_image, m_image), (mark_text, m_text))
         return answer + cfg.option_probe_weight * marks, {"loss": answer.item(), "loss_marks": marks.item()}
 
     model = run_phase(cfg, setup, "toy-vlm-options", model, cfg.options_steps, cfg.options_steps, cfg.options_lr,
