@@ -51,7 +51,7 @@ def test_clip_loads_as_clip_and_as_vision_tower_with_projection():
 def test_clip_matches_images_to_their_captions():
     from transformers import CLIPModel, CLIPTokenizer
 
-    from benchmarks.toycanvas.build import normalize_for_clip
+    from benchmarks.toycanvas.build.train_clip import normalize_for_clip
     from benchmarks.toycanvas.classifier import pil_to_tensor
     from benchmarks.toycanvas.world import caption
 
