@@ -1,5 +1,6 @@
 """The shipped ToyCanvas models: they load with plain diffusers/transformers calls and meet (a subset of) the
-quality bars. The full bars are measured by `erasure toy build quality` and shown in the README."""
+quality bars. The full bars are measured by `erasure toy build quality` and shown in
+benchmarks/toycanvas/README.md."""
 
 
 import torch
