@@ -136,7 +136,7 @@ class AdvUnlearn(Eraser):
 
     def erase(self, loaded: LoadedPipeline, request: EraseRequest, work_dir: Path | None = None):
         cfg = self.config
-        loaded.require_text_conditioned_unet("advunlearn")
+        loaded.refuse("advunlearn", ("sd",), "not yet ported to this family")
         torch.manual_seed(cfg.seed)
         unet, text_encoder = loaded.denoiser, loaded.text_encoder
         unet.requires_grad_(False).eval()  # the UNet is its own frozen teacher: only the text encoder changes

@@ -293,7 +293,7 @@ def generate_from_ids(loaded: LoadedPipeline, input_ids: torch.Tensor, seed: int
     """One image for token ids, as `LoadedPipeline.generate` would draw it for the same prompt and seed."""
     loaded.pipeline.set_progress_bar_config(disable=True)
     return loaded.pipeline(prompt_embeds=loaded.text_encoder(input_ids)[0],
-                           negative_prompt_embeds=loaded.encode_text([""]),
+                           negative_prompt_embeds=loaded.encode_text([""]).states,
                            generator=[torch.Generator("cpu").manual_seed(seed)],
                            num_inference_steps=loaded.default_steps,
                            guidance_scale=loaded.default_guidance).images[0]
@@ -384,7 +384,7 @@ def attack_success_rate(model: str, edits: list[str | Path], concept: str | None
         raise UsageError(f"{out} already exists; choose a new --out or remove it first")
 
     loaded = load_pipeline(model, device=device)
-    loaded.require_text_conditioned_unet("the attack")
+    loaded.refuse("the attack", ("sd",), "not yet ported to this family")
     request = make_request([concept], loaded.tokenizer, is_toy)
     if judge is None:
         judge = ToyJudge(request.kind)
