@@ -108,7 +108,8 @@ def cmd_attack(args) -> None:
     options = {key: value for key, value in (("iterations", args.iterations), ("tokens", args.tokens))
                if value is not None}
     result = attack_success_rate(args.model, args.edit, args.concept, prompts=prompts, count=args.prompts,
-                                 seed=args.seed, config=options, judge=judge, device=args.device, out=args.out)
+                                 seed=args.seed, config=options, judge=judge, device=args.device, out=args.out,
+                                 resolution=args.resolution)
     n = result["n"]
     print(f"{result['concept']}: Pre-ASR {result['pre_asr']:.1%} ({result['pre_successes']}/{n}), "
           f"ASR {result['asr']:.1%} ({result['pre_successes'] + result['attack_successes']}/{n})")
@@ -206,6 +207,7 @@ def make_parser() -> argparse.ArgumentParser:
     attack.add_argument("--judge", metavar="MODULE:FUNCTION", help="function (images, concept) -> list of bools "
                         "saying where the concept is; required off the toy model")
     attack.add_argument("--seed", type=int, default=188, help="seed of the first prompt's images")
+    attack.add_argument("--resolution", type=int, help="image size in pixels (default: the model's native one)")
     attack.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     attack.add_argument("--out", required=True, help="new directory for attack.json and attack.png")
     attack.set_defaults(run=cmd_attack)

@@ -216,8 +216,15 @@ class UNetAdapter:
         return vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
 
     def pipeline_inputs(self, cond: Conditioning, negative: Conditioning) -> dict:
-        """Keyword arguments of the pipeline's __call__ that generate from this conditioning."""
-        return {"prompt_embeds": cond.states, "negative_prompt_embeds": negative.expand(len(cond)).states}
+        """Keyword arguments of the pipeline's __call__ that generate from this conditioning (at the training
+        resolution when one is set)."""
+        return {"prompt_embeds": cond.states, "negative_prompt_embeds": negative.expand(len(cond)).states,
+                **self.size()}
+
+    def size(self) -> dict:
+        if self.loaded.resolution is None:
+            return {}
+        return {"height": self.loaded.resolution, "width": self.loaded.resolution}
 
     # ---- which parameters read the text -------------------------------------------------------------------------
 
@@ -276,7 +283,7 @@ class SDXLAdapter(UNetAdapter):
     def pipeline_inputs(self, cond, negative):
         negative = negative.expand(len(cond))
         return {"prompt_embeds": cond.states, "negative_prompt_embeds": negative.states,
-                "pooled_prompt_embeds": cond.pooled, "negative_pooled_prompt_embeds": negative.pooled}
+                "pooled_prompt_embeds": cond.pooled, "negative_pooled_prompt_embeds": negative.pooled, **self.size()}
 
 
 class FluxAdapter(UNetAdapter):
