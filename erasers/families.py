@@ -117,7 +117,8 @@ def replaced_token_embeddings(text_encoder: nn.Module, token_embeddings: torch.T
     if token_embeddings is None:
         yield
         return
-    layer = text_encoder.get_input_embeddings()
+    # The layer the forward pass calls: T5's stack holds its own module tied to get_input_embeddings()'s weight.
+    layer = getattr(getattr(text_encoder, "encoder", None), "embed_tokens", None) or text_encoder.get_input_embeddings()
     handle = layer.register_forward_hook(lambda module, args, output: token_embeddings.to(output.dtype))
     try:
         yield
