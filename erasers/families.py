@@ -299,7 +299,9 @@ class FluxAdapter(UNetAdapter):
     TEXT_PROJECTIONS = re.compile(r"^transformer_blocks\.\d+\.attn\.add_([qkv])_proj\.")
 
     def text_length(self, name: str) -> int:
-        return self.T5_LENGTH if name == "text_encoder_2" else super().text_length(name)
+        if name == "text_encoder_2":
+            return self.T5_LENGTH
+        return getattr(self.pipeline, "tokenizer_max_length", None) or super().text_length(name)
 
     def compose(self, outputs):
         return Conditioning(outputs["text_encoder_2"][0], outputs["text_encoder"].pooler_output, self)
