@@ -224,3 +224,15 @@ def test_erase_in_bf16_saves_an_fp32_edit_with_its_training_options(tiny_pipelin
     assert unet.dtype == torch.float32
     apply_edits(loaded, [out])
     assert loaded.generate([CONCEPT], steps=2, progress=False)[0].size == (16, 16)
+
+
+def test_gpu_check_runs_every_method_on_the_tiny_pipelines(capsys):
+    """benchmarks/gpu_check.py's CPU mode: finite losses and moved parameters for each method x family, and the
+    table of seconds per step against the plain forward+backward. (Its CUDA run needs a GPU.)"""
+    from benchmarks.gpu_check import main
+
+    code = main(["--tiny", "--steps", "1", "--families", "sd15,flux", "--methods", "esd-te,uce"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    rows = [line for line in out.splitlines() if line.startswith(("| sd15", "| flux"))]
+    assert len(rows) == 6 and all(line.endswith("| yes | yes |") for line in rows), out
