@@ -17,6 +17,7 @@ Exit status 1 if any method's loss is not finite or nothing it trains moved.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import gc
 import sys
@@ -124,7 +125,11 @@ def load(family: str, args):
         loaded = load_pipeline(str(args.tiny_dirs[family]), device=args.device, dtype=options.dtype)
         loaded.resolution = 16 if family == "flux" else None
     else:
-        pipeline = build_architecture(family, args.flux_depth).to(args.device, options.dtype)
+        # Built once per family (random initialisation of billions of weights is slow), then copied per method.
+        if family not in args.built:
+            args.built.clear()
+            args.built[family] = build_architecture(family, args.flux_depth).to(dtype=options.dtype)
+        pipeline = copy.deepcopy(args.built[family]).to(args.device)
         name = "sd" if family == "sd15" else family
         loaded = LoadedPipeline(pipeline, KNOWN[name], f"{family}-random", KNOWN[name].default_steps,
                                 KNOWN[name].default_guidance, resolution=args.resolution)
@@ -243,6 +248,7 @@ def parse_args(argv=None):
     parser.add_argument("--flux-depth", default="4,8", help="joint,single Flux blocks, or 'full' (19,38)")
     parser.add_argument("--tiny", action="store_true", help="the tiny random pipelines of tests/ (runs on CPU)")
     args = parser.parse_args(argv)
+    args.built = {}
     from erasers.precision import default_precision
 
     args.precision = args.precision or default_precision(args.device)
