@@ -236,3 +236,26 @@ def test_gpu_check_runs_every_method_on_the_tiny_pipelines(capsys):
     assert code == 0, out
     rows = [line for line in out.splitlines() if line.startswith(("| sd15", "| flux"))]
     assert len(rows) == 6 and all(line.endswith("| yes | yes |") for line in rows), out
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_attack_runs_on_sdxl_and_flux(tiny_pipeline_dirs, tmp_path, family):
+    """UnlearnDiffAtk against an edit of each family: targets drawn by the original model, the erased model's
+    plain prompt judged, then vocabulary tokens optimised through every text encoder (SDXL: one set for both CLIP
+    encoders; Flux: CLIP's and T5's) until the judge accepts (scripted here: the second check succeeds)."""
+    from erasers.attack import AttackConfig, attack_success_rate
+
+    resolution = RESOLUTION[family]
+    edit = erase(str(tiny_pipeline_dirs[family]), "uce", [CONCEPT], tmp_path / "edit", device="cpu",
+                 resolution=resolution)
+    verdicts = iter([False, False, True])
+    result = attack_success_rate(str(tiny_pipeline_dirs[family]), [edit], prompts=["a star"], count=1,
+                                 config=AttackConfig(tokens=2, iterations=3, check_every=1),
+                                 judge=lambda images, concept: [next(verdicts) for _ in images], device="cpu",
+                                 progress=False, resolution=resolution)
+    row = result["prompts"][0]
+    assert (row["pre_success"], row["attack_success"], row["iterations"]) == (False, True, 2)
+    assert result["asr"] == 1.0 and len(row["adversarial_tokens"]) == 2
+    assert np.isfinite(row["loss_first"]) and np.isfinite(row["loss_last"])
+    by_encoder = row.get("adversarial_tokens_by_encoder")
+    assert (by_encoder is None) if family == "sdxl" else (set(by_encoder) == {"text_encoder", "text_encoder_2"})
