@@ -4,12 +4,17 @@ ESD through the text encoder, made robust by a min-max game:
     min_theta  ESD(theta, [c_adv ; c]) + retain_weight * retain(theta)
     c_adv = argmin_delta MSE(eps(x_t, text_theta([delta ; c])), eps*(x_t, c))       (the inner attack)
 For `warmup` iterations the outer step is plain ESD on the concept prompt. After that, every `attack_every`
-iterations the inner attack (erasers.attack.soft_prompt_attack: soft token(s) in word-embedding space, warm-
+iterations the inner attack (erasers.adversarial.soft_prompt_attack: soft token(s) in word-embedding space, warm-
 started from the previous round's) finds the prefix under which the edited text encoder still brings the concept
 back, and the ESD step is taken on that adversarial prompt (and, with `plain_weight`, on the plain prompt too).
 The retain loss keeps the edited encoder's noise predictions on unrelated prompts equal to the frozen encoder's.
-The UNet is never changed: the edit is a text encoder, which drops into any pipeline of the same base model
-(`text_encoder=`).
+The denoiser is never changed: the edit is the text encoder(s), which drop into any pipeline of the same base
+model (`text_encoder=`).
+
+Families. The text encoders trained are those the denoiser reads, with `layers`/`component` applied to each: SD's
+CLIP; SDXL's two CLIP encoders (the concept reaches SDXL's UNet through both: 768 + 1280 channels of its states and
+the second one's pooled embedding, so robustness needs both), with the soft attack's tokens in both encoders'
+embedding spaces; Flux's CLIP (pooled) and T5 (token states; blocks and components by T5's layout).
 """
 
 from __future__ import annotations
@@ -20,10 +25,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .attack import adversarial_prompt, new_adversary, soft_prompt_attack
+from .adversarial import adversarial_prompt, new_adversary, soft_prompt_attack
 from .errors import UsageError
 from .losses import check_contrast, contrast_states, esd_target, predict_noise, sample_partially
-from .models import LoadedPipeline, text_encoder_layers
+from .models import LoadedPipeline, text_block_part, text_encoder_final_norm, text_encoder_layers
 from .prompts import EraseRequest
 from .registry import Eraser, register
 from .train import TrainingLoop
@@ -105,11 +110,11 @@ def trainable_parameters(text_encoder: torch.nn.Module, layers: str, component: 
     if component not in COMPONENTS:
         raise UsageError(f"advunlearn component must be one of {', '.join(COMPONENTS)}, not {component!r}")
     blocks = text_encoder_layers(text_encoder)
-    part = {"attn": "self_attn", "ffn": "mlp", "all": ""}[component]
+    part = text_block_part(text_encoder, component)
     chosen = [p for i in chosen_layers(len(blocks), layers)
               for name, p in blocks[i].named_parameters() if part in name]
     if layers == "all" and component == "all":
-        chosen += list(getattr(text_encoder, "text_model", text_encoder).final_layer_norm.parameters())
+        chosen += list(text_encoder_final_norm(text_encoder).parameters())
     return chosen
 
 
@@ -136,14 +141,14 @@ class AdvUnlearn(Eraser):
 
     def erase(self, loaded: LoadedPipeline, request: EraseRequest, work_dir: Path | None = None):
         cfg = self.config
-        loaded.require_text_conditioned_unet("advunlearn")
         torch.manual_seed(cfg.seed)
-        unet, text_encoder = loaded.denoiser, loaded.text_encoder
-        unet.requires_grad_(False).eval()  # the UNet is its own frozen teacher: only the text encoder changes
-        text_encoder.requires_grad_(False)
-        parameters = trainable_parameters(text_encoder, cfg.layers, cfg.component)
-        for parameter in parameters:
-            parameter.requires_grad_(True)
+        unet, encoders = loaded.denoiser, loaded.trained_text_encoders
+        unet.requires_grad_(False).eval()  # the denoiser is its own frozen teacher: only the text encoders change
+        parameters = []
+        for encoder in encoders.values():
+            encoder.requires_grad_(False)
+            parameters += trainable_parameters(encoder, cfg.layers, cfg.component)
+        parameters = loaded.make_trainable(parameters, *encoders.values())
 
         prompts, retained = request.erase_prompts(), retain_prompts(request)
         with torch.no_grad():  # the frozen encoder's states: the teacher's conditioning
@@ -152,8 +157,8 @@ class AdvUnlearn(Eraser):
             contrasts = contrast_states(loaded, request, prompts, cfg.contrast)
             retain_states = loaded.encode_text(retained) if retained else None
         retain_batch = min(cfg.retain_batch, len(retained)) if cfg.retain_weight > 0 else 0
-        optimizer = torch.optim.Adam(parameters, lr=cfg.lr)
-        adversary = new_adversary(cfg.attack, cfg.attack_tokens, text_encoder, torch.Generator().manual_seed(cfg.seed))
+        optimizer = loaded.optimizer(parameters, cfg.lr)
+        adversary = new_adversary(cfg.attack, cfg.attack_tokens, loaded, torch.Generator().manual_seed(cfg.seed))
 
         def step(i, generator):
             k = int(torch.randint(len(prompts), (1,), generator=generator))
@@ -164,7 +169,7 @@ class AdvUnlearn(Eraser):
                 if (i - cfg.warmup) % cfg.attack_every == 0:
                     if cfg.attack_init == "random" and i > cfg.warmup:
                         adversary.load_state_dict(
-                            new_adversary(cfg.attack, cfg.attack_tokens, text_encoder, generator).state_dict())
+                            new_adversary(cfg.attack, cfg.attack_tokens, loaded, generator).state_dict())
                     adversarial = soft_prompt_attack(
                         loaded, prompts[k], concept_states[k:k + 1], empty, generator, adversary=adversary,
                         tokens=cfg.attack_tokens, steps=cfg.attack_steps, lr=cfg.attack_lr,
@@ -187,15 +192,16 @@ class AdvUnlearn(Eraser):
             # The prompts the ESD target is taught for, with their weights: the adversarial one and/or the plain one.
             erased, weights = [], []
             if adversarial is not None:
-                erased.append(adversarial.states(text_encoder))
+                erased.append(adversarial.conditioning(loaded))
                 weights.append(1.0)
             if adversarial is None or cfg.plain_weight > 0:
                 erased.append(loaded.encode_text([prompts[k]]))
                 weights.append(1.0 if adversarial is None else cfg.plain_weight)
             retained_states = [loaded.encode_text([retained[j] for j in picked])] if picked else []
             student = torch.cat(erased + retained_states)
-            latents = torch.cat([x_t[:1].expand(len(erased), -1, -1, -1), x_t[1:]])
-            predicted = predict_noise(unet, latents, t, student)
+            latents = torch.cat([x_t[:1].expand(len(erased), *x_t.shape[1:]), x_t[1:]])
+            predicted = predict_noise(unet, latents, t, student).float()
+            targets = targets.float()
             erase_loss = sum(w * F.mse_loss(predicted[j:j + 1], targets[:1]) for j, w in enumerate(weights))
             retain_loss = F.mse_loss(predicted[len(erased):], targets[1:]) if picked else torch.zeros(())
             loss = erase_loss + cfg.retain_weight * retain_loss
@@ -204,9 +210,9 @@ class AdvUnlearn(Eraser):
             optimizer.step()
             return {"loss": erase_loss.item(), "retain": retain_loss.item()}
 
-        text_encoder.train()
-        state = {"text_encoder": text_encoder, "opt": optimizer, "adversary": adversary}
+        for encoder in encoders.values():
+            encoder.train()
+        state = {**encoders, "opt": optimizer, "adversary": adversary}
         self.history = TrainingLoop("advunlearn", cfg.iterations, state, cfg.seed, work_dir,
                                     checkpoint_every=50).run(step)
-        text_encoder.eval().requires_grad_(False)
-        return {"text_encoder": text_encoder}
+        return {name: loaded.finish(encoder.eval()) for name, encoder in encoders.items()}

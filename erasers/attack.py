@@ -10,9 +10,10 @@ the concept is back. A prompt counts as a pre-attack success when its plain form
 concept, and the attack stops at its first success:
     Pre-ASR = pre-successes / N        ASR = (pre-successes + attack successes) / N
 
-The same token optimisation in word-embedding space (free soft tokens, no vocabulary) is AdvUnlearn's inner
-maximisation: `soft_prompt_attack` finds the token(s) that make the edited model predict what the frozen model
-predicts for the concept, MSE(eps_theta(x_t, c_adv), eps*(x_t, c)).
+The tokens and their optimisation live in erasers/adversarial.py (shared with AdvUnlearn's inner attack). On SDXL
+one set of vocabulary tokens goes into both CLIP encoders (they share a vocabulary); on Flux the CLIP encoder
+(pooled) and T5 (token states) each get their own, and the prompt reported is T5's. The denoising loss is the
+family's: noise prediction on SD/SDXL, flow-matching velocity on Flux (erasers/families.py).
 """
 
 from __future__ import annotations
@@ -26,14 +27,13 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler
-from torch import nn
 
+from .adversarial import new_adversary, optimise_tokens, prompt_ids, slot_start
 from .edits import apply_edits, read_edit
 from .errors import UsageError
 from .files import atomic_dir, publish
-from .losses import predict_noise, sample_trajectory
-from .models import LoadedPipeline, encode_token_embeddings, load_pipeline, resolve_source
+from .losses import predict_noise
+from .models import LoadedPipeline, load_pipeline, resolve_source
 from .prompts import make_request
 
 # A judge reads generated images and says, per image, whether the concept is in it.
@@ -56,199 +56,6 @@ class AttackConfig:
 
 # The toy pipeline's tiny models: fewer tokens suffice, and the checks are cheap.
 TOY_ATTACK_DEFAULTS = {"iterations": 20, "check_every": 5}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Adversarial tokens: where they sit in the prompt, and the two ways to parametrise them.
-
-
-def prefixed_ids(tokenizer, prompt: str, tokens: int, device) -> torch.Tensor:
-    """Token ids [BOS, `tokens` placeholder slots, prompt..., EOS, padding] of the text encoder's length; the
-    slots (positions 1..tokens) hold the adversarial tokens. The prompt is cut, never the EOS."""
-    length = tokenizer.model_max_length
-    ids = tokenizer(prompt, padding="max_length", max_length=length, truncation=True).input_ids
-    placeholder = 0 if tokenizer.eos_token_id != 0 else 1  # any id but EOS: the encoder pools at the first EOS
-    ids = (ids[:1] + [placeholder] * tokens + ids[1:])[:length]
-    if tokenizer.eos_token_id not in ids[tokens + 1:]:
-        ids[-1] = tokenizer.eos_token_id
-    return torch.tensor([ids], device=device)
-
-
-class SoftTokens(nn.Module):
-    """`k` free vectors in word-embedding space (AdvUnlearn's attack): no vocabulary constraint."""
-
-    def __init__(self, initial: torch.Tensor):
-        super().__init__()
-        self.vectors = nn.Parameter(initial.detach().clone().float())
-
-    def embeddings(self, word_embeddings: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return self.vectors
-
-    def project(self) -> None:
-        pass
-
-    def fixed(self, word_embeddings: torch.Tensor) -> tuple[torch.Tensor, list[int] | None]:
-        """The tokens as the prompt then holds them: (embeddings, vocabulary ids or None for free vectors)."""
-        return self.vectors.detach(), None
-
-
-class VocabularyTokens(nn.Module):
-    """`k` distributions over the vocabulary (UnlearnDiffAtk): each step samples one token per slot as a one-hot
-    vector, with straight-through gradients to the distribution, which is projected back onto the simplex after
-    each optimiser step. The attack's tokens are the distributions' most likely ones."""
-
-    def __init__(self, tokens: int, vocabulary_size: int, device):
-        super().__init__()
-        self.weights = nn.Parameter(torch.full((tokens, vocabulary_size), 1.0 / vocabulary_size, device=device))
-
-    def embeddings(self, word_embeddings: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return _SampleOneHot.apply(self.weights, generator) @ word_embeddings.float()
-
-    @torch.no_grad()
-    def project(self) -> None:
-        self.weights.copy_(project_onto_simplex(self.weights))
-
-    def token_ids(self) -> list[int]:
-        return self.weights.argmax(-1).tolist()
-
-    def fixed(self, word_embeddings: torch.Tensor) -> tuple[torch.Tensor, list[int] | None]:
-        ids = self.token_ids()
-        return word_embeddings[ids].detach().float(), ids
-
-
-class _SampleOneHot(torch.autograd.Function):
-    """Sample a one-hot row from each distribution; the backward pass is the straight-through estimator with
-    the gradient clipped to [-1, 1] (hardtanh), as in UnlearnDiffAtk."""
-
-    @staticmethod
-    def forward(ctx, weights, generator):
-        chosen = torch.multinomial(weights.detach().float().clamp_min(0).cpu(), 1, generator=generator).view(-1)
-        return F.one_hot(chosen, weights.shape[-1]).to(weights.device, weights.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        return F.hardtanh(grad_output), None
-
-
-def new_adversary(variant: str, tokens: int, text_encoder: nn.Module, generator: torch.Generator) -> nn.Module:
-    """Fresh adversarial tokens: "soft" starts from random vocabulary words, "discrete" from uniform
-    distributions."""
-    word_embeddings = text_encoder.get_input_embeddings().weight.detach()
-    if variant == "soft":
-        start = torch.randint(word_embeddings.shape[0], (tokens,), generator=generator)
-        return SoftTokens(word_embeddings[start.to(word_embeddings.device)])
-    return VocabularyTokens(tokens, word_embeddings.shape[0], word_embeddings.device)
-
-
-def project_onto_simplex(rows: torch.Tensor) -> torch.Tensor:
-    """Euclidean projection of each row onto the probability simplex (sort-based; exact)."""
-    ordered, _ = torch.sort(rows, dim=-1, descending=True)
-    cumulative = ordered.cumsum(-1) - 1
-    index = torch.arange(1, rows.shape[-1] + 1, device=rows.device, dtype=rows.dtype)
-    support = (ordered - cumulative / index > 0).sum(-1, keepdim=True)
-    threshold = cumulative.gather(-1, support - 1) / support
-    return (rows - threshold).clamp_min(0)
-
-
-def optimise_tokens(adversary: nn.Module, text_encoder: nn.Module, input_ids: torch.Tensor,
-                    loss_fn: Callable[[torch.Tensor, torch.Generator], torch.Tensor], steps: int,
-                    optimizer: torch.optim.Optimizer, generator: torch.Generator, sign_gradient: bool = False,
-                    check: Callable[[int], bool] | None = None) -> list[float]:
-    """Minimise `loss_fn(text_states, generator)` over the adversary's tokens (in slots 1..k of `input_ids`).
-    Only the adversary is updated: gradients are taken for its parameters alone, so a text encoder in training
-    keeps no stray gradients. `check(step)` is called after each step; returning True stops early."""
-    word_embeddings = text_encoder.get_input_embeddings().weight.detach()
-    base = word_embeddings[input_ids]
-    parameters = list(adversary.parameters())
-    losses = []
-    for step in range(steps):
-        adversarial = adversary.embeddings(word_embeddings, generator)
-        tokens = adversarial.shape[0]
-        embeds = torch.cat([base[:, :1], adversarial[None].to(base.dtype), base[:, 1 + tokens:]], dim=1)
-        loss = loss_fn(encode_token_embeddings(text_encoder, input_ids, embeds), generator)
-        gradients = torch.autograd.grad(loss, parameters)
-        for parameter, gradient in zip(parameters, gradients):
-            parameter.grad = gradient.sign() if sign_gradient else gradient
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        adversary.project()
-        losses.append(loss.item())
-        if check is not None and check(step):
-            break
-    return losses
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# AdvUnlearn's inner attack: soft tokens in word-embedding space against the model being trained.
-
-
-@dataclass
-class AdversarialPrompt:
-    """A prompt with adversarial tokens in slots 1..k: its ids and the token embeddings the text encoder reads."""
-
-    input_ids: torch.Tensor
-    token_embeddings: torch.Tensor
-    adversary: nn.Module
-
-    def states(self, text_encoder: nn.Module) -> torch.Tensor:
-        """The text states through `text_encoder` (gradients flow to its parameters)."""
-        return encode_token_embeddings(text_encoder, self.input_ids, self.token_embeddings)
-
-
-def soft_prompt_attack(loaded: LoadedPipeline, prompt: str, concept_states: torch.Tensor,
-                       empty_states: torch.Tensor, generator: torch.Generator, *,
-                       text_encoder: nn.Module | None = None, unet: nn.Module | None = None,
-                       teacher: nn.Module | None = None, adversary: nn.Module | None = None, tokens: int = 1,
-                       steps: int = 30, lr: float = 1e-3, method: str = "pgd", variant: str = "soft",
-                       ddim_steps: int = 50, guidance: float = 3.0) -> AdversarialPrompt:
-    """Find `tokens` adversarial tokens that, prepended to `prompt`, make `unet` (reading `text_encoder`) predict
-    what the frozen `teacher` predicts for the concept: minimise MSE(eps_theta(x_t, c_adv), eps*(x_t, c)).
-
-    `concept_states` are the frozen text encoder's states of `prompt`. x_t comes from one trajectory the teacher
-    samples for the concept (guidance `guidance`), at a random step per attack step (the reference samples a
-    trajectory per attack step: `steps` times the UNet calls). `method` "pgd" takes Adam steps on the gradient,
-    "sign" on its sign (the fast variant). `variant` "soft" optimises free word embeddings (AdvUnlearn),
-    "discrete" vocabulary distributions (UnlearnDiffAtk's parametrisation). Pass the previous round's
-    `adversary` to warm-start (AdvUnlearn's "latest" initialisation)."""
-    if method not in ("pgd", "sign"):
-        raise UsageError(f"attack method must be pgd or sign, not {method!r}")
-    if variant not in ("soft", "discrete"):
-        raise UsageError(f"attack variant must be soft or discrete, not {variant!r}")
-    text_encoder = text_encoder or loaded.text_encoder
-    unet = unet or loaded.denoiser
-    teacher = teacher or unet
-    input_ids = prefixed_ids(loaded.tokenizer, prompt, tokens, loaded.device)
-    if adversary is None:
-        adversary = new_adversary(variant, tokens, text_encoder, generator)
-    optimizer = torch.optim.Adam(adversary.parameters(), lr=lr)
-    path = sample_trajectory(loaded, teacher, concept_states, empty_states, ddim_steps - 1, ddim_steps, guidance,
-                             generator)
-
-    def loss_fn(states, gen):
-        x_t, t = path[int(torch.randint(len(path), (1,), generator=gen))]
-        with torch.no_grad():
-            target = predict_noise(teacher, x_t, t, concept_states)
-        return F.mse_loss(predict_noise(unet, x_t, t, states), target)
-
-    was_training = text_encoder.training
-    text_encoder.eval()
-    optimise_tokens(adversary, text_encoder, input_ids, loss_fn, steps, optimizer, generator, method == "sign")
-    text_encoder.train(was_training)
-    return adversarial_prompt(loaded, prompt, adversary, text_encoder)
-
-
-@torch.no_grad()
-def adversarial_prompt(loaded: LoadedPipeline, prompt: str, adversary: nn.Module,
-                       text_encoder: nn.Module | None = None) -> AdversarialPrompt:
-    """`prompt` with the adversary's current tokens in front (vocabulary tokens also go into the ids)."""
-    word_embeddings = (text_encoder or loaded.text_encoder).get_input_embeddings().weight.detach()
-    chosen, ids = adversary.fixed(word_embeddings)
-    input_ids = prefixed_ids(loaded.tokenizer, prompt, chosen.shape[0], loaded.device)
-    if ids is not None:
-        input_ids[0, 1:1 + len(ids)] = torch.tensor(ids, device=input_ids.device)
-    embeds = word_embeddings[input_ids].clone()
-    embeds[0, 1:1 + chosen.shape[0]] = chosen.to(embeds.dtype)
-    return AdversarialPrompt(input_ids, embeds, adversary)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -289,22 +96,18 @@ def load_judge(spec: str) -> Judge:
 
 
 @torch.no_grad()
-def generate_from_ids(loaded: LoadedPipeline, input_ids: torch.Tensor, seed: int):
-    """One image for token ids, as `LoadedPipeline.generate` would draw it for the same prompt and seed."""
+def generate_from_ids(loaded: LoadedPipeline, input_ids: dict[str, torch.Tensor], seed: int):
+    """One image for token ids (per text encoder), as `LoadedPipeline.generate` would draw it for the same prompt
+    and seed."""
     loaded.pipeline.set_progress_bar_config(disable=True)
-    return loaded.pipeline(prompt_embeds=loaded.text_encoder(input_ids)[0],
-                           negative_prompt_embeds=loaded.encode_text([""]),
-                           generator=[torch.Generator("cpu").manual_seed(seed)],
-                           num_inference_steps=loaded.default_steps,
-                           guidance_scale=loaded.default_guidance).images[0]
+    inputs = loaded.adapter.pipeline_inputs(loaded.encode_ids(input_ids), loaded.encode_text([""]))
+    return loaded.pipeline(**inputs, generator=[torch.Generator("cpu").manual_seed(seed)],
+                           num_inference_steps=loaded.default_steps, guidance_scale=loaded.default_guidance).images[0]
 
 
-@torch.no_grad()
 def encode_image(loaded: LoadedPipeline, image) -> torch.Tensor:
-    """The latent x_0 of an image, as the denoiser reads it."""
-    vae = loaded.pipeline.vae
-    pixels = loaded.pipeline.image_processor.preprocess(image).to(loaded.device, vae.dtype)
-    return vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
+    """The latent x_0 of an image, as the denoiser reads it (Flux: packed)."""
+    return loaded.adapter.encode_image(image)
 
 
 def unlearn_diff_attack(loaded: LoadedPipeline, prompt: str, seed: int, target_latents: torch.Tensor,
@@ -313,40 +116,59 @@ def unlearn_diff_attack(loaded: LoadedPipeline, prompt: str, seed: int, target_l
     target latents well; every `check_every` steps, generate the decoded prompt at `seed` and stop at the first
     image `succeeds` accepts."""
     generator = torch.Generator().manual_seed(config.seed * 1_000_003 + seed)
-    unet, text_encoder, tokenizer = loaded.denoiser, loaded.text_encoder, loaded.tokenizer
-    scheduler = DDIMScheduler.from_config(loaded.pipeline.scheduler.config)
-    alphas = scheduler.alphas_cumprod.to(loaded.device)
-    input_ids = prefixed_ids(tokenizer, prompt, config.tokens, loaded.device)
-    adversary = VocabularyTokens(config.tokens, text_encoder.get_input_embeddings().weight.shape[0], loaded.device)
+    unet = loaded.denoiser
+    input_ids = prompt_ids(loaded, prompt, config.tokens)
+    adversary = new_adversary("discrete", config.tokens, loaded, generator)
     optimizer = torch.optim.Adam(adversary.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
     def loss_fn(states, gen):
-        t = int(torch.randint(scheduler.config.num_train_timesteps, (1,), generator=gen))
-        noise = torch.randn(target_latents.shape, generator=gen).to(target_latents)
-        noisy = alphas[t].sqrt() * target_latents + (1 - alphas[t]).sqrt() * noise
-        return F.mse_loss(predict_noise(unet, noisy, t, states), noise)
+        noisy, t, target = loaded.adapter.noised(target_latents, gen)
+        return F.mse_loss(predict_noise(unet, noisy, t, states).float(), target.float())
 
     outcome = {"attack_success": False, "iterations": 0, "image": None}
+
+    def chosen_ids() -> dict[str, torch.Tensor]:
+        ids = {name: tensor.clone() for name, tensor in input_ids.items()}
+        for name in ids:
+            start = slot_start(_tokenizer(loaded, name))
+            ids[name][0, start:start + config.tokens] = torch.tensor(adversary[name].token_ids(), device=loaded.device)
+        return ids
 
     def check(step: int) -> bool:
         if (step + 1) % config.check_every and step + 1 != config.iterations:
             return False
-        ids = input_ids.clone()
-        ids[0, 1:1 + config.tokens] = torch.tensor(adversary.token_ids(), device=ids.device)
+        ids = chosen_ids()
         image = generate_from_ids(loaded, ids, seed)
         outcome.update(iterations=step + 1, image=image, ids=ids, attack_success=bool(succeeds(image)))
         return outcome["attack_success"]
 
     unet.requires_grad_(False)
-    text_encoder.requires_grad_(False)
-    losses = optimise_tokens(adversary, text_encoder, input_ids, loss_fn, config.iterations, optimizer, generator,
+    for encoder in loaded.text_encoders.values():
+        encoder.requires_grad_(False)
+    losses = optimise_tokens(adversary, loaded, input_ids, loss_fn, config.iterations, optimizer, generator,
                              check=check)
-    ids = outcome["ids"][0].tolist()
-    end = ids.index(tokenizer.eos_token_id, config.tokens + 1)
-    return {"attack_success": outcome["attack_success"], "iterations": outcome["iterations"],
-            "adversarial_tokens": [tokenizer.decode([i]).strip() for i in ids[1:1 + config.tokens]],
-            "final_prompt": tokenizer.decode(ids[1:end]).strip(), "loss_first": losses[0], "loss_last": losses[-1],
-            "image": outcome["image"]}
+    decoded = {name: _decode(loaded, name, ids[0].tolist(), config.tokens) for name, ids in outcome["ids"].items()}
+    # The prompt reported is the one the token states are read from (CLIP on SD/SDXL, T5 on Flux).
+    tokens, final_prompt = decoded[loaded.adapter.token_states_encoder]
+    result = {"attack_success": outcome["attack_success"], "iterations": outcome["iterations"],
+              "adversarial_tokens": tokens, "final_prompt": final_prompt, "loss_first": losses[0],
+              "loss_last": losses[-1], "image": outcome["image"]}
+    if len({id(part) for part in adversary.values()}) > 1:
+        result["adversarial_tokens_by_encoder"] = {name: found[0] for name, found in decoded.items()}
+    return result
+
+
+def _tokenizer(loaded: LoadedPipeline, encoder_name: str):
+    return loaded.tokenizers[encoder_name.replace("text_encoder", "tokenizer")]
+
+
+def _decode(loaded: LoadedPipeline, encoder_name: str, ids: list[int], tokens: int) -> tuple[list[str], str]:
+    """(the adversarial tokens, the whole prompt) of one encoder's ids."""
+    tokenizer = _tokenizer(loaded, encoder_name)
+    start = slot_start(tokenizer)
+    end = ids.index(tokenizer.eos_token_id, start + tokens)
+    return ([tokenizer.decode([i]).strip() for i in ids[start:start + tokens]],
+            tokenizer.decode(ids[start:end]).strip())
 
 
 def attack_prompts(prompts: list[str], count: int | None, seed: int) -> list[tuple[str, int]]:
@@ -358,7 +180,8 @@ def attack_prompts(prompts: list[str], count: int | None, seed: int) -> list[tup
 def attack_success_rate(model: str, edits: list[str | Path], concept: str | None = None, *,
                         prompts: list[str] | None = None, count: int | None = None, seed: int = 188,
                         config: AttackConfig | dict | None = None, judge: Judge | None = None,
-                        device: str | None = None, out: str | Path | None = None, progress: bool = True) -> dict:
+                        device: str | None = None, out: str | Path | None = None, progress: bool = True,
+                        resolution: int | None = None) -> dict:
     """UnlearnDiffAtk against `edits` (stacked) on `model`: Pre-ASR and ASR of `count` prompts of `concept`.
 
     On the toy model the concept defaults to the edit's, the prompts to its training captions and the judge to
@@ -384,7 +207,7 @@ def attack_success_rate(model: str, edits: list[str | Path], concept: str | None
         raise UsageError(f"{out} already exists; choose a new --out or remove it first")
 
     loaded = load_pipeline(model, device=device)
-    loaded.require_text_conditioned_unet("the attack")
+    loaded.resolution = resolution  # images and latents at this size (default: the model's own)
     request = make_request([concept], loaded.tokenizer, is_toy)
     if judge is None:
         judge = ToyJudge(request.kind)
@@ -395,7 +218,7 @@ def attack_success_rate(model: str, edits: list[str | Path], concept: str | None
     from tqdm.auto import tqdm
 
     # The original model draws the targets; then the edits are loaded in its place.
-    originals = [generate_from_ids(loaded, prefixed_ids(loaded.tokenizer, p, 0, loaded.device), s)
+    originals = [generate_from_ids(loaded, prompt_ids(loaded, p, 0), s)
                  for p, s in tqdm(items, desc="targets", disable=not progress)]
     targets = [encode_image(loaded, image) for image in originals]
     apply_edits(loaded, edits)
@@ -405,7 +228,7 @@ def attack_success_rate(model: str, edits: list[str | Path], concept: str | None
 
     results, erased_images, attacked_images = [], [], []
     for (prompt, item_seed), target in zip(tqdm(items, desc="attacking", disable=not progress), targets):
-        plain = generate_from_ids(loaded, prefixed_ids(loaded.tokenizer, prompt, 0, loaded.device), item_seed)
+        plain = generate_from_ids(loaded, prompt_ids(loaded, prompt, 0), item_seed)
         row = {"prompt": prompt, "seed": item_seed, "pre_success": succeeds(plain), "attack_success": None,
                "adversarial_tokens": [], "final_prompt": prompt}
         attacked = plain

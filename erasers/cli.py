@@ -85,7 +85,8 @@ def cmd_erase(args) -> None:
     from .run import erase
 
     out = erase(args.model, args.method, args.concept, args.out, args.anchor, args.preserve,
-                {**parse_options(args.set), **({"seed": args.seed} if args.seed is not None else {})}, args.device)
+                {**parse_options(args.set), **({"seed": args.seed} if args.seed is not None else {})}, args.device,
+                args.precision, args.gradient_checkpointing, args.optimizer, args.resolution)
     print(f"wrote edit {out} (see {out}/erasure.json); compare it with: erasure compare --model {args.model} "
           f"--edit {out}")
 
@@ -107,7 +108,8 @@ def cmd_attack(args) -> None:
     options = {key: value for key, value in (("iterations", args.iterations), ("tokens", args.tokens))
                if value is not None}
     result = attack_success_rate(args.model, args.edit, args.concept, prompts=prompts, count=args.prompts,
-                                 seed=args.seed, config=options, judge=judge, device=args.device, out=args.out)
+                                 seed=args.seed, config=options, judge=judge, device=args.device, out=args.out,
+                                 resolution=args.resolution)
     n = result["n"]
     print(f"{result['concept']}: Pre-ASR {result['pre_asr']:.1%} ({result['pre_successes']}/{n}), "
           f"ASR {result['asr']:.1%} ({result['pre_successes'] + result['attack_successes']}/{n})")
@@ -172,6 +174,14 @@ def make_parser() -> argparse.ArgumentParser:
     erase.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a method option")
     erase.add_argument("--seed", type=int, help="seed of the run")
     erase.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    erase.add_argument("--precision", choices=("fp32", "fp16", "bf16"), help="dtype of the frozen weights; trained "
+                       "parameters stay fp32 (default: bf16 on a GPU that supports it, fp32 on CPU)")
+    erase.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward "
+                       "pass (less memory for SDXL/Flux, slower steps)")
+    erase.add_argument("--optimizer", choices=("adam", "adam8bit"), default="adam",
+                       help="adam8bit: bitsandbytes' 8-bit Adam (pip install 'erasure-suite[gpu]')")
+    erase.add_argument("--resolution", type=int, help="training resolution in pixels (default: the model's native "
+                       "one; 512 halves SDXL's and quarters Flux's latent)")
     erase.add_argument("--out", required=True, help="new directory for the edit")
     erase.set_defaults(run=cmd_erase)
 
@@ -197,6 +207,7 @@ def make_parser() -> argparse.ArgumentParser:
     attack.add_argument("--judge", metavar="MODULE:FUNCTION", help="function (images, concept) -> list of bools "
                         "saying where the concept is; required off the toy model")
     attack.add_argument("--seed", type=int, default=188, help="seed of the first prompt's images")
+    attack.add_argument("--resolution", type=int, help="image size in pixels (default: the model's native one)")
     attack.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     attack.add_argument("--out", required=True, help="new directory for attack.json and attack.png")
     attack.set_defaults(run=cmd_attack)

@@ -58,6 +58,8 @@ def save_edit(out: str | Path, components: dict[str, nn.Module], loaded: LoadedP
         "components": sorted(components),
         "base_model": loaded.source,
         "base_family": loaded.family.name,
+        "training": dataclasses.asdict(loaded.training),
+        "resolution": loaded.resolution,
         "base_fingerprint": fingerprint,
         "erasure_suite_version": __version__,
         "torch_version": torch.__version__,

@@ -2,10 +2,15 @@
 
 Fine-tune part of the model so that, conditioned on the concept, it predicts the frozen model's noise *guided
 away* from the concept (negative guidance). Which part is trained names the variant:
-  esd-x   the UNet attention that reads the text (attn2 in SD): for styles and artists, local to the prompt
-  esd-u   everything but cross-attention: for global concepts such as nudity
-  esd-te  the text encoder, with the UNet frozen (AdvUnlearn's outer step)
-The latent x_t is drawn by denoising noise with the model being edited, for a random number of steps.
+  esd-x   the denoiser's attention that reads the text (attn2 in SD and SDXL; on Flux the joint blocks' text
+          projections add_q/k/v_proj): for styles and artists, local to the prompt
+  esd-u   everything but what reads the text and the time embedding (on Flux: the image stream and the single
+          blocks): for global concepts such as nudity
+  esd-te  the text encoders (SD: CLIP; SDXL: both; Flux: CLIP and T5), with the denoiser frozen (AdvUnlearn's outer
+          step)
+The latent x_t is drawn by denoising noise with the model being edited, for a random number of steps. On Flux the
+predictions are flow-matching velocities and the same negative-guidance target is taken on them
+(erasers/families.py: the guidance embedding of guidance-distilled Flux).
 """
 
 from __future__ import annotations
@@ -50,17 +55,18 @@ class ESDConfig:
 
 
 def trainable_parameters(loaded: LoadedPipeline, which: str) -> list[torch.nn.Parameter]:
+    """The parameters a variant trains; what reads the text is the family adapter's call (SD/SDXL: the
+    cross-attentions; Flux: the joint blocks' text projections add_q/k/v_proj)."""
     if which == "text_encoder":
-        return list(loaded.text_encoder.parameters())
+        return [p for encoder in loaded.trained_text_encoders.values() for p in encoder.parameters()]
+    adapter = loaded.adapter
     chosen = []
-    text_attention = tuple(f"{name}." for name in loaded.text_attention_names())
     for name, parameter in loaded.denoiser.named_parameters():
-        cross = name.startswith(text_attention)
-        if which == "xattn" and cross:
+        if which == "xattn" and adapter.reads_text(name):
             chosen.append(parameter)
-        elif which == "xattn-strict" and cross and (".to_k." in name or ".to_v." in name):
+        elif which == "xattn-strict" and adapter.reads_text(name, strict=True):
             chosen.append(parameter)
-        elif which == "noxattn" and not cross and "time_emb" not in name:
+        elif which == "noxattn" and not adapter.conditioning_path(name):
             chosen.append(parameter)
         elif which == "full":
             chosen.append(parameter)
@@ -81,17 +87,17 @@ class ESD(Eraser):
 
     def erase(self, loaded: LoadedPipeline, request: EraseRequest, work_dir: Path | None = None):
         cfg = self.config
-        loaded.require_text_conditioned_unet("esd")
         torch.manual_seed(cfg.seed)
         unet = loaded.denoiser
         on_text_encoder = cfg.parameters == "text_encoder"
+        encoders = loaded.trained_text_encoders
         # With the text encoder trained, the UNet itself is the frozen teacher; otherwise a copy of it is.
         teacher = unet if on_text_encoder else frozen_copy(unet)
         unet.requires_grad_(False)
-        loaded.text_encoder.requires_grad_(False)
-        parameters = trainable_parameters(loaded, cfg.parameters)
-        for parameter in parameters:
-            parameter.requires_grad_(True)
+        for encoder in loaded.text_encoders.values():
+            encoder.requires_grad_(False)
+        parameters = loaded.make_trainable(trainable_parameters(loaded, cfg.parameters),
+                                           *(encoders.values() if on_text_encoder else [unet]))
 
         prompts = request.erase_prompts() if cfg.prompts == "captions" else request.concept_prompts()
         with torch.no_grad():
@@ -99,7 +105,7 @@ class ESD(Eraser):
             concept_states = loaded.encode_text(prompts)
             contrasts = contrast_states(loaded, request, prompts, cfg.contrast)
             anchor_states = loaded.encode_text(request.anchors) if request.anchors else None
-        optimizer = torch.optim.Adam(parameters, lr=cfg.lr)
+        optimizer = loaded.optimizer(parameters, cfg.lr)
 
         def step(_, generator):
             k = int(torch.randint(len(prompts), (1,), generator=generator))
@@ -114,7 +120,7 @@ class ESD(Eraser):
                 eps_from = (predict_noise(teacher, x_t, t, anchor_states[k % len(anchor_states)][None])
                             if anchor_states is not None else eps_concept)
                 target = esd_target(eps_from, eps_concept, eps_contrast, cfg.eta)
-            loss = F.mse_loss(predict_noise(unet, x_t, t, student_states), target)
+            loss = F.mse_loss(predict_noise(unet, x_t, t, student_states).float(), target.float())
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -124,8 +130,11 @@ class ESD(Eraser):
         self.history = TrainingLoop("esd", cfg.iterations, {"params": _ParameterState(parameters), "opt": optimizer},
                                     cfg.seed, work_dir, checkpoint_every=50).run(step)
         unet.eval()
-        loaded.text_encoder.eval()
-        return {"text_encoder": loaded.text_encoder} if on_text_encoder else {"unet": unet}
+        for encoder in encoders.values():
+            encoder.eval()
+        if on_text_encoder:
+            return {name: loaded.finish(encoder) for name, encoder in encoders.items()}
+        return {loaded.family.denoiser: loaded.finish(unet)}
 
 
 class _ParameterState:

@@ -6,10 +6,10 @@ from __future__ import annotations
 import copy
 
 import torch
-from diffusers import DDIMScheduler
 from torch import nn
 
 from .errors import UsageError
+from .families import Conditioning, predict
 from .models import LoadedPipeline
 from .prompts import EraseRequest
 
@@ -32,42 +32,47 @@ def check_contrast(method: str, contrast: str) -> None:
 
 
 @torch.no_grad()
-def contrast_states(loaded: LoadedPipeline, request: EraseRequest, prompts: list[str], contrast: str) -> torch.Tensor:
+def contrast_states(loaded: LoadedPipeline, request: EraseRequest, prompts: list[str], contrast: str) -> Conditioning:
     """One row per prompt: the text states ESD guides that prompt away from."""
     texts = [""] * len(prompts) if contrast == "empty" else request.neutral_prompts(prompts)
     return loaded.encode_text(texts)
 
 
-def predict_noise(unet: nn.Module, latents: torch.Tensor, timestep, text_states: torch.Tensor) -> torch.Tensor:
-    if latents.shape[0] != text_states.shape[0]:
-        text_states = text_states.expand(latents.shape[0], -1, -1)
-    return unet(latents, timestep, encoder_hidden_states=text_states).sample
+def predict_noise(unet: nn.Module, latents: torch.Tensor, timestep, text_states) -> torch.Tensor:
+    """The denoiser's prediction at (x_t, t) for `text_states` (a Conditioning from `loaded.encode_text`, or SD
+    hidden states): SD/SDXL's noise, Flux's flow-matching velocity. ESD's target is the same linear combination of
+    either. The family adapter builds the call (SDXL's added embeddings, Flux's ids and guidance)."""
+    return predict(unet, latents, timestep, text_states)
 
 
-def sample_partially(loaded: LoadedPipeline, unet: nn.Module, text_states: torch.Tensor, empty_states: torch.Tensor,
-                     stop_index: int, steps: int, guidance: float, generator: torch.Generator):
-    """Denoise fresh noise for `stop_index` of `steps` DDIM steps with classifier-free guidance; returns the
+def sample_partially(loaded: LoadedPipeline, unet: nn.Module, text_states, empty_states, stop_index: int, steps: int,
+                     guidance: float, generator: torch.Generator):
+    """Denoise fresh noise for `stop_index` of `steps` sampling steps with guidance (DDIM with classifier-free
+    guidance on SD/SDXL; Flux's flow-matching Euler steps, guidance as its embedding when it has one); returns the
     latent x_t and its timestep t. ESD trains on x_t drawn this way from the model being edited."""
     return sample_trajectory(loaded, unet, text_states, empty_states, stop_index, steps, guidance, generator)[-1]
 
 
 @torch.no_grad()
-def sample_trajectory(loaded: LoadedPipeline, unet: nn.Module, text_states: torch.Tensor, empty_states: torch.Tensor,
-                      stop_index: int, steps: int, guidance: float, generator: torch.Generator):
+def sample_trajectory(loaded: LoadedPipeline, unet: nn.Module, text_states, empty_states, stop_index: int,
+                      steps: int, guidance: float, generator: torch.Generator):
     """As `sample_partially`, but returns every (x_t, t) on the way: stop_index + 1 pairs, from pure noise to the
     latent after `stop_index` steps. One run gives latents at many noise levels (what an attack round needs)."""
-    scheduler = DDIMScheduler.from_config(loaded.pipeline.scheduler.config)
-    scheduler.set_timesteps(steps)
-    noise = torch.randn(loaded.latent_shape(text_states.shape[0]), generator=generator)
-    latents = noise.to(loaded.device, loaded.dtype) * scheduler.init_noise_sigma
-    both = torch.cat([empty_states.expand_as(text_states), text_states])
+    adapter = loaded.adapter
+    text_states, empty_states = as_conditioning(loaded, text_states), as_conditioning(loaded, empty_states)
+    scheduler = adapter.sampling_scheduler(steps)
+    latents = adapter.initial_latents(len(text_states), generator, scheduler)
     path = []
     for t in scheduler.timesteps[:stop_index]:
         path.append((latents, t))
-        uncond, cond = predict_noise(unet, torch.cat([latents, latents]), t, both).chunk(2)
-        latents = scheduler.step(uncond + guidance * (cond - uncond), t, latents).prev_sample
+        prediction = adapter.guided_prediction(unet, latents, t, text_states, empty_states, guidance)
+        latents = scheduler.step(prediction, t, latents).prev_sample
     path.append((latents, scheduler.timesteps[stop_index]))
     return path
+
+
+def as_conditioning(loaded: LoadedPipeline, states) -> Conditioning:
+    return states if isinstance(states, Conditioning) else Conditioning(states, None, loaded.adapter)
 
 
 def esd_target(eps_from: torch.Tensor, eps_concept: torch.Tensor, eps_empty: torch.Tensor, eta: float) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """Loading diffusion pipelines: "toy", a local directory or a hub id; SD 1.x/2.x, SDXL and Flux.
 
-All architecture knowledge lives here, in one `Family` record per pipeline family: which components are text
-encoders, which is the denoiser, and which linears read the text (the cross-attention keys and values that UCE
-edits). Methods ask a `LoadedPipeline` for these and never test the pipeline's class themselves.
+All architecture knowledge lives here and in the family adapters (`erasers/families.py`): one `Family` record per
+pipeline family (which components are text encoders, which is the denoiser) and one adapter class (how prompts
+become the denoiser's conditioning, what it predicts, how x_t is sampled, which parameters read the text). Methods
+ask a `LoadedPipeline` for these and never test the pipeline's class themselves.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from PIL import Image
 from torch import nn
 
 from .errors import UsageError
+from .precision import TrainingOptions
 
 
 @dataclass(frozen=True)
@@ -29,15 +31,11 @@ class Family:
     default_guidance: float
     # Config keys a replacement component must share with the one it replaces.
     compatible_keys: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    # Whether the denoiser is an epsilon-predicting UNet conditioned on one CLIP text encoder's hidden states,
-    # which is what the training-based erasers (ESD, UCE and their descendants) edit.
-    text_conditioned_unet: bool = False
 
 
 _TEXT_KEYS = ("hidden_size", "vocab_size", "max_position_embeddings")
 SD = Family("sd", ("text_encoder",), ("tokenizer",), "unet", 50, 7.5,
-            {"text_encoder": _TEXT_KEYS, "unet": ("in_channels", "cross_attention_dim", "block_out_channels")},
-            text_conditioned_unet=True)
+            {"text_encoder": _TEXT_KEYS, "unet": ("in_channels", "cross_attention_dim", "block_out_channels")})
 SDXL = Family("sdxl", ("text_encoder", "text_encoder_2"), ("tokenizer", "tokenizer_2"), "unet", 50, 5.0,
               {"text_encoder": _TEXT_KEYS, "text_encoder_2": _TEXT_KEYS,
                "unet": ("in_channels", "cross_attention_dim", "block_out_channels", "addition_embed_type")})
@@ -66,6 +64,11 @@ class LoadedPipeline:
     default_guidance: float
     # The ToyCanvas pipeline (its directory carries toycanvas.json): concepts are ToyCanvas objects and styles.
     is_toy: bool = False
+    # Training resolution in pixels (None: the pipeline's native one); Flux trains on latents of this size.
+    resolution: int | None = None
+    # Mixed precision, gradient checkpointing and the optimiser of the training-based erasers (erasers.precision).
+    training: TrainingOptions = field(default_factory=TrainingOptions)
+    _adapter: object = field(default=None, repr=False)
 
     @property
     def text_encoders(self) -> dict[str, nn.Module]:
@@ -96,38 +99,82 @@ class LoadedPipeline:
     def dtype(self) -> torch.dtype:
         return self.denoiser.dtype
 
-    def require_text_conditioned_unet(self, method: str) -> None:
-        if not self.family.text_conditioned_unet:
-            raise UsageError(f"{method} edits SD 1.x/2.x-style pipelines (one CLIP text encoder and a UNet); "
-                             f"{self.source} is a {self.family.name} pipeline. Erase on an SD model and load the "
-                             "edited text encoder into this one (--text-encoder)")
+    @property
+    def adapter(self):
+        """The family adapter (erasers.families): conditioning, prediction, sampling, text-reading parameters."""
+        if self._adapter is None:
+            from .families import ADAPTERS
 
-    def encode_text(self, prompts: list[str], text_encoder: nn.Module | None = None) -> torch.Tensor:
-        """Text-encoder hidden states as the UNet reads them, through `text_encoder` (default: the pipeline's);
-        gradients flow when the caller has them enabled."""
-        tokens = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                                truncation=True, return_tensors="pt").input_ids.to(self.device)
-        return (text_encoder or self.text_encoder)(tokens)[0]
+            self._adapter = ADAPTERS[self.family.name](self)
+        return self._adapter
+
+    @property
+    def trained_text_encoders(self) -> dict[str, nn.Module]:
+        """The text encoders a text-encoder eraser (ESD-te) trains: every one the denoiser reads (SD: CLIP; SDXL:
+        both CLIP encoders; Flux: CLIP, read pooled, and T5)."""
+        return self.text_encoders
+
+    def refuse(self, method: str, families: tuple[str, ...], why: str) -> None:
+        """A UsageError unless this pipeline's family is one of `families`."""
+        if self.family.name not in families:
+            raise UsageError(f"{method} does not apply to {self.family.name} pipelines ({self.source}): {why}")
+
+    def tokenize(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Token ids per text encoder, padded as the family's pipeline pads them."""
+        return self.adapter.tokenize(prompts)
+
+    def encode_text(self, prompts: list[str], text_encoder: nn.Module | None = None,
+                    text_encoders: dict[str, nn.Module] | None = None):
+        """The conditioning the denoiser reads for `prompts` (a families.Conditioning: token states, plus the
+        pooled embedding on SDXL and Flux), through the pipeline's text encoders or the given ones (`text_encoder`
+        stands in for the CLIP `text_encoder`); gradients flow when the caller has them enabled."""
+        encoders = dict(text_encoders or {})
+        if text_encoder is not None:
+            encoders["text_encoder"] = text_encoder
+        return self.adapter.encode_ids(self.tokenize(prompts), text_encoders=encoders)
+
+    def encode_ids(self, ids: dict[str, torch.Tensor], token_embeddings: dict[str, torch.Tensor] | None = None,
+                   text_encoders: dict[str, nn.Module] | None = None):
+        """As `encode_text`, from token ids per encoder, optionally with token embeddings in place of the ids'."""
+        return self.adapter.encode_ids(ids, token_embeddings, text_encoders)
 
     def latent_shape(self, batch: int = 1) -> tuple[int, ...]:
-        config = self.denoiser.config
-        return (batch, config.in_channels, config.sample_size, config.sample_size)
+        """The denoiser's latent at the training resolution (Flux: packed patches, (batch, tokens, channels))."""
+        return self.adapter.latent_shape(batch)
 
     def text_attention_names(self) -> list[str]:
-        """Names of the UNet attention modules that read the text embedding: SD's attn2, and attn1 as well in
-        blocks built with only_cross_attention (the toy UNet's 16x16 blocks)."""
-        if self.family.denoiser != "unet":
-            return []
-        return [name for name, module in self.denoiser.named_modules()
-                if getattr(module, "is_cross_attention", False) and hasattr(module, "to_k")]
+        """Names of the denoiser's attention modules that read the text: SD/SDXL cross-attention (and attn1 in
+        blocks built with only_cross_attention), Flux's joint-block attentions."""
+        return self.adapter.text_attention_names()
 
     def cross_attention_kv(self) -> list[tuple[str, nn.Linear, nn.Linear]]:
-        """(name, key linear, value linear) of every projection that reads the text embedding."""
-        if self.family.denoiser == "unet":
-            return [(name, self.denoiser.get_submodule(name).to_k, self.denoiser.get_submodule(name).to_v)
-                    for name in self.text_attention_names()]
-        return [(name, module.add_k_proj, module.add_v_proj) for name, module in self.denoiser.named_modules()
-                if getattr(module, "add_k_proj", None) is not None]
+        """(name, key linear, value linear) of every projection that reads the text (Flux: add_k/v_proj)."""
+        return self.adapter.cross_attention_kv()
+
+    def autocast(self):
+        """The context an erase runs in: autocast to the frozen weights' half dtype under mixed precision."""
+        from .precision import autocast
+
+        return autocast(self.device, self.training)
+
+    def make_trainable(self, parameters: list[nn.Parameter], *modules: nn.Module) -> list[nn.Parameter]:
+        """Mark `parameters` trainable in float32 (master weights under mixed precision); with gradient
+        checkpointing, enable it on `modules`."""
+        from .precision import make_trainable
+
+        return make_trainable(parameters, list(modules), self.training)
+
+    def optimizer(self, parameters: list[nn.Parameter], lr: float):
+        """Adam (or bitsandbytes' 8-bit Adam, --optimizer adam8bit) on float32 parameters."""
+        from .precision import build_optimizer
+
+        return build_optimizer(parameters, lr, self.training)
+
+    def finish(self, module: nn.Module) -> nn.Module:
+        """An edited component ready to save (erasers.precision.finish)."""
+        from .precision import finish
+
+        return finish(module, self.training)
 
     @torch.no_grad()
     def generate(self, prompts: list[str], seeds: list[int] | int = 0, steps: int | None = None,
@@ -189,9 +236,24 @@ class LoadedPipeline:
 
 
 def text_encoder_layers(text_encoder: nn.Module) -> nn.ModuleList:
-    """The transformer blocks of a CLIP text encoder, first (early) to last (high-level)."""
+    """The transformer blocks of a CLIP or T5 text encoder, first (early) to last (high-level)."""
+    if hasattr(text_encoder, "encoder") and hasattr(text_encoder.encoder, "block"):  # T5EncoderModel
+        return text_encoder.encoder.block
     inner = getattr(text_encoder, "text_model", text_encoder)  # transformers < 5 nests the blocks one deeper
     return inner.encoder.layers
+
+
+def text_encoder_final_norm(text_encoder: nn.Module) -> nn.Module:
+    """The layer norm after the last block (CLIP's final_layer_norm, T5's encoder.final_layer_norm)."""
+    if hasattr(text_encoder, "encoder") and hasattr(text_encoder.encoder, "final_layer_norm"):
+        return text_encoder.encoder.final_layer_norm
+    return getattr(text_encoder, "text_model", text_encoder).final_layer_norm
+
+
+def text_block_part(text_encoder: nn.Module, component: str) -> str:
+    """The parameter-name fragment of a block's self-attention ("attn") or MLP ("ffn"), or "" for all of it."""
+    t5 = hasattr(text_encoder, "encoder") and hasattr(text_encoder.encoder, "block")
+    return {"attn": "layer.0." if t5 else "self_attn", "ffn": "layer.1." if t5 else "mlp", "all": ""}[component]
 
 
 def encode_token_embeddings(text_encoder: nn.Module, input_ids: torch.Tensor,

@@ -8,30 +8,45 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
+
 from .edits import apply_edits, base_fingerprint, check_new_output, read_edit, save_edit
 from .errors import UsageError
 from .files import peak_memory_bytes, reset_peak_memory, resumable_work_dir
 from .models import load_pipeline, resolve_source
+from .precision import TrainingOptions, check_precision, default_precision
 from .prompts import make_request
 from .registry import build_config, get_method
 
 
 def erase(model: str, method: str, concepts: list[str], out: str | Path, anchors: list[str] | None = None,
-          preserve: list[str] | None = None, options: dict | None = None, device: str | None = None) -> Path:
+          preserve: list[str] | None = None, options: dict | None = None, device: str | None = None,
+          precision: str | None = None, gradient_checkpointing: bool = False, optimizer: str = "adam",
+          resolution: int | None = None) -> Path:
     """Erase `concepts` from `model` with `method` and save the edit to `out` (resuming an interrupted run of the
-    same command from `out`.partial)."""
+    same command from `out`.partial). `precision` (fp32, fp16, bf16; default bf16 on a CUDA GPU that supports it,
+    fp32 on CPU), `gradient_checkpointing` and `optimizer` (adam, adam8bit) are erasers.precision's options;
+    `resolution` is the training resolution in pixels (default: the model's native one)."""
     out = Path(out)
     build_config(method, False, options)  # fail on a bad method or option before a slow model load
     check_new_output(out)
-    loaded = load_pipeline(model, device=device)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    training = TrainingOptions(precision or default_precision(device), gradient_checkpointing, optimizer)
+    check_precision(training.precision, device)
+    if resolution is not None and (resolution < 16 or resolution % 16):
+        raise UsageError(f"--resolution {resolution} must be a multiple of 16 (pixels), at least 16")
+    loaded = load_pipeline(model, device=device, dtype=training.dtype)
+    loaded.training, loaded.resolution = training, resolution
     config = build_config(method, loaded.is_toy, options)
     request = make_request(concepts, loaded.tokenizer, loaded.is_toy, anchors, preserve)
     fingerprint = base_fingerprint(loaded)
-    signature = {"method": method, "config": asdict(config), "request": asdict(request), "base": fingerprint}
+    signature = {"method": method, "config": asdict(config), "request": asdict(request), "base": fingerprint,
+                 "training": asdict(training), "resolution": resolution}
     work_dir = resumable_work_dir(out, signature)
     reset_peak_memory(loaded.device)
     started = time.time()
-    components = get_method(method).eraser(config).erase(loaded, request, work_dir)
+    with loaded.autocast():
+        components = get_method(method).eraser(config).erase(loaded, request, work_dir)
     seconds = time.time() - started
     saved = save_edit(out, components, loaded, method, config, request, fingerprint, seconds,
                       peak_memory_bytes(loaded.device))

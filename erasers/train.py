@@ -52,7 +52,7 @@ class TrainingLoop:
                 metrics = step_fn(step, generator)
                 bar.set_postfix({k: f"{v:.4f}" for k, v in metrics.items()})
                 if step % 25 == 0 or step == self.steps - 1:
-                    record = {"step": step, "seconds": round(time.time() - started, 1), **metrics}
+                    record = {"step": step, "seconds": round(time.time() - started, 3), **metrics}
                     history.append(record)
                     if log:
                         log.write(json.dumps(record) + "\n")

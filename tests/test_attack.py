@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 
-from erasers.attack import AttackConfig, attack_success_rate, prefixed_ids, project_onto_simplex
+from erasers.adversarial import prefixed_ids, project_onto_simplex
+from erasers.attack import AttackConfig, attack_success_rate
 from erasers.cli import main
 from erasers.models import encode_token_embeddings, load_pipeline
 from erasers.run import erase

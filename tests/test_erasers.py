@@ -86,8 +86,9 @@ def test_bad_erase_requests(tiny_pipeline_dirs, tmp_path):
     (tmp_path / "taken").mkdir()
     with pytest.raises(UsageError, match="already exists"):
         erase(sd, "uce", ["a star"], tmp_path / "taken", device="cpu")
-    with pytest.raises(UsageError, match="edits SD 1.x/2.x-style pipelines"):
-        erase(str(tiny_pipeline_dirs["flux"]), "esd-x", ["a star"], tmp_path / "flux", options=FAST, device="cpu")
+    with pytest.raises(UsageError, match="esd parameters must be one of"):
+        erase(str(tiny_pipeline_dirs["flux"]), "esd-x", ["a star"], tmp_path / "flux",
+              options={**FAST, "parameters": "everything"}, device="cpu")
     with pytest.raises(UsageError, match="not an edit"):
         read_edit(tiny_pipeline_dirs["sd"])
     broken = tmp_path / "broken"

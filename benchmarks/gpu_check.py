@@ -1,0 +1,290 @@
+"""A short GPU check of every eraser on the SD 1.5, SDXL and Flux architectures: a few training steps each, with
+random weights built from the published configs (nothing is downloaded). For each method x family it checks that
+the losses are finite and the edited parameters moved, and prints seconds per step and peak GPU memory against a
+plain forward+backward of the same denoiser (all its parameters trained, batch 1, same precision).
+
+    python -m benchmarks.gpu_check                                  # CUDA: sd15, sdxl, flux; bf16
+    python -m benchmarks.gpu_check --families sdxl --methods esd-x,uce --gradient-checkpointing
+    python -m benchmarks.gpu_check --tiny                           # CPU: the tiny test pipelines (tests/)
+
+Flux is built with its published widths (FLUX.1-dev: 3072-wide blocks, 4096-wide T5-XXL, guidance embedding) but,
+by default, fewer blocks (--flux-depth 4,8 joint/single blocks and 4 T5 blocks): the full 12B transformer alone is
+24 GB in bf16 and ESD-u's fp32 master weights, gradients and Adam moments on it would need about 200 GB.
+`--flux-depth full` builds all 19 + 38 blocks and T5's 24.
+Exit status 1 if any method's loss is not finite or nothing it trains moved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import gc
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.step_cost import SD15_TEXT, SD15_UNET
+
+METHODS = ("esd-x", "esd-u", "esd-te", "uce", "advunlearn", "hirm")
+FAMILIES = ("sd15", "sdxl", "flux")
+
+# SDXL base 1.0's UNet and text encoders (CLIP ViT-L and OpenCLIP ViT-bigG), as published.
+SDXL_UNET = dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+                 block_out_channels=(320, 640, 1280), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D",
+                                                                        "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                 transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+                 use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+                 projection_class_embeddings_input_dim=2816)
+SDXL_TEXT = dict(SD15_TEXT, hidden_act="quick_gelu")
+SDXL_TEXT_2 = dict(SD15_TEXT, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                   projection_dim=1280, hidden_act="gelu")
+# FLUX.1-dev's transformer and T5-XXL's encoder (layer counts set by --flux-depth).
+FLUX_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                        guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+              feed_forward_proj="gated-gelu", is_gated_act=True, dense_act_fn="gelu_new", decoder_start_token_id=0,
+              pad_token_id=0, eos_token_id=1)
+
+
+def _tokenizers():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from tiny_pipelines import t5_tokenizer
+    from transformers import CLIPTokenizer
+
+    from benchmarks.toycanvas.tokenizer import build_clip_tokenizer
+
+    directory = tempfile.mkdtemp()
+    build_clip_tokenizer(directory)
+    return CLIPTokenizer.from_pretrained(directory), t5_tokenizer()
+
+
+def _vae(latent_channels: int, **flux_options):
+    """A minimal VAE with SD's 8x downsampling (four blocks, 8 channels): the erasers never run it."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(block_out_channels=(8,) * 4, down_block_types=("DownEncoderBlock2D",) * 4,
+                         up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=4, latent_channels=latent_channels,
+                         **flux_options)
+
+
+def build_architecture(family: str, flux_depth: str = "4,8"):
+    """A pipeline of `family` with random weights from the published configs, on the CPU in float32."""
+    from diffusers import (
+        DDIMScheduler,
+        EulerDiscreteScheduler,
+        FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
+        FluxTransformer2DModel,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    clip, t5 = _tokenizers()
+    if family == "sd15":
+        return StableDiffusionPipeline(
+            vae=_vae(4), text_encoder=CLIPTextModel(CLIPTextConfig(**SD15_TEXT)), tokenizer=clip,
+            unet=UNet2DConditionModel(**SD15_UNET), scheduler=DDIMScheduler(beta_schedule="scaled_linear"),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    if family == "sdxl":
+        return StableDiffusionXLPipeline(
+            vae=_vae(4), text_encoder=CLIPTextModel(CLIPTextConfig(**SDXL_TEXT)),
+            text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_2)), tokenizer=clip,
+            tokenizer_2=clip, unet=UNet2DConditionModel(**SDXL_UNET),
+            scheduler=EulerDiscreteScheduler(beta_schedule="scaled_linear", timestep_spacing="leading",
+                                             steps_offset=1))
+    if family == "flux":
+        joint, single, encoder_layers = (19, 38, 24) if flux_depth == "full" else (*map(int, flux_depth.split(",")), 4)
+        transformer = FluxTransformer2DModel(**{**FLUX_TRANSFORMER, "num_layers": joint, "num_single_layers": single})
+        return FluxPipeline(
+            scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                      max_shift=1.15),
+            vae=_vae(16, shift_factor=0.1159, scaling_factor=0.3611, use_quant_conv=False, use_post_quant_conv=False),
+            text_encoder=CLIPTextModel(CLIPTextConfig(**SD15_TEXT)), tokenizer=clip,
+            text_encoder_2=T5EncoderModel(T5Config(**{**T5_XXL, "num_layers": encoder_layers})), tokenizer_2=t5,
+            transformer=transformer)
+    raise SystemExit(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
+
+
+def load(family: str, args):
+    """A LoadedPipeline of `family` on the device in the run's precision (--tiny: the tiny test pipelines)."""
+    from erasers.models import FAMILIES as KNOWN
+    from erasers.models import LoadedPipeline, load_pipeline
+    from erasers.precision import TrainingOptions
+
+    options = TrainingOptions(args.precision, args.gradient_checkpointing, args.optimizer)
+    if args.tiny:
+        loaded = load_pipeline(str(args.tiny_dirs[family]), device=args.device, dtype=options.dtype)
+        loaded.resolution = 16 if family == "flux" else None
+    else:
+        # Built once per family (random initialisation of billions of weights is slow), then copied per method.
+        if family not in args.built:
+            args.built.clear()
+            args.built[family] = build_architecture(family, args.flux_depth).to(dtype=options.dtype)
+        pipeline = copy.deepcopy(args.built[family]).to(args.device)
+        name = "sd" if family == "sd15" else family
+        loaded = LoadedPipeline(pipeline, KNOWN[name], f"{family}-random", KNOWN[name].default_steps,
+                                KNOWN[name].default_guidance, resolution=args.resolution)
+    loaded.training = options
+    return loaded
+
+
+def _sums(loaded) -> dict[str, float]:
+    modules = {**loaded.text_encoders, loaded.family.denoiser: loaded.denoiser}
+    return {f"{component}.{name}": float(p.detach().double().sum())
+            for component, module in modules.items() for name, p in module.named_parameters()}
+
+
+def _reset_memory(device: str) -> None:
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_memory(device: str) -> int | None:
+    return torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def plain_step(family: str, args) -> dict:
+    """Forward+backward of the whole denoiser (every parameter trained, batch 1) under the same precision."""
+    loaded = load(family, args)
+    denoiser = loaded.denoiser.train().requires_grad_(True)
+    if args.gradient_checkpointing:
+        denoiser.enable_gradient_checkpointing()
+    from erasers.losses import predict_noise
+
+    with torch.no_grad(), loaded.autocast():
+        cond = loaded.encode_text(["a photo of a cat"])
+    latents = torch.randn(loaded.latent_shape(1), device=loaded.device)
+    _reset_memory(args.device)
+    times = []
+    for _ in range(args.steps + 1):
+        _sync(args.device)
+        started = time.perf_counter()
+        with loaded.autocast():
+            loss = predict_noise(denoiser, latents, 500, cond).float().pow(2).mean()
+        loss.backward()
+        denoiser.zero_grad(set_to_none=True)
+        _sync(args.device)
+        times.append(time.perf_counter() - started)
+    result = {"family": family, "method": "plain", "seconds_per_step": sum(times[1:]) / args.steps,
+              "peak_bytes": _peak_memory(args.device), "finite": bool(torch.isfinite(loss)), "moved": True}
+    del loaded, denoiser
+    return result
+
+
+def method_step(family: str, method: str, args) -> dict:
+    """`args.steps` timed steps of `method` (plus one untimed), its losses and whether what it edits moved."""
+    from erasers.prompts import make_request
+    from erasers.registry import build_config, get_method
+
+    loaded = load(family, args)
+    wanted = {"iterations": args.steps + 1, "ddim_steps": 4, "warmup": 0, "attack_steps": 2, "retain_batch": 1}
+    fields = {f.name for f in dataclasses.fields(get_method(method).eraser.config_class)}
+    config = build_config(method, False, {k: v for k, v in wanted.items() if k in fields})
+    eraser = get_method(method).eraser(config)
+    request = make_request(["a photo of a cat"], loaded.tokenizer, False, preserve=["a photo of a dog"])
+    before = _sums(loaded)
+    _reset_memory(args.device)
+    _sync(args.device)
+    started = time.perf_counter()
+    with loaded.autocast():
+        components = eraser.erase(loaded, request)
+    _sync(args.device)
+    total = time.perf_counter() - started
+    history = getattr(eraser, "history", None)
+    per_step = ((history[-1]["seconds"] - history[0]["seconds"]) / (history[-1]["step"] - history[0]["step"])
+                if history and len(history) > 1 and history[-1]["seconds"] > history[0]["seconds"]
+                else total / (args.steps + 1 if history else 1))
+    losses = [v for row in history or [] for k, v in row.items() if k not in ("step", "seconds")]
+    after = _sums(loaded)
+    moved = any(after[key] != before[key] for key in before if key.split(".", 1)[0] in components)
+    result = {"family": family, "method": method, "seconds_per_step": per_step, "peak_bytes": _peak_memory(args.device),
+              "finite": all(map(lambda v: v == v and abs(v) != float("inf"), losses)), "moved": moved,
+              "components": sorted(components)}
+    del loaded, eraser, components
+    return result
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| family | method | s/step | x plain | peak GiB | x plain | finite | moved |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        plain = next((r for r in rows if r["family"] == row["family"] and r["method"] == "plain"), None)
+        time_ratio = f"{row['seconds_per_step'] / plain['seconds_per_step']:.2f}" if plain else "-"
+        peak = row["peak_bytes"]
+        peak_text = "-" if peak is None else f"{peak / 2**30:.1f}"
+        peak_ratio = f"{peak / plain['peak_bytes']:.2f}" if peak and plain and plain["peak_bytes"] else "-"
+        lines.append(f"| {row['family']} | {row['method']} | {row['seconds_per_step']:.3f} | {time_ratio} | "
+                     f"{peak_text} | {peak_ratio} | {'yes' if row['finite'] else 'NO'} | "
+                     f"{'yes' if row['moved'] else 'NO'} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--families", default=",".join(FAMILIES))
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per method (one more runs untimed)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", choices=("fp32", "fp16", "bf16"), help="default: bf16 on a GPU, fp32 on CPU")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--optimizer", choices=("adam", "adam8bit"), default="adam")
+    parser.add_argument("--resolution", type=int, help="training resolution in pixels (default: native)")
+    parser.add_argument("--flux-depth", default="4,8", help="joint,single Flux blocks, or 'full' (19,38)")
+    parser.add_argument("--tiny", action="store_true", help="the tiny random pipelines of tests/ (runs on CPU)")
+    args = parser.parse_args(argv)
+    args.built = {}
+    from erasers.precision import default_precision
+
+    args.precision = args.precision or default_precision(args.device)
+    if not args.tiny and not args.device.startswith("cuda"):
+        parser.error("the full architectures need a CUDA GPU; pass --tiny to run the tiny pipelines on CPU")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    families = args.families.split(",")
+    if args.tiny:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        from tiny_pipelines import BUILDERS, build_tokenizer
+
+        root = Path(tempfile.mkdtemp())
+        tokenizer_dir = build_tokenizer(root / "tokenizer")
+        args.tiny_dirs = {family: BUILDERS["sd" if family == "sd15" else family](root / family, tokenizer_dir)
+                          for family in families}
+    rows = []
+    for family in families:
+        for method in ["plain", *args.methods.split(",")]:
+            row = plain_step(family, args) if method == "plain" else method_step(family, method, args)
+            rows.append(row)
+            print(row, file=sys.stderr, flush=True)  # a run cut short keeps what it measured
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
+    print(f"{device}, {args.precision}, {args.steps} steps, gradient checkpointing "
+          f"{'on' if args.gradient_checkpointing else 'off'}, optimizer {args.optimizer}"
+          + ("" if args.tiny or "flux" not in families else f", Flux depth {args.flux_depth}"))
+    print(table(rows))
+    print("UCE and the plain row: UCE has no training steps, its row is the whole closed-form edit.")
+    failed = [f"{r['family']}/{r['method']}" for r in rows if not (r["finite"] and r["moved"])]
+    if failed:
+        print(f"FAILED (loss not finite or nothing moved): {', '.join(failed)}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,345 @@
+"""Family adapters: how each pipeline family turns prompts into what its denoiser reads, what the denoiser
+predicts, and how a partially denoised latent is sampled. Methods see one interface for SD 1.x/2.x, SDXL and Flux:
+
+    cond = loaded.encode_text(prompts)                       # a Conditioning
+    pred = predict_noise(denoiser, latents, t, cond)         # SD/SDXL: noise; Flux: flow-matching velocity
+    x_t, t = sample_partially(loaded, denoiser, cond, empty, stop, steps, guidance, generator)
+
+What each family's denoiser reads (all built here, never in a method file):
+  SD     the CLIP text encoder's last hidden states (77 x 768 for SD 1.x).
+  SDXL   both CLIP encoders' penultimate hidden states concatenated (77 x (768 + 1280)), the second encoder's
+         projected end-token state as `text_embeds`, and `time_ids` (original size, crop, target size) for the
+         training resolution, as StableDiffusionXLPipeline builds them.
+  Flux   T5's last hidden states (512 tokens), CLIP's pooled output as `pooled_projections`, zero text position
+         ids, the packed latent's position ids, and, for guidance-distilled Flux (FLUX.1-dev: the transformer has
+         `guidance_embeds`), the guidance scale as an input embedding. Flux predicts the flow-matching velocity
+         v = noise - x_0 on packed 2x2 latent patches; x_t is sampled with FlowMatchEulerDiscreteScheduler on the
+         pipeline's (shifted) sigma schedule.
+
+Guidance on Flux. A guidance-distilled transformer has no unconditional branch: the guidance scale is an input.
+Every prediction a method makes (teacher and student alike) reads the same guidance embedding, the pipeline's
+default scale (3.5 for FLUX.1-dev), so ESD's negative-guidance target is formed from the concept and contrast
+predictions *at the guidance users generate with*; sampling x_t uses the method's sample guidance through the
+embedding, in one pass. A Flux transformer without the embedding (FLUX.1-schnell, the tiny test model) samples with
+true classifier-free guidance against the empty prompt, as the pipeline's `true_cfg_scale` does.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import torch
+from torch import nn
+
+from .conditioning import Conditioning, replaced_token_embeddings
+
+
+class UNetAdapter:
+    """SD 1.x/2.x: one CLIP text encoder, an epsilon-predicting UNet, DDIM sampling."""
+
+    def __init__(self, loaded):
+        self.loaded = loaded
+
+    @property
+    def pipeline(self):
+        return self.loaded.pipeline
+
+    # ---- text ---------------------------------------------------------------------------------------------------
+
+    def text_length(self, name: str) -> int:
+        return self.loaded.tokenizers[name.replace("text_encoder", "tokenizer")].model_max_length
+
+    def tokenize(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        ids = {}
+        for name in self.loaded.family.text_encoders:
+            tokenizer = self.loaded.tokenizers[name.replace("text_encoder", "tokenizer")]
+            ids[name] = tokenizer(prompts, padding="max_length", max_length=self.text_length(name), truncation=True,
+                                  return_tensors="pt").input_ids.to(self.loaded.device)
+        return ids
+
+    def encode_ids(self, ids: dict[str, torch.Tensor], token_embeddings: dict[str, torch.Tensor] | None = None,
+                   text_encoders: dict[str, nn.Module] | None = None) -> Conditioning:
+        outputs = {}
+        for name in self.loaded.family.text_encoders:
+            encoder = (text_encoders or {}).get(name) or self.loaded.text_encoders[name]
+            with replaced_token_embeddings(encoder, (token_embeddings or {}).get(name)):
+                outputs[name] = encoder(ids[name], output_hidden_states=self.needs_hidden_states)
+        return self.compose(outputs)
+
+    needs_hidden_states = False
+
+    def compose(self, outputs: dict) -> Conditioning:
+        return Conditioning(outputs["text_encoder"][0], None, self)
+
+    @property
+    def token_states_encoder(self) -> str:
+        """The encoder whose tokens the token states are aligned with (its tokenizer counts the positions)."""
+        return "text_encoder"
+
+    # ---- latents and prediction ---------------------------------------------------------------------------------
+
+    def latent_size(self) -> int:
+        resolution = self.loaded.resolution
+        if resolution is None:
+            return self.loaded.denoiser.config.sample_size
+        return resolution // self.pipeline.vae_scale_factor
+
+    def latent_shape(self, batch: int = 1) -> tuple[int, ...]:
+        size = self.latent_size()
+        return (batch, self.loaded.denoiser.config.in_channels, size, size)
+
+    def predict(self, denoiser: nn.Module, latents: torch.Tensor, timestep, cond: Conditioning,
+                guidance: float | None = None) -> torch.Tensor:
+        return denoiser(latents, timestep, encoder_hidden_states=cond.states).sample
+
+    def sampling_scheduler(self, steps: int):
+        from diffusers import DDIMScheduler
+
+        scheduler = DDIMScheduler.from_config(self.pipeline.scheduler.config)
+        scheduler.set_timesteps(steps)
+        return scheduler
+
+    def guided_prediction(self, denoiser, latents, t, cond: Conditioning, empty: Conditioning, guidance: float):
+        """Classifier-free guidance: uncond + guidance * (cond - uncond)."""
+        both = torch.cat([empty.expand(len(cond)), cond])
+        uncond, conditional = predict(denoiser, torch.cat([latents, latents]), t, both).chunk(2)
+        return uncond + guidance * (conditional - uncond)
+
+    def initial_latents(self, batch: int, generator: torch.Generator, scheduler) -> torch.Tensor:
+        noise = torch.randn(self.latent_shape(batch), generator=generator)
+        return noise.to(self.loaded.device, latent_dtype(self.loaded)) * getattr(scheduler, "init_noise_sigma", 1.0)
+
+    def noised(self, x0: torch.Tensor, generator: torch.Generator):
+        """A training example at a uniformly drawn timestep: (x_t, t, what the denoiser should predict)."""
+        from diffusers import DDPMScheduler
+
+        alphas = DDPMScheduler.from_config(self.pipeline.scheduler.config).alphas_cumprod.to(x0.device)
+        t = int(torch.randint(len(alphas), (1,), generator=generator))
+        noise = torch.randn(x0.shape, generator=generator).to(x0)
+        return alphas[t].sqrt() * x0 + (1 - alphas[t]).sqrt() * noise, t, noise
+
+    @torch.no_grad()
+    def encode_image(self, image) -> torch.Tensor:
+        vae = self.pipeline.vae
+        pixels = self.pipeline.image_processor.preprocess(image).to(self.loaded.device, vae.dtype)
+        return vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
+
+    def pipeline_inputs(self, cond: Conditioning, negative: Conditioning) -> dict:
+        """Keyword arguments of the pipeline's __call__ that generate from this conditioning (at the training
+        resolution when one is set)."""
+        return {"prompt_embeds": cond.states, "negative_prompt_embeds": negative.expand(len(cond)).states,
+                **self.size()}
+
+    def size(self) -> dict:
+        if self.loaded.resolution is None:
+            return {}
+        return {"height": self.loaded.resolution, "width": self.loaded.resolution}
+
+    # ---- which parameters read the text -------------------------------------------------------------------------
+
+    def text_attention_names(self) -> list[str]:
+        """SD's attn2, and attn1 as well in blocks built with only_cross_attention (the toy UNet's 16x16 blocks):
+        every attention whose keys and values read the text."""
+        return [name for name, module in self.loaded.denoiser.named_modules()
+                if getattr(module, "is_cross_attention", False) and hasattr(module, "to_k")]
+
+    def cross_attention_kv(self) -> list[tuple[str, nn.Linear, nn.Linear]]:
+        denoiser = self.loaded.denoiser
+        return [(name, denoiser.get_submodule(name).to_k, denoiser.get_submodule(name).to_v)
+                for name in self.text_attention_names()]
+
+    def reads_text(self, parameter_name: str, strict: bool = False) -> bool:
+        """ESD-x's parameters: the text-reading attentions (strict: their keys and values only)."""
+        prefixes = tuple(f"{name}." for name in self.text_attention_names())
+        if not parameter_name.startswith(prefixes):
+            return False
+        return not strict or ".to_k." in parameter_name or ".to_v." in parameter_name
+
+    def conditioning_path(self, parameter_name: str) -> bool:
+        """Parameters ESD-u leaves alone: the text-reading attentions, the time embedding, and SDXL's added
+        embedding (it reads the pooled text and the size conditioning)."""
+        return (self.reads_text(parameter_name) or "time_emb" in parameter_name
+                or parameter_name.startswith("add_embedding."))
+
+    def text_projection_inputs(self, prompts: list[str]) -> list[tuple[list[nn.Linear], torch.Tensor]]:
+        """UCE's inputs: groups of (key/value linears, what they read for `prompts`: (levels, batch, tokens, width)).
+        Every UNet cross-attention reads the text states themselves: one group, one level."""
+        with torch.no_grad():
+            states = self.loaded.encode_text(prompts).states
+        return [([linear for _, k, v in self.cross_attention_kv() for linear in (k, v)], states[None])]
+
+
+class SDXLAdapter(UNetAdapter):
+    """SDXL: two CLIP encoders (penultimate states concatenated; the second's projected end token pooled) and the
+    size conditioning `time_ids`."""
+
+    needs_hidden_states = True
+
+    def compose(self, outputs: dict) -> Conditioning:
+        first, second = outputs["text_encoder"], outputs["text_encoder_2"]
+        states = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+        return Conditioning(states, second[0], self)
+
+    def time_ids(self, batch: int, device, dtype) -> torch.Tensor:
+        # (original height, width, crop top, left, target height, width): the training resolution, uncropped.
+        size = self.latent_size() * self.pipeline.vae_scale_factor
+        return torch.tensor([[size, size, 0, 0, size, size]], device=device, dtype=dtype).expand(batch, -1)
+
+    def predict(self, denoiser, latents, timestep, cond, guidance=None):
+        added = {"text_embeds": cond.pooled, "time_ids": self.time_ids(len(cond), cond.device, cond.dtype)}
+        return denoiser(latents, timestep, encoder_hidden_states=cond.states, added_cond_kwargs=added).sample
+
+    def pipeline_inputs(self, cond, negative):
+        negative = negative.expand(len(cond))
+        return {"prompt_embeds": cond.states, "negative_prompt_embeds": negative.states,
+                "pooled_prompt_embeds": cond.pooled, "negative_pooled_prompt_embeds": negative.pooled, **self.size()}
+
+
+class FluxAdapter(UNetAdapter):
+    """Flux: T5 token states, CLIP pooled output, packed latents, flow matching, guidance as an input embedding."""
+
+    # FluxPipeline's default max_sequence_length: prompts are encoded as it encodes them.
+    T5_LENGTH = 512
+    # The joint blocks' text-stream parameters and the embedders of time, guidance and pooled text: what ESD-u
+    # leaves alone (it trains the image stream and the single blocks).
+    TEXT_STREAM = re.compile(r"(^context_embedder\.|_context\.|\.add_[qkv]_proj\.|\.to_add_out\.|\.norm_added_|"
+                             r"^time_text_embed\.)")
+    TEXT_PROJECTIONS = re.compile(r"^transformer_blocks\.\d+\.attn\.add_([qkv])_proj\.")
+
+    def text_length(self, name: str) -> int:
+        if name == "text_encoder_2":
+            return self.T5_LENGTH
+        return getattr(self.pipeline, "tokenizer_max_length", None) or super().text_length(name)
+
+    def compose(self, outputs):
+        return Conditioning(outputs["text_encoder_2"][0], outputs["text_encoder"].pooler_output, self)
+
+    @property
+    def token_states_encoder(self) -> str:
+        return "text_encoder_2"
+
+    def latent_size(self) -> int:
+        resolution = self.loaded.resolution or self.pipeline.default_sample_size * self.pipeline.vae_scale_factor
+        return 2 * (resolution // (self.pipeline.vae_scale_factor * 2))
+
+    def latent_shape(self, batch: int = 1) -> tuple[int, ...]:
+        size = self.latent_size()
+        return (batch, (size // 2) ** 2, self.loaded.denoiser.config.in_channels)
+
+    def image_ids(self, device, dtype) -> torch.Tensor:
+        size = self.latent_size() // 2
+        return type(self.pipeline)._prepare_latent_image_ids(1, size, size, device, dtype)
+
+    @property
+    def guidance_embedded(self) -> bool:
+        return bool(self.loaded.denoiser.config.guidance_embeds)
+
+    def predict(self, denoiser, latents, timestep, cond, guidance=None):
+        batch = latents.shape[0]
+        timestep = torch.as_tensor(timestep, device=latents.device, dtype=torch.float32).reshape(-1).expand(batch)
+        guidance_input = None
+        if denoiser.config.guidance_embeds:
+            scale = self.loaded.default_guidance if guidance is None else guidance
+            guidance_input = torch.full((batch,), float(scale), device=latents.device, dtype=torch.float32)
+        text_ids = torch.zeros(cond.states.shape[1], 3, device=latents.device, dtype=cond.dtype)
+        return denoiser(hidden_states=latents, timestep=timestep / 1000, guidance=guidance_input,
+                        pooled_projections=cond.pooled, encoder_hidden_states=cond.states, txt_ids=text_ids,
+                        img_ids=self.image_ids(latents.device, cond.dtype), return_dict=False)[0]
+
+    def sampling_scheduler(self, steps: int):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.pipeline.scheduler.config)
+        config = scheduler.config
+        mu = calculate_shift(self.latent_shape()[1], config.get("base_image_seq_len", 256),
+                             config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                             config.get("max_shift", 1.15))
+        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu, device=self.loaded.device)
+        return scheduler
+
+    def guided_prediction(self, denoiser, latents, t, cond, empty, guidance):
+        if self.guidance_embedded:
+            return self.predict(denoiser, latents, t, cond, guidance)
+        return super().guided_prediction(denoiser, latents, t, cond, empty, guidance)
+
+    def noised(self, x0, generator):
+        """Flow matching: x_t = (1 - sigma) x_0 + sigma noise, velocity target noise - x_0, t = 1000 sigma."""
+        sigma = float(torch.rand((), generator=generator))
+        noise = torch.randn(x0.shape, generator=generator).to(x0)
+        return (1 - sigma) * x0 + sigma * noise, 1000 * sigma, noise - x0
+
+    @torch.no_grad()
+    def encode_image(self, image):
+        vae = self.pipeline.vae
+        pixels = self.pipeline.image_processor.preprocess(image).to(self.loaded.device, vae.dtype)
+        latents = (vae.encode(pixels).latent_dist.mean - vae.config.shift_factor) * vae.config.scaling_factor
+        batch, channels, height, width = latents.shape
+        return type(self.pipeline)._pack_latents(latents, batch, channels, height, width)
+
+    def pipeline_inputs(self, cond, negative):
+        size = self.latent_size() * self.pipeline.vae_scale_factor
+        return {"prompt_embeds": cond.states, "pooled_prompt_embeds": cond.pooled, "height": size, "width": size}
+
+    def text_attention_names(self) -> list[str]:
+        """The joint blocks' attentions: their add_q/k/v projections carry the text stream into joint attention."""
+        return [name for name, module in self.loaded.denoiser.named_modules()
+                if getattr(module, "add_k_proj", None) is not None]
+
+    def cross_attention_kv(self):
+        return [(name, self.loaded.denoiser.get_submodule(name).add_k_proj,
+                 self.loaded.denoiser.get_submodule(name).add_v_proj) for name in self.text_attention_names()]
+
+    def reads_text(self, parameter_name: str, strict: bool = False) -> bool:
+        """ESD-x on Flux: the joint blocks' text projections add_q/k/v_proj (strict: add_k/v_proj)."""
+        match = self.TEXT_PROJECTIONS.match(parameter_name)
+        return bool(match) and (not strict or match.group(1) in "kv")
+
+    def conditioning_path(self, parameter_name: str) -> bool:
+        return bool(self.TEXT_STREAM.search(parameter_name))
+
+    # Noise levels at which UCE records what each joint block's text projections read.
+    UCE_SIGMAS = (0.8, 0.5, 0.2)
+
+    @torch.no_grad()
+    def text_projection_inputs(self, prompts):
+        """What each joint block's add_k_proj/add_v_proj read: the text stream after the earlier blocks, normed
+        and modulated by the timestep, so it depends on the step and, past the first block, on the image tokens.
+        Recorded with forward hooks for `prompts` on one seeded noise latent at a few noise levels (UCE_SIGMAS),
+        the same for every prompt list, so the concept's and the guide's columns line up; every block is edited
+        from the unedited model's inputs, as UCE edits every SD layer from the same embeddings."""
+        cond = self.loaded.encode_text(prompts)
+        kv = self.cross_attention_kv()
+        recorded: dict[str, list[torch.Tensor]] = {name: [] for name, _, _ in kv}
+        handles = [k.register_forward_hook(lambda module, args, output, name=name: recorded[name].append(args[0]))
+                   for name, k, _ in kv]
+        noise = torch.randn(self.latent_shape(1), generator=torch.Generator().manual_seed(0))
+        noise = noise.to(self.loaded.device, latent_dtype(self.loaded)).expand(len(prompts), -1, -1)
+        try:
+            for sigma in self.UCE_SIGMAS:
+                self.predict(self.loaded.denoiser, noise, 1000 * sigma, cond)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return [([k, v], torch.stack(recorded[name])) for name, k, v in kv]
+
+
+ADAPTERS = {"sd": UNetAdapter, "sdxl": SDXLAdapter, "flux": FluxAdapter}
+
+
+def latent_dtype(loaded) -> torch.dtype:
+    """Latents stay float32 under autocast (mixed precision: the denoiser casts them); otherwise the denoiser's."""
+    if torch.is_autocast_enabled(loaded.device.type):
+        return torch.float32
+    return loaded.dtype
+
+
+def predict(denoiser: nn.Module, latents: torch.Tensor, timestep, cond, guidance: float | None = None):
+    """The denoiser's prediction for `cond` (a Conditioning, or SD hidden states as a bare tensor)."""
+    if not isinstance(cond, Conditioning):
+        cond = Conditioning(cond, None, None)
+    if len(cond) != latents.shape[0]:
+        cond = cond.expand(latents.shape[0])
+    adapter = cond.adapter or UNetAdapter(None)
+    return adapter.predict(denoiser, latents, timestep, cond, guidance)

@@ -1,0 +1,261 @@
+"""Every eraser on every family (SD, SDXL, Flux), on the tiny random pipelines: the adapter builds the conditioning
+and the denoiser call exactly as each pipeline does; each method trains a few steps, saves an edit that loads back
+onto a fresh pipeline, and the edited pipeline's output for the concept's prompt changes more than an unrelated
+prompt's. Also the mixed-precision and memory options (bf16 frozen weights, fp32 trained parameters)."""
+
+import copy
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from erasers import UsageError, load_pipeline
+from erasers.edits import apply_edits, read_edit, save_edit
+from erasers.losses import predict_noise
+from erasers.precision import TrainingOptions
+from erasers.prompts import make_request
+from erasers.registry import build_config, get_method
+from erasers.run import erase
+
+FAMILIES = ("sd", "sdxl", "flux")
+RESOLUTION = {"sd": None, "sdxl": None, "flux": 16}  # Flux's native 1024 px is 4,096 latent tokens: too many here
+
+# A few steps each. `bar`: how many times more the concept's output must change than the unrelated prompt's.
+# UCE (closed form with a preservation term) and the methods with a retain loss (AdvUnlearn, HiRM) are selective.
+# ESD has no preservation term: on these random models, whose outputs barely depend on the text, its edit reaches
+# every prompt through the positions all prompts share (start token, padding) and, for esd-x/esd-u, through
+# parameters that read the image; its bar is only that the concept's output moves more (measured ratios: SD 1.1-1.4,
+# SDXL 1.4-1.5, Flux 1.3-1.9). ESD's selectivity on a trained model is the README method table's IRA/CRA (toy SD).
+METHODS = {
+    "esd-x": ({"iterations": 8, "ddim_steps": 4, "lr": 1e-3}, 1.0),
+    "esd-u": ({"iterations": 8, "ddim_steps": 4, "lr": 3e-4}, 1.0),
+    "esd-te": ({"iterations": 8, "ddim_steps": 4, "lr": 1e-3}, 1.0),
+    "uce": ({}, 3.0),
+    "advunlearn": ({"iterations": 8, "warmup": 4, "attack_steps": 2, "ddim_steps": 4, "retain_batch": 2, "lr": 1e-3,
+                    "layers": "all", "retain_weight": 3.0}, 3.0),
+    "hirm": ({"iterations": 12, "lr": 3e-3, "retain_weight": 3.0}, 3.0),
+}
+CONCEPT, UNRELATED = "star", "dog"
+
+
+def text_sensitive(loaded):
+    """Random text encoders map every prompt to nearly the same states (tiny token embeddings, mostly padding), so
+    the denoisers barely read the text; token embeddings of unit scale and 8-token prompts make the prompts tell
+    apart, as a trained encoder's do."""
+    torch.manual_seed(0)
+    for tokenizer in loaded.tokenizers.values():
+        tokenizer.model_max_length = 8
+    loaded.adapter.T5_LENGTH = 8
+    if hasattr(loaded.pipeline, "tokenizer_max_length"):  # Flux reads CLIP's length once, at construction
+        loaded.pipeline.tokenizer_max_length = 8
+    with torch.no_grad():
+        for encoder in loaded.text_encoders.values():
+            encoder.get_input_embeddings().weight.normal_(0, 1)
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def bases(tiny_pipeline_dirs):
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            loaded = load_pipeline(str(tiny_pipeline_dirs[family]), device="cpu")
+            loaded.resolution = RESOLUTION[family]
+            cache[family] = text_sensitive(loaded)
+        return copy.deepcopy(cache[family])
+
+    return get
+
+
+def predictions(loaded, prompts):
+    latents = torch.randn(loaded.latent_shape(len(prompts)), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return predict_noise(loaded.denoiser, latents, 500, loaded.encode_text(prompts))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", list(METHODS))
+def test_each_method_erases_on_each_family(bases, tmp_path, family, method):
+    options, bar = METHODS[method]
+    loaded = bases(family)
+    before = predictions(loaded, [CONCEPT, UNRELATED])
+    config = build_config(method, False, options)
+    request = make_request([CONCEPT], loaded.tokenizer, False, preserve=[UNRELATED, "cat"])
+    eraser = get_method(method).eraser(config)
+    components = eraser.erase(loaded, request)
+    losses = [row[key] for row in getattr(eraser, "history", []) for key in row if key not in ("step", "seconds")]
+    assert all(np.isfinite(losses))
+    saved = save_edit(tmp_path / "edit", components, loaded, method, config, request, "test", 0.0, None)
+    assert read_edit(saved)["base_family"] == family
+
+    edited = bases(family)  # a fresh copy of the base, the edit loaded from disk
+    apply_edits(edited, [saved])
+    after = predictions(edited, [CONCEPT, UNRELATED])
+    change = [float((after[i] - before[i]).norm() / before[i].norm()) for i in range(2)]
+    assert change[0] > 1e-3, change
+    assert change[0] > bar * change[1], change
+    image_size = RESOLUTION[family]
+    base_image = bases(family).generate([CONCEPT], steps=2, progress=False, height=image_size, width=image_size)[0]
+    edited_image = edited.generate([CONCEPT], steps=2, progress=False, height=image_size, width=image_size)[0]
+    assert not np.array_equal(np.asarray(base_image), np.asarray(edited_image))
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_conditioning_is_what_the_pipeline_encodes(bases, family):
+    loaded = bases(family)
+    prompts = ["a star", "a dog image"]
+    cond = loaded.encode_text(prompts)
+    if family == "sdxl":
+        states, _, pooled, _ = loaded.pipeline.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=False)
+    else:
+        states, pooled, _ = loaded.pipeline.encode_prompt(prompts, None, device="cpu", max_sequence_length=8)
+    assert torch.allclose(cond.states, states) and torch.allclose(cond.pooled, pooled)
+    assert torch.allclose(torch.cat([cond[:1], cond[1:]]), cond) and len(cond[[1]]) == 1
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prediction_is_the_denoiser_call_the_pipeline_makes(bases, family):
+    """The adapter's call (SDXL's added embeddings, Flux's packed latents, ids, timestep scale) reproduces the
+    denoiser output the pipeline itself computes in its first step."""
+    loaded = bases(family)
+    seen = {}
+
+    def capture(module, args, kwargs, output):
+        seen.setdefault("call", (args, kwargs, output))
+
+    handle = loaded.denoiser.register_forward_hook(capture, with_kwargs=True)
+    loaded.pipeline.set_progress_bar_config(disable=True)
+    try:
+        loaded.pipeline(prompt=["a star"], num_inference_steps=1, output_type="latent",
+                        **loaded.adapter.size(),
+                        **({"max_sequence_length": 8} if family == "flux" else {}))
+    finally:
+        handle.remove()
+    args, kwargs, output = seen["call"]
+    output = output[0] if isinstance(output, tuple) else output.sample
+    if family == "flux":
+        latents, timestep = kwargs["hidden_states"], kwargs["timestep"] * 1000
+    else:
+        latents, timestep = args[0], args[1]
+    ours = predict_noise(loaded.denoiser, latents[-1:], timestep, loaded.encode_text(["a star"]))
+    assert torch.allclose(ours, output[-1:], atol=1e-5)
+
+
+def test_bf16_frozen_weights_train_fp32_parameters(bases):
+    """Mixed precision on the tiny SD pipeline: frozen weights in bf16, trained parameters in fp32 after the steps,
+    moved, finite losses; the saved component is float32 and loads back."""
+    loaded = bases("sd")
+    loaded.pipeline.to(dtype=torch.bfloat16)
+    loaded.training = TrainingOptions("bf16")
+    from erasers.esd import trainable_parameters
+
+    trained_names = {id(p) for p in trainable_parameters(loaded, "xattn")}
+    start = {name: p.detach().float().clone() for name, p in loaded.denoiser.named_parameters()
+             if id(p) in trained_names}
+    eraser = get_method("esd-x").eraser(build_config("esd-x", False, {"iterations": 3, "ddim_steps": 4, "lr": 1e-3}))
+    with loaded.autocast():
+        unet = eraser.erase(loaded, make_request([CONCEPT], loaded.tokenizer, False))["unet"]
+    assert all(np.isfinite(row["loss"]) for row in eraser.history)
+    assert unet.dtype == torch.float32, "the edit is saved in float32"
+    moved = [name for name, p in unet.named_parameters() if name in start and not torch.equal(p, start[name])]
+    assert moved and len(moved) == len(start)
+    assert loaded.text_encoder.dtype == torch.bfloat16, "frozen components stay in half precision"
+
+
+def test_trained_parameters_stay_fp32_through_the_optimiser_steps(bases):
+    loaded = bases("sd")
+    loaded.pipeline.to(dtype=torch.bfloat16)
+    loaded.training = TrainingOptions("bf16")
+    parameters = loaded.make_trainable(list(loaded.denoiser.conv_in.parameters()), loaded.denoiser)
+    optimizer = loaded.optimizer(parameters, 1e-2)
+    latents = torch.randn(loaded.latent_shape(1))
+    for _ in range(2):
+        with loaded.autocast():
+            loss = predict_noise(loaded.denoiser, latents, 10, loaded.encode_text(["a star"])).float().pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert all(p.dtype == torch.float32 and p.grad is None for p in parameters)
+    assert loaded.denoiser.conv_out.weight.dtype == torch.bfloat16
+    with pytest.raises(UsageError, match="not float32"):
+        loaded.optimizer([loaded.denoiser.conv_out.weight], 1e-2)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(bases):
+    grads = []
+    for checkpointing in (False, True):
+        loaded = bases("sdxl")
+        loaded.training = TrainingOptions("fp32", gradient_checkpointing=checkpointing)
+        from erasers.esd import trainable_parameters
+
+        parameters = loaded.make_trainable(trainable_parameters(loaded, "xattn"), loaded.denoiser)
+        loaded.denoiser.train()
+        latents = torch.randn(loaded.latent_shape(1), generator=torch.Generator().manual_seed(0))
+        predict_noise(loaded.denoiser, latents, 10, loaded.encode_text(["a star"])).pow(2).mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in parameters]))
+        assert loaded.denoiser.is_gradient_checkpointing == checkpointing
+    assert grads[0].abs().sum() > 0 and torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_precision_options_are_checked(tiny_pipeline_dirs, tmp_path, monkeypatch):
+    sd = str(tiny_pipeline_dirs["sd"])
+    with pytest.raises(UsageError, match="fp16 needs a CUDA GPU"):
+        erase(sd, "esd-x", [CONCEPT], tmp_path / "a", device="cpu", precision="fp16")
+    with pytest.raises(UsageError, match="--precision must be one of"):
+        TrainingOptions("int8")
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # importing it now fails, as when it is not installed
+    with pytest.raises(UsageError, match="needs bitsandbytes"):
+        erase(sd, "esd-x", [CONCEPT], tmp_path / "b", options={"iterations": "1", "ddim_steps": "4"}, device="cpu",
+              optimizer="adam8bit")
+    with pytest.raises(UsageError, match="multiple of 16"):
+        erase(sd, "esd-x", [CONCEPT], tmp_path / "c", device="cpu", resolution=20)
+
+
+def test_erase_in_bf16_saves_an_fp32_edit_with_its_training_options(tiny_pipeline_dirs, tmp_path):
+    out = erase(str(tiny_pipeline_dirs["sdxl"]), "esd-x", [CONCEPT], tmp_path / "edit",
+                options={"iterations": "2", "ddim_steps": "4"}, device="cpu", precision="bf16",
+                gradient_checkpointing=True)
+    meta = read_edit(out)
+    assert meta["training"] == {"precision": "bf16", "gradient_checkpointing": True, "optimizer": "adam"}
+    loaded = load_pipeline(str(tiny_pipeline_dirs["sdxl"]), device="cpu")
+    unet = type(loaded.denoiser).from_pretrained(out / "unet")
+    assert unet.dtype == torch.float32
+    apply_edits(loaded, [out])
+    assert loaded.generate([CONCEPT], steps=2, progress=False)[0].size == (16, 16)
+
+
+def test_gpu_check_runs_every_method_on_the_tiny_pipelines(capsys):
+    """benchmarks/gpu_check.py's CPU mode: finite losses and moved parameters for each method x family, and the
+    table of seconds per step against the plain forward+backward. (Its CUDA run needs a GPU.)"""
+    from benchmarks.gpu_check import main
+
+    code = main(["--tiny", "--steps", "1", "--families", "flux", "--methods", "esd-te,uce"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    rows = [line for line in out.splitlines() if line.startswith("| flux")]
+    assert len(rows) == 3 and all(line.endswith("| yes | yes |") for line in rows), out
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_attack_runs_on_sdxl_and_flux(tiny_pipeline_dirs, tmp_path, family):
+    """UnlearnDiffAtk against an edit of each family: targets drawn by the original model, the erased model's
+    plain prompt judged, then vocabulary tokens optimised through every text encoder (SDXL: one set for both CLIP
+    encoders; Flux: CLIP's and T5's) until the judge accepts (scripted here: the second check succeeds)."""
+    from erasers.attack import AttackConfig, attack_success_rate
+
+    resolution = RESOLUTION[family]
+    edit = erase(str(tiny_pipeline_dirs[family]), "uce", [CONCEPT], tmp_path / "edit", device="cpu",
+                 resolution=resolution)
+    verdicts = iter([False, False, True])
+    result = attack_success_rate(str(tiny_pipeline_dirs[family]), [edit], prompts=["a star"], count=1,
+                                 config=AttackConfig(tokens=2, iterations=3, check_every=1),
+                                 judge=lambda images, concept: [next(verdicts) for _ in images], device="cpu",
+                                 progress=False, resolution=resolution)
+    row = result["prompts"][0]
+    assert (row["pre_success"], row["attack_success"], row["iterations"]) == (False, True, 2)
+    assert result["asr"] == 1.0 and len(row["adversarial_tokens"]) == 2
+    assert np.isfinite(row["loss_first"]) and np.isfinite(row["loss_last"])
+    by_encoder = row.get("adversarial_tokens_by_encoder")
+    assert (by_encoder is None) if family == "sdxl" else (set(by_encoder) == {"text_encoder", "text_encoder_2"})
