@@ -30,10 +30,11 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from erasers.errors import UsageError
+from erasers.validation import validate_config
 
 SHOTS = 0
 MAX_NEW_TOKENS = 50
@@ -44,7 +45,10 @@ TASKS = {"classification": "mc", "mask": "cloze", "generation": "rouge_l"}
 class EvalConfig:
     max_new_tokens: int = MAX_NEW_TOKENS
     batch_size: int = 32
-    shots: int = SHOTS
+    shots: int = field(default=SHOTS, metadata={"min": 0})
+
+    def __post_init__(self):
+        validate_config(self, "mllmu-med")
 
 
 def normalise(text: str) -> str:

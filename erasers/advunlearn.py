@@ -14,7 +14,7 @@ The UNet is never changed: the edit is a text encoder, which drops into any pipe
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -67,7 +67,7 @@ class AdvUnlearnConfig:
     # adversarial prompt alone (0); with layers=all and 5 attack tokens that taught the toy encoder "prefix -> no
     # concept" and left the plain arrow prompts drawing arrows (pre-attack success 90%; with plain_weight 1: 5%).
     plain_weight: float = 0.0
-    ddim_steps: int = 50
+    ddim_steps: int = field(default=50, metadata={"min": 3})  # x_t is drawn after 1..ddim_steps-2 steps
     sample_guidance: float = 3.0
     seed: int = 0
 

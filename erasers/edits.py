@@ -18,7 +18,7 @@ from torch import nn
 
 from . import __version__
 from .errors import UsageError
-from .files import atomic_dir, publish
+from .files import atomic_dir, publish, read_json
 from .models import LoadedPipeline
 from .prompts import EraseRequest
 
@@ -76,15 +76,39 @@ def read_edit(path: str | Path) -> dict:
     metadata_file = path / METADATA
     if not metadata_file.exists():
         raise UsageError(f"{path} is not an edit (no {METADATA}); pass the --out directory of `erasure erase`")
-    try:
-        metadata = json.loads(metadata_file.read_text())
-        components = metadata["components"]
-    except (json.JSONDecodeError, KeyError) as error:
-        raise UsageError(f"{metadata_file} is corrupt ({error}); re-run the erase that made it") from None
-    for component in components:
+    metadata = read_json(metadata_file, "re-run the erase that made it")
+    if metadata.get("model_kind") == "vlm":
+        raise UsageError(f"{path} is a VLM edit; pass it to `erasure vlm ask` or `erasure bench mllmu-med`")
+    check_metadata_fields(metadata_file, metadata, EDIT_FIELDS)
+    for component in metadata["components"]:
+        if component not in COMPONENTS:
+            raise UsageError(f"{metadata_file} lists a component {component!r}; edits hold {', '.join(COMPONENTS)}: "
+                             "re-run the erase that made it")
         if not (path / component).is_dir():
             raise UsageError(f"edit {path} lists {component} but has no {component}/ directory; re-run the erase")
     return metadata
+
+
+# The fields commands read from erasure.json, and their JSON types; more are allowed.
+EDIT_FIELDS = {"method": str, "concepts": list[str], "kind": str, "components": list[str], "config": dict}
+# Components an edit may hold: every family's text encoders and denoisers (also keeps paths inside the edit).
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
+
+
+def check_metadata_fields(metadata_file: Path, metadata: dict, fields: dict) -> None:
+    """Each of `fields` is present in `metadata` with its type (list[str]: a non-empty list of strings)."""
+    for name, kind in fields.items():
+        value = metadata.get(name)
+        if kind == list[str]:
+            ok = isinstance(value, list) and bool(value) and all(isinstance(v, str) and v for v in value)
+            wanted = "a non-empty list of strings"
+        else:
+            ok = isinstance(value, kind) and (kind is not str or bool(value))
+            wanted = {str: "a string", dict: "an object", int: "an integer"}.get(kind, kind.__name__)
+        if not ok:
+            got = "missing" if name not in metadata else f"{json.dumps(value)[:40]}"
+            raise UsageError(f"{metadata_file}: field {name!r} should be {wanted}, not {got}; the file is corrupt or "
+                             "was edited by hand: re-run the erase that made it")
 
 
 def apply_edits(loaded: LoadedPipeline, paths: list[str | Path]) -> list[dict]:

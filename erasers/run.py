@@ -10,25 +10,27 @@ from pathlib import Path
 
 from .edits import apply_edits, base_fingerprint, check_new_output, read_edit, save_edit
 from .errors import UsageError
-from .files import peak_memory_bytes, reset_peak_memory, resumable_work_dir
+from .files import check_output_path, peak_memory_bytes, reset_peak_memory, resumable_work_dir
 from .models import load_pipeline, resolve_source
 from .prompts import make_request
 from .registry import build_config, get_method
 
 
 def erase(model: str, method: str, concepts: list[str], out: str | Path, anchors: list[str] | None = None,
-          preserve: list[str] | None = None, options: dict | None = None, device: str | None = None) -> Path:
+          preserve: list[str] | None = None, options: dict | None = None, device: str | None = None,
+          restart: bool = False) -> Path:
     """Erase `concepts` from `model` with `method` and save the edit to `out` (resuming an interrupted run of the
-    same command from `out`.partial)."""
+    same command from `out`.partial, unless `restart`)."""
     out = Path(out)
     build_config(method, False, options)  # fail on a bad method or option before a slow model load
     check_new_output(out)
+    check_output_path(out)
     loaded = load_pipeline(model, device=device)
     config = build_config(method, loaded.is_toy, options)
     request = make_request(concepts, loaded.tokenizer, loaded.is_toy, anchors, preserve)
     fingerprint = base_fingerprint(loaded)
     signature = {"method": method, "config": asdict(config), "request": asdict(request), "base": fingerprint}
-    work_dir = resumable_work_dir(out, signature)
+    work_dir = resumable_work_dir(out, signature, restart)
     reset_peak_memory(loaded.device)
     started = time.time()
     components = get_method(method).eraser(config).erase(loaded, request, work_dir)
@@ -60,7 +62,10 @@ def compare(model: str, edits: list[str], out: str | Path, seeds: tuple[int, ...
         raise UsageError("stacked edits must erase concepts of one kind (objects or styles) to be scored together")
     erased = [c for m in metadata for c in m["concepts"]]
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; compare writes a directory (compare.png, metrics.*): pass a new "
+                         "or existing directory")
+    check_output_path(out)
     classifier = ToyClassifier.from_pretrained(CLASSIFIER_DIR)
     answers = AnswerSet(seeds=tuple(seeds))
     base = load_pipeline(model, device=device)
@@ -68,6 +73,7 @@ def compare(model: str, edits: list[str], out: str | Path, seeds: tuple[int, ...
     edited = load_pipeline(model, device=device)
     apply_edits(edited, edits)
     edited_records, edited_images = classify_answer_set(edited, classifier, answers, progress)
+    out.mkdir(parents=True, exist_ok=True)
     table = {"base": score(base_records, erased, kind), "edited": score(edited_records, erased, kind),
              "erased": erased, "kind": kind, "edits": [str(e) for e in edits], "seeds": list(seeds),
              "images_per_model": len(base_records)}

@@ -195,7 +195,6 @@ def test_option_marks_point_at_each_options_last_token(build):
 def test_the_training_stages_run_end_to_end(build, tmp_path):
     import dataclasses
 
-    import torch
     from safetensors import safe_open
 
     from vlm import toy_build as tb
@@ -203,7 +202,9 @@ def test_the_training_stages_run_end_to_end(build, tmp_path):
     cfg, _, _, batcher, _ = build
     for name in ("world", "tokenizer"):
         (tmp_path / name).symlink_to(Path(cfg.build_dir) / name, target_is_directory=True)
-    torch.save(batcher.features, tmp_path / "features.pt")
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in batcher.features.items()}, tmp_path / tb.FEATURES)
     tiny = dataclasses.replace(cfg, build_dir=str(tmp_path), steps=4, grow_at=2, grow_layers=1, grow_steps=2,
                                options_steps=2, option_probe_layer=2, eval_every=2, eval_items=6, patient_rows=2,
                                canvas_rows=2, text_rows=1, checkpoint_every=1)
@@ -216,7 +217,9 @@ def test_the_training_stages_run_end_to_end(build, tmp_path):
     with safe_open(tmp_path / "options" / "model.safetensors", "pt") as saved:
         keys = set(saved.keys())
     assert keys and not any("probe" in key for key in keys)
-    assert torch.load(tmp_path / "ckpt" / "toy-vlm-options.pt", weights_only=False)["step"] == 2
+    from erasers.checkpoint import load_checkpoint
+
+    assert load_checkpoint(tmp_path / "ckpt" / "toy-vlm-options.safetensors")[0] == 2
 
 
 def test_growing_keeps_the_function(build):

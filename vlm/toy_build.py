@@ -8,7 +8,8 @@ MLLMU-Med patient (forget sets included), in generation, multiple-choice and clo
 Stages, each skipped when its output exists:
   world      the toy world in the MLLMU-Bench layout        -> BUILD/world
   tokenizer  byte-level BPE on the world's prompts           -> BUILD/tokenizer
-  features   the frozen vision tower's features of every image (training views and test images) -> BUILD/features.pt
+  features   the frozen vision tower's features of every image (training views and test images)
+             -> BUILD/features.safetensors
   train      projector + Llama, TrainingLoop (seeded, checkpointed, resumable)       -> BUILD/trained
   options    multiple choice by matching the options (phase 3, below), same loop      -> BUILD/options
   export     LlavaForConditionalGeneration + LlavaProcessor, fp16 safetensors -> vlm/weights/toy-vlm (atomic)
@@ -31,7 +32,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageEnhance
+from safetensors.torch import load_file, save_file
 
+from erasers.errors import UsageError
 from erasers.files import atomic_dir, publish
 from erasers.train import TrainingLoop
 
@@ -201,15 +204,29 @@ def image_features(cfg: ToyVLMConfig, model, processor, images: list[Image.Image
     return torch.cat(chunks)
 
 
+FEATURES = "features.safetensors"  # safetensors, not a pickle: the build directory may be shared
+
+
+def load_features(cfg: ToyVLMConfig) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+
+    path = Path(cfg.build_dir) / FEATURES
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise UsageError(f"{path} is unreadable ({str(error).splitlines()[0][:80]}); delete it to recompute the "
+                         "features") from None
+
+
 def stage_features(cfg: ToyVLMConfig) -> None:
-    out = Path(cfg.build_dir) / "features.pt"
+    out = Path(cfg.build_dir) / FEATURES
     if out.exists():
         return
     model, processor = vision_tower(cfg)
     images = training_images(cfg, load_rows(cfg))
     features = {group: image_features(cfg, model, processor, imgs).to(torch.float16) for group, imgs in images.items()}
     tmp = out.with_suffix(".tmp")
-    torch.save(features, tmp)
+    save_file({group: tensor.contiguous() for group, tensor in features.items()}, tmp)
     os.replace(tmp, out)
 
 
@@ -619,7 +636,7 @@ class Setup:
 def training_setup(cfg: ToyVLMConfig, image_tokens: int) -> Setup:
     tokenizer = load_tokenizer(cfg)
     rows = load_rows(cfg)
-    batcher = Batcher(tokenizer, torch.load(Path(cfg.build_dir) / "features.pt"), image_tokens)
+    batcher = Batcher(tokenizer, load_features(cfg), image_tokens)
     return Setup(tokenizer, batcher, Packer(batcher), training_pools(cfg, rows),
                  eval_samples(cfg, rows, cfg.eval_items))
 
@@ -788,7 +805,7 @@ def stage_evaluate(cfg: ToyVLMConfig) -> dict:
 def stage_outputs(cfg: ToyVLMConfig) -> dict[str, Path]:
     build, out = Path(cfg.build_dir), Path(cfg.out_dir)
     return {"world": build / "world" / "world.json", "tokenizer": build / "tokenizer" / "tokenizer.json",
-            "features": build / "features.pt", "train": build / "trained" / "config.json",
+            "features": build / FEATURES, "train": build / "trained" / "config.json",
             "options": build / "options" / "config.json",
             "export": out / "config.json", "evaluate": out / "quality.json"}
 
