@@ -27,6 +27,7 @@ from .models import LoadedPipeline, text_encoder_layers
 from .prompts import EraseRequest
 from .registry import Eraser, register
 from .train import TrainingLoop
+from .validation import validate_config
 
 COMPONENTS = ("all", "attn", "ffn")
 
@@ -80,8 +81,7 @@ class AdvUnlearnConfig:
         if self.attack_init not in ("random", "latest"):
             raise UsageError(f"advunlearn attack_init must be random or latest, not {self.attack_init!r}")
         check_contrast("advunlearn", self.contrast)
-        if self.attack_every < 1 or self.attack_tokens < 1 or self.ddim_steps < 3:
-            raise UsageError("advunlearn attack_every and attack_tokens must be at least 1, ddim_steps at least 3")
+        validate_config(self, "advunlearn")  # numbers: ranges by field name (erasers.validation)
 
 
 def chosen_layers(count: int, layers: str) -> list[int]:

@@ -135,7 +135,7 @@ def cmd_generate(args) -> None:
     if args.seed + len(prompts) - 1 > MAX_SEED:
         raise UsageError(f"--seed {args.seed} with {len(prompts)} prompts runs past the largest seed ({MAX_SEED}); "
                          "pass a smaller --seed")
-    columns = args.columns or min(len(prompts), 10)
+    columns = args.columns if args.columns is not None else min(len(prompts), 10)
     if not 1 <= columns <= len(prompts):
         raise UsageError(f"--columns {args.columns} is out of range; use 1 to {len(prompts)} (the number of prompts)")
     if not 1 <= args.scale <= MAX_SCALE:

@@ -29,8 +29,7 @@ def erase(model: str, method: str, concepts: list[str], out: str | Path, anchors
     config = build_config(method, loaded.is_toy, options)
     request = make_request(concepts, loaded.tokenizer, loaded.is_toy, anchors, preserve)
     fingerprint = base_fingerprint(loaded)
-    signature = {"method": method, "config": asdict(config), "request": asdict(request), "base": fingerprint}
-    work_dir = resumable_work_dir(out, signature, restart)
+    work_dir = resumable_work_dir(out, run_signature(method, config, request, fingerprint), restart)
     reset_peak_memory(loaded.device)
     started = time.time()
     components = get_method(method).eraser(config).erase(loaded, request, work_dir)
@@ -39,6 +38,11 @@ def erase(model: str, method: str, concepts: list[str], out: str | Path, anchors
                       peak_memory_bytes(loaded.device))
     shutil.rmtree(work_dir, ignore_errors=True)
     return saved
+
+
+def run_signature(method: str, config, request, fingerprint: str) -> dict:
+    """What makes two erase runs the same run: an interrupted one resumes only from its own checkpoints."""
+    return {"method": method, "config": asdict(config), "request": asdict(request), "base": fingerprint}
 
 
 def compare(model: str, edits: list[str], out: str | Path, seeds: tuple[int, ...] = (188,),

@@ -31,9 +31,7 @@ def erase_loaded(loaded: LoadedVLM, method: str, concept: str, out: str | Path, 
     left as it was (LoRA layers are removed again after saving)."""
     config = build_vlm_config(method, loaded.is_toy, options)
     target = resolve_target(concept, data)
-    signature = {"method": method, "config": asdict(config), "concept": concept, "data": str(data or ""),
-                 "base": vlm_fingerprint(loaded)}
-    work_dir = resumable_work_dir(out, signature, restart)
+    work_dir = resumable_work_dir(out, vlm_run_signature(loaded, method, config, concept, data), restart)
     reset_peak_memory(loaded.device)
     started = time.time()
     content = get_vlm_method(method).eraser(config).erase(loaded, target, work_dir)
@@ -45,6 +43,12 @@ def erase_loaded(loaded: LoadedVLM, method: str, concept: str, out: str | Path, 
             content.adapter.unload()
     shutil.rmtree(work_dir, ignore_errors=True)
     return saved
+
+
+def vlm_run_signature(loaded: LoadedVLM, method: str, config, concept: str, data) -> dict:
+    """What makes two erase runs the same run: an interrupted one resumes only from its own checkpoints."""
+    return {"method": method, "config": asdict(config), "concept": concept, "data": str(data or ""),
+            "base": vlm_fingerprint(loaded)}
 
 
 def erase(model: str, method: str, concept: str, out: str | Path, options: dict | None = None,
