@@ -549,11 +549,14 @@ FIXED_CASES = [
          "not a readable parquet"),
     Case("bench mllmu-med: parquet with garbage cells", "bench mllmu-med --concept forget_5 "
          "--data {mllmu_garbage_cells}", "row '1'"),
+    Case("bench mllmu-med: --out is a file", "bench mllmu-med --concept star --out {file}", "is a file"),
+    Case("bench mllmu-med: --out under a file", "bench mllmu-med --concept star --out {file}/r", "is a file"),
     Case("bench mllmu-med: --edit with binary erasure.json", "bench mllmu-med --edit {vlm_edit_binary}",
          "not valid JSON"),
     # app and toy builds
     Case("app: --port 0", "app --port 0", "at least 1"),
     Case("app: --port 70000", "app --port 70000", "65535"),
+    Case("app: --output under a file", "app --output {file}/out", "is a file"),
     Case("toy build: --threads 0", "toy build --threads 0", "at least 1"),
     Case("toy build-vlm: unknown stage", "toy build-vlm paint", "unknown stage"),
 ]

@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from erasers.errors import UsageError
+from erasers.files import check_output_path
 from erasers.validation import validate_config
 
 SHOTS = 0
@@ -166,6 +167,10 @@ def run(model: str, concept: str | None = None, edit: str | Path | None = None, 
     from vlm.models import load_vlm
     from vlm.targets import resolve_target
 
+    if out is not None:
+        if Path(out).exists() and not Path(out).is_dir():
+            raise UsageError(f"--out {out} is a file; pass a directory for results.json and report.md")
+        check_output_path(out)
     metadata = read_vlm_edit(edit) if edit is not None else None
     concept = concept or (metadata or {}).get("concept")
     if not concept:

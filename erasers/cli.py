@@ -199,6 +199,9 @@ def cmd_methods(args) -> None:
 
 
 def cmd_app(args) -> None:
+    from .files import check_output_path
+
+    check_output_path(args.output, "--output")  # before gradio and the model load
     from apps.app import launch
 
     launch(args.model, args.edits, args.output, args.host, args.port)
