@@ -71,7 +71,7 @@ class AppState:
 
     def describe(self, edit_name: str) -> str:
         meta = read_edit(self.edits()[edit_name])
-        return f"{edit_name}: {meta['method']} erasing {', '.join(meta['concepts'])}"
+        return f"{edit_name}: {meta.get('method', 'an edit')} erasing {', '.join(meta['concepts'])}"
 
 
 def _check_inputs(prompt: str, seed, steps, guidance) -> tuple[int, int, float]:

@@ -403,7 +403,7 @@ def attack_success_rate(model: str, edits: list[str | Path], concept: str | None
         raise UsageError("only the toy model has a built-in judge; pass --judge MODULE:FUNCTION (a function "
                          "(images, concept) -> list of bools, for example wrapping NudeNet or an image classifier)")
     if count is not None and not 1 <= count <= MAX_ATTACKED_PROMPTS:
-        raise UsageError(f"--prompts {count} is out of range; use 1 to {MAX_ATTACKED_PROMPTS:,}")
+        raise UsageError(f"--prompts {count} must be at least 1 and at most {MAX_ATTACKED_PROMPTS:,}")
     if not isinstance(config, AttackConfig):
         config = AttackConfig(**{**(TOY_ATTACK_DEFAULTS if is_toy else {}), **(config or {})})
     validate_config(config, "attack")

@@ -117,4 +117,4 @@ def corrupt_checkpoint(path: Path, error: BaseException | str) -> UsageError:
         error = f"{type(error).__name__}: {first[:120]}"
     reason = error
     return UsageError(f"cannot resume from {path} ({reason.rstrip(': ')}); it is truncated, corrupt or not this "
-                      f"run's: pass --restart to start from scratch (or delete {path.parent.parent})")
+                      f"run's: pass --restart to start from scratch (or delete {path.parent})")

@@ -79,7 +79,7 @@ def read_edit(path: str | Path) -> dict:
     metadata = read_json(metadata_file, "re-run the erase that made it")
     if metadata.get("model_kind") == "vlm":
         raise UsageError(f"{path} is a VLM edit; pass it to `erasure vlm ask` or `erasure bench mllmu-med`")
-    check_metadata_fields(metadata_file, metadata, EDIT_FIELDS)
+    check_metadata_fields(metadata_file, metadata, EDIT_FIELDS, EDIT_OPTIONAL_FIELDS)
     for component in metadata["components"]:
         if component not in COMPONENTS:
             raise UsageError(f"{metadata_file} lists a component {component!r}; edits hold {', '.join(COMPONENTS)}: "
@@ -89,26 +89,33 @@ def read_edit(path: str | Path) -> dict:
     return metadata
 
 
-# The fields commands read from erasure.json, and their JSON types; more are allowed.
-EDIT_FIELDS = {"method": str, "concepts": list[str], "kind": str, "components": list[str], "config": dict}
+# The fields commands read from erasure.json, by kind (see check_metadata_fields); more are allowed.
+EDIT_FIELDS = {"concepts": "names+", "kind": "text", "components": "names"}
+EDIT_OPTIONAL_FIELDS = {"method": "text", "config": "object"}
 # Components an edit may hold: every family's text encoders and denoisers (also keeps paths inside the edit).
 COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
+_KINDS = {"text": "a non-empty string", "object": "a JSON object", "names": "a list of strings",
+          "names+": "a non-empty list of strings"}
 
 
-def check_metadata_fields(metadata_file: Path, metadata: dict, fields: dict) -> None:
-    """Each of `fields` is present in `metadata` with its type (list[str]: a non-empty list of strings)."""
-    for name, kind in fields.items():
+def check_metadata_fields(metadata_file: Path, metadata: dict, required: dict, optional: dict | None = None) -> None:
+    """Each field of `required` is in `metadata`, and each of `optional` that is there, with its kind: "text" (a
+    non-empty string), "object", "names" (a list of non-empty strings) or "names+" (the same, not empty)."""
+    for name, kind in {**required, **(optional or {})}.items():
+        if name not in metadata and name not in required:
+            continue
         value = metadata.get(name)
-        if kind == list[str]:
-            ok = isinstance(value, list) and bool(value) and all(isinstance(v, str) and v for v in value)
-            wanted = "a non-empty list of strings"
+        if kind == "text":
+            ok = isinstance(value, str) and bool(value)
+        elif kind == "object":
+            ok = isinstance(value, dict)
         else:
-            ok = isinstance(value, kind) and (kind is not str or bool(value))
-            wanted = {str: "a string", dict: "an object", int: "an integer"}.get(kind, kind.__name__)
+            ok = isinstance(value, list) and all(isinstance(v, str) and v for v in value) and \
+                (bool(value) or kind == "names")
         if not ok:
-            got = "missing" if name not in metadata else f"{json.dumps(value)[:40]}"
-            raise UsageError(f"{metadata_file}: field {name!r} should be {wanted}, not {got}; the file is corrupt or "
-                             "was edited by hand: re-run the erase that made it")
+            got = "missing" if name not in metadata else json.dumps(value)[:40]
+            raise UsageError(f"{metadata_file}: field {name!r} should be {_KINDS[kind]}, not {got}; the file is "
+                             "corrupt or was edited by hand: re-run the erase that made it")
 
 
 def apply_edits(loaded: LoadedPipeline, paths: list[str | Path]) -> list[dict]:

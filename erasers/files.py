@@ -71,9 +71,9 @@ def read_json(path: str | Path, remedy: str, kind: type = dict):
     except OSError as error:
         raise UsageError(f"cannot read {path} ({error.strerror}); {remedy}") from None
     except ValueError as error:  # JSONDecodeError and UnicodeDecodeError (binary garbage) alike
-        raise UsageError(f"{path} is not valid JSON ({str(error).splitlines()[0][:80]}); {remedy}") from None
+        raise UsageError(f"{path} is corrupt: not valid JSON ({str(error).splitlines()[0][:80]}); {remedy}") from None
     if not isinstance(value, kind):
-        raise UsageError(f"{path} holds a JSON {type(value).__name__}, not an object; {remedy}")
+        raise UsageError(f"{path} is corrupt: it holds a JSON {type(value).__name__}, not an object; {remedy}")
     return value
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from benchmarks import bad_inputs
+from benchmarks.bad_input_fixtures import Planted
 from erasers.checkpoint import load_checkpoint
 from erasers.cli import main
 from erasers.errors import UsageError
@@ -88,7 +89,7 @@ def test_a_planted_pickle_is_refused_by_the_training_loop(tmp_path):
     import pickle
 
     (tmp_path / "ckpt").mkdir()
-    (tmp_path / "ckpt" / "net.pt").write_bytes(pickle.dumps(bad_inputs.Planted(str(tmp_path / "PLANTED"))))
+    (tmp_path / "ckpt" / "net.pt").write_bytes(pickle.dumps(Planted(str(tmp_path / "PLANTED"))))
     with pytest.raises(UsageError, match="pickle"):
         _train(tmp_path)
     assert not (tmp_path / "PLANTED").exists()

@@ -80,8 +80,8 @@ def save_vlm_edit(out: str | Path, content, loaded: LoadedVLM, method: str, conf
 
 
 # The fields commands read from a VLM edit's erasure.json, and their JSON types.
-VLM_EDIT_FIELDS = {"method": str, "concept": str, "files": list[str], "config": dict, "info": dict,
-                   "base_family": str, "base_fingerprint": str}
+VLM_EDIT_FIELDS = {"method": "text", "concept": "text", "files": "names+", "config": "object", "info": "object",
+                   "base_family": "text", "base_fingerprint": "text"}
 
 
 def read_vlm_edit(path: str | Path) -> dict:
