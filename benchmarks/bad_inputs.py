@@ -135,13 +135,13 @@ FIXED_CASES = [
     Case("erase: --model with binary model_index.json", "erase --model {pipe_index_binary} --method uce "
          "--concept star --out {root}/e", "not valid JSON"),
     Case("erase: truncated checkpoint in OUT.partial", "erase --method hirm --concept star --set iterations=2 "
-         "--out {hirm_partial_truncated}", "--restart"),
+         "--device cpu --out {hirm_partial_truncated}", "--restart"),
     Case("erase: garbage checkpoint in OUT.partial", "erase --method hirm --concept star --set iterations=2 "
-         "--out {hirm_partial_garbage}", "--restart"),
+         "--device cpu --out {hirm_partial_garbage}", "--restart"),
     Case("erase: another model's checkpoint in OUT.partial", "erase --method hirm --concept star --set iterations=2 "
-         "--out {hirm_partial_foreign}", "--restart"),
+         "--device cpu --out {hirm_partial_foreign}", "--restart"),
     Case("erase: pickle planted in OUT.partial/ckpt", "erase --method hirm --concept star --set iterations=2 "
-         "--out {hirm_partial_pickle}", "pickle"),
+         "--device cpu --out {hirm_partial_pickle}", "pickle"),
     Case("erase: binary run.json in OUT.partial", "erase --method hirm --concept star --set iterations=2 "
          "--out {partial_run_json_binary}", "--restart"),
     # compare
@@ -194,7 +194,7 @@ FIXED_CASES = [
     Case("vlm erase: --seed -1", "vlm erase --method sauce --concept star --seed -1 --out {root}/e", "2**63 - 1"),
     Case("vlm erase: --out under a file", "vlm erase --method sauce --concept star --out {file}/e", "is a file"),
     Case("vlm erase: pickle planted in OUT.partial/ckpt", "vlm erase --method ga --concept star --set steps=2 "
-         "--out {vlm_partial_pickle}", "pickle"),
+         "--device cpu --out {vlm_partial_pickle}", "pickle"),
     # bench mllmu-med
     Case("bench mllmu-med: --batch-size 0", "bench mllmu-med --concept star --batch-size 0", "at least 1"),
     Case("bench mllmu-med: --max-new-tokens 0", "bench mllmu-med --concept star --max-new-tokens 0", "at least 1"),
@@ -244,7 +244,7 @@ def config_cases() -> list[Case]:
                 for value in out_of_range(field):
                     cases.append(Case(f"{command} {method}: --set {field.name}={value}",
                                       f"{command} --method {method} --concept star --set {field.name}={value} "
-                                      "--out {root}/edit", f"option {field.name}"))
+                                      "--out {root}/edit", field.name))
     return cases
 
 

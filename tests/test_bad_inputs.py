@@ -40,7 +40,7 @@ def test_every_method_and_field_kind_is_covered():
 
 def test_restart_discards_a_corrupt_checkpoint_and_finishes(tmp_path, capsys):
     out = bad_inputs.FIXTURES["hirm_partial_truncated"](tmp_path)
-    argv = ["erase", "--method", "hirm", "--concept", "star", "--set", "iterations=2", "--out", out]
+    argv = ["erase", "--method", "hirm", "--concept", "star", "--set", "iterations=2", "--device", "cpu", "--out", out]
     assert main(argv) == 2 and "--restart" in capsys.readouterr().err
     assert main([*argv, "--restart"]) == 0
     assert json.loads((Path(out) / "erasure.json").read_text())["config"]["iterations"] == 2
