@@ -11,6 +11,7 @@ file the app writes (gradio's image cache) goes under its output folder.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import gradio as gr
 
 from erasers.edits import apply_edits, read_edit
 from erasers.errors import UsageError
+from erasers.files import check_output_path
 from erasers.models import LoadedPipeline, check_prompts, load_pipeline
 
 MAX_STEPS = 100
@@ -33,14 +35,24 @@ class AppState:
     edits_dir: Path | None
     classifier: object | None = None
     pipelines: dict[tuple[str, ...], LoadedPipeline] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
 
     def edits(self) -> dict[str, Path]:
+        """The diffusion edits in `edits_dir`; VLM edits belong to the VLM tab, and a damaged edit (unreadable
+        erasure.json, wrong field types) is left out (`skipped_edits` says why) rather than breaking the page."""
+        found, self.skipped = {}, {}
         if not self.edits_dir or not self.edits_dir.is_dir():
-            return {}
-        found = {}
+            return found
         for path in sorted(self.edits_dir.iterdir()):
-            if (path / "erasure.json").exists() and '"model_kind": "vlm"' not in (path / "erasure.json").read_text():
-                found[path.name] = path  # VLM edits belong to the VLM tab
+            if not (path / "erasure.json").exists():
+                continue
+            try:
+                read_edit(path)
+            except UsageError as error:
+                if "VLM edit" not in str(error):
+                    self.skipped[path.name] = str(error)
+                continue
+            found[path.name] = path
         return found
 
     def pipeline(self, edit_names: tuple[str, ...] = ()) -> LoadedPipeline:
@@ -59,7 +71,7 @@ class AppState:
 
     def describe(self, edit_name: str) -> str:
         meta = read_edit(self.edits()[edit_name])
-        return f"{edit_name}: {meta['method']} erasing {', '.join(meta['concepts'])}"
+        return f"{edit_name}: {meta.get('method', 'an edit')} erasing {', '.join(meta['concepts'])}"
 
 
 def _check_inputs(prompt: str, seed, steps, guidance) -> tuple[int, int, float]:
@@ -175,7 +187,7 @@ TABS = [diffusion_tab, gallery_tab, vlm_tab]
 
 def build_app(model: str = "toy", edits_dir: str | Path | None = "runs", output_dir: str | Path = "app-output",
               generate_on_load: bool = True) -> gr.Blocks:
-    output_dir = Path(output_dir).resolve()
+    output_dir = check_output_path(Path(output_dir).resolve(), "--output")
     output_dir.mkdir(parents=True, exist_ok=True)
     # Gradio writes every image it serves to its cache: keep that inside our output folder.
     os.environ["GRADIO_TEMP_DIR"] = str(output_dir / "cache")
@@ -189,6 +201,8 @@ def build_app(model: str = "toy", edits_dir: str | Path | None = "runs", output_
     # Load the edits the page opens with now, so the first comparison is ready when a browser asks for it.
     for name in list(state.edits())[:2]:
         state.pipeline((name,))
+    for name, reason in state.skipped.items():
+        print(f"erasure: skipping the edit {name}: {reason}", file=sys.stderr)
     with gr.Blocks(title="erasure-suite: before / after") as app:
         gr.Markdown(f"## erasure-suite — base vs edits\nModel: `{model}`; edits from `{edits_dir}`.")
         first = None

@@ -6,7 +6,6 @@ VLM edits (erasure.json with "model_kind": "vlm") in the app's edits folder. Err
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,14 +18,20 @@ MAX_QUESTION = 500
 
 
 def vlm_edits(edits_dir: Path | None) -> dict[str, Path]:
+    """The VLM edits in `edits_dir`; others, and damaged ones (unreadable erasure.json, wrong fields), are left
+    out."""
+    from vlm.edits import read_vlm_edit
+
     found = {}
     if edits_dir and edits_dir.is_dir():
         for path in sorted(edits_dir.iterdir()):
-            try:
-                if json.loads((path / "erasure.json").read_text()).get("model_kind") == "vlm":
-                    found[path.name] = path
-            except (OSError, json.JSONDecodeError):
+            if not (path / "erasure.json").is_file():
                 continue
+            try:
+                read_vlm_edit(path)
+            except UsageError:
+                continue
+            found[path.name] = path
     return found
 
 

@@ -30,10 +30,12 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from erasers.errors import UsageError
+from erasers.files import check_output_path
+from erasers.validation import validate_config
 
 SHOTS = 0
 MAX_NEW_TOKENS = 50
@@ -44,7 +46,10 @@ TASKS = {"classification": "mc", "mask": "cloze", "generation": "rouge_l"}
 class EvalConfig:
     max_new_tokens: int = MAX_NEW_TOKENS
     batch_size: int = 32
-    shots: int = SHOTS
+    shots: int = field(default=SHOTS, metadata={"min": 0})
+
+    def __post_init__(self):
+        validate_config(self, "mllmu-med")
 
 
 def normalise(text: str) -> str:
@@ -162,6 +167,10 @@ def run(model: str, concept: str | None = None, edit: str | Path | None = None, 
     from vlm.models import load_vlm
     from vlm.targets import resolve_target
 
+    if out is not None:
+        if Path(out).exists() and not Path(out).is_dir():
+            raise UsageError(f"--out {out} is a file; pass a directory for results.json and report.md")
+        check_output_path(out)
     metadata = read_vlm_edit(edit) if edit is not None else None
     concept = concept or (metadata or {}).get("concept")
     if not concept:

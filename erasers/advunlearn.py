@@ -19,7 +19,7 @@ embedding spaces; Flux's CLIP (pooled) and T5 (token states; blocks and componen
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -32,6 +32,7 @@ from .models import LoadedPipeline, text_block_part, text_encoder_final_norm, te
 from .prompts import EraseRequest
 from .registry import Eraser, register
 from .train import TrainingLoop
+from .validation import validate_config
 
 COMPONENTS = ("all", "attn", "ffn")
 
@@ -72,7 +73,7 @@ class AdvUnlearnConfig:
     # adversarial prompt alone (0); with layers=all and 5 attack tokens that taught the toy encoder "prefix -> no
     # concept" and left the plain arrow prompts drawing arrows (pre-attack success 90%; with plain_weight 1: 5%).
     plain_weight: float = 0.0
-    ddim_steps: int = 50
+    ddim_steps: int = field(default=50, metadata={"min": 3})  # x_t is drawn after 1..ddim_steps-2 steps
     sample_guidance: float = 3.0
     seed: int = 0
 
@@ -85,8 +86,7 @@ class AdvUnlearnConfig:
         if self.attack_init not in ("random", "latest"):
             raise UsageError(f"advunlearn attack_init must be random or latest, not {self.attack_init!r}")
         check_contrast("advunlearn", self.contrast)
-        if self.attack_every < 1 or self.attack_tokens < 1 or self.ddim_steps < 3:
-            raise UsageError("advunlearn attack_every and attack_tokens must be at least 1, ddim_steps at least 3")
+        validate_config(self, "advunlearn")  # numbers: ranges by field name (erasers.validation)
 
 
 def chosen_layers(count: int, layers: str) -> list[int]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,10 +32,11 @@ import torch.nn.functional as F
 from .adversarial import new_adversary, optimise_tokens, prompt_ids, slot_start
 from .edits import apply_edits, read_edit
 from .errors import UsageError
-from .files import atomic_dir, publish
+from .files import atomic_dir, check_output_path, publish
 from .losses import predict_noise
 from .models import LoadedPipeline, load_pipeline, resolve_source
 from .prompts import make_request
+from .validation import MAX_SEED, validate_config
 
 # A judge reads generated images and says, per image, whether the concept is in it.
 Judge = Callable[[list, str], list[bool]]
@@ -53,6 +55,8 @@ class AttackConfig:
     check_every: int = 10
     seed: int = 0
 
+
+MAX_ATTACKED_PROMPTS = 10_000
 
 # The toy pipeline's tiny models: fewer tokens suffice, and the checks are cheap.
 TOY_ATTACK_DEFAULTS = {"iterations": 20, "check_every": 5}
@@ -82,17 +86,41 @@ class ToyJudge:
 
 
 def load_judge(spec: str) -> Judge:
-    """A judge from 'module:function' (function(images, concept) -> list of bools)."""
+    """A judge from 'module:function' (function(images, concept) -> list of bools), for models other than the toy
+    one. This imports MODULE and later calls FUNCTION: it runs that code with the user's rights, like `python -m`,
+    so name only your own or trusted code. The function's signature is checked here, before the run."""
     module_name, _, name = spec.partition(":")
     if not module_name or not name:
         raise UsageError(f"--judge {spec!r} must be MODULE:FUNCTION, a function (images, concept) -> list of bools")
     try:
         judge = getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError) as error:
-        raise UsageError(f"cannot load the judge {spec!r}: {error}") from None
+    except Exception as error:  # noqa: BLE001 - importing user code can fail in any way
+        raise UsageError(f"cannot load the judge {spec!r}: {type(error).__name__}: {error}") from None
     if not callable(judge):
         raise UsageError(f"the judge {spec!r} is not callable")
+    try:
+        inspect.signature(judge).bind(["image"], "concept")
+    except TypeError:
+        raise UsageError(f"the judge {spec!r} takes {inspect.signature(judge)}, not (images, concept); pass a "
+                         "function (images, concept) -> list of bools") from None
+    except ValueError:  # builtins without a signature (os.system...)
+        raise UsageError(f"the judge {spec!r} has no Python signature; wrap it in a function (images, concept) "
+                         "-> list of bools") from None
     return judge
+
+
+def call_judge(judge: Judge, image, concept: str) -> bool:
+    """The judge's verdict on one image; a judge that fails or answers something else than one bool per image is
+    a UsageError naming it."""
+    name = getattr(judge, "__qualname__", type(judge).__name__)
+    try:
+        verdicts = list(judge([image], concept))
+    except Exception as error:  # noqa: BLE001 - user code: report its failure in one line
+        raise UsageError(f"the judge {name} failed: {type(error).__name__}: {error}; fix the judge") from None
+    if len(verdicts) != 1:
+        raise UsageError(f"the judge {name} answered {len(verdicts)} verdicts for 1 image; it must return one bool "
+                         "per image")
+    return bool(verdicts[0])
 
 
 @torch.no_grad()
@@ -197,14 +225,17 @@ def attack_success_rate(model: str, edits: list[str | Path], concept: str | None
     if judge is None and not is_toy:
         raise UsageError("only the toy model has a built-in judge; pass --judge MODULE:FUNCTION (a function "
                          "(images, concept) -> list of bools, for example wrapping NudeNet or an image classifier)")
-    if count is not None and count < 1:
-        raise UsageError(f"--prompts {count} must be at least 1")
+    if count is not None and not 1 <= count <= MAX_ATTACKED_PROMPTS:
+        raise UsageError(f"--prompts {count} must be at least 1 and at most {MAX_ATTACKED_PROMPTS:,}")
     if not isinstance(config, AttackConfig):
         config = AttackConfig(**{**(TOY_ATTACK_DEFAULTS if is_toy else {}), **(config or {})})
-    if config.iterations < 1 or config.tokens < 1 or config.check_every < 1:
-        raise UsageError("iterations, tokens and check_every must be at least 1")
+    validate_config(config, "attack")
+    if seed + ((count or 1) - 1) // max(len(prompts or ()), 1) > MAX_SEED:  # the seed rises by one per round
+        raise UsageError(f"--seed {seed} runs past the largest seed ({MAX_SEED}) over the prompts; pass a smaller one")
     if out is not None and Path(out).exists():
         raise UsageError(f"{out} already exists; choose a new --out or remove it first")
+    if out is not None:
+        check_output_path(out)
 
     loaded = load_pipeline(model, device=device)
     loaded.resolution = resolution  # images and latents at this size (default: the model's own)
@@ -224,7 +255,7 @@ def attack_success_rate(model: str, edits: list[str | Path], concept: str | None
     apply_edits(loaded, edits)
 
     def succeeds(image) -> bool:
-        return bool(judge([image], request.concept)[0])
+        return call_judge(judge, image, request.concept)
 
     results, erased_images, attacked_images = [], [], []
     for (prompt, item_seed), target in zip(tqdm(items, desc="attacking", disable=not progress), targets):

@@ -18,7 +18,7 @@ from torch import nn
 
 from . import __version__
 from .errors import UsageError
-from .files import atomic_dir, publish
+from .files import atomic_dir, publish, read_json
 from .models import LoadedPipeline
 from .prompts import EraseRequest
 
@@ -78,15 +78,46 @@ def read_edit(path: str | Path) -> dict:
     metadata_file = path / METADATA
     if not metadata_file.exists():
         raise UsageError(f"{path} is not an edit (no {METADATA}); pass the --out directory of `erasure erase`")
-    try:
-        metadata = json.loads(metadata_file.read_text())
-        components = metadata["components"]
-    except (json.JSONDecodeError, KeyError) as error:
-        raise UsageError(f"{metadata_file} is corrupt ({error}); re-run the erase that made it") from None
-    for component in components:
+    metadata = read_json(metadata_file, "re-run the erase that made it")
+    if metadata.get("model_kind") == "vlm":
+        raise UsageError(f"{path} is a VLM edit; pass it to `erasure vlm ask` or `erasure bench mllmu-med`")
+    check_metadata_fields(metadata_file, metadata, EDIT_FIELDS, EDIT_OPTIONAL_FIELDS)
+    for component in metadata["components"]:
+        if component not in COMPONENTS:
+            raise UsageError(f"{metadata_file} lists a component {component!r}; edits hold {', '.join(COMPONENTS)}: "
+                             "re-run the erase that made it")
         if not (path / component).is_dir():
             raise UsageError(f"edit {path} lists {component} but has no {component}/ directory; re-run the erase")
     return metadata
+
+
+# The fields commands read from erasure.json, by kind (see check_metadata_fields); more are allowed.
+EDIT_FIELDS = {"concepts": "names+", "kind": "text", "components": "names"}
+EDIT_OPTIONAL_FIELDS = {"method": "text", "config": "object"}
+# Components an edit may hold: every family's text encoders and denoisers (also keeps paths inside the edit).
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
+_KINDS = {"text": "a non-empty string", "object": "a JSON object", "names": "a list of strings",
+          "names+": "a non-empty list of strings"}
+
+
+def check_metadata_fields(metadata_file: Path, metadata: dict, required: dict, optional: dict | None = None) -> None:
+    """Each field of `required` is in `metadata`, and each of `optional` that is there, with its kind: "text" (a
+    non-empty string), "object", "names" (a list of non-empty strings) or "names+" (the same, not empty)."""
+    for name, kind in {**required, **(optional or {})}.items():
+        if name not in metadata and name not in required:
+            continue
+        value = metadata.get(name)
+        if kind == "text":
+            ok = isinstance(value, str) and bool(value)
+        elif kind == "object":
+            ok = isinstance(value, dict)
+        else:
+            ok = isinstance(value, list) and all(isinstance(v, str) and v for v in value) and \
+                (bool(value) or kind == "names")
+        if not ok:
+            got = "missing" if name not in metadata else json.dumps(value)[:40]
+            raise UsageError(f"{metadata_file}: field {name!r} should be {_KINDS[kind]}, not {got}; the file is "
+                             "corrupt or was edited by hand: re-run the erase that made it")
 
 
 def apply_edits(loaded: LoadedPipeline, paths: list[str | Path]) -> list[dict]:

@@ -15,7 +15,7 @@ predictions are flow-matching velocities and the same negative-guidance target i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -37,7 +37,7 @@ class ESDConfig:
     iterations: int = 200
     lr: float = 5e-5
     eta: float = 2.0
-    ddim_steps: int = 50
+    ddim_steps: int = field(default=50, metadata={"min": 3})  # x_t is drawn after 1..ddim_steps-2 steps
     sample_guidance: float = 3.0
     # "captions": the concept and, on ToyCanvas, every caption naming it; "concept": the concept's text alone, as
     # the ESD paper prompts.

@@ -8,7 +8,6 @@ ask a `LoadedPipeline` for these and never test the pipeline's class themselves.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from PIL import Image
 from torch import nn
 
 from .errors import UsageError
+from .files import read_json
 from .precision import TrainingOptions
 
 
@@ -138,6 +138,13 @@ class LoadedPipeline:
         """As `encode_text`, from token ids per encoder, optionally with token embeddings in place of the ids'."""
         return self.adapter.encode_ids(ids, token_embeddings, text_encoders)
 
+    def image_size(self) -> int:
+        """The side in pixels of the images `generate` draws by default."""
+        pipeline = self.pipeline
+        if getattr(pipeline, "default_sample_size", None):  # SDXL, Flux
+            return int(pipeline.default_sample_size * pipeline.vae_scale_factor)
+        return int(self.denoiser.config.sample_size * pipeline.vae_scale_factor)
+
     def latent_shape(self, batch: int = 1) -> tuple[int, ...]:
         """The denoiser's latent at the training resolution (Flux: packed patches, (batch, tokens, channels))."""
         return self.adapter.latent_shape(batch)
@@ -211,7 +218,7 @@ class LoadedPipeline:
         location = Path(path) / subfolder if subfolder else Path(path)
         if not (location / "config.json").exists():
             raise UsageError(f"{location} holds no {name} (no config.json); pass the directory the edit was saved to")
-        config = json.loads((location / "config.json").read_text())
+        config = read_json(location / "config.json", f"save or download the {name} again")
         saved_class = config.get("_class_name") or (config.get("architectures") or ["?"])[0]
         if saved_class != type(current).__name__ and not _same_family_of_class(saved_class, type(current).__name__):
             raise UsageError(f"{location} holds a {saved_class}, but this pipeline's {name} is a "
@@ -309,7 +316,7 @@ def resolve_source(model: str) -> str:
         if not (path / "model_index.json").exists():
             config = path / "config.json"
             if config.exists():
-                values = json.loads(config.read_text())
+                values = read_json(config, "download the model again, or pass a pipeline directory")
                 kind = (values.get("architectures") or [values.get("_class_name")])[0]
                 raise UsageError(f"{model} holds a single model ({kind}), not a diffusers pipeline; pass the "
                                  "pipeline directory, or load this component with --text-encoder/--unet")
@@ -319,6 +326,42 @@ def resolve_source(model: str) -> str:
         return model
     raise UsageError(f"unknown model {model!r}: pass 'toy', a local pipeline directory, or a hub id such as "
                      "stable-diffusion-v1-5/stable-diffusion-v1-5")
+
+
+def resolve_device(device: str | None) -> str:
+    """`device` checked against this machine ("cpu", "cuda", "cuda:1", "mps"); None: cuda when available."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {device!r} is not a device; use cpu or cuda (cuda:0, cuda:1, ...)") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device}: CUDA is not available on this machine (torch "
+                             f"{torch.__version__}, {torch.version.cuda or 'no CUDA build'}); use --device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s); use "
+                             f"cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    elif parsed.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise UsageError(f"--device {device}: MPS is not available on this machine; use --device cpu")
+    elif parsed.type != "cpu":
+        raise UsageError(f"--device {device!r} is not supported; use cpu or cuda")
+    return str(parsed)
+
+
+def check_component_configs(source: Path, index: dict) -> None:
+    """Every component's config.json of a local pipeline is readable JSON, so that a damaged file is named
+    instead of failing deep inside diffusers."""
+    for name, value in index.items():
+        if name.startswith("_") or not isinstance(value, list):
+            continue
+        for config_name in ("config.json", "scheduler_config.json", "preprocessor_config.json",
+                            "tokenizer_config.json", "special_tokens_map.json"):
+            config = source / name / config_name
+            if config.exists():
+                read_json(config, f"download or rebuild the pipeline's {name}")
 
 
 def _family_of(class_name: str, source: str) -> Family:
@@ -348,11 +391,13 @@ def load_pipeline(model: str = "toy", family: str | None = None, device: str | N
         raise UsageError(f"unknown model family {family!r}; choose one of {', '.join(FAMILIES)}")
     source = resolve_source(model)
     local_index = Path(source) / "model_index.json"
+    device = resolve_device(device)
     if local_index.exists():
-        _check_family(_family_of(json.loads(local_index.read_text()).get("_class_name", "?"), model), family, model)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        index = read_json(local_index, "download or rebuild the pipeline (for 'toy': erasure toy build)")
+        _check_family(_family_of(str(index.get("_class_name", "?")), model), family, model)
+        check_component_configs(Path(source), index)
     if dtype is None:
-        dtype = torch.float32 if device == "cpu" else torch.float16
+        dtype = torch.float16 if device.startswith("cuda") else torch.float32
     try:
         pipeline = DiffusionPipeline.from_pretrained(source, dtype=dtype)
     except UsageError:
@@ -368,6 +413,9 @@ def load_pipeline(model: str = "toy", family: str | None = None, device: str | N
     steps, guidance = found.default_steps, found.default_guidance
     sampling = Path(source) / "sampling.json"
     if sampling.exists():
-        recommended = json.loads(sampling.read_text())
-        steps, guidance = recommended["num_inference_steps"], recommended["guidance_scale"]
+        recommended = read_json(sampling, "delete it or rebuild the pipeline")
+        steps, guidance = recommended.get("num_inference_steps", steps), recommended.get("guidance_scale", guidance)
+        if not isinstance(steps, int) or not isinstance(guidance, (int, float)) or steps < 1:
+            raise UsageError(f"{sampling} holds num_inference_steps={steps!r}, guidance_scale={guidance!r}; it "
+                             "needs a positive integer and a number: fix or delete it")
     return LoadedPipeline(pipeline, found, model, steps, guidance, (Path(source) / "toycanvas.json").exists())

@@ -11,6 +11,7 @@ from torch import nn
 from .errors import UsageError
 from .models import LoadedPipeline
 from .prompts import EraseRequest
+from .validation import validate_config
 
 
 class Eraser:
@@ -75,7 +76,7 @@ def build_config(name: str, toy: bool, overrides: dict[str, Any] | None = None):
         if key not in fields:
             raise UsageError(f"{name} has no option {key!r}; its options: {', '.join(fields)}")
         values[key] = _coerce(value, fields[key], name)
-    return entry.eraser.config_class(**values)
+    return validate_config(entry.eraser.config_class(**values), name)
 
 
 def _coerce(value: Any, field: dataclasses.Field, method: str) -> Any:

@@ -8,12 +8,10 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
 from .edits import apply_edits, base_fingerprint, check_new_output, read_edit, save_edit
 from .errors import UsageError
-from .files import peak_memory_bytes, reset_peak_memory, resumable_work_dir
-from .models import load_pipeline, resolve_source
+from .files import check_output_path, peak_memory_bytes, reset_peak_memory, resumable_work_dir
+from .models import load_pipeline, resolve_device, resolve_source
 from .precision import TrainingOptions, check_precision, default_precision
 from .prompts import make_request
 from .registry import build_config, get_method
@@ -22,15 +20,17 @@ from .registry import build_config, get_method
 def erase(model: str, method: str, concepts: list[str], out: str | Path, anchors: list[str] | None = None,
           preserve: list[str] | None = None, options: dict | None = None, device: str | None = None,
           precision: str | None = None, gradient_checkpointing: bool = False, optimizer: str = "adam",
-          resolution: int | None = None) -> Path:
+          resolution: int | None = None, restart: bool = False) -> Path:
     """Erase `concepts` from `model` with `method` and save the edit to `out` (resuming an interrupted run of the
-    same command from `out`.partial). `precision` (fp32, fp16, bf16; default bf16 on a CUDA GPU that supports it,
-    fp32 on CPU), `gradient_checkpointing` and `optimizer` (adam, adam8bit) are erasers.precision's options;
-    `resolution` is the training resolution in pixels (default: the model's native one)."""
+    same command from `out`.partial, unless `restart`). `precision` (fp32, fp16, bf16; default bf16 on a CUDA GPU
+    that supports it, fp32 on CPU), `gradient_checkpointing` and `optimizer` (adam, adam8bit) are
+    erasers.precision's options; `resolution` is the training resolution in pixels (default: the model's native
+    one)."""
     out = Path(out)
     build_config(method, False, options)  # fail on a bad method or option before a slow model load
     check_new_output(out)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_output_path(out)
+    device = resolve_device(device)
     training = TrainingOptions(precision or default_precision(device), gradient_checkpointing, optimizer)
     check_precision(training.precision, device)
     if resolution is not None and (resolution < 16 or resolution % 16):
@@ -40,9 +40,9 @@ def erase(model: str, method: str, concepts: list[str], out: str | Path, anchors
     config = build_config(method, loaded.is_toy, options)
     request = make_request(concepts, loaded.tokenizer, loaded.is_toy, anchors, preserve)
     fingerprint = base_fingerprint(loaded)
-    signature = {"method": method, "config": asdict(config), "request": asdict(request), "base": fingerprint,
-                 "training": asdict(training), "resolution": resolution}
-    work_dir = resumable_work_dir(out, signature)
+    signature = {**run_signature(method, config, request, fingerprint), "training": asdict(training),
+                 "resolution": resolution}
+    work_dir = resumable_work_dir(out, signature, restart)
     reset_peak_memory(loaded.device)
     started = time.time()
     with loaded.autocast():
@@ -52,6 +52,11 @@ def erase(model: str, method: str, concepts: list[str], out: str | Path, anchors
                       peak_memory_bytes(loaded.device))
     shutil.rmtree(work_dir, ignore_errors=True)
     return saved
+
+
+def run_signature(method: str, config, request, fingerprint: str) -> dict:
+    """What makes two erase runs the same run: an interrupted one resumes only from its own checkpoints."""
+    return {"method": method, "config": asdict(config), "request": asdict(request), "base": fingerprint}
 
 
 def compare(model: str, edits: list[str], out: str | Path, seeds: tuple[int, ...] = (188,),
@@ -75,7 +80,10 @@ def compare(model: str, edits: list[str], out: str | Path, seeds: tuple[int, ...
         raise UsageError("stacked edits must erase concepts of one kind (objects or styles) to be scored together")
     erased = [c for m in metadata for c in m["concepts"]]
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; compare writes a directory (compare.png, metrics.*): pass a new "
+                         "or existing directory")
+    check_output_path(out)
     classifier = ToyClassifier.from_pretrained(CLASSIFIER_DIR)
     answers = AnswerSet(seeds=tuple(seeds))
     base = load_pipeline(model, device=device)
@@ -83,6 +91,7 @@ def compare(model: str, edits: list[str], out: str | Path, seeds: tuple[int, ...
     edited = load_pipeline(model, device=device)
     apply_edits(edited, edits)
     edited_records, edited_images = classify_answer_set(edited, classifier, answers, progress)
+    out.mkdir(parents=True, exist_ok=True)
     table = {"base": score(base_records, erased, kind), "edited": score(edited_records, erased, kind),
              "erased": erased, "kind": kind, "edits": [str(e) for e in edits], "seeds": list(seeds),
              "images_per_model": len(base_records)}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -11,44 +10,61 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from .checkpoint import corrupt_checkpoint, load_checkpoint, save_checkpoint, set_rng_states
+
+# Seeds are reduced to the 64 bits torch.Generator takes, so any seed a config accepts gives a valid step seed.
+SEED_MODULUS = 2 ** 64
+
 
 class TrainingLoop:
     """Seeded per step (a resumed run draws the same batches as an uninterrupted one), with a progress bar and,
     when `work_dir` is given, a JSON-lines log and a checkpoint of every module, optimiser and schedule in `state`
-    every `checkpoint_every` steps, from which a later run with the same `work_dir` resumes."""
+    every `checkpoint_every` steps, from which a later run with the same `work_dir` resumes.
+
+    `state` maps names to objects with `state_dict()` / `load_state_dict()` (modules, optimisers, schedules, or
+    small wrappers of a parameter list); their state dicts are saved as safetensors + JSON (erasers.checkpoint),
+    never pickled. A checkpoint that cannot be read or does not fit `state` is a UsageError asking for
+    `--restart`: a run never silently starts over."""
 
     def __init__(self, name: str, steps: int, state: dict, seed: int = 0, work_dir: str | Path | None = None,
                  checkpoint_every: int = 250, progress: bool = True):
         self.name, self.steps, self.state, self.seed = name, steps, state, seed
         self.checkpoint_every, self.progress = checkpoint_every, progress
         self.start = 0
-        self.path = self.log_path = None
+        self.path = self.log_path = self.rng = None
         if work_dir is not None:
-            self.path = Path(work_dir) / "ckpt" / f"{name}.pt"
+            self.path = Path(work_dir) / "ckpt" / f"{name}.safetensors"
             self.log_path = Path(work_dir) / "logs" / f"{name}.jsonl"
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            legacy = self.path.with_suffix(".pt")
+            if legacy.exists():  # the old pickle format, or a file planted there: never unpickled
+                raise corrupt_checkpoint(legacy, "a pickle file, which erasure-suite no longer loads")
             if self.path.exists():
-                saved = torch.load(self.path, weights_only=False)
-                for key, obj in state.items():
-                    obj.load_state_dict(saved[key])
-                self.start = saved["step"]
+                self.start, saved, self.rng = load_checkpoint(self.path)
+                try:
+                    if set(saved) != set(state):
+                        raise ValueError(f"it holds {', '.join(sorted(saved))}, not {', '.join(sorted(state))}")
+                    for key, obj in state.items():
+                        obj.load_state_dict(saved[key])
+                except Exception as error:  # noqa: BLE001 - a mismatch is a foreign or damaged checkpoint
+                    raise corrupt_checkpoint(self.path, error) from None
 
     def save(self, step: int) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        torch.save({"step": step, **{k: v.state_dict() for k, v in self.state.items()}}, tmp)
-        os.replace(tmp, self.path)
+        save_checkpoint(self.path, step, {k: v.state_dict() for k, v in self.state.items()})
 
     def run(self, step_fn: Callable[[int, torch.Generator], dict[str, float]]) -> list[dict]:
         """Call `step_fn(step, generator)` for every remaining step; returns the logged metrics."""
         started = time.time()
         history = []
+        if self.rng is not None:  # global RNG draws (dropout...) continue as in an uninterrupted run
+            set_rng_states(self.rng)
         log = self.log_path.open("a") if self.log_path else None
         bar = tqdm(range(self.start, self.steps), initial=self.start, total=self.steps, desc=self.name,
                    disable=not self.progress)
         try:
             for step in bar:
-                generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+                generator = torch.Generator().manual_seed((self.seed * 1_000_003 + step) % SEED_MODULUS)
                 metrics = step_fn(step, generator)
                 bar.set_postfix({k: f"{v:.4f}" for k, v in metrics.items()})
                 if step % 25 == 0 or step == self.steps - 1:

@@ -88,3 +88,21 @@ def test_page_renders_generated_images_in_headless_chromium(app_env, tmp_path):
     assert "esd-te erasing Stripes" in shot.captions[2], shot
     assert all("classifier:" in caption for caption in shot.captions), shot
     assert Image.open(shot.path).size == WINDOW
+
+
+def test_damaged_edits_are_left_out_of_the_lists(tmp_path):
+    import json
+
+    from apps.app import AppState
+    from apps.vlm_tab import vlm_edits
+
+    good = tmp_path / "good"
+    (good / "unet").mkdir(parents=True)
+    (good / "erasure.json").write_text(json.dumps({"method": "uce", "concepts": ["star"], "kind": "object",
+                                                   "components": ["unet"], "config": {}}))
+    for name, content in (("binary", bytes(range(256))), ("wrong-types", b'{"components": 5}'), ("list", b"[]")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "erasure.json").write_bytes(content)
+    state = AppState("toy", tmp_path)
+    assert list(state.edits()) == ["good"] and sorted(state.skipped) == ["binary", "list", "wrong-types"]
+    assert vlm_edits(tmp_path) == {}

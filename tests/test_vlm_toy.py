@@ -203,16 +203,18 @@ def test_option_marks_point_at_each_options_last_token(build):
 def test_the_training_stages_run_end_to_end(build, tmp_path):
     import dataclasses
 
-    import torch
     from safetensors import safe_open
+    from safetensors.torch import save_file
 
+    from erasers.checkpoint import load_checkpoint
+    from vlm.toy.data import FEATURES
     from vlm.toy.options import stage_options
     from vlm.toy.phases import stage_train
 
     cfg, _, _, batcher, _ = build
     for name in ("world", "tokenizer"):
         (tmp_path / name).symlink_to(Path(cfg.build_dir) / name, target_is_directory=True)
-    torch.save(batcher.features, tmp_path / "features.pt")
+    save_file({k: v.contiguous() for k, v in batcher.features.items()}, tmp_path / FEATURES)
     tiny = dataclasses.replace(cfg, build_dir=str(tmp_path), steps=4, grow_at=2, grow_layers=1, grow_steps=2,
                                options_steps=2, option_probe_layer=2, eval_every=2, eval_items=6, patient_rows=2,
                                canvas_rows=2, text_rows=1, checkpoint_every=1)
@@ -225,7 +227,7 @@ def test_the_training_stages_run_end_to_end(build, tmp_path):
     with safe_open(tmp_path / "options" / "model.safetensors", "pt") as saved:
         keys = set(saved.keys())
     assert keys and not any("probe" in key for key in keys)
-    assert torch.load(tmp_path / "ckpt" / "toy-vlm-options.pt", weights_only=False)["step"] == 2
+    assert load_checkpoint(tmp_path / "ckpt" / "toy-vlm-options.safetensors")[0] == 2
 
 
 def test_growing_keeps_the_function(build):

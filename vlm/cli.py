@@ -18,7 +18,7 @@ def cmd_vlm_erase(args) -> None:
     from .run import erase
 
     options = {**parse_options(args.set), **({"seed": args.seed} if args.seed is not None else {})}
-    out = erase(args.model, args.method, args.concept, args.out, options, args.data, args.device)
+    out = erase(args.model, args.method, args.concept, args.out, options, args.data, args.device, args.restart)
     print(f"wrote edit {out} (see {out}/erasure.json); try it with: erasure vlm ask --model {args.model} "
           f"--edit {out} --image IMAGE --question QUESTION")
 
@@ -54,6 +54,8 @@ def cmd_bench_mllmu_med(args) -> None:
 
 def add_vlm_commands(commands) -> None:
     """Add `vlm` (methods, erase, ask) and `bench mllmu-med` to the subcommands of the `erasure` parser."""
+    from erasers.cli import positive_int, seed
+
     vlm = commands.add_parser("vlm", help="concept erasure for vision-language models (LLaVA, Qwen2.5-VL, toy-vlm)")
     sub = vlm.add_subparsers(dest="vlm_command", required=True)
     methods = sub.add_parser("methods", help="list the VLM erasers")
@@ -66,9 +68,11 @@ def add_vlm_commands(commands) -> None:
     erase.add_argument("--data", help="MLLMU-Bench layout directory holding forget_N/, retain_M/, Test_Set/ "
                        "(default: the toy world's MLLMU-Med)")
     erase.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a method option")
-    erase.add_argument("--seed", type=int, help="seed of the run")
+    erase.add_argument("--seed", type=seed, help="seed of the run")
     erase.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     erase.add_argument("--out", required=True, help="new directory for the edit")
+    erase.add_argument("--restart", action="store_true", help="discard the checkpoints of an interrupted run in "
+                       "OUT.partial/ and start from scratch (default: resume)")
     erase.set_defaults(run=cmd_vlm_erase)
 
     ask = sub.add_parser("ask", help="a question about an image, answered by the base model and the edited one")
@@ -76,7 +80,7 @@ def add_vlm_commands(commands) -> None:
     ask.add_argument("--edit", help="edit directory of `erasure vlm erase`")
     ask.add_argument("--image", help="image file (leave out for a text-only question)")
     ask.add_argument("--question", required=True)
-    ask.add_argument("--max-new-tokens", type=int, default=50)
+    ask.add_argument("--max-new-tokens", type=positive_int, default=50, help="longest answer, in tokens")
     ask.add_argument("--device")
     ask.set_defaults(run=cmd_vlm_ask)
 
@@ -87,8 +91,8 @@ def add_vlm_commands(commands) -> None:
     med.add_argument("--edit", help="edit directory (leave out to evaluate the base model alone)")
     med.add_argument("--concept", help="ToyCanvas object or forget_5/10/15 (default: the edit's)")
     med.add_argument("--data", help="MLLMU-Bench layout directory (default: the toy world's MLLMU-Med)")
-    med.add_argument("--max-new-tokens", type=int, default=50)
-    med.add_argument("--batch-size", type=int, default=32)
+    med.add_argument("--max-new-tokens", type=positive_int, default=50)
+    med.add_argument("--batch-size", type=positive_int, default=32)
     med.add_argument("--device")
     med.add_argument("--out", help="directory for results.json and report.md")
     med.set_defaults(run=cmd_bench_mllmu_med)

@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 
 from erasers import __version__
+from erasers.edits import check_metadata_fields
 from erasers.errors import UsageError
-from erasers.files import atomic_dir, publish
+from erasers.files import atomic_dir, publish, read_json
 
 from .hooks import hook_layers
 from .models import LoadedVLM
@@ -78,6 +79,11 @@ def save_vlm_edit(out: str | Path, content, loaded: LoadedVLM, method: str, conf
     return out
 
 
+# The fields commands read from a VLM edit's erasure.json, and their JSON types.
+VLM_EDIT_FIELDS = {"method": "text", "concept": "text", "files": "names+", "config": "object", "info": "object",
+                   "base_family": "text", "base_fingerprint": "text"}
+
+
 def read_vlm_edit(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_dir():
@@ -85,15 +91,15 @@ def read_vlm_edit(path: str | Path) -> dict:
     metadata_file = path / METADATA
     if not metadata_file.exists():
         raise UsageError(f"{path} is not an edit (no {METADATA}); pass the --out directory of `erasure vlm erase`")
-    try:
-        metadata = json.loads(metadata_file.read_text())
-        files, method = metadata["files"], metadata["method"]
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise UsageError(f"{metadata_file} is corrupt ({type(error).__name__}); re-run the erase that made it") \
-            from None
+    metadata = read_json(metadata_file, "re-run the erase that made it")
     if metadata.get("model_kind") != "vlm":
         raise UsageError(f"{path} is a diffusion-model edit; VLM commands take edits of `erasure vlm erase`")
-    for name in files:
+    check_metadata_fields(metadata_file, metadata, VLM_EDIT_FIELDS)
+    method = metadata["method"]
+    for name in metadata["files"]:
+        if name not in (TENSORS, ADAPTER):
+            raise UsageError(f"{metadata_file} lists a file {name!r}; VLM edits hold {TENSORS} and/or {ADAPTER}: "
+                             "re-run the erase that made it")
         if not (path / name).exists():
             raise UsageError(f"edit {path} lists {name} but lacks it; re-run the erase that made it")
     from .registry import get_vlm_method

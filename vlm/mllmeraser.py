@@ -26,7 +26,7 @@ erasure pairs perturb the prompt's input embeddings instead (our extension).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -50,7 +50,7 @@ class MLLMEraserConfig:
     retain_energy: float = 0.99  # energy: retain energy left out of the null space
     forget_samples: int = 64
     retain_samples: int = 256
-    pgd_steps: int = 5
+    pgd_steps: int = field(default=5, metadata={"min": 0})  # 0: no adversarial pairs
     pgd_epsilon: float = 0.25
     # Our extension, off by default: text-only forget questions (MLLMU-Bench asks half its questions by name) get
     # erasure pairs too, with the PGD on their prompt embeddings instead of pixels. On the toy MLLMU-Med

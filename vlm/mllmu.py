@@ -63,6 +63,14 @@ class QA:
 
 def qa_items(row: dict, tasks: tuple[str, ...] = ("generation", "classification", "mask")) -> list[QA]:
     """Every question of a row, in the row's order: generation, then multiple choice, then cloze."""
+    try:
+        return _qa_items(row, tasks)
+    except (KeyError, TypeError, AttributeError, ValueError) as error:
+        raise UsageError(f"row {row.get('ID')!r} of the data is not in the MLLMU-Bench layout ({type(error).__name__}: "
+                         f"{error}); fix or re-download the data") from None
+
+
+def _qa_items(row: dict, tasks: tuple[str, ...]) -> list[QA]:
     row_id = str(row["ID"])
     items: list[QA] = []
     if "generation" in tasks:
@@ -107,7 +115,11 @@ def row_images(row: dict) -> list[Image.Image]:
         data = cell.get("bytes") if isinstance(cell, dict) else cell
         if data is None and isinstance(cell, dict) and cell.get("path"):
             data = Path(cell["path"]).read_bytes()
-        images.append(Image.open(io.BytesIO(data)).convert("RGB"))
+        try:
+            images.append(Image.open(io.BytesIO(data)).convert("RGB"))
+        except (OSError, ValueError, TypeError, Image.DecompressionBombError) as error:
+            raise UsageError(f"an image of row {row.get('ID')!r} cannot be read ({type(error).__name__}); fix or "
+                             "re-download the data") from None
     return images
 
 
@@ -128,7 +140,11 @@ def read_split(path: str | Path) -> list[dict]:
 
     rows = []
     for file in split_files(path):
-        table = pq.read_table(file)
+        try:
+            table = pq.read_table(file)
+        except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
+            raise UsageError(f"{file} is not a readable parquet file ({str(error).splitlines()[0][:100]}); fix or "
+                             "re-download the data") from None
         missing = {"ID", "Classification_Task"} - set(table.column_names)
         if missing or not {"image", "images"} & set(table.column_names):
             lacking = ", ".join(sorted(missing)) or "an image column"

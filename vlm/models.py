@@ -7,7 +7,6 @@ transformers class loads it and where its language model's decoder layers are. E
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,8 @@ from PIL import Image
 from torch import nn
 
 from erasers.errors import UsageError
+from erasers.files import read_json
+from erasers.models import resolve_device
 
 TOY_VLM = "toy-vlm"
 TOY_VLM_DIR = Path(__file__).parent / "weights" / TOY_VLM
@@ -112,11 +113,8 @@ def resolve_vlm_source(model: str) -> tuple[str, str | None]:
         config = path / "config.json"
         if not config.exists():
             raise UsageError(f"{model} is not a transformers model directory (no config.json)")
-        try:
-            model_type = json.loads(config.read_text()).get("model_type")
-        except json.JSONDecodeError:
-            raise UsageError(f"{config} is not valid JSON: the download may be truncated") from None
-        return str(path), model_type
+        model_type = read_json(config, "the download may be truncated: download the model again").get("model_type")
+        return str(path), model_type if isinstance(model_type, str) else None
     if _HUB_ID.match(model) and not model.startswith((".", "/", "~")):
         return model, None
     raise UsageError(f"unknown VLM {model!r}: pass '{TOY_VLM}', a local model directory, or a hub id such as "
@@ -135,6 +133,7 @@ def load_vlm(model: str = TOY_VLM, device: str | None = None, dtype: torch.dtype
     import transformers
     from transformers import AutoConfig, AutoProcessor
 
+    device = resolve_device(device)
     source, model_type = resolve_vlm_source(model)
     try:
         if model_type is None:
@@ -143,9 +142,8 @@ def load_vlm(model: str = TOY_VLM, device: str | None = None, dtype: torch.dtype
         raise UsageError(f"could not read the config of {model}: {_first_line(error)}; check the hub id and your "
                          "network, or download the model and pass its directory") from None
     family = _family(model_type, model)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype is None:
-        dtype = torch.float32 if device == "cpu" else torch.float16
+        dtype = torch.float16 if device.startswith("cuda") else torch.float32
     try:
         vlm = getattr(transformers, family.model_class).from_pretrained(source, dtype=dtype)
         processor = AutoProcessor.from_pretrained(source)

@@ -15,6 +15,7 @@ import torch
 
 from erasers.errors import UsageError
 from erasers.registry import _coerce
+from erasers.validation import validate_config
 
 from .hooks import Edit
 from .models import LoadedVLM
@@ -93,4 +94,4 @@ def build_vlm_config(name: str, toy: bool, overrides: dict[str, Any] | None = No
         if key not in fields:
             raise UsageError(f"{name} has no option {key!r}; its options: {', '.join(fields)}")
         values[key] = _coerce(value, fields[key], name)
-    return entry.eraser.config_class(**values)
+    return validate_config(entry.eraser.config_class(**values), name)

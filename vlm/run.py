@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import shutil
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
 from PIL import Image
 
 from erasers.errors import UsageError
-from erasers.files import peak_memory_bytes, reset_peak_memory, resumable_work_dir
+from erasers.files import check_output_path, peak_memory_bytes, reset_peak_memory, resumable_work_dir
 
 from .edits import applied, read_vlm_edit, save_vlm_edit, vlm_fingerprint
 from .models import LoadedVLM, ask, load_vlm
@@ -25,14 +26,12 @@ from .targets import resolve_target
 
 
 def erase_loaded(loaded: LoadedVLM, method: str, concept: str, out: str | Path, options: dict | None = None,
-                 data: str | Path | None = None) -> Path:
+                 data: str | Path | None = None, restart: bool = False) -> Path:
     """Erase `concept` from an already loaded VLM with `method` and save the edit to `out`; the loaded model is
     left as it was (LoRA layers are removed again after saving)."""
     config = build_vlm_config(method, loaded.is_toy, options)
     target = resolve_target(concept, data)
-    signature = {"method": method, "config": asdict(config), "concept": concept, "data": str(data or ""),
-                 "base": vlm_fingerprint(loaded)}
-    work_dir = resumable_work_dir(out, signature)
+    work_dir = resumable_work_dir(out, vlm_run_signature(loaded, method, config, concept, data), restart)
     reset_peak_memory(loaded.device)
     started = time.time()
     content = get_vlm_method(method).eraser(config).erase(loaded, target, work_dir)
@@ -46,14 +45,23 @@ def erase_loaded(loaded: LoadedVLM, method: str, concept: str, out: str | Path, 
     return saved
 
 
+def vlm_run_signature(loaded: LoadedVLM, method: str, config, concept: str, data) -> dict:
+    """What makes two erase runs the same run: an interrupted one resumes only from its own checkpoints."""
+    return {"method": method, "config": asdict(config), "concept": concept, "data": str(data or ""),
+            "base": vlm_fingerprint(loaded)}
+
+
 def erase(model: str, method: str, concept: str, out: str | Path, options: dict | None = None,
-          data: str | Path | None = None, device: str | None = None) -> Path:
+          data: str | Path | None = None, device: str | None = None, restart: bool = False) -> Path:
+    """Erase `concept` from `model`; an interrupted run of the same call resumes from `out`.partial unless
+    `restart`."""
     out = Path(out)
     build_vlm_config(method, False, options)  # a bad method or option fails before a slow model load
     if out.exists():
         raise UsageError(f"{out} already exists; choose a new --out or remove it first")
+    check_output_path(out)
     resolve_target(concept, data)  # so does an unknown concept
-    return erase_loaded(load_vlm(model, device=device), method, concept, out, options, data)
+    return erase_loaded(load_vlm(model, device=device), method, concept, out, options, data, restart)
 
 
 def open_image(path: str | Path | None) -> Image.Image | None:
@@ -63,9 +71,15 @@ def open_image(path: str | Path | None) -> Image.Image | None:
     if not file.is_file():
         raise UsageError(f"image {path} does not exist; pass an image file (.png, .jpg)")
     try:
-        with Image.open(file) as image:
-            return image.convert("RGB")
-    except OSError:
+        with warnings.catch_warnings():
+            # Pillow warns above MAX_IMAGE_PIXELS and refuses twice that: both are refused here.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(file) as image:
+                return image.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise UsageError(f"image {path} is over {Image.MAX_IMAGE_PIXELS:,} pixels (Pillow's decompression-bomb "
+                         "limit); resize it first") from None
+    except (OSError, ValueError):
         raise UsageError(f"{path} is not a readable image; pass a .png or .jpg file") from None
 
 

@@ -10,7 +10,7 @@ Stages, each skipped when its output exists, each in its own file:
   world      the toy world in the MLLMU-Bench layout        -> BUILD/world                       data.py
   tokenizer  byte-level BPE on the world's prompts           -> BUILD/tokenizer                   data.py
   features   the frozen vision tower's features of every image (training views and test images)
-                                                             -> BUILD/features.pt                 data.py
+                                                             -> BUILD/features.safetensors        data.py
   train      phases 1-2: projector + Llama, grown from 3 to 6 layers -> BUILD/trained              phases.py
   options    phase 3: multiple choice by matching the options -> BUILD/options                    options.py
   export     LlavaForConditionalGeneration + LlavaProcessor, fp16 safetensors -> vlm/weights/toy-vlm (atomic)
@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from .config import ToyVLMConfig
-from .data import stage_features, stage_tokenizer, stage_world
+from .data import FEATURES, stage_features, stage_tokenizer, stage_world
 from .evaluate import stage_evaluate
 from .export import stage_export
 from .options import stage_options
@@ -42,7 +42,7 @@ STAGES = tuple(STAGE_RUNNERS)
 def stage_outputs(cfg: ToyVLMConfig) -> dict[str, Path]:
     build, out = Path(cfg.build_dir), Path(cfg.out_dir)
     return {"world": build / "world" / "world.json", "tokenizer": build / "tokenizer" / "tokenizer.json",
-            "features": build / "features.pt", "train": build / "trained" / "config.json",
+            "features": build / FEATURES, "train": build / "trained" / "config.json",
             "options": build / "options" / "config.json",
             "export": out / "config.json", "evaluate": out / "quality.json"}
 

@@ -11,7 +11,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageEnhance
+from safetensors.torch import load_file, save_file
 
+from erasers.errors import UsageError
 from erasers.files import atomic_dir, publish
 
 from ..mllmu import qa_items, read_split, row_images
@@ -113,13 +115,27 @@ def image_features(cfg: ToyVLMConfig, model, processor, images: list[Image.Image
     return torch.cat(chunks)
 
 
+FEATURES = "features.safetensors"  # safetensors, not a pickle: the build directory may be shared
+
+
+def load_features(cfg: ToyVLMConfig) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+
+    path = Path(cfg.build_dir) / FEATURES
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise UsageError(f"{path} is unreadable ({str(error).splitlines()[0][:80]}); delete it to recompute the "
+                         "features") from None
+
+
 def stage_features(cfg: ToyVLMConfig) -> None:
-    out = Path(cfg.build_dir) / "features.pt"
+    out = Path(cfg.build_dir) / FEATURES
     if out.exists():
         return
     model, processor = vision_tower(cfg)
     images = training_images(cfg, load_rows(cfg))
     features = {group: image_features(cfg, model, processor, imgs).to(torch.float16) for group, imgs in images.items()}
     tmp = out.with_suffix(".tmp")
-    torch.save(features, tmp)
+    save_file({group: tensor.contiguous() for group, tensor in features.items()}, tmp)
     os.replace(tmp, out)

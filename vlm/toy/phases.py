@@ -17,7 +17,7 @@ from erasers.train import TrainingLoop
 
 from .batches import Batcher, Packer, Sample, prompt_for
 from .config import ToyVLMConfig
-from .data import load_rows, load_tokenizer
+from .data import load_features, load_rows, load_tokenizer
 from .evaluate import is_correct
 from .model import forward_hidden, grow, new_model
 from .pools import Pools, draw_rows, eval_samples, training_pools
@@ -109,7 +109,7 @@ class Setup:
 def training_setup(cfg: ToyVLMConfig, image_tokens: int) -> Setup:
     tokenizer = load_tokenizer(cfg)
     rows = load_rows(cfg)
-    batcher = Batcher(tokenizer, torch.load(Path(cfg.build_dir) / "features.pt"), image_tokens)
+    batcher = Batcher(tokenizer, load_features(cfg), image_tokens)
     return Setup(tokenizer, batcher, Packer(batcher), training_pools(cfg, rows),
                  eval_samples(cfg, rows, cfg.eval_items))
 

@@ -1,0 +1,95 @@
+"""One validator for every method's config (diffusion and VLM erasers, the attack, the benchmark's protocol),
+called when the config is built: a bad value fails with one line before a model loads or anything is written.
+
+The rules follow the field's type and name, so a new method gets them by naming its fields conventionally:
+
+    every float                     finite (no nan, inf)
+    every int / float / str / bool  of that type (an int field takes no 2.5, a float no "x")
+    seed                            0 .. 2**63 - 1
+    lr, *_lr, eta, lamb, gamma, beta, temperature              > 0
+    warmup, warmup_steps, warmup_*                              >= 0
+    iterations, steps, *_steps, epochs, batch_size, *_every,
+      max_new_tokens, tokens, *_tokens, *_images, *_samples,
+      *_dims, features, expansion, k, lora_r, lora_alpha        >= 1
+    *_batch, *_weight, *_scale, *_epsilon, *_decay, *_norm      >= 0
+    *_dropout                                                   0 <= x < 1
+    *_energy, *_fraction, *_ratio                               0 < x <= 1
+
+A field can state its own bounds instead, in its metadata (they replace the name's rule):
+
+    ddim_steps: int = field(default=50, metadata={"min": 3})
+    margin: float = field(default=0.1, metadata={"min": 0, "max": 1, "min_exclusive": True})
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import math
+from typing import Any
+
+from .errors import UsageError
+
+MAX_SEED = 2 ** 63 - 1
+
+# (name patterns, min, max, min exclusive, max exclusive); the first rule whose pattern matches applies.
+RULES: tuple[tuple[tuple[str, ...], float | None, float | None, bool, bool], ...] = (
+    (("seed",), 0, MAX_SEED, False, False),
+    (("warmup", "warmup_steps", "warmup_*"), 0, None, False, False),
+    (("lr", "*_lr", "eta", "lamb", "gamma", "beta", "temperature"), 0, None, True, False),
+    (("iterations", "steps", "*_steps", "epochs", "batch_size", "*_every", "max_new_tokens", "tokens", "*_tokens",
+      "*_images", "*_samples", "*_dims", "features", "expansion", "k", "lora_r", "lora_alpha"), 1, None, False, False),
+    (("*_batch", "*_weight", "*_scale", "*_epsilon", "*_decay", "*_norm"), 0, None, False, False),
+    (("*_dropout",), 0, 1, False, True),
+    (("*_energy", "*_fraction", "*_ratio"), 0, 1, True, False),
+)
+
+_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+
+
+def bounds(field: dataclasses.Field) -> tuple[float | None, float | None, bool, bool] | None:
+    """(min, max, min exclusive, max exclusive) of a config field: its metadata's, else its name's rule."""
+    meta = field.metadata
+    if "min" in meta or "max" in meta:
+        return meta.get("min"), meta.get("max"), meta.get("min_exclusive", False), meta.get("max_exclusive", False)
+    for patterns, low, high, low_open, high_open in RULES:
+        if any(fnmatch.fnmatchcase(field.name, pattern) for pattern in patterns):
+            return low, high, low_open, high_open
+    return None
+
+
+def validate_config(config: Any, owner: str) -> Any:
+    """Check every field of the dataclass `config` (of method `owner`) by the rules above; returns it."""
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", "")
+        check_value(owner, field.name, value, kind, bounds(field), field.default)
+    return config
+
+
+def check_value(owner: str, name: str, value: Any, kind: str, limits, default: Any = dataclasses.MISSING) -> None:
+    example = "" if default is dataclasses.MISSING else f" (default {default})"
+    allowed = _TYPES.get(kind)
+    if allowed is not None and (not isinstance(value, allowed) or (kind != "bool" and isinstance(value, bool))):
+        raise UsageError(f"{owner} option {name} wants a {kind}, got {value!r}{example}")
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UsageError(f"{owner} option {name}={value} must be a finite number{example}")
+    if limits is None:
+        return
+    low, high, low_open, high_open = limits
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if too_low or too_high:
+        raise UsageError(f"{owner} option {name}={value} is out of range: it must be {describe(limits)}{example}")
+
+
+def describe(limits) -> str:
+    low, high, low_open, high_open = limits
+    parts = []
+    if low is not None:
+        parts.append(f"{'above' if low_open else 'at least'} {low}")
+    if high is not None:
+        parts.append(f"{'below' if high_open else 'at most'} {high}")
+    return " and ".join(parts)
