@@ -40,9 +40,8 @@ def erase(model: str, method: str, concepts: list[str], out: str | Path, anchors
     config = build_config(method, loaded.is_toy, options)
     request = make_request(concepts, loaded.tokenizer, loaded.is_toy, anchors, preserve)
     fingerprint = base_fingerprint(loaded)
-    signature = {**run_signature(method, config, request, fingerprint), "training": asdict(training),
-                 "resolution": resolution}
-    work_dir = resumable_work_dir(out, signature, restart)
+    work_dir = resumable_work_dir(out, run_signature(method, config, request, fingerprint, training, resolution),
+                                  restart)
     reset_peak_memory(loaded.device)
     started = time.time()
     with loaded.autocast():
@@ -54,9 +53,11 @@ def erase(model: str, method: str, concepts: list[str], out: str | Path, anchors
     return saved
 
 
-def run_signature(method: str, config, request, fingerprint: str) -> dict:
+def run_signature(method: str, config, request, fingerprint: str, training: TrainingOptions | None = None,
+                  resolution: int | None = None) -> dict:
     """What makes two erase runs the same run: an interrupted one resumes only from its own checkpoints."""
-    return {"method": method, "config": asdict(config), "request": asdict(request), "base": fingerprint}
+    return {"method": method, "config": asdict(config), "request": asdict(request), "base": fingerprint,
+            "training": asdict(training or TrainingOptions()), "resolution": resolution}
 
 
 def compare(model: str, edits: list[str], out: str | Path, seeds: tuple[int, ...] = (188,),
