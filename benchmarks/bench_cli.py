@@ -1,0 +1,113 @@
+"""`erasure bench toycanvas | unlearncanvas | i2p`: parse, validate everything that can be checked before a model
+loads (so bad input writes nothing), then run, on this process or over N with accelerate (`--processes N`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from erasers.errors import UsageError
+
+
+def _csv(text: str | None) -> list[str]:
+    return [t.strip() for t in (text or "").split(",") if t.strip()]
+
+
+def _launched() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _rebuild_argv(parser: argparse.ArgumentParser, args, command: list[str]) -> list[str]:
+    """The command line of `args` without --processes, for the processes accelerate launches."""
+    argv = list(command)
+    for action in parser._actions:
+        if not action.option_strings or action.dest in ("help", "processes"):
+            continue
+        value = getattr(args, action.dest, None)
+        if value is None or value is False or value == action.default:
+            continue
+        flag = action.option_strings[-1]
+        if value is True:
+            argv.append(flag)
+        elif isinstance(value, list):
+            if action.nargs in ("+", "*"):
+                argv += [flag, *map(str, value)]
+            else:
+                for item in value:
+                    argv += [flag, str(item)]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def _maybe_relaunch(args, command: list[str]) -> bool:
+    """With --processes N > 1 in a process accelerate did not launch: run the same command over N processes and
+    return True (the caller stops); otherwise False."""
+    if args.processes is None or args.processes <= 1 or _launched():
+        return False
+    from benchmarks.runner import relaunch
+
+    code = relaunch(args.processes, _rebuild_argv(args.parser, args, command))
+    if code != 0:
+        raise UsageError(f"the {args.processes}-process run failed (exit code {code}); its output is above. "
+                         "Rerun the same command: finished work is kept")
+    return True
+
+
+def _check_out(out: str) -> Path:
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--out {out} is a file; pass a directory (new, or a previous run's to resume it)")
+    return path
+
+
+def _print_result(results: dict | None, out: Path) -> None:
+    if results is None:
+        return
+    from benchmarks.report import markdown_table, table_rows
+
+    print(markdown_table(*table_rows(results)))
+    print(f"wrote {out}/results.json, {out}/report.md, {out}/report.html and {out}/plots/")
+
+
+def cmd_bench_toycanvas(args) -> None:
+    from benchmarks.erasure_bench import parse_methods, plan_edits, run
+    from benchmarks.runner import Runner
+    from benchmarks.toycanvas.benchmark import toycanvas_benchmark
+
+    out = _check_out(args.out)
+    methods = parse_methods(args.methods) if args.methods else []
+    bench = toycanvas_benchmark(_csv(args.objects), _csv(args.styles), tuple(args.seeds), not args.no_fid,
+                                args.device)
+    concepts = [bench.canonical(c) for c in _csv(args.concepts)]
+    plan_edits(bench, methods, concepts, args.edit or [], out)  # every check before anything is written
+    if _maybe_relaunch(args, ["bench", "toycanvas"]):
+        return
+    results = run(bench, methods, concepts, args.edit or [], out, Runner(out, progress=not args.quiet),
+                  args.batch_size)
+    _print_result(results, out)
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--methods", help="comma-separated erasers (see `erasure methods`), or 'all'")
+    parser.add_argument("--concepts", help="comma-separated concepts; one edit per method x concept")
+    parser.add_argument("--edit", action="append", help="an existing edit directory to score as well (repeatable)")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per sampling batch")
+    parser.add_argument("--processes", type=int, help="split the run over N processes (GPUs when there are) with "
+                        "accelerate; or launch it yourself: accelerate launch -m erasers.cli bench ...")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--out", required=True, help="directory of the run (rerun with the same --out to resume)")
+
+
+def add_bench_commands(bench_commands) -> None:
+    """Add toycanvas, unlearncanvas and i2p beside `erasure bench mllmu-med`."""
+    toy = bench_commands.add_parser("toycanvas", help="UnlearnCanvas protocol on ToyCanvas: erase, generate, "
+                                    "classify, UA / IRA / CRA / FID, report")
+    _add_common(toy)
+    toy.add_argument("--objects", help="answer-set objects (default: all 10)")
+    toy.add_argument("--styles", help="answer-set styles (default: all 10)")
+    toy.add_argument("--seeds", type=int, nargs="+", default=[188], help="answer-set seeds")
+    toy.add_argument("--no-fid", action="store_true", help="skip FID")
+    toy.set_defaults(run=cmd_bench_toycanvas, parser=toy)
