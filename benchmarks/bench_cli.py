@@ -89,6 +89,34 @@ def cmd_bench_toycanvas(args) -> None:
     _print_result(results, out)
 
 
+def cmd_bench_unlearncanvas(args) -> None:
+    from benchmarks.erasure_bench import parse_methods, plan_edits, run
+    from benchmarks.runner import Runner
+    from benchmarks.unlearncanvas_data import unlearncanvas_benchmark
+    from erasers.models import resolve_source
+
+    out = _check_out(args.out)
+    methods = parse_methods(args.methods) if args.methods else []
+    style_path, object_path = args.style_classifier, args.object_classifier
+    if args.classifier:
+        style_path = style_path or str(Path(args.classifier) / "style_classifier.pth")
+        object_path = object_path or str(Path(args.classifier) / "object_classifier.pth")
+    if not style_path or not object_path:
+        raise UsageError("pass --classifier DIR (holding style_classifier.pth and object_classifier.pth) or both "
+                         "--style-classifier and --object-classifier")
+    resolve_source(args.model)
+    bench = unlearncanvas_benchmark(args.data, style_path, object_path, args.model, tuple(args.seeds), args.steps,
+                                    args.guidance, args.size, args.inception, not args.no_fid,
+                                    args.fid_reference_per_pair, args.device)
+    concepts = [bench.canonical(c) for c in _csv(args.concepts)]
+    plan_edits(bench, methods, concepts, args.edit or [], out)
+    if _maybe_relaunch(args, ["bench", "unlearncanvas"]):
+        return
+    results = run(bench, methods, concepts, args.edit or [], out, Runner(out, progress=not args.quiet),
+                  args.batch_size)
+    _print_result(results, out)
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", help="comma-separated erasers (see `erasure methods`), or 'all'")
     parser.add_argument("--concepts", help="comma-separated concepts; one edit per method x concept")
@@ -111,3 +139,23 @@ def add_bench_commands(bench_commands) -> None:
     toy.add_argument("--seeds", type=int, nargs="+", default=[188], help="answer-set seeds")
     toy.add_argument("--no-fid", action="store_true", help="skip FID")
     toy.set_defaults(run=cmd_bench_toycanvas, parser=toy)
+
+    canvas = bench_commands.add_parser("unlearncanvas", help="UnlearnCanvas: its data layout, classifiers and "
+                                       "sampling; UA / IRA / CRA / FID, time, memory, storage")
+    _add_common(canvas)
+    canvas.add_argument("--data", required=True, help="the dataset: DATA/{style}/{object}/{index}.jpg and "
+                        "DATA/Seed_Images/ (50- or 60-style)")
+    canvas.add_argument("--classifier", help="directory holding style_classifier.pth and object_classifier.pth")
+    canvas.add_argument("--style-classifier", help="the style classifier checkpoint (51 or 61 classes)")
+    canvas.add_argument("--object-classifier", help="the object classifier checkpoint (20 classes)")
+    canvas.add_argument("--model", required=True, help="the base pipeline (UnlearnCanvas' fine-tuned SD v1.5)")
+    canvas.add_argument("--seeds", type=int, nargs="+", default=[188, 288, 588, 688, 888])
+    canvas.add_argument("--steps", type=int, default=100, help="DDIM steps (the benchmark: 100)")
+    canvas.add_argument("--guidance", type=float, default=9.0, help="guidance scale (the benchmark: 9.0)")
+    canvas.add_argument("--size", type=int, default=512, help="image side in pixels (the benchmark: 512)")
+    canvas.add_argument("--inception", help="torch-fidelity's Inception-v3 weights file for FID (default: the "
+                        "style classifier's features, named in the report)")
+    canvas.add_argument("--fid-reference-per-pair", type=int, help="dataset images per style x object in FID's "
+                        "reference (default: all)")
+    canvas.add_argument("--no-fid", action="store_true", help="skip FID")
+    canvas.set_defaults(run=cmd_bench_unlearncanvas, parser=canvas)

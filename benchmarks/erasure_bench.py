@@ -108,13 +108,14 @@ def plan_edits(bench: Benchmark, methods: list[str], concepts: list[str], given:
             path = out / "edits" / f"{method}-{concept}"
             if (path / "erasure.json").exists():
                 meta = read_edit(path)
-                if meta["method"] != method or [c.lower() for c in meta["concepts"]] != [concept.lower()]:
+                if meta["method"] != method or [_spelled(c) for c in meta["concepts"]] != [_spelled(concept)]:
                     raise UsageError(f"{path} holds a {meta['method']} edit of {meta['concepts']}, not {method} of "
                                      f"{concept}; remove it or choose another --out")
             edits.append(Edit(f"{method}-{concept}", path, method, (concept,), kind, True))
     for directory in given:
         meta = read_edit(directory)
-        names = tuple(bench.canonical(c) for c in meta["concepts"])
+        names = tuple(bench.canonical(c.replace(" ", "_") if c.replace(" ", "_") in (*bench.objects, *bench.styles)
+                                     else c) for c in meta["concepts"])
         kinds = {bench.concept_kind(c) for c in names}
         if len(kinds) != 1:
             raise UsageError(f"{directory} erases objects and styles together; score it with `erasure compare`")
@@ -122,6 +123,10 @@ def plan_edits(bench: Benchmark, methods: list[str], concepts: list[str], given:
     if len({e.name for e in edits}) != len(edits):
         raise UsageError("two edits share a name; give --edit directories distinct names")
     return edits
+
+
+def _spelled(concept: str) -> str:
+    return concept.replace("_", " ").lower()
 
 
 def load_for_benchmark(bench: Benchmark, edit: Edit | None):
@@ -158,8 +163,9 @@ def run(bench: Benchmark, methods: list[str], concepts: list[str], given_edits: 
     to_make = [e for e in edits if e.made_here and not (e.path / "erasure.json").exists()]
     for edit in processes.mine(to_make):
         print(f"erasing {edit.concepts[0]} with {edit.method} -> {edit.path}", flush=True)
-        erase(bench.model, edit.method, list(edit.concepts), edit.path, options=(method_options or {}).get(
-            edit.method), device=bench.device)
+        # UnlearnCanvas writes its names with underscores; its prompts (and so the erased text) with spaces.
+        erase(bench.model, edit.method, [c.replace("_", " ") for c in edit.concepts], edit.path,
+              options=(method_options or {}).get(edit.method), device=bench.device)
     processes.wait()
 
     jobs = bench.jobs()
