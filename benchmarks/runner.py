@@ -228,10 +228,13 @@ class Runner:
 
         return self.run_stage("image", set_name, jobs, batch_size, work)
 
-    def classify(self, set_name: str, jobs: list[ImageJob], classify: Callable[[list[Image.Image]], list[dict]],
-                 batch_size: int = 64, stage: str = "score") -> int:
-        """A scoring stage: `classify` reads a batch of the set's images from disk and returns one record each."""
+    def classify(self, set_name: str, jobs: list[ImageJob], classify: Callable[[list], list[dict]],
+                 batch_size: int = 64, stage: str = "score", paths: bool = False) -> int:
+        """A scoring stage: `classify` takes a batch of the set's images read from disk (or their paths, for
+        detectors that read files themselves) and returns one record each."""
         def work(batch: list[ImageJob]) -> list[dict]:
+            if paths:
+                return classify([str(self.image_path(self.done, set_name, job)) for job in batch])
             return classify([self.open_image(self.done, set_name, job) for job in batch])
 
         return self.run_stage(stage, set_name, jobs, batch_size, work)
