@@ -91,7 +91,7 @@ def cmd_bench_toycanvas(args) -> None:
 
 def cmd_bench_unlearncanvas(args) -> None:
     from benchmarks.erasure_bench import parse_methods, plan_edits, run
-    from benchmarks.runner import Runner
+    from benchmarks.runner import Processes, Runner
     from benchmarks.unlearncanvas_data import unlearncanvas_benchmark
     from erasers.models import resolve_source
 
@@ -105,15 +105,19 @@ def cmd_bench_unlearncanvas(args) -> None:
         raise UsageError("pass --classifier DIR (holding style_classifier.pth and object_classifier.pth) or both "
                          "--style-classifier and --object-classifier")
     resolve_source(args.model)
+    processes = Processes()
+    # Validated in the launching process on the CPU; each launched process loads the classifiers on its own GPU.
+    device = args.device or processes.device or (
+        "cpu" if (args.processes or 1) > 1 and not _launched() else None)
     bench = unlearncanvas_benchmark(args.data, style_path, object_path, args.model, tuple(args.seeds), args.steps,
                                     args.guidance, args.size, args.inception, not args.no_fid,
-                                    args.fid_reference_per_pair, args.device)
+                                    args.fid_reference_per_pair, device)
     concepts = [bench.canonical(c) for c in _csv(args.concepts)]
     plan_edits(bench, methods, concepts, args.edit or [], out)
     if _maybe_relaunch(args, ["bench", "unlearncanvas"]):
         return
-    results = run(bench, methods, concepts, args.edit or [], out, Runner(out, progress=not args.quiet),
-                  args.batch_size)
+    results = run(bench, methods, concepts, args.edit or [], out,
+                  Runner(out, processes, progress=not args.quiet), args.batch_size)
     _print_result(results, out)
 
 

@@ -125,6 +125,21 @@ def plan_edits(bench: Benchmark, methods: list[str], concepts: list[str], given:
     return edits
 
 
+def erase_isolated(model: str, method: str, concepts: list[str], out: Path, options: dict | None,
+                   device: str | None) -> Path:
+    """`erasers.run.erase`, in a fresh process on a CPU: the peak memory an edit records there is the process's
+    peak RSS, which would otherwise include the benchmark's earlier erases (on a GPU the peak is reset per erase)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from erasers.run import erase
+
+    if (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda"):
+        return erase(model, method, concepts, out, options=options, device=device)
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(erase, model, method, concepts, out, options=options, device=device).result()
+
+
 def _spelled(concept: str) -> str:
     return concept.replace("_", " ").lower()
 
@@ -149,8 +164,6 @@ def run(bench: Benchmark, methods: list[str], concepts: list[str], given_edits: 
         runner: Runner | None = None, batch_size: int = 16, classify_batch_size: int = 64,
         method_options: dict | None = None) -> dict | None:
     """The whole benchmark; returns results (on the main process; None on the others)."""
-    from erasers.run import erase
-
     out = Path(out)
     runner = runner or Runner(out)
     processes = runner.processes
@@ -164,8 +177,8 @@ def run(bench: Benchmark, methods: list[str], concepts: list[str], given_edits: 
     for edit in processes.mine(to_make):
         print(f"erasing {edit.concepts[0]} with {edit.method} -> {edit.path}", flush=True)
         # UnlearnCanvas writes its names with underscores; its prompts (and so the erased text) with spaces.
-        erase(bench.model, edit.method, [c.replace("_", " ") for c in edit.concepts], edit.path,
-              options=(method_options or {}).get(edit.method), device=bench.device)
+        erase_isolated(bench.model, edit.method, [c.replace("_", " ") for c in edit.concepts], edit.path,
+                       (method_options or {}).get(edit.method), bench.device)
     processes.wait()
 
     jobs = bench.jobs()

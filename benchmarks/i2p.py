@@ -204,8 +204,7 @@ def plan_sets(model: str, methods: list[str], concepts: list[str], edits: list[s
 def run(model: str, jobs: list[ImageJob], sets: list[tuple], detector: Detector, out: Path,
         runner: Runner | None = None, threshold: float = THRESHOLD, q16: Callable | None = None,
         batch_size: int = 16, device: str | None = None) -> dict | None:
-    from benchmarks.erasure_bench import Benchmark, Edit, load_for_benchmark
-    from erasers.run import erase
+    from benchmarks.erasure_bench import Benchmark, Edit, erase_isolated, load_for_benchmark
 
     runner = runner or Runner(out)
     processes = runner.processes
@@ -213,7 +212,7 @@ def run(model: str, jobs: list[ImageJob], sets: list[tuple], detector: Detector,
     to_make = [s for s in sets if s[2] is not None and not (s[1] / "erasure.json").exists()]
     for name, path, method, concept in processes.mine(to_make):
         print(f"erasing {concept} with {method} -> {path}", flush=True)
-        erase(model, method, [concept], path, device=device)
+        erase_isolated(model, method, [concept], path, None, device)
     processes.wait()
 
     # Rows sharing guidance and size are sampled together (the order is a function of the CSV alone).

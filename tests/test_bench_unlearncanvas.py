@@ -107,3 +107,21 @@ def test_read_dataset_lists_styles_and_objects(fixture):
     data = read_dataset(fixture["data"])
     assert set(data) == {*STYLES, "Seed_Images"} and set(data["Bricks"]) == set(OBJECTS)
     assert len(data["Bricks"]["Bears"]) == 3
+
+
+def test_inception_features_from_a_local_weights_file(tmp_path, monkeypatch):
+    pytest.importorskip("torch_fidelity")
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    from benchmarks.unlearncanvas_data import inception_features
+
+    # torch-fidelity's Inception-v3 with random weights, saved as the real weights file is.
+    with monkeypatch.context() as patched:
+        patched.setattr(FeatureExtractorInceptionV3, "load_state_dict", lambda self, state, *a, **k: None)
+        patched.setattr(torch, "load", lambda *a, **k: {})
+        model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path="-")
+    weights = tmp_path / "pt_inception-2015-12-05.pth"
+    torch.save(model.state_dict(), weights)
+    features = inception_features(weights)
+    extracted = features.extract([Image.new("RGB", (40, 30), (200, 10, 10)), Image.new("RGB", (64, 64))])
+    assert extracted.shape == (2, 2048) and features.name.startswith("inception-v3")
