@@ -112,3 +112,35 @@ def test_two_accelerate_processes_make_what_one_process_makes(tmp_path):
     scores = [[{k: v for k, v in line.items() if "_" in k and k.split("_")[1] in ("UA", "IRA", "CRA")}
                for line in table] for table in tables]
     assert scores[0] == scores[1] and scores[0][1]["object_UA"] is not None
+
+
+@pytest.mark.slow  # three CLI runs of the toy benchmark
+def test_a_killed_cli_run_resumes_and_matches_an_uninterrupted_one(tmp_path):
+    import signal
+    import time
+
+    argv = [sys.executable, "-m", "erasers.cli", "bench", "toycanvas", "--methods", "uce", "--concepts", "arrow",
+            "--objects", "arrow,star,circle", "--styles", "Flat,Stripes", "--batch-size", "2", "--no-fid", "--quiet"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([*argv, "--out", str(killed)], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    manifest = killed / "manifest.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if manifest.exists() and len(manifest.read_text().splitlines()) >= 4:
+            process.send_signal(signal.SIGKILL)  # mid-run: base done, the edit's images under way
+            break
+        time.sleep(0.2)
+    process.wait()
+    before = Manifest(killed).read()
+    assert 4 <= len(before) < 24, "killed part-way"
+    for out in (killed, tmp_path / "whole"):
+        assert subprocess.run([*argv, "--out", str(out)], env=env, cwd=ROOT, capture_output=True).returncode == 0
+    after, whole = Manifest(killed).read(), Manifest(tmp_path / "whole").read()
+    assert after.keys() == whole.keys()
+    assert all(after[key] == record for key, record in before.items()), "finished work was not redone"
+    for key, record in whole.items():
+        if key[0] == "image":
+            assert (killed / record["file"]).read_bytes() == (tmp_path / "whole" / record["file"]).read_bytes()
+    assert not [p for p in killed.rglob("*") if ".tmp" in p.name]
