@@ -10,6 +10,7 @@ Resumable and split across processes by benchmarks.runner; erases are split acro
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -74,11 +75,14 @@ class Benchmark:
         return concept
 
     def jobs(self) -> list[ImageJob]:
-        """The answer set in UnlearnCanvas' naming: {style}_{object}_seed{seed}."""
-        return [ImageJob(f"{style}_{obj}_seed{seed}",
-                         self.template.format(object=obj.replace("_", " "), style=style.replace("_", " ")), seed,
-                         self.steps, self.guidance, self.size, self.size, (("object", obj), ("style", style)))
-                for style in self.styles for obj in self.objects for seed in self.seeds]
+        """The answer set (benchmarks.unlearncanvas.AnswerSet) in UnlearnCanvas' file naming:
+        {style}_{object}_seed{seed}."""
+        from benchmarks.unlearncanvas import AnswerSet
+
+        answers = AnswerSet(self.objects, self.styles, self.seeds, self.template)
+        return [ImageJob(f"{style}_{obj}_seed{seed}", answers.prompt(obj, style), seed, self.steps, self.guidance,
+                         self.size, self.size, (("object", obj), ("style", style)))
+                for obj, style, seed in answers.items()]
 
 
 @dataclass(frozen=True)
@@ -257,8 +261,9 @@ def reference_features(bench: Benchmark, out: Path, excluded: set[str]) -> torch
             features.append(bench.features.extract([load() for _, load in items[start:start + 64]]))
         stored = {"keys": [key for key, _ in items], "features": torch.cat(features)}
         cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(stored, cache.with_suffix(".tmp"))
-        cache.with_suffix(".tmp").replace(cache)
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")  # processes computing it at once each write their own
+        torch.save(stored, tmp)
+        tmp.replace(cache)
     keep = {key for key, _ in bench.reference(excluded)}
     rows = [i for i, key in enumerate(stored["keys"]) if key in keep]
     return stored["features"][rows]
