@@ -124,12 +124,13 @@ def write_plots(results: dict, plots: Path) -> list[Path]:
     written.append(_save(figure, plots / "ua_vs_retain.png"))
     plt.close(figure)
 
-    methods = list(dict.fromkeys(r["method"] for r in edits))
+    # Rows: the base model (its scores against each concept, for reference), then each method.
+    methods = ["base", *dict.fromkeys(r["method"] for r in edits)]
     concepts = list(dict.fromkeys(c for r in edits for c in r["per_concept"]))
     for metric in METRICS:
-        grid = [[next((s[metric] for r in edits if r["method"] == m for c2, s in r["per_concept"].items()
+        grid = [[next((s[metric] for r in results["rows"] if r["method"] == m for c2, s in r["per_concept"].items()
                        if c2 == c), None) for c in concepts] for m in methods]
-        figure, axes = plt.subplots(figsize=(1.2 + 0.9 * max(1, len(concepts)), 1 + 0.5 * max(1, len(methods))))
+        figure, axes = plt.subplots(figsize=(3 + 0.9 * len(concepts), 1.6 + 0.45 * len(methods)))
         values = [[float("nan") if v is None else v for v in row] for row in grid] or [[float("nan")]]
         image = axes.imshow(values, vmin=0, vmax=1, cmap="viridis", aspect="auto")
         axes.set_xticks(range(len(concepts)), concepts, rotation=45, ha="right")
@@ -139,7 +140,7 @@ def write_plots(results: dict, plots: Path) -> list[Path]:
                 if v is not None:
                     axes.text(j, i, f"{100 * v:.0f}", ha="center", va="center", color="white" if v < 0.6 else "black",
                               fontsize=8)
-        axes.set_title(f"{metric} % per method and erased concept")
+        axes.set_title(f"{metric} %")
         figure.colorbar(image, ax=axes)
         figure.tight_layout()
         written.append(_save(figure, plots / f"heatmap_{metric}.png"))
