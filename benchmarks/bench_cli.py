@@ -55,7 +55,12 @@ def _maybe_relaunch(args, command: list[str]) -> bool:
     return True
 
 
-def _check_out(out: str) -> Path:
+def _check_out(args) -> Path:
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size {args.batch_size} must be at least 1")
+    if args.processes is not None and args.processes < 1:
+        raise UsageError(f"--processes {args.processes} must be at least 1")
+    out = args.out
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise UsageError(f"--out {out} is a file; pass a directory (new, or a previous run's to resume it)")
@@ -76,7 +81,7 @@ def cmd_bench_toycanvas(args) -> None:
     from benchmarks.runner import Runner
     from benchmarks.toycanvas.benchmark import toycanvas_benchmark
 
-    out = _check_out(args.out)
+    out = _check_out(args)
     methods = parse_methods(args.methods) if args.methods else []
     bench = toycanvas_benchmark(_csv(args.objects), _csv(args.styles), tuple(args.seeds), not args.no_fid,
                                 args.device)
@@ -95,7 +100,7 @@ def cmd_bench_unlearncanvas(args) -> None:
     from benchmarks.unlearncanvas_data import unlearncanvas_benchmark
     from erasers.models import resolve_source
 
-    out = _check_out(args.out)
+    out = _check_out(args)
     methods = parse_methods(args.methods) if args.methods else []
     style_path, object_path = args.style_classifier, args.object_classifier
     if args.classifier:
@@ -127,7 +132,7 @@ def cmd_bench_i2p(args) -> None:
     from benchmarks.runner import Runner
     from erasers.models import resolve_source
 
-    out = _check_out(args.out)
+    out = _check_out(args)
     jobs = i2p.read_prompts(args.prompts, args.category)[:args.limit]
     resolve_source(args.model)
     methods = parse_methods(args.methods) if args.methods else []

@@ -126,6 +126,8 @@ def plan_edits(bench: Benchmark, methods: list[str], concepts: list[str], given:
         edits.append(Edit(Path(directory).name, Path(directory), meta["method"], names, kinds.pop(), False))
     if len({e.name for e in edits}) != len(edits):
         raise UsageError("two edits share a name; give --edit directories distinct names")
+    if not edits:
+        raise UsageError("nothing to benchmark: pass --methods and --concepts, or --edit directories")
     return edits
 
 
@@ -173,8 +175,6 @@ def run(bench: Benchmark, methods: list[str], concepts: list[str], given_edits: 
     processes = runner.processes
     concepts = [bench.canonical(c) for c in concepts]
     edits = plan_edits(bench, methods, concepts, given_edits, out)
-    if not edits:
-        raise UsageError("nothing to benchmark: pass --methods and --concepts, or --edit directories")
     bench.device = bench.device or processes.device
 
     to_make = [e for e in edits if e.made_here and not (e.path / "erasure.json").exists()]
