@@ -335,9 +335,10 @@ def make_parser() -> argparse.ArgumentParser:
     build_vlm.add_argument("--restart", action="store_true", help="discard training checkpoints; start from step 0")
     build_vlm.set_defaults(run=cmd_toy_build_vlm)
 
+    from benchmarks.bench_cli import add_bench_commands  # `erasure bench toycanvas | unlearncanvas | i2p`
     from vlm.cli import add_vlm_commands  # `erasure vlm ...` and `erasure bench mllmu-med`
 
-    add_vlm_commands(commands)
+    add_bench_commands(add_vlm_commands(commands))
     return parser
 
 

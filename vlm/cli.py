@@ -52,8 +52,9 @@ def cmd_bench_mllmu_med(args) -> None:
         print(f"wrote {args.out}/results.json and {args.out}/report.md")
 
 
-def add_vlm_commands(commands) -> None:
-    """Add `vlm` (methods, erase, ask) and `bench mllmu-med` to the subcommands of the `erasure` parser."""
+def add_vlm_commands(commands):
+    """Add `vlm` (methods, erase, ask) and `bench mllmu-med` to the subcommands of the `erasure` parser; returns
+    the `bench` subcommands, for the other benchmarks."""
     from erasers.cli import positive_int, seed
 
     vlm = commands.add_parser("vlm", help="concept erasure for vision-language models (LLaVA, Qwen2.5-VL, toy-vlm)")
@@ -96,4 +97,5 @@ def add_vlm_commands(commands) -> None:
     med.add_argument("--device")
     med.add_argument("--out", help="directory for results.json and report.md")
     med.set_defaults(run=cmd_bench_mllmu_med)
+    return bench_sub
 

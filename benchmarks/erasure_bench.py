@@ -1,0 +1,331 @@
+"""UnlearnCanvas-protocol benchmarks of erasure methods, on ToyCanvas or on the real UnlearnCanvas data:
+
+    for each method x concept: erase (or reuse the edit in DIR/edits/), generate the answer set (every style x
+    object x seed) with the base model and every edit, classify it, score UA / IRA / CRA (benchmarks.metrics) and
+    FID, and write DIR/results.json and the report (benchmarks.report).
+
+Resumable and split across processes by benchmarks.runner; erases are split across processes too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from benchmarks.metrics import Record, accuracy_scores, unlearncanvas_scores
+from benchmarks.runner import ImageJob, Runner
+from erasers.edits import apply_edits, read_edit
+from erasers.errors import UsageError
+from erasers.registry import available_methods, get_method
+
+
+@dataclass
+class FeatureExtractor:
+    """Image features for FID: `name` is what the report says was used; `extract` maps a list of images to an
+    (N, d) tensor."""
+
+    name: str
+    extract: Callable[[list[Image.Image]], torch.Tensor]
+
+
+@dataclass
+class Benchmark:
+    """What differs between ToyCanvas and UnlearnCanvas: concepts, sampling, classifier, FID's reference."""
+
+    name: str
+    model: str
+    objects: tuple[str, ...]
+    styles: tuple[str, ...]
+    seeds: tuple[int, ...]
+    template: str = "A {object} image in {style} style."
+    steps: int | None = None
+    guidance: float | None = None
+    size: int | None = None
+    scheduler: str | None = None          # "ddim": UnlearnCanvas samples with DDIM, eta 0
+    suffix: str = ".png"
+    # images -> (objects, styles) as the classifier reads them
+    classify: Callable[[list[Image.Image]], tuple[list[str], list[str]]] | None = None
+    features: FeatureExtractor | None = None
+    # reference images for FID, without the erased concepts: (excluded concepts) -> list of (key, image loader)
+    reference: Callable[[set[str]], list[tuple[str, Callable[[], Image.Image]]]] | None = None
+    device: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def concept_kind(self, concept: str) -> str:
+        if concept in self.objects:
+            return "object"
+        if concept in self.styles:
+            return "style"
+        raise UsageError(f"unknown concept {concept!r} for {self.name}; objects: {', '.join(self.objects)}; "
+                         f"styles: {', '.join(self.styles)}")
+
+    def canonical(self, concept: str) -> str:
+        """The concept as the benchmark spells it ("stripes" -> "Stripes")."""
+        for name in (*self.objects, *self.styles):
+            if name.lower() == concept.lower():
+                return name
+        self.concept_kind(concept)  # raises with the list of concepts
+        return concept
+
+    def jobs(self) -> list[ImageJob]:
+        """The answer set (benchmarks.unlearncanvas.AnswerSet) in UnlearnCanvas' file naming:
+        {style}_{object}_seed{seed}."""
+        from benchmarks.unlearncanvas import AnswerSet
+
+        answers = AnswerSet(self.objects, self.styles, self.seeds, self.template)
+        return [ImageJob(f"{style}_{obj}_seed{seed}", answers.prompt(obj, style), seed, self.steps, self.guidance,
+                         self.size, self.size, (("object", obj), ("style", style)))
+                for obj, style, seed in answers.items()]
+
+
+@dataclass(frozen=True)
+class Edit:
+    name: str            # the set's name: "{method}-{concept}", or the edit directory's name
+    path: Path
+    method: str
+    concepts: tuple[str, ...]
+    kind: str
+    made_here: bool      # erased by this benchmark into DIR/edits (False: reused or given with --edit)
+
+
+def parse_methods(spec: str | list[str]) -> list[str]:
+    names = [m.strip() for m in (spec.split(",") if isinstance(spec, str) else spec) if m.strip()]
+    if names == ["all"]:
+        return sorted(available_methods())
+    for name in names:
+        get_method(name)  # UsageError naming the available methods
+    return names
+
+
+def plan_edits(bench: Benchmark, methods: list[str], concepts: list[str], given: list[str], out: Path) -> list[Edit]:
+    edits = []
+    for concept in concepts:
+        kind = bench.concept_kind(concept)
+        for method in methods:
+            path = out / "edits" / f"{method}-{concept}"
+            if (path / "erasure.json").exists():
+                meta = read_edit(path)
+                if meta["method"] != method or [_spelled(c) for c in meta["concepts"]] != [_spelled(concept)]:
+                    raise UsageError(f"{path} holds a {meta['method']} edit of {meta['concepts']}, not {method} of "
+                                     f"{concept}; remove it or choose another --out")
+            edits.append(Edit(f"{method}-{concept}", path, method, (concept,), kind, True))
+    for directory in given:
+        meta = read_edit(directory)
+        names = tuple(bench.canonical(c.replace(" ", "_") if c.replace(" ", "_") in (*bench.objects, *bench.styles)
+                                     else c) for c in meta["concepts"])
+        kinds = {bench.concept_kind(c) for c in names}
+        if len(kinds) != 1:
+            raise UsageError(f"{directory} erases objects and styles together; score it with `erasure compare`")
+        edits.append(Edit(Path(directory).name, Path(directory), meta["method"], names, kinds.pop(), False))
+    if len({e.name for e in edits}) != len(edits):
+        raise UsageError("two edits share a name; give --edit directories distinct names")
+    if not edits:
+        raise UsageError("nothing to benchmark: pass --methods and --concepts, or --edit directories")
+    return edits
+
+
+def erase_isolated(model: str, method: str, concepts: list[str], out: Path, options: dict | None,
+                   device: str | None) -> Path:
+    """`erasers.run.erase`, in a fresh process on a CPU: the peak memory an edit records there is the process's
+    peak RSS, which would otherwise include the benchmark's earlier erases (on a GPU the peak is reset per erase)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from erasers.run import erase
+
+    if (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda"):
+        return erase(model, method, concepts, out, options=options, device=device)
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(erase, model, method, concepts, out, options=options, device=device).result()
+
+
+def _spelled(concept: str) -> str:
+    return concept.replace("_", " ").lower()
+
+
+def load_for_benchmark(bench: Benchmark, edit: Edit | None):
+    """The base pipeline (plus an edit) as the benchmark samples it: its scheduler, no safety checker."""
+    from erasers.models import load_pipeline
+
+    loaded = load_pipeline(bench.model, device=bench.device)
+    if getattr(loaded.pipeline, "safety_checker", None) is not None:
+        loaded.pipeline.register_modules(safety_checker=None)
+    if bench.scheduler == "ddim":
+        from diffusers import DDIMScheduler
+
+        loaded.pipeline.scheduler = DDIMScheduler.from_config(loaded.pipeline.scheduler.config)
+    if edit is not None:
+        apply_edits(loaded, [edit.path])
+    return loaded
+
+
+def run(bench: Benchmark, methods: list[str], concepts: list[str], given_edits: list[str], out: str | Path,
+        runner: Runner | None = None, batch_size: int = 16, classify_batch_size: int = 64,
+        method_options: dict | None = None) -> dict | None:
+    """The whole benchmark; returns results (on the main process; None on the others)."""
+    out = Path(out)
+    runner = runner or Runner(out)
+    processes = runner.processes
+    concepts = [bench.canonical(c) for c in concepts]
+    edits = plan_edits(bench, methods, concepts, given_edits, out)
+    bench.device = bench.device or processes.device
+
+    to_make = [e for e in edits if e.made_here and not (e.path / "erasure.json").exists()]
+    for edit in processes.mine(to_make):
+        print(f"erasing {edit.concepts[0]} with {edit.method} -> {edit.path}", flush=True)
+        # UnlearnCanvas writes its names with underscores; its prompts (and so the erased text) with spaces.
+        erase_isolated(bench.model, edit.method, [c.replace("_", " ") for c in edit.concepts], edit.path,
+                       (method_options or {}).get(edit.method), bench.device)
+    processes.wait()
+
+    jobs = bench.jobs()
+    sets: list[tuple[str, Edit | None]] = [("base", None)] + [(e.name, e) for e in edits]
+    for name, edit in sets:
+        runner.generate(name, jobs, lambda edit=edit: load_for_benchmark(bench, edit), batch_size, bench.suffix)
+    processes.wait()
+
+    def classify(images: list[Image.Image]) -> list[dict]:
+        objects, styles = bench.classify(images)
+        return [{"predicted_object": o, "predicted_style": s} for o, s in zip(objects, styles)]
+
+    for name, _ in sets:
+        runner.classify(name, jobs, classify, classify_batch_size)
+    processes.wait()
+
+    if bench.features is not None and bench.reference is not None:
+        for name, edit in processes.mine(sets):
+            runner.once("fid", name, lambda name=name, edit=edit: fid_record(bench, runner, name, edit, jobs))
+    processes.wait()
+    if not processes.is_main:
+        return None
+    results = collect(bench, runner, sets, jobs)
+    (out / "results.json.tmp").write_text(json.dumps(results, indent=2))
+    (out / "results.json.tmp").replace(out / "results.json")
+    from benchmarks.report import write_report
+
+    write_report(results, out, lambda set_name, key: runner.image_path(runner.manifest.read(), set_name,
+                                                                        ImageJob(key, "", 0)))
+    return results
+
+
+def records_of(runner: Runner, set_name: str, jobs: list[ImageJob]) -> list[Record]:
+    done = runner.manifest.read()
+    return [Record(job.label("object"), job.label("style"), done[("score", set_name, job.key)]["predicted_object"],
+                   done[("score", set_name, job.key)]["predicted_style"]) for job in jobs]
+
+
+def fid_record(bench: Benchmark, runner: Runner, set_name: str, edit: Edit | None, jobs: list[ImageJob]) -> dict:
+    """FID of a set's answer set against the reference images without its erased concepts (torchmetrics, on the
+    benchmark's features; the reference's features are computed once and cached in DIR/fid/)."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    excluded = set(edit.concepts) if edit is not None else set()
+    reference = reference_features(bench, runner.out, excluded)
+    done = runner.manifest.read()
+    generated = []
+    for start in range(0, len(jobs), 64):
+        generated.append(bench.features.extract([runner.open_image(done, set_name, j) for j in jobs[start:start + 64]]))
+    generated = torch.cat(generated)
+    metric = FrechetInceptionDistance(feature=_Given(generated.shape[1]), normalize=True)
+    metric.update(reference, real=True)
+    metric.update(generated, real=False)
+    return {"fid": float(metric.compute()), "fid_features": bench.features.name, "fid_reference_images":
+            len(reference), "fid_generated_images": len(generated)}
+
+
+class _Given(torch.nn.Module):
+    """A 'feature extractor' that returns its input: FID is computed from features extracted (and cached) here."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.num_features = dim
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+
+def reference_features(bench: Benchmark, out: Path, excluded: set[str]) -> torch.Tensor:
+    cache = out / "fid" / f"reference-{bench.features.name.split(' ')[0]}.pt"
+    items = bench.reference(set())
+    stored = torch.load(cache) if cache.exists() else {"keys": [], "features": None}
+    if stored["keys"] != [key for key, _ in items]:
+        features = []
+        for start in range(0, len(items), 64):
+            features.append(bench.features.extract([load() for _, load in items[start:start + 64]]))
+        stored = {"keys": [key for key, _ in items], "features": torch.cat(features)}
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")  # processes computing it at once each write their own
+        torch.save(stored, tmp)
+        tmp.replace(cache)
+    keep = {key for key, _ in bench.reference(excluded)}
+    rows = [i for i, key in enumerate(stored["keys"]) if key in keep]
+    return stored["features"][rows]
+
+
+def collect(bench: Benchmark, runner: Runner, sets: list[tuple[str, Edit | None]], jobs: list[ImageJob]) -> dict:
+    """results.json: per set, the scores of each erased concept (the base model's for every concept), FID and the
+    edit's cost; per method, the UnlearnCanvas table's averages over the erased concepts of each kind."""
+    done = runner.manifest.read()
+    concepts = sorted({c for _, e in sets if e is not None for c in e.concepts})
+    rows = []
+    for name, edit in sets:
+        records = records_of(runner, name, jobs)
+        fid = done.get(("fid", name, "-"), {})
+        row = {"set": name, "method": edit.method if edit else "base", "accuracy": accuracy_scores(records),
+               "fid": fid.get("fid"), "fid_features": fid.get("fid_features")}
+        if edit is None:
+            row["per_concept"] = {c: unlearncanvas_scores(records, [c], bench.concept_kind(c)) for c in concepts}
+        else:
+            meta = read_edit(edit.path)
+            row.update(concepts=list(edit.concepts), kind=edit.kind, cost=meta["cost"], config=meta["config"],
+                       per_concept={",".join(edit.concepts): unlearncanvas_scores(records, list(edit.concepts),
+                                                                                   edit.kind)})
+        rows.append(row)
+    return {"benchmark": bench.name, "model": bench.model, "objects": list(bench.objects),
+            "styles": list(bench.styles), "seeds": list(bench.seeds), "images_per_model": len(jobs),
+            "sampling": {"steps": bench.steps, "guidance": bench.guidance, "size": bench.size,
+                         "scheduler": bench.scheduler or "the model's"},
+            "fid_features": bench.features.name if bench.features else None,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "rows": rows, "table": method_table(rows)}
+
+
+def _mean(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def method_table(rows: list[dict]) -> list[dict]:
+    """One line per method, as UnlearnCanvas' table: UA / IRA / CRA averaged over the erased styles and over the
+    erased objects, FID averaged over the method's edits, time, peak memory and storage averaged likewise."""
+    table = []
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    for method in methods:
+        mine = [r for r in rows if r["method"] == method]
+        line = {"method": method}
+        for kind in ("style", "object"):
+            if method == "base":
+                scores = [s for r in mine for c, s in r["per_concept"].items() if _kind_of(c, rows) == kind]
+            else:
+                scores = [s for r in mine if r["kind"] == kind for s in r["per_concept"].values()]
+            for metric in ("UA", "IRA", "CRA"):
+                line[f"{kind}_{metric}"] = _mean([s[metric] for s in scores])
+        line["FID"] = _mean([r["fid"] for r in mine])
+        for cost in ("seconds", "peak_memory_bytes", "storage_bytes"):
+            line[cost] = _mean([r["cost"][cost] for r in mine if "cost" in r])
+        table.append(line)
+    return table
+
+
+def _kind_of(concept: str, rows: list[dict]) -> str | None:
+    for row in rows:
+        if row.get("concepts") and concept in row["concepts"]:
+            return row["kind"]
+    return None

@@ -1,0 +1,259 @@
+"""The benchmark runner's core, shared by `erasure bench toycanvas | unlearncanvas | i2p`.
+
+Work is a list of jobs per *set* (the images of one model: "base", "esd-x-arrow", ...), done in *stages*
+(generate, classify, ...). Every finished job of a stage is a line in `DIR/manifest.jsonl`:
+
+    {"stage": "image", "set": "uce-arrow", "key": "Flat_arrow_seed188", "file": "images/uce-arrow/...png", ...}
+    {"stage": "score", "set": "uce-arrow", "key": "Flat_arrow_seed188", "predicted_object": "star", ...}
+
+so a killed run resumes where it stopped and never recomputes a finished image or score. Images are written under
+a temporary name and renamed, then their manifest lines are appended in one write: an image without its line is
+simply made again, never read half-written.
+
+Jobs are cut into fixed batches (from the whole job list, never from what is left), because a batch's composition
+changes the floating-point result by a pixel level now and then: with fixed batches an image is bit-identical
+whichever process made it and whether the run was resumed. Batch i goes to process i mod N, so a run launched with
+accelerate over N processes (or GPUs) splits the work without talking, and the union of the outputs is the
+single-process run's.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+MANIFEST = "manifest.jsonl"
+# Barriers wait for the slowest process, which may be erasing with a slow method on a large model.
+BARRIER_TIMEOUT = datetime.timedelta(hours=48)
+
+
+@dataclass(frozen=True)
+class ImageJob:
+    """One image: its key (unique within its set, also its file stem), prompt, seed and sampling settings (None:
+    the model's defaults), and labels (what the prompt asks for: object/style, or an I2P row's category)."""
+
+    key: str
+    prompt: str
+    seed: int
+    steps: int | None = None
+    guidance: float | None = None
+    height: int | None = None
+    width: int | None = None
+    labels: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def sampling(self) -> tuple:
+        return self.steps, self.guidance, self.height, self.width
+
+    def label(self, name: str) -> str | None:
+        return dict(self.labels).get(name)
+
+
+class Processes:
+    """This process's rank among the processes accelerate launched (or the only one)."""
+
+    def __init__(self):
+        self.state = None
+        self.rank, self.world = 0, 1
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from accelerate import PartialState
+
+            self.state = PartialState(cpu=not torch.cuda.is_available(), timeout=BARRIER_TIMEOUT)
+            self.rank, self.world = self.state.process_index, self.state.num_processes
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def device(self) -> str | None:
+        """The device this process should use: its own GPU when launched over several, else the default."""
+        if self.state is not None and self.state.device.type != "cpu":
+            return str(self.state.device)
+        return None
+
+    def wait(self) -> None:
+        if self.state is not None:
+            self.state.wait_for_everyone()
+
+    def mine(self, items: list) -> list:
+        return items[self.rank::self.world]
+
+
+def accelerate_command(processes: int, argv: list[str]) -> list[str]:
+    """The command that runs `erasure ARGV` over `processes` processes (one per GPU when there are GPUs, CPU
+    processes otherwise) with accelerate's launcher (torchrun underneath)."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "erasers.cli", *argv]
+
+
+def relaunch(processes: int, argv: list[str]) -> int:
+    return subprocess.call(accelerate_command(processes, argv))
+
+
+class Manifest:
+    """The append-only record of finished work in DIR/manifest.jsonl (one JSON object a line)."""
+
+    def __init__(self, directory: Path):
+        self.path = Path(directory) / MANIFEST
+
+    def read(self) -> dict[tuple[str, str, str], dict]:
+        """{(stage, set, key): record}; a line cut short by a crash is ignored (its work is redone)."""
+        done = {}
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                done[(record["stage"], record["set"], record["key"])] = record
+        return done
+
+    def append(self, records: list[dict]) -> None:
+        if not records:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        data = "".join(json.dumps(r) + "\n" for r in records).encode()
+        descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            # One write per batch: concurrent processes' batches never interleave within a line.
+            if os.fstat(descriptor).st_size and not self._ends_with_newline():
+                data = b"\n" + data  # a line left cut short by a crash stays on its own line
+            os.write(descriptor, data)
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+    def _ends_with_newline(self) -> bool:
+        with open(self.path, "rb") as file:
+            file.seek(-1, os.SEEK_END)
+            return file.read(1) == b"\n"
+
+
+def save_image_atomically(image: Image.Image, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
+    image.save(tmp)
+    os.replace(tmp, path)
+
+
+def fixed_batches(jobs: list[ImageJob], batch_size: int) -> list[list[ImageJob]]:
+    """Consecutive jobs with the same sampling settings, cut every `batch_size`: a function of the whole job
+    list only, so every run and every process agrees on them."""
+    batches: list[list[ImageJob]] = []
+    for job in jobs:
+        if batches and len(batches[-1]) < batch_size and batches[-1][-1].sampling == job.sampling:
+            batches[-1].append(job)
+        else:
+            batches.append([job])
+    return batches
+
+
+@dataclass
+class Runner:
+    """Runs stages over sets of jobs in `out`, resumably and split across processes. `on_batch(stage, set,
+    records)` is called after each recorded batch (progress hooks; tests interrupt runs with it)."""
+
+    out: Path
+    processes: Processes = field(default_factory=Processes)
+    progress: bool = True
+    on_batch: Callable[[str, str, list[dict]], None] | None = None
+
+    def __post_init__(self):
+        self.out = Path(self.out)
+        self.manifest = Manifest(self.out)
+        self.done: dict = {}
+
+    def records(self, stage: str, set_name: str, jobs: list[ImageJob]) -> list[dict | None]:
+        done = self.manifest.read()
+        return [done.get((stage, set_name, job.key)) for job in jobs]
+
+    def run_stage(self, stage: str, set_name: str, jobs: list[ImageJob], batch_size: int,
+                  work: Callable[[list[ImageJob]], list[dict]], unit: str = "img") -> int:
+        """Do `work` on this process's share of the batches not yet recorded; returns the images processed here.
+        `work` returns one record per job (JSON-serialisable)."""
+        done = self.done = self.manifest.read()
+        batches = self.processes.mine(fixed_batches(jobs, batch_size))
+        pending = [b for b in batches if any((stage, set_name, job.key) not in done for job in b)]
+        total = sum(len(b) for b in pending)
+        if not total:
+            return 0
+        started = time.perf_counter()
+        label = f"{stage} {set_name}" + (f" [{self.processes.rank}/{self.processes.world}]"
+                                         if self.processes.world > 1 else "")
+        with tqdm(total=total, desc=label, unit=unit, disable=not self.progress, leave=False) as bar:
+            for batch in pending:
+                records = [{"stage": stage, "set": set_name, "key": job.key, **record,
+                            "process": self.processes.rank} for job, record in zip(batch, work(batch))]
+                self.manifest.append(records)
+                bar.update(len(batch))
+                if self.on_batch is not None:
+                    self.on_batch(stage, set_name, records)
+        seconds = time.perf_counter() - started
+        if self.progress:
+            print(f"{label}: {total} {unit} in {seconds:.1f} s ({total / seconds:.2f} {unit}/s)", flush=True)
+        return total
+
+    def generate(self, set_name: str, jobs: list[ImageJob], loaded_factory: Callable[[], object],
+                 batch_size: int = 16, suffix: str = ".png") -> int:
+        """The generate stage: images in `out`/images/`set_name`/KEY`suffix`. The pipeline is loaded only when
+        some batch is left (a finished set costs nothing on resume)."""
+        loaded = None
+
+        def work(batch: list[ImageJob]) -> list[dict]:
+            nonlocal loaded
+            if loaded is None:
+                loaded = loaded_factory()
+            first = batch[0]
+            images = loaded.generate([job.prompt for job in batch], seeds=[job.seed for job in batch],
+                                     steps=first.steps, guidance=first.guidance, height=first.height,
+                                     width=first.width, batch_size=len(batch), progress=False)
+            records = []
+            for job, image in zip(batch, images):
+                relative = Path("images") / set_name / f"{job.key}{suffix}"
+                save_image_atomically(image, self.out / relative)
+                records.append({"file": str(relative)})
+            return records
+
+        return self.run_stage("image", set_name, jobs, batch_size, work)
+
+    def classify(self, set_name: str, jobs: list[ImageJob], classify: Callable[[list], list[dict]],
+                 batch_size: int = 64, stage: str = "score", paths: bool = False) -> int:
+        """A scoring stage: `classify` takes a batch of the set's images read from disk (or their paths, for
+        detectors that read files themselves) and returns one record each."""
+        def work(batch: list[ImageJob]) -> list[dict]:
+            if paths:
+                return classify([str(self.image_path(self.done, set_name, job)) for job in batch])
+            return classify([self.open_image(self.done, set_name, job) for job in batch])
+
+        return self.run_stage(stage, set_name, jobs, batch_size, work)
+
+    def image_path(self, done: dict, set_name: str, job: ImageJob) -> Path:
+        record = done.get(("image", set_name, job.key))
+        if record is None:
+            raise FileNotFoundError(f"{set_name}/{job.key} has not been generated")
+        return self.out / record["file"]
+
+    def open_image(self, done: dict, set_name: str, job: ImageJob) -> Image.Image:
+        with Image.open(self.image_path(done, set_name, job)) as image:
+            return image.convert("RGB")
+
+    def once(self, stage: str, set_name: str, compute: Callable[[], dict]) -> dict:
+        """A per-set result (FID, ...) computed by one process and recorded like any other."""
+        key = (stage, set_name, "-")
+        done = self.manifest.read()
+        if key not in done:
+            self.manifest.append([{"stage": stage, "set": set_name, "key": "-", **compute()}])
+            done = self.manifest.read()
+        return done[key]
