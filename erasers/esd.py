@@ -21,7 +21,7 @@ from .losses import check_contrast, contrast_states, esd_target, frozen_copy, pr
 from .models import LoadedPipeline
 from .prompts import EraseRequest
 from .registry import Eraser, register
-from .train import TrainingLoop
+from .train import ParameterState, TrainingLoop
 
 PARAMETER_SETS = ("xattn", "xattn-strict", "noxattn", "full", "text_encoder")
 
@@ -121,23 +121,9 @@ class ESD(Eraser):
             return {"loss": loss.item()}
 
         unet.train(not on_text_encoder)
-        self.history = TrainingLoop("esd", cfg.iterations, {"params": _ParameterState(parameters), "opt": optimizer},
+        self.history = TrainingLoop("esd", cfg.iterations, {"params": ParameterState(parameters), "opt": optimizer},
                                     cfg.seed, work_dir, checkpoint_every=50).run(step)
         unet.eval()
         loaded.text_encoder.eval()
         return {"text_encoder": loaded.text_encoder} if on_text_encoder else {"unet": unet}
 
-
-class _ParameterState:
-    """Checkpoints a list of parameters (the trained subset) for resume."""
-
-    def __init__(self, parameters):
-        self.parameters = parameters
-
-    def state_dict(self):
-        return {str(i): p.detach().clone() for i, p in enumerate(self.parameters)}
-
-    def load_state_dict(self, state):
-        with torch.no_grad():
-            for i, p in enumerate(self.parameters):
-                p.copy_(state[str(i)])
