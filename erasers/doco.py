@@ -117,20 +117,22 @@ class PatchDiscriminator(nn.Module):
 def discriminator_step(discriminator: nn.Module, optimizer: torch.optim.Optimizer, real: torch.Tensor,
                        fake: torch.Tensor) -> dict[str, float]:
     """One update of D: real (frozen model, anchor prompt) -> 1, fake (trained model, sensitive prompt) -> 0.
-    Returns its loss and its accuracy on this batch (before the update: the share of patches it got right)."""
-    real_logits, fake_logits = discriminator(real.detach().float()), discriminator(fake.detach().float())
-    loss = (F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
-            + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits)))
+    Real and fake go through D as one batch, so its batch norm cannot normalise away what tells them apart.
+    Returns its loss and its accuracy on this batch before the update (the share of patches it got right)."""
+    logits = discriminator(torch.cat([real.detach(), fake.detach()]).float())
+    labels = torch.cat([torch.ones(len(real)), torch.zeros(len(fake))]).to(logits).view(-1, 1, 1, 1)
+    labels = labels.expand_as(logits)
+    loss = 2 * F.binary_cross_entropy_with_logits(logits, labels)
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
-    accuracy = 0.5 * ((real_logits > 0).float().mean() + (fake_logits < 0).float().mean())
-    return {"d_loss": loss.item(), "d_acc": accuracy.item()}
+    return {"d_loss": loss.item(), "d_acc": ((logits > 0).float() == labels).float().mean().item()}
 
 
-def fooling_loss(discriminator: nn.Module, fake: torch.Tensor) -> torch.Tensor:
-    """The UNet's adversarial loss: its sensitive outputs should be taken for the anchor's (labelled real)."""
-    logits = discriminator(fake.float())
+def fooling_loss(discriminator: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    """The UNet's adversarial loss: its sensitive outputs should be taken for the anchor's (labelled real). The
+    real batch rides along (no gradient) so that D's batch norm sees what it was trained on."""
+    logits = discriminator(torch.cat([real.detach(), fake]).float())[len(real):]
     return F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
 
 
@@ -174,6 +176,7 @@ def draw_anchor_latents(loaded: LoadedPipeline, anchors: list[str], count: int, 
         latents.append(out.images)
     latents = torch.cat(latents)
     if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".tmp")
         save_file({"latents": latents.float().cpu().contiguous(), "anchor_index": index}, str(tmp))
         tmp.replace(cache)
@@ -247,7 +250,8 @@ class DoCo(Eraser):
             adversarial_on = cfg.adversarial and i >= cfg.warmup_steps
             unlearn = ablation
             if adversarial_on:
-                unlearn = unlearn + cfg.adversarial_weight * fooling_loss(discriminator, domain(predicted, x_t, t))
+                unlearn = unlearn + cfg.adversarial_weight * fooling_loss(discriminator, domain(anchored, x_t, t),
+                                                                           domain(predicted, x_t, t))
             unlearn_grads = torch.autograd.grad(unlearn, parameters, allow_unused=True)
             metrics = {"loss": ablation.item()}
             if cfg.adversarial:
