@@ -138,13 +138,13 @@ def cmd_toy_build(args) -> None:
 
 
 def cmd_toy_build_vlm(args) -> None:
-    from vlm import toy_build
+    from vlm import toy
 
-    unknown = [s for s in args.stages if s not in toy_build.STAGES]
+    unknown = [s for s in args.stages if s not in toy.STAGES]
     if unknown:
-        raise UsageError(f"unknown stage {unknown[0]!r}; stages are {', '.join(toy_build.STAGES)}")
-    config = toy_build.ToyVLMConfig(build_dir=args.build_dir, threads=args.threads)
-    toy_build.run(config, tuple(args.stages or toy_build.STAGES))
+        raise UsageError(f"unknown stage {unknown[0]!r}; stages are {', '.join(toy.STAGES)}")
+    config = toy.ToyVLMConfig(build_dir=args.build_dir, threads=args.threads)
+    toy.run(config, tuple(args.stages or toy.STAGES))
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -1,5 +1,6 @@
-"""Regenerate the README's figures: ToyCanvas real renders and the toy pipeline's generations (objects x styles),
-and the main job's before/after grid (the README's first command: erase arrow with ESD-x, then compare).
+"""Regenerate the figures of the READMEs: ToyCanvas real renders and the toy pipeline's generations (objects x
+styles; benchmarks/toycanvas/README.md), and the main job's before/after grid (README.md's first command: erase
+arrow with ESD-x, then compare).
 
     python scripts/readme_figures.py            # all
     python scripts/readme_figures.py compare    # only the before/after grid

@@ -37,7 +37,7 @@ def base_scores(classifier):
 @pytest.mark.parametrize("method, concept, kind, options", [
     ("esd-x", "arrow", "object", {"iterations": 150}),
     # The toy default guides away from "A star image in painting style.": on this UNet, guided away from the empty
-    # prompt, ESD-x erases the objects of the Stripes captions and leaves the stripes (README).
+    # prompt, ESD-x erases the objects of the Stripes captions and leaves the stripes (benchmarks/results/NOTES.md).
     ("esd-x", "Stripes", "style", {"iterations": 150}),
     ("esd-u", "arrow", "object", {"iterations": 100}),
     ("uce", "Stripes", "style", {}),

@@ -1,5 +1,6 @@
 """The shipped ToyCanvas models: they load with plain diffusers/transformers calls and meet (a subset of) the
-quality bars. The full bars are measured by `erasure toy build quality` and shown in the README."""
+quality bars. The full bars are measured by `erasure toy build quality` and shown in
+benchmarks/toycanvas/README.md."""
 
 
 import torch
@@ -51,7 +52,7 @@ def test_clip_loads_as_clip_and_as_vision_tower_with_projection():
 def test_clip_matches_images_to_their_captions():
     from transformers import CLIPModel, CLIPTokenizer
 
-    from benchmarks.toycanvas.build import normalize_for_clip
+    from benchmarks.toycanvas.build.train_clip import normalize_for_clip
     from benchmarks.toycanvas.classifier import pil_to_tensor
     from benchmarks.toycanvas.world import caption
 

@@ -110,33 +110,37 @@ def build(world, tmp_path_factory):
     """A toy build directory over the small world, with a tokenizer trained on it and a tiny random model."""
     import torch
 
-    from vlm import toy_build as tb
+    from vlm.toy.batches import Batcher
+    from vlm.toy.config import ToyVLMConfig
+    from vlm.toy.data import load_rows, load_tokenizer, stage_tokenizer
+    from vlm.toy.model import new_model
 
     root = tmp_path_factory.mktemp("build")
     (root / "world").symlink_to(world, target_is_directory=True)
-    cfg = tb.ToyVLMConfig(build_dir=str(root), world=asdict(CONFIG), hidden=32, layers=2, heads=2, intermediate=64,
-                          vocab_size=700, patient_views=2)
-    tb.stage_tokenizer(cfg)
-    tokenizer = tb.load_tokenizer(cfg)
-    rows = tb.load_rows(cfg)
+    cfg = ToyVLMConfig(build_dir=str(root), world=asdict(CONFIG), hidden=32, layers=2, heads=2, intermediate=64,
+                       vocab_size=700, patient_views=2)
+    stage_tokenizer(cfg)
+    tokenizer = load_tokenizer(cfg)
+    rows = load_rows(cfg)
     torch.manual_seed(0)
     features = {"canvas": torch.randn(len(rows["canvas"]), 65, 128),
                 "patients": torch.randn(CONFIG.patients * cfg.patient_views, 65, 128)}
-    model = tb.new_model(cfg, tokenizer).eval()
-    return cfg, tokenizer, rows, tb.Batcher(tokenizer, features, model.config.image_seq_length), model
+    model = new_model(cfg, tokenizer).eval()
+    return cfg, tokenizer, rows, Batcher(tokenizer, features, model.config.image_seq_length), model
 
 
 def test_training_tokens_match_the_processor(build):
-    from vlm import toy_build as tb
+    from vlm.toy.data import user_text
+    from vlm.toy.export import make_processor
 
     cfg, tokenizer, rows, batcher, _ = build
-    processor = tb.make_processor(cfg, tokenizer)
+    processor = make_processor(cfg, tokenizer)
     image = row_images(rows["canvas"][0])[0]
     for with_image in (True, False):
         conversation = [{"role": "user", "content": ([{"type": "image"}] if with_image else [])
                          + [{"type": "text", "text": "What object is in this image?"}]}]
         prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
-        assert prompt == tb.user_text("What object is in this image?", with_image)
+        assert prompt == user_text("What object is in this image?", with_image)
         ids = processor(images=image if with_image else None, text=prompt, return_tensors="pt").input_ids[0].tolist()
         assert ids == batcher.encode("What object is in this image?", with_image)
 
@@ -144,22 +148,24 @@ def test_training_tokens_match_the_processor(build):
 def test_packed_rows_equal_questions_asked_alone(build):
     import torch
 
-    from vlm import toy_build as tb
+    from vlm.toy.batches import Packer
+    from vlm.toy.model import forward_hidden
+    from vlm.toy.pools import draw_rows, training_pools
 
     cfg, _, rows, batcher, model = build
-    packer = tb.Packer(batcher)
-    image_rows, text_rows = tb.draw_rows(cfg, tb.training_pools(cfg, rows), torch.Generator().manual_seed(0))
+    packer = Packer(batcher)
+    image_rows, text_rows = draw_rows(cfg, training_pools(cfg, rows), torch.Generator().manual_seed(0))
     assert len(image_rows) == cfg.patient_rows + cfg.canvas_rows and len(text_rows) == cfg.text_rows
     with torch.no_grad():
         for chosen in (image_rows[:2] + image_rows[-1:], text_rows[:2]):
             ids, mask, positions, labels, feats = packer(chosen)
-            hidden = tb.forward_hidden(model, ids, mask, feats, positions)
+            hidden = forward_hidden(model, ids, mask, feats, positions)
             packed = model.lm_head(hidden[:, :-1][labels[:, 1:] != -100])
             alone = []
             for image, questions in chosen:
                 for question in questions:
                     one, one_mask, one_labels, one_feats = batcher([question])
-                    state = tb.forward_hidden(model, one, one_mask, one_feats)
+                    state = forward_hidden(model, one, one_mask, one_feats)
                     alone.append(model.lm_head(state[:, :-1][one_labels[:, 1:] != -100]))
             torch.testing.assert_close(packed, torch.cat(alone), atol=1e-4, rtol=1e-4)
 
@@ -167,14 +173,16 @@ def test_packed_rows_equal_questions_asked_alone(build):
 def test_option_marks_point_at_each_options_last_token(build):
     import torch
 
-    from vlm import toy_build as tb
+    from vlm.toy.batches import Packer
+    from vlm.toy.options import lookup_rows
+    from vlm.toy.pools import draw_rows, training_pools
 
     cfg, tokenizer, rows, batcher, _ = build
-    packer = tb.Packer(batcher)
-    pools = tb.training_pools(cfg, rows)
+    packer = Packer(batcher)
+    pools = training_pools(cfg, rows)
     generator = torch.Generator().manual_seed(2)
-    image_rows, text_rows = tb.draw_rows(cfg, pools, generator, reshuffle=1.0)
-    chosen = image_rows[:3] + text_rows[:1] + tb.lookup_rows(cfg, pools, generator)[:1]
+    image_rows, text_rows = draw_rows(cfg, pools, generator, reshuffle=1.0)
+    chosen = image_rows[:3] + text_rows[:1] + lookup_rows(cfg, pools, generator)[:1]
     ids = packer(chosen)[0]
     marks = packer.option_marks(chosen)
     questions = [(r, sample) for r, (_, qs) in enumerate(chosen) for sample, _ in qs
@@ -198,7 +206,8 @@ def test_the_training_stages_run_end_to_end(build, tmp_path):
     import torch
     from safetensors import safe_open
 
-    from vlm import toy_build as tb
+    from vlm.toy.options import stage_options
+    from vlm.toy.phases import stage_train
 
     cfg, _, _, batcher, _ = build
     for name in ("world", "tokenizer"):
@@ -207,8 +216,8 @@ def test_the_training_stages_run_end_to_end(build, tmp_path):
     tiny = dataclasses.replace(cfg, build_dir=str(tmp_path), steps=4, grow_at=2, grow_layers=1, grow_steps=2,
                                options_steps=2, option_probe_layer=2, eval_every=2, eval_items=6, patient_rows=2,
                                canvas_rows=2, text_rows=1, checkpoint_every=1)
-    tb.stage_train(tiny)
-    tb.stage_options(tiny)
+    stage_train(tiny)
+    stage_options(tiny)
     logged = [json.loads(line) for line in (tmp_path / "logs" / "toy-vlm-eval.jsonl").read_text().splitlines()]
     assert [r["phase"] for r in logged] == ["toy-vlm", "toy-vlm-grow", "toy-vlm-options"]
     assert all(0 <= r["mc_shuffled_canvas"] <= 1 and r["loss_marks"] > 0 for r in logged[2:])
@@ -222,23 +231,25 @@ def test_the_training_stages_run_end_to_end(build, tmp_path):
 def test_growing_keeps_the_function(build):
     import torch
 
-    from vlm import toy_build as tb
     from vlm.models import decoder_layers
+    from vlm.toy.batches import Packer
+    from vlm.toy.model import forward_hidden, grow
+    from vlm.toy.pools import draw_rows, training_pools
 
     cfg, tokenizer, rows, batcher, model = build
-    grown = tb.grow(cfg, model, tokenizer).eval()
+    grown = grow(cfg, model, tokenizer).eval()
     assert len(decoder_layers(grown)) == cfg.layers + cfg.grow_layers
-    image_rows, _ = tb.draw_rows(cfg, tb.training_pools(cfg, rows), torch.Generator().manual_seed(1))
-    ids, mask, positions, _, feats = tb.Packer(batcher)(image_rows[:2])
+    image_rows, _ = draw_rows(cfg, training_pools(cfg, rows), torch.Generator().manual_seed(1))
+    ids, mask, positions, _, feats = Packer(batcher)(image_rows[:2])
     with torch.no_grad():
-        torch.testing.assert_close(tb.forward_hidden(grown, ids, mask, feats, positions),
-                                   tb.forward_hidden(model, ids, mask, feats, positions))
+        torch.testing.assert_close(forward_hidden(grown, ids, mask, feats, positions),
+                                   forward_hidden(model, ids, mask, feats, positions))
     assert not any(p.requires_grad for p in grown.model.vision_tower.parameters())
 
 
 def test_scoring_rules():
     from vlm.mllmu import QA
-    from vlm.toy_build import is_correct
+    from vlm.toy.evaluate import is_correct
 
     mc = QA("x", "x", "classification", "Pure_Text", "q", "q", "B")
     assert is_correct(mc, "B") and is_correct(mc, "b: asthma") and not is_correct(mc, "asthma")
@@ -300,7 +311,7 @@ def _trained_questions(config: WorldConfig, seed: int, tasks: tuple[str, ...]):
 @shipped
 def test_toy_vlm_answers_trained_questions(toy_vlm, toy_config):
     from vlm.models import ask_many
-    from vlm.toy_build import is_correct
+    from vlm.toy.evaluate import is_correct
 
     items = _trained_questions(toy_config, 0, ("generation", "mask"))
     answers = ask_many(toy_vlm, [image for _, image in items], [qa.prompt for qa, _ in items], max_new_tokens=12)
@@ -316,7 +327,7 @@ def test_toy_vlm_answers_trained_questions(toy_vlm, toy_config):
 @shipped
 def test_toy_vlm_answers_multiple_choice_by_matching_the_options(toy_vlm, toy_config):
     from vlm.models import ask_many
-    from vlm.toy_build import is_correct
+    from vlm.toy.evaluate import is_correct
 
     # Options drawn afresh, so a letter memorised in training is right by chance (25%) only: the model has to find
     # what it recalls among the options. Patients' scans and names, and ToyCanvas images.
