@@ -92,14 +92,13 @@ def run(methods: list[str], concepts: list[str], seeds: tuple[int, ...], results
 
 
 def paraphrase_ua(loaded, classifier, concept: str, seeds: tuple[int, ...]) -> float:
-    """UA on wordings no model was trained on (world.PARAPHRASE_TEMPLATES, object synonyms): the share of images
-    of every paraphrase naming the concept, across the other kind's concepts, in which the classifier does not
-    find the concept. Tells whether an erasure reaches the concept or only the training captions' wording."""
+    """UA on wordings no model was trained on (world.PARAPHRASE_TEMPLATES, each with the concept's and the other
+    kind's own names: 40 prompts per seed): the share of images in which the classifier does not find the concept.
+    Tells whether an erasure reaches the concept or only the training captions' wording. (The synonyms of
+    world.OBJECT_SYNONYMS are left out: the toy text encoder never saw them, so the base model does not draw them.)"""
     kind = world.concept_kind(concept)
-    if kind == "object":
-        prompts = [p for style in world.STYLES for p in world.paraphrases(concept, style)]
-    else:
-        prompts = [p for name in world.OBJECTS for p in world.paraphrases(name, concept)]
+    pairs = [(concept, s) for s in world.STYLES] if kind == "object" else [(o, concept) for o in world.OBJECTS]
+    prompts = [template.format(object=o, style=s) for o, s in pairs for template in world.PARAPHRASE_TEMPLATES]
     items = [(prompt, seed) for seed in seeds for prompt in prompts]
     images = loaded.generate([p for p, _ in items], seeds=[s for _, s in items], batch_size=50, progress=False)
     objects, styles = classifier.predict(images)

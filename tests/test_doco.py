@@ -112,3 +112,24 @@ def test_an_interrupted_run_resumes_to_the_same_edit(tiny_pipeline_dirs, tmp_pat
 def test_doco_refuses_pipelines_without_a_text_conditioned_unet(tiny_pipeline_dirs, tmp_path):
     with pytest.raises(UsageError, match="edits SD 1.x/2.x-style pipelines"):
         erase(str(tiny_pipeline_dirs["flux"]), "doco", ["a star"], tmp_path / "flux", options=FAST, device="cpu")
+
+
+def test_short_doco_erase_removes_arrows_and_keeps_other_objects(tmp_path):
+    """A shortened toy default (fewer anchor images, drawn in fewer steps; fewer iterations): the classifier finds
+    fewer arrows, and the other objects and styles are still drawn far above chance (10%)."""
+    from benchmarks.toycanvas import CLASSIFIER_DIR
+    from benchmarks.toycanvas.classifier import ToyClassifier
+    from benchmarks.unlearncanvas import AnswerSet, classify_answer_set, score
+
+    classifier = ToyClassifier.from_pretrained(CLASSIFIER_DIR)
+    answers = AnswerSet(seeds=(188,))
+    base_records, _ = classify_answer_set(load_pipeline("toy", device="cpu"), classifier, answers, progress=False)
+    base = score(base_records, ["arrow"], "object")
+    out = erase("toy", "doco", ["arrow"], tmp_path / "edit", device="cpu",
+                options={"iterations": 120, "anchor_images": 11, "sample_steps": 10, "warmup_steps": 30})
+    loaded = load_pipeline("toy", device="cpu")
+    apply_edits(loaded, [out])
+    records, _ = classify_answer_set(loaded, classifier, answers, progress=False)
+    edited = score(records, ["arrow"], "object")
+    assert edited["UA"] >= base["UA"] + 0.4, (base, edited)
+    assert edited["IRA"] >= 0.5 and edited["CRA"] >= 0.5, (base, edited)
