@@ -117,12 +117,15 @@ def test_doco_refuses_pipelines_without_a_text_conditioned_unet(tiny_pipeline_di
 def test_short_doco_erase_removes_arrows_and_keeps_other_objects(tmp_path):
     """A shortened toy default (fewer anchor images, drawn in fewer steps; fewer iterations): the classifier finds
     fewer arrows, and the other objects and styles are still drawn far above chance (10%)."""
-    from benchmarks.toycanvas import CLASSIFIER_DIR
+    from benchmarks.toycanvas import CLASSIFIER_DIR, world
     from benchmarks.toycanvas.classifier import ToyClassifier
     from benchmarks.unlearncanvas import AnswerSet, classify_answer_set, score
 
     classifier = ToyClassifier.from_pretrained(CLASSIFIER_DIR)
-    answers = AnswerSet(seeds=(188,))
+    # Every arrow caption, and every other object in three styles (37 images per model).
+    pairs = [("arrow", s) for s in world.STYLES]
+    pairs += [(o, s) for o in world.OBJECTS if o != "arrow" for s in ("Flat", "Stripes", "Dots")]
+    answers = AnswerSet(seeds=(188,), pairs=pairs)
     base_records, _ = classify_answer_set(load_pipeline("toy", device="cpu"), classifier, answers, progress=False)
     base = score(base_records, ["arrow"], "object")
     out = erase("toy", "doco", ["arrow"], tmp_path / "edit", device="cpu",
@@ -131,5 +134,5 @@ def test_short_doco_erase_removes_arrows_and_keeps_other_objects(tmp_path):
     apply_edits(loaded, [out])
     records, _ = classify_answer_set(loaded, classifier, answers, progress=False)
     edited = score(records, ["arrow"], "object")
-    assert edited["UA"] >= base["UA"] + 0.4, (base, edited)
+    assert edited["UA"] >= base["UA"] + 0.3, (base, edited)
     assert edited["IRA"] >= 0.5 and edited["CRA"] >= 0.5, (base, edited)
