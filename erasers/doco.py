@@ -189,7 +189,8 @@ def draw_anchor_latents(loaded: LoadedPipeline, anchors: list[str], count: int, 
 # IRA 76%, CRA 100%; Stripes UA 100%, IRA 100%, CRA 83%. lr 1e-3: arrow UA 70%, IRA 56%. surgery=false: arrow UA
 # 70%, IRA 74%. The discriminator's accuracy stays near chance in these runs: the ablation aligns the two output
 # domains within the warm-up (its loss falls from 4e-3 to 5e-4), and D trained on the frozen model's outputs alone
-# reaches 60-80% (batch 8, 60 steps), so it can tell them apart when they differ.
+# reaches 60-80% (batch 8, 60 steps), so it can tell them apart when they differ. In the method table (seeds 188
+# and 288) this default erases Stripes at 100% with IRA/CRA at the base model's, and the arrow only at 65% (IRA 76%).
 TOY_DEFAULTS = {"lr": 3e-4, "iterations": 300, "batch_size": 4, "warmup_steps": 50, "discriminator_lr": 5e-4,
                 "discriminator_width": 32, "anchor_images": 44, "sample_steps": 25, "sample_guidance": 5.0}
 
