@@ -2,10 +2,12 @@
 the answer set (every object x style at the given seeds) beside the base model's accuracy, with run time, peak
 memory and storage of each edit, and the UnlearnDiffAtk attack success rate on the concepts named by --attack.
 A method written "a+b" erases with each and stacks the edits (a text-encoder edit with a UNet edit); its time and
-storage are the sums. Resumable: finished rows are kept in the results file.
+storage are the sums. "doco-nosurgery" and "doco-noadv" are DoCo with surgery=false / adversarial=false
+(VARIANTS). The rows of --paraphrase-methods also get UA on the paraphrase prompts. Resumable: finished rows are
+kept in the results file, and a missing attack or paraphrase cell is added to its row without rescoring it.
 
-    python -m benchmarks.method_table --methods esd-x,esd-u,uce,hirm,advunlearn,hirm+esd-u,hirm+uce \
-        --concepts arrow,Stripes --attack arrow --attack-methods esd-x,uce,hirm,advunlearn --attack-prompts 20
+    python -m benchmarks.method_table --methods esd-x,esd-u,uce,hirm,advunlearn,doco,doco-nosurgery,doco-noadv \
+        --concepts arrow,Stripes --attack arrow --attack-prompts 20
 """
 
 from __future__ import annotations
@@ -26,7 +28,10 @@ from erasers.models import load_pipeline
 from erasers.run import erase
 
 RESULTS = Path(__file__).parent / "results" / "method_table.json"
-METHODS = ["esd-x", "esd-u", "uce", "hirm", "advunlearn", "hirm+esd-u", "hirm+uce"]
+METHODS = ["esd-x", "esd-u", "uce", "hirm", "advunlearn", "doco", "doco-nosurgery", "doco-noadv", "hirm+esd-u",
+           "hirm+uce"]
+# Table rows that are a registered method with options changed: DoCo's ablations.
+VARIANTS = {"doco-nosurgery": ("doco", {"surgery": False}), "doco-noadv": ("doco", {"adversarial": False})}
 
 
 def _pct(value) -> str:
@@ -35,7 +40,10 @@ def _pct(value) -> str:
 
 def run(methods: list[str], concepts: list[str], seeds: tuple[int, ...], results_path: Path = RESULTS,
         options: dict[str, dict] | None = None, attacked: tuple[str, ...] = (), attack_prompts: int = 10,
-        attacked_methods: tuple[str, ...] | None = None) -> dict:
+        attacked_methods: tuple[str, ...] | None = None, paraphrased_methods: tuple[str, ...] = ()) -> dict:
+    """Fill the table's missing cells: a row not yet in the results file is erased and scored; a row there but
+    wanting its attack or its paraphrase UA gets the edit made again (seeded: the same edit) and only that
+    cell added."""
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     classifier = ToyClassifier.from_pretrained(CLASSIFIER_DIR)
     answers = AnswerSet(seeds=seeds)
@@ -44,16 +52,22 @@ def run(methods: list[str], concepts: list[str], seeds: tuple[int, ...], results
     table = results[key]
     base_records = None
     for concept in concepts:
+        kind = world.concept_kind(concept)
         if f"base/{concept}" not in table:
             if base_records is None:
                 base_records, _ = classify_answer_set(load_pipeline("toy"), classifier, answers)
-            kind = world.concept_kind(concept)
             table[f"base/{concept}"] = {"method": "base", "concept": concept, **score(base_records, [concept], kind)}
+            _save(results, results_path)
+        if paraphrased_methods and "paraphrase_UA" not in table[f"base/{concept}"]:
+            table[f"base/{concept}"]["paraphrase_UA"] = paraphrase_ua(load_pipeline("toy"), classifier, concept, seeds)
             _save(results, results_path)
         for method in methods:
             row_key = f"{method}/{concept}"
+            row = table.get(row_key)
             wants_attack = concept in attacked and (attacked_methods is None or method in attacked_methods)
-            if row_key in table and (not wants_attack or "asr" in table[row_key]):
+            needs_attack = wants_attack and (row is None or "asr" not in row)
+            needs_paraphrases = method in paraphrased_methods and (row is None or "paraphrase_UA" not in row)
+            if row is not None and not needs_attack and not needs_paraphrases:
                 continue
             with tempfile.TemporaryDirectory() as tmp:
                 edits = [_erase_in_fresh_process(part, concept, Path(tmp) / part, (options or {}).get(part))
@@ -61,12 +75,15 @@ def run(methods: list[str], concepts: list[str], seeds: tuple[int, ...], results
                 metas = [read_edit(edit) for edit in edits]
                 loaded = load_pipeline("toy")
                 apply_edits(loaded, edits)
-                records, _ = classify_answer_set(loaded, classifier, answers)
-                row = {"method": method, "concept": concept, **score(records, [concept], metas[0]["kind"]),
-                       "cost": {name: sum(m["cost"][name] for m in metas)
-                                for name in ("seconds", "peak_memory_bytes", "storage_bytes")},
-                       "config": {m["method"]: m["config"] for m in metas}}
-                if wants_attack:
+                if row is None:
+                    records, _ = classify_answer_set(loaded, classifier, answers)
+                    row = {"method": method, "concept": concept, **score(records, [concept], metas[0]["kind"]),
+                           "cost": {name: sum(m["cost"][name] for m in metas)
+                                    for name in ("seconds", "peak_memory_bytes", "storage_bytes")},
+                           "config": {m["method"]: m["config"] for m in metas}}
+                if needs_paraphrases:
+                    row["paraphrase_UA"] = paraphrase_ua(loaded, classifier, concept, seeds)
+                if needs_attack:
                     attack = attack_success_rate("toy", edits, concept, count=attack_prompts, progress=False)
                     row.update(pre_asr=attack["pre_asr"], asr=attack["asr"])
             table[row_key] = row
@@ -74,9 +91,26 @@ def run(methods: list[str], concepts: list[str], seeds: tuple[int, ...], results
     return table
 
 
+def paraphrase_ua(loaded, classifier, concept: str, seeds: tuple[int, ...]) -> float:
+    """UA on wordings no model was trained on (world.PARAPHRASE_TEMPLATES, each with the concept's and the other
+    kind's own names: 40 prompts per seed): the share of images in which the classifier does not find the concept.
+    Tells whether an erasure reaches the concept or only the training captions' wording. (The synonyms of
+    world.OBJECT_SYNONYMS are left out: the toy text encoder never saw them, so the base model does not draw them.)"""
+    kind = world.concept_kind(concept)
+    pairs = [(concept, s) for s in world.STYLES] if kind == "object" else [(o, concept) for o in world.OBJECTS]
+    prompts = [template.format(object=o, style=s) for o, s in pairs for template in world.PARAPHRASE_TEMPLATES]
+    items = [(prompt, seed) for seed in seeds for prompt in prompts]
+    images = loaded.generate([p for p, _ in items], seeds=[s for _, s in items], batch_size=50, progress=False)
+    objects, styles = classifier.predict(images)
+    found = objects if kind == "object" else styles
+    return sum(f != concept for f in found) / len(found)
+
+
 def _erase_in_fresh_process(method: str, concept: str, out: Path, options: dict | None) -> Path:
     """Each erase runs in a new process, so its recorded peak memory (the process's peak RSS on a CPU) is its own,
     not the benchmark's running maximum."""
+    method, variant_options = VARIANTS.get(method, (method, {}))
+    options = {**variant_options, **(options or {})}
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(erase, "toy", method, [concept], out, options=options).result()
 
@@ -90,8 +124,8 @@ def _save(results: dict, path: Path) -> None:
 
 def markdown(table: dict, methods: list[str], concepts: list[str]) -> str:
     """The rows of `table` for `concepts` x (base + `methods`), in that order, whichever run wrote them."""
-    lines = ["| method | erased | UA % | IRA % | CRA % | ASR % (pre) | time s | peak RSS MiB | edit MiB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | erased | UA % | IRA % | CRA % | UA paraphrases % | ASR % (pre) | time s | peak RSS MiB | "
+             "edit MiB |", "|---|---|---|---|---|---|---|---|---|---|"]
     rows = [table[key] for concept in concepts for method in ["base", *methods]
             if (key := f"{method}/{concept}") in table]
     for row in rows:
@@ -100,8 +134,9 @@ def markdown(table: dict, methods: list[str], concepts: list[str]) -> str:
         memory = f"{cost['peak_memory_bytes'] / 2**20:.0f}" if cost.get("peak_memory_bytes") else "-"
         storage = f"{cost['storage_bytes'] / 2**20:.2f}" if cost else "-"
         asr = f"{_pct(row['asr'])} ({_pct(row['pre_asr'])})" if "asr" in row else "-"
+        paraphrased = _pct(row["paraphrase_UA"]) if "paraphrase_UA" in row else "-"
         lines.append(f"| {row['method']} | {row['concept']} | {_pct(row['UA'])} | {_pct(row['IRA'])} | "
-                     f"{_pct(row['CRA'])} | {asr} | {seconds} | {memory} | {storage} |")
+                     f"{_pct(row['CRA'])} | {paraphrased} | {asr} | {seconds} | {memory} | {storage} |")
     return "\n".join(lines)
 
 
@@ -111,10 +146,13 @@ def main() -> None:
     parser.add_argument("--concepts", default="arrow,Stripes")
     parser.add_argument("--attack", default="arrow", help="concepts whose rows also get the attack success rate "
                         "(UnlearnDiffAtk, toy settings); '' for none")
-    parser.add_argument("--attack-methods", default="esd-x,uce,hirm,advunlearn",
+    parser.add_argument("--attack-methods", default="esd-x,uce,hirm,advunlearn,doco,doco-nosurgery,doco-noadv",
                         help="methods whose rows are attacked ('all' for every one; an attack of 20 prompts takes "
                         "about 8 minutes on 2 cores)")
     parser.add_argument("--attack-prompts", type=int, default=20)
+    parser.add_argument("--paraphrase-methods", default="esd-x,esd-u,doco,doco-nosurgery,doco-noadv",
+                        help="methods whose rows also get UA on the paraphrase prompts (world.PARAPHRASE_TEMPLATES "
+                        "and object synonyms, never trained on); '' for none")
     parser.add_argument("--seeds", type=int, nargs="+", default=[188, 288])
     parser.add_argument("--results", default=str(RESULTS))
     args = parser.parse_args()
@@ -122,7 +160,8 @@ def main() -> None:
     attacked_methods = tuple(methods if args.attack_methods == "all" else args.attack_methods.split(","))
     table = run(methods, concepts, tuple(args.seeds), Path(args.results),
                 attacked=tuple(c for c in args.attack.split(",") if c), attack_prompts=args.attack_prompts,
-                attacked_methods=attacked_methods)
+                attacked_methods=attacked_methods,
+                paraphrased_methods=tuple(m for m in args.paraphrase_methods.split(",") if m))
     print(markdown(table, methods, concepts))
 
 

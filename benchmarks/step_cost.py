@@ -1,11 +1,13 @@
 """Step time and peak memory of each eraser against a plain forward+backward of the same denoiser, measured in
 one run on this machine: on the toy UNet and on a full-size SD 1.5 UNet architecture with random weights.
 
-    python -m benchmarks.step_cost                  # toy and sd15, esd-x esd-u uce hirm advunlearn
+    python -m benchmarks.step_cost                  # toy and sd15, esd-x esd-u uce hirm advunlearn doco
     python -m benchmarks.step_cost --models toy
 
 Each measurement runs in its own process, so peak resident memory (VmHWM on Linux) is that measurement's alone.
-Prints ratios: method step time / plain forward+backward time, and the same for peak memory.
+Prints ratios: method step time / plain forward+backward time, and the same for peak memory. Every method is timed
+at batch 1, as the plain step (DoCo's defaults are 8 prompts a step, 4 on the toy: its step costs about that many
+times more).
 """
 
 from __future__ import annotations
@@ -73,8 +75,10 @@ def measure(model: str, method: str, steps: int) -> dict:
         from erasers.prompts import make_request
         from erasers.registry import build_config, get_method
 
-        # Enough iterations to time `steps` of them; short sampling chains, and AdvUnlearn's attack from the start.
-        wanted = {"iterations": steps + 1, "ddim_steps": 4, "warmup": 0}
+        # Enough iterations to time `steps` of them; short sampling chains, AdvUnlearn's attack and DoCo's
+        # adversarial loss from the start, DoCo's anchor images few and quick (drawn before the timed steps).
+        wanted = {"iterations": steps + 1, "ddim_steps": 4, "warmup": 0, "warmup_steps": 0, "batch_size": 1,
+                  "anchor_images": 2, "sample_steps": 2}
         fields = {f.name for f in dataclasses.fields(get_method(method).eraser.config_class)}
         overrides = {key: value for key, value in wanted.items() if key in fields}
         config = build_config(method, model == "toy", overrides)
@@ -93,7 +97,7 @@ def measure(model: str, method: str, steps: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="toy,sd15")
-    parser.add_argument("--methods", default="esd-x,esd-u,uce,hirm,advunlearn")
+    parser.add_argument("--methods", default="esd-x,esd-u,uce,hirm,advunlearn,doco")
     parser.add_argument("--one", nargs=3, metavar=("MODEL", "METHOD", "STEPS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:

@@ -29,24 +29,12 @@ from .adversarial import adversarial_prompt, new_adversary, soft_prompt_attack
 from .errors import UsageError
 from .losses import check_contrast, contrast_states, esd_target, predict_noise, sample_partially
 from .models import LoadedPipeline, text_block_part, text_encoder_final_norm, text_encoder_layers
-from .prompts import EraseRequest
+from .prompts import EraseRequest, default_retain_prompts
 from .registry import Eraser, register
 from .train import TrainingLoop
 from .validation import validate_config
 
 COMPONENTS = ("all", "attn", "ffn")
-
-# AdvUnlearn retains "a photo of {COCO object}" prompts; off the toy world, with no --preserve, these are used.
-COCO_OBJECTS = (
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
-    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
-    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee", "skis",
-    "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket",
-    "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
-    "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant", "bed",
-    "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone", "microwave", "oven",
-    "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
-)
 
 
 @dataclass
@@ -118,14 +106,6 @@ def trainable_parameters(text_encoder: torch.nn.Module, layers: str, component: 
     return chosen
 
 
-def retain_prompts(request: EraseRequest) -> list[str]:
-    prompts = request.retain_prompts()
-    if prompts:
-        return prompts
-    erased = [c.lower() for c in request.concepts]
-    return [f"a photo of a {name}" for name in COCO_OBJECTS if not any(c in name or name in c for c in erased)]
-
-
 # Toy defaults (README method table): with the empty contrast AdvUnlearn's ESD target erased 60% of the arrow and
 # 10% of Stripes; guided away from the supercategory caption, 90% and 100%. Robustness needs the training prefix as
 # long as the attack's (5 tokens, not the paper's 1; with 1, a fixed, unoptimised "!!!!!" prefix brought the arrow
@@ -150,7 +130,7 @@ class AdvUnlearn(Eraser):
             parameters += trainable_parameters(encoder, cfg.layers, cfg.component)
         parameters = loaded.make_trainable(parameters, *encoders.values())
 
-        prompts, retained = request.erase_prompts(), retain_prompts(request)
+        prompts, retained = request.erase_prompts(), request.retain_prompts() or default_retain_prompts(request)
         with torch.no_grad():  # the frozen encoder's states: the teacher's conditioning
             empty = loaded.encode_text([""])
             concept_states = loaded.encode_text(prompts)

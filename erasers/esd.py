@@ -26,7 +26,7 @@ from .losses import check_contrast, contrast_states, esd_target, frozen_copy, pr
 from .models import LoadedPipeline
 from .prompts import EraseRequest
 from .registry import Eraser, register
-from .train import TrainingLoop
+from .train import ParameterState, TrainingLoop
 
 PARAMETER_SETS = ("xattn", "xattn-strict", "noxattn", "full", "text_encoder")
 
@@ -127,7 +127,7 @@ class ESD(Eraser):
             return {"loss": loss.item()}
 
         unet.train(not on_text_encoder)
-        self.history = TrainingLoop("esd", cfg.iterations, {"params": _ParameterState(parameters), "opt": optimizer},
+        self.history = TrainingLoop("esd", cfg.iterations, {"params": ParameterState(parameters), "opt": optimizer},
                                     cfg.seed, work_dir, checkpoint_every=50).run(step)
         unet.eval()
         for encoder in encoders.values():
@@ -136,17 +136,3 @@ class ESD(Eraser):
             return {name: loaded.finish(encoder) for name, encoder in encoders.items()}
         return {loaded.family.denoiser: loaded.finish(unet)}
 
-
-class _ParameterState:
-    """Checkpoints a list of parameters (the trained subset) for resume."""
-
-    def __init__(self, parameters):
-        self.parameters = parameters
-
-    def state_dict(self):
-        return {str(i): p.detach().clone() for i, p in enumerate(self.parameters)}
-
-    def load_state_dict(self, state):
-        with torch.no_grad():
-            for i, p in enumerate(self.parameters):
-                p.copy_(state[str(i)])

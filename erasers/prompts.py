@@ -57,6 +57,27 @@ class EraseRequest:
         return list(self.preserve)
 
 
+# AdvUnlearn retains "a photo of {COCO object}" prompts; off the toy world, with no --preserve, the erasers that
+# need retain prompts (AdvUnlearn, DoCo) use these.
+COCO_OBJECTS = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
+    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee", "skis",
+    "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket",
+    "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
+    "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant", "bed",
+    "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone", "microwave", "oven",
+    "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
+)
+
+
+def default_retain_prompts(request: EraseRequest) -> list[str]:
+    """Retain prompts where the request names none (off the toy world, no --preserve): COCO objects, as
+    AdvUnlearn, less any that name an erased concept."""
+    erased = [c.lower() for c in request.concepts]
+    return [f"a photo of a {name}" for name in COCO_OBJECTS if not any(c in name or name in c for c in erased)]
+
+
 def _toy_captions(concept: str, kind: str) -> list[str]:
     if kind in ("object", "unsafe"):
         return [world.caption(concept, style) for style in world.STYLES]

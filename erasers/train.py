@@ -80,3 +80,18 @@ class TrainingLoop:
             if log:
                 log.close()
         return history
+
+
+class ParameterState:
+    """Checkpoints a list of parameters (the trained subset of a model) for resume."""
+
+    def __init__(self, parameters):
+        self.parameters = parameters
+
+    def state_dict(self):
+        return {str(i): p.detach().clone() for i, p in enumerate(self.parameters)}
+
+    def load_state_dict(self, state):
+        with torch.no_grad():
+            for i, p in enumerate(self.parameters):
+                p.copy_(state[str(i)])
