@@ -84,8 +84,9 @@ def cmd_erase(args) -> None:
     from .registry import parse_options
     from .run import erase
 
-    out = erase(args.model, args.method, args.concept, args.out, args.anchor, args.preserve,
-                {**parse_options(args.set), **({"seed": args.seed} if args.seed is not None else {})}, args.device)
+    options = {**parse_options(args.set), **({"seed": args.seed} if args.seed is not None else {}),
+               **({"images": args.images} if args.images else {})}
+    out = erase(args.model, args.method, args.concept, args.out, args.anchor, args.preserve, options, args.device)
     print(f"wrote edit {out} (see {out}/erasure.json); compare it with: erasure compare --model {args.model} "
           f"--edit {out}")
 
@@ -171,6 +172,8 @@ def make_parser() -> argparse.ArgumentParser:
     erase.add_argument("--preserve", action="append", help="concept to keep (repeatable)")
     erase.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a method option")
     erase.add_argument("--seed", type=int, help="seed of the run")
+    erase.add_argument("--images", metavar="DIR", help="a folder of the concept's images (coerasing; default: "
+                       "generate them with the base model)")
     erase.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     erase.add_argument("--out", required=True, help="new directory for the edit")
     erase.set_defaults(run=cmd_erase)
