@@ -46,20 +46,14 @@ def stage_ip_adapter(cfg: BuildConfig) -> None:
         image_encoder = CLIPVisionModelWithProjection.from_pretrained(Path(cfg.weights_dir) / "clip",
                                                                       dtype=torch.float32).eval()
         ip_adapter.add_ip_adapter(loaded, image_encoder, seed=cfg.seed)
-        unet, vae = loaded.denoiser, loaded.pipeline.vae
+        unet = loaded.denoiser
         unet.requires_grad_(False)
         parameters = ip_adapter.ip_adapter_parameters(unet)
         for parameter in parameters:
             parameter.requires_grad_(True)
 
-        images, objects, styles = make_dataset(cfg.ip_adapter_images, cfg.seed + 3)
-        captions = [caption(OBJECTS[o], STYLES[s]) for o, s in zip(objects, styles)]
+        mean, embeds, captions = _encoded_data(cfg, loaded)
         with torch.no_grad():
-            pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
-            mean = torch.cat([vae.encode(chunk * 2 - 1).latent_dist.mean for chunk in tqdm(
-                pixels.split(500), desc="encoding latents")]) * vae.config.scaling_factor
-            embeds = torch.cat([ip_adapter.encode_images(loaded, list(chunk)) for chunk in tqdm(
-                np.array_split(images, max(1, len(images) // 500)), desc="encoding images")])
             caption_states = loaded.encode_text(sorted(set(captions)) + [""])
         caption_row = {text: i for i, text in enumerate(sorted(set(captions)))}
         caption_index = torch.tensor([caption_row[c] for c in captions])
@@ -74,7 +68,7 @@ def stage_ip_adapter(cfg: BuildConfig) -> None:
             idx = torch.randint(len(mean), (cfg.ip_adapter_batch,), generator=generator)
             draw = torch.rand(cfg.ip_adapter_batch, generator=generator)
             states = caption_states[torch.where(draw < 0.5, empty_index, caption_index[idx])]
-            image = embeds[idx] * (draw[:, None] >= 0.9)
+            image = embeds[idx] * (draw[:, None] < 0.9)
             noise = torch.randn(mean[idx].shape, generator=generator)
             timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.ip_adapter_batch,),
                                       generator=generator)
@@ -101,6 +95,29 @@ def stage_ip_adapter(cfg: BuildConfig) -> None:
     figures = measure_ip_adapter(Path(cfg.weights_dir))
     (final / "quality.json").write_text(json.dumps(figures, indent=2))
     print(json.dumps({k: v for k, v in figures.items() if k != "per_object"}, indent=2))
+
+
+def _encoded_data(cfg: BuildConfig, loaded):
+    """Latents, image embeddings and captions of freshly rendered images, cached in the build directory."""
+    from erasers import ip_adapter
+
+    cache = Path(cfg.build_dir) / "ip_adapter_data.pt"
+    if cache.exists():
+        saved = torch.load(cache)
+        return saved["latents"], saved["embeds"], saved["captions"]
+    images, objects, styles = make_dataset(cfg.ip_adapter_images, cfg.seed + 3)
+    captions = [caption(OBJECTS[o], STYLES[s]) for o, s in zip(objects, styles)]
+    vae = loaded.pipeline.vae
+    with torch.no_grad():
+        pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+        latents = torch.cat([vae.encode(chunk * 2 - 1).latent_dist.mean for chunk in tqdm(
+            pixels.split(500), desc="encoding latents")]) * vae.config.scaling_factor
+        embeds = torch.cat([ip_adapter.encode_images(loaded, list(chunk)) for chunk in tqdm(
+            np.array_split(images, max(1, len(images) // 500)), desc="encoding images")])
+    Path(cfg.build_dir).mkdir(parents=True, exist_ok=True)
+    torch.save({"latents": latents, "embeds": embeds, "captions": captions}, cache.with_suffix(".tmp"))
+    cache.with_suffix(".tmp").replace(cache)
+    return latents, embeds, captions
 
 
 def conditioning_images(count_per_object: int, seed: int = 10_000):
