@@ -74,7 +74,9 @@ def measure(model: str, method: str, steps: int) -> dict:
         from erasers.registry import build_config, get_method
 
         # Enough iterations to time `steps` of them; short sampling chains, and AdvUnlearn's attack from the start.
-        wanted = {"iterations": steps + 1, "ddim_steps": 4, "warmup": 0}
+        # Co-Erasing: one text step, then its image-conditioned steps (the ones timed), from two generated images.
+        wanted = {"iterations": steps + 1, "ddim_steps": 4, "warmup": 0, "text_iterations": 1,
+                  "image_iterations": steps + 1, "image_count": 2}
         fields = {f.name for f in dataclasses.fields(get_method(method).eraser.config_class)}
         overrides = {key: value for key, value in wanted.items() if key in fields}
         config = build_config(method, model == "toy", overrides)

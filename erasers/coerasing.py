@@ -234,7 +234,7 @@ class CoErasing(Eraser):
 
         # Stage 1: text ESD, on the plain UNet.
         unet.train()
-        self.history = TrainingLoop("coerasing-text", cfg.text_iterations, state, cfg.seed, work_dir,
+        self.text_history = TrainingLoop("coerasing-text", cfg.text_iterations, state, cfg.seed, work_dir,
                                     checkpoint_every=50).run(
             lambda _, generator: esd_step(generator, unet, lambda x, t, s, _image: predict_noise(teacher, x, t, s),
                                           lambda x, t, s: predict_noise(unet, x, t, s)))
@@ -265,7 +265,8 @@ class CoErasing(Eraser):
                                                                             image if which else zero),
                 lambda x, t, s: ip_adapter.predict_noise_with_images(unet, x, t, s, image), cfg.latent_blur)
 
-        self.history += TrainingLoop("coerasing-image", cfg.image_iterations, state, cfg.seed + 1, work_dir,
+        # `history` is stage 2's, the step this method adds to ESD's (benchmarks/step_cost.py times it).
+        self.history = TrainingLoop("coerasing-image", cfg.image_iterations, state, cfg.seed + 1, work_dir,
                                      checkpoint_every=50).run(image_step)
         loaded.pipeline.unload_ip_adapter()
         unet.requires_grad_(False)
