@@ -45,7 +45,8 @@ def _text_only_attn1(unet) -> list[tuple[int, str]]:
 def _complete_text_only_attn1(unet, ip_weights: dict[str, torch.Tensor] | None) -> None:
     """Give diffusers' IP processor to the text-reading attn1 layers that `_load_ip_adapter_weights` skips; without
     it they would receive the (text, image) tuple with a plain processor. Their weights are `ip_weights`' entries
-    under the layer's processor index, or fresh (zero values, so the adapter starts as an identity) when None."""
+    under the layer's processor index, or, when None, copies of the layer's text keys/values (as `add_ip_adapter`
+    starts every IP layer)."""
     from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 
     processors = dict(unet.attn_processors)
@@ -63,7 +64,8 @@ def _complete_text_only_attn1(unet, ip_weights: dict[str, torch.Tensor] | None) 
             processor.load_state_dict({"to_k_ip.0.weight": ip_weights[keys[0]],
                                        "to_v_ip.0.weight": ip_weights[keys[1]]})
         else:
-            nn.init.zeros_(processor.to_v_ip[0].weight)
+            processor.load_state_dict({"to_k_ip.0.weight": attention.to_k.weight.detach().clone(),
+                                       "to_v_ip.0.weight": attention.to_v.weight.detach().clone()})
         processors[name] = processor.to(unet.device, unet.dtype)
     unet.set_attn_processor(processors)
 
@@ -101,8 +103,8 @@ def load_ip_adapter(loaded: LoadedPipeline, source: str | Path, subfolder: str |
 
 def add_ip_adapter(loaded: LoadedPipeline, image_encoder, seed: int = 0) -> None:
     """A fresh adapter for `image_encoder` (a CLIPVisionModelWithProjection): random projection, IP keys/values
-    initialised from the text keys/values (as the IP-Adapter paper does) except the text-only attn1 layers, whose
-    values start at zero. Loaded through diffusers' own `load_ip_adapter` from a state dict."""
+    initialised from the text keys/values (as the IP-Adapter paper does). Loaded through diffusers' own
+    `load_ip_adapter` from a state dict."""
     unet = loaded.denoiser
     generator = torch.Generator().manual_seed(seed)
     width, embed_dim = unet.config.cross_attention_dim, image_encoder.config.projection_dim

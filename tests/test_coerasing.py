@@ -105,16 +105,26 @@ def test_toy_ip_adapter_conditions_generation_on_the_images_object():
 
 
 def test_refinement_moves_image_embeddings_toward_the_concept_text():
-    from transformers import AutoTokenizer, CLIPTextModelWithProjection
+    from transformers import (
+        AutoTokenizer,
+        CLIPImageProcessor,
+        CLIPTextModelWithProjection,
+        CLIPVisionModelWithProjection,
+    )
 
-    loaded = load_pipeline("toy", device="cpu")
-    ip_adapter.load_ip_adapter(loaded, IP_ADAPTER_DIR)
-    request = make_request(["arrow"], loaded.tokenizer, toy=True)
+    # The toy IP-Adapter's image encoder is the toy CLIP's vision tower: embeddings in the same joint space.
+    vision = CLIPVisionModelWithProjection.from_pretrained(CLIP_DIR)
+    processor = CLIPImageProcessor.from_pretrained(CLIP_DIR)
+
+    def encode(images):
+        with torch.no_grad():
+            return vision(processor(images=images, return_tensors="pt").pixel_values).image_embeds
+
+    request = make_request(["arrow"], load_pipeline("toy", device="cpu").tokenizer, toy=True)
     direction = concept_direction(CLIPTextModelWithProjection.from_pretrained(CLIP_DIR),
                                   AutoTokenizer.from_pretrained(CLIP_DIR), request, request.erase_prompts())
-    arrows = ip_adapter.encode_images(loaded, [sample_image("arrow", None, seed)[0] for seed in range(8)])
-    others = ip_adapter.encode_images(loaded, [sample_image(o, None, 50 + i)[0] for i, o in enumerate(OBJECTS)
-                                               if o != "arrow"])
+    arrows = encode([sample_image("arrow", None, seed)[0] for seed in range(8)])
+    others = encode([sample_image(o, None, 50 + i)[0] for i, o in enumerate(OBJECTS) if o != "arrow"])
     # The text direction is one the arrow images share and other objects' images lack.
     assert (arrows @ direction).mean() > (others @ direction).mean()
     refined = refine_embeddings(arrows, direction, 0.8)
@@ -127,7 +137,7 @@ def test_refinement_moves_image_embeddings_toward_the_concept_text():
 
 
 def test_coerasing_saves_a_plain_unet_edit_on_tiny_sd(tiny_pipeline_dirs, clip_tokenizer_dir, tmp_path):
-    from transformers import CLIPTokenizer, CLIPTextConfig, CLIPTextModelWithProjection
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
     loaded = load_pipeline(str(tiny_pipeline_dirs["sd"]), device="cpu")
     write_published_adapter(tmp_path / "adapter", loaded.denoiser, "ip-adapter.safetensors")

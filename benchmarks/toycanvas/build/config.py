@@ -37,9 +37,10 @@ class BuildConfig:
     unet_batch: int = 64
     # The toy IP-Adapter (stage ip-adapter): trained on freshly rendered images with the UNet frozen.
     ip_adapter_images: int = 6_000
-    ip_adapter_steps: int = 1_000
+    ip_adapter_init_steps: int = 1_500
+    ip_adapter_steps: int = 400
     ip_adapter_batch: int = 16
-    ip_adapter_lr: float = 1.5e-3
+    ip_adapter_lr: float = 1e-3
     checkpoint_every: int = 250
     latent_channels: int = 8
     text_hidden: int = 128
