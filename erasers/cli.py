@@ -160,8 +160,9 @@ def cmd_erase(args) -> None:
     from .registry import parse_options
     from .run import erase
 
-    out = erase(args.model, args.method, args.concept, args.out, args.anchor, args.preserve,
-                {**parse_options(args.set), **({"seed": args.seed} if args.seed is not None else {})}, args.device,
+    options = {**parse_options(args.set), **({"seed": args.seed} if args.seed is not None else {}),
+               **({"images": args.images} if args.images else {})}
+    out = erase(args.model, args.method, args.concept, args.out, args.anchor, args.preserve, options, args.device,
                 args.precision, args.gradient_checkpointing, args.optimizer, args.resolution, restart=args.restart)
     print(f"wrote edit {out} (see {out}/erasure.json); compare it with: erasure compare --model {args.model} "
           f"--edit {out}")
@@ -265,6 +266,8 @@ def make_parser() -> argparse.ArgumentParser:
     erase.add_argument("--preserve", action="append", help="concept to keep (repeatable)")
     erase.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a method option")
     erase.add_argument("--seed", type=seed, help="seed of the run")
+    erase.add_argument("--images", metavar="DIR", help="a folder of the concept's images (coerasing; default: "
+                       "generate them with the base model)")
     erase.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     erase.add_argument("--precision", choices=("fp32", "fp16", "bf16"), help="dtype of the frozen weights; trained "
                        "parameters stay fp32 (default: bf16 on a GPU that supports it, fp32 on CPU)")

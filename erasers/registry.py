@@ -51,7 +51,7 @@ def register(name: str, summary: str, toy_defaults: dict[str, Any] | None = None
 
 def _load_methods() -> None:
     # Importing the method modules fills the registry.
-    from . import advunlearn, doco, esd, hirm, uce  # noqa: F401
+    from . import advunlearn, coerasing, doco, esd, hirm, uce  # noqa: F401
 
 
 def available_methods() -> dict[str, MethodEntry]:

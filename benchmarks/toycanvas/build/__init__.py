@@ -10,6 +10,8 @@ Stages run in order, each skipped when its export exists, each in its own file:
   unet        UNet2DConditionModel on the frozen CLIP text  -> weights/pipeline (a Stable Diffusion directory)
                                                                                             train_unet.py, export.py
   quality     the quality bars (benchmarks/toycanvas/README.md) -> weights/quality.json     here
+  ip-adapter  an IP-Adapter on the frozen pipeline and the toy CLIP's vision tower, its bar
+                                                -> weights/ip_adapter (+ quality.json)     train_ip_adapter.py
 Each training stage checkpoints to the build directory every few hundred steps and resumes from the last
 checkpoint when run again; exports are written under a temporary name and renamed. Settings: config.py.
 """
@@ -26,11 +28,12 @@ from .data import load_data, stage_data
 from .export import declare_float32
 from .train_classifier import stage_classifier
 from .train_clip import normalize_for_clip, stage_clip
+from .train_ip_adapter import stage_ip_adapter
 from .train_unet import stage_unet
 from .train_vae import stage_vae
 
 __all__ = ["STAGES", "BuildConfig", "declare_float32", "load_data", "normalize_for_clip", "run", "stage_classifier",
-           "stage_clip", "stage_data", "stage_quality", "stage_unet", "stage_vae"]
+           "stage_clip", "stage_data", "stage_ip_adapter", "stage_quality", "stage_unet", "stage_vae"]
 
 
 def stage_quality(cfg: BuildConfig) -> None:
@@ -44,7 +47,7 @@ def stage_quality(cfg: BuildConfig) -> None:
 
 
 STAGE_RUNNERS = {"data": stage_data, "classifier": stage_classifier, "clip": stage_clip, "vae": stage_vae,
-                 "unet": stage_unet, "quality": stage_quality}
+                 "unet": stage_unet, "quality": stage_quality, "ip-adapter": stage_ip_adapter}
 STAGES = tuple(STAGE_RUNNERS)
 
 

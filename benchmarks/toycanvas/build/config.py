@@ -35,6 +35,12 @@ class BuildConfig:
     unet_polish_steps: int = 2_000
     unet_polish_lr: float = 2e-4
     unet_batch: int = 64
+    # The toy IP-Adapter (stage ip-adapter): trained on freshly rendered images with the UNet frozen.
+    ip_adapter_images: int = 6_000
+    ip_adapter_init_steps: int = 1_500
+    ip_adapter_steps: int = 400
+    ip_adapter_batch: int = 16
+    ip_adapter_lr: float = 1e-3
     checkpoint_every: int = 250
     latent_channels: int = 8
     text_hidden: int = 128

@@ -1,0 +1,203 @@
+"""IP-Adapter image conditioning, through diffusers' own machinery.
+
+An IP-Adapter (Ye et al., 2023) adds image prompts to a text-conditioned UNet: a CLIP vision encoder's image
+embedding goes through a small projection (`image_proj`: a linear layer to 4 tokens and a LayerNorm) and every
+attention that reads the text gets a second, decoupled key/value pair for those image tokens (`to_k_ip`,
+`to_v_ip`). diffusers loads the published checkpoints (`pipe.load_ip_adapter`), installs the image projection as
+the UNet's `encoder_hid_proj` and `IPAdapterAttnProcessor2_0` in every attn2; this module adds only what the
+suite needs around it:
+
+- `load_ip_adapter`: `pipe.load_ip_adapter` from a local folder or hub id (published layout: one weight file with
+  `image_proj.*` and `ip_adapter.*` tensors, an `image_encoder/` folder), then the one thing diffusers leaves out:
+  text-reading attentions built as attn1 with `only_cross_attention` (the toy UNet's 16x16 blocks) also get an
+  `IPAdapterAttnProcessor2_0`, whose weights the file stores under that processor's index in `attn_processors`
+  (the original IP-Adapter numbering, whose odd indices are SD's attn2).
+- `add_ip_adapter`: a fresh, trainable adapter of the same format (the toy adapter's starting point);
+  `ip_adapter_parameters`, `ip_adapter_state_dict` and `save_ip_adapter` for training and shipping one.
+- `encode_images`, `predict_noise_with_images` and `generate_with_images`: image embeddings, a conditioned UNet
+  call, and pipeline generation with `ip_adapter_image_embeds` (unconditional image = zeros, as diffusers does).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import UsageError
+from .models import LoadedPipeline
+
+IMAGE_TOKENS = 4                       # the published SD 1.5 IP-Adapter's image tokens (ImageProjection)
+WEIGHT_NAME = "ip-adapter.safetensors"
+
+
+def _processor_module(unet, processor_name: str) -> nn.Module:
+    return unet.get_submodule(processor_name.removesuffix(".processor"))
+
+
+def _text_only_attn1(unet) -> list[tuple[int, str]]:
+    """(index in attn_processors, name) of attn1 layers that read the text (only_cross_attention blocks)."""
+    return [(i, name) for i, name in enumerate(unet.attn_processors)
+            if name.endswith("attn1.processor") and _processor_module(unet, name).is_cross_attention]
+
+
+def _complete_text_only_attn1(unet, ip_weights: dict[str, torch.Tensor] | None) -> None:
+    """Give diffusers' IP processor to the text-reading attn1 layers that `_load_ip_adapter_weights` skips; without
+    it they would receive the (text, image) tuple with a plain processor. Their weights are `ip_weights`' entries
+    under the layer's processor index, or, when None, copies of the layer's text keys/values (as `add_ip_adapter`
+    starts every IP layer)."""
+    from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+
+    processors = dict(unet.attn_processors)
+    for index, name in _text_only_attn1(unet):
+        attention = _processor_module(unet, name)
+        processor = IPAdapterAttnProcessor2_0(hidden_size=attention.to_q.out_features,
+                                              cross_attention_dim=unet.config.cross_attention_dim,
+                                              num_tokens=(IMAGE_TOKENS,), scale=1.0)
+        if ip_weights is not None:
+            keys = (f"{index}.to_k_ip.weight", f"{index}.to_v_ip.weight")
+            if not all(key in ip_weights for key in keys):
+                raise UsageError(f"this UNet's {name.removesuffix('.processor')} reads the text, but the IP-Adapter "
+                                 f"file has no {keys[0]}: it was made for another UNet; use one trained for this "
+                                 "model")
+            processor.load_state_dict({"to_k_ip.0.weight": ip_weights[keys[0]],
+                                       "to_v_ip.0.weight": ip_weights[keys[1]]})
+        else:
+            processor.load_state_dict({"to_k_ip.0.weight": attention.to_k.weight.detach().clone(),
+                                       "to_v_ip.0.weight": attention.to_v.weight.detach().clone()})
+        processors[name] = processor.to(unet.device, unet.dtype)
+    unet.set_attn_processor(processors)
+
+
+def load_ip_adapter(loaded: LoadedPipeline, source: str | Path, subfolder: str | None = None,
+                    weight_name: str = WEIGHT_NAME, image_encoder_folder: str | None = "image_encoder",
+                    scale: float = 1.0) -> None:
+    """Load a published-format IP-Adapter (local folder or hub id) into an SD pipeline with diffusers'
+    `load_ip_adapter`; the toy adapter: `load_ip_adapter(loaded, TOY_IP_ADAPTER_DIR)`."""
+    from safetensors.torch import load_file
+
+    loaded.refuse("an IP-Adapter", ("sd",), "this loader builds SD 1.x/2.x IP-Adapters (image projection and IP "
+                  "attention of one CLIP-conditioned UNet)")
+    local = Path(source) / (subfolder or "")
+    if Path(source).exists() and not (local / weight_name).is_file():
+        raise UsageError(f"{local} has no {weight_name}; pass the folder of an IP-Adapter (its weight file and "
+                         "image_encoder/), or --set ip_adapter_weight=NAME")
+    try:
+        loaded.pipeline.load_ip_adapter(str(source), subfolder=subfolder or "", weight_name=weight_name,
+                                        image_encoder_folder=image_encoder_folder)
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        raise UsageError(f"could not load the IP-Adapter {source}: {str(error).splitlines()[0]}; pass a folder or "
+                         "hub id holding an SD 1.5 IP-Adapter in the published format") from None
+    unet = loaded.denoiser
+    if _text_only_attn1(unet):
+        # diffusers resolves local and hub files alike; after the load above the file is local or cached.
+        from diffusers.utils import _get_model_file
+
+        path = _get_model_file(str(source), weights_name=weight_name, subfolder=subfolder or None)
+        weights = load_file(path) if weight_name.endswith(".safetensors") else torch.load(path, weights_only=True)
+        ip_weights = ({k.removeprefix("ip_adapter."): v for k, v in weights.items() if k.startswith("ip_adapter.")}
+                      if weight_name.endswith(".safetensors") else weights["ip_adapter"])
+        _complete_text_only_attn1(unet, ip_weights)
+    loaded.pipeline.set_ip_adapter_scale(scale)
+
+
+def add_ip_adapter(loaded: LoadedPipeline, image_encoder, seed: int = 0) -> None:
+    """A fresh adapter for `image_encoder` (a CLIPVisionModelWithProjection): random projection, IP keys/values
+    initialised from the text keys/values (as the IP-Adapter paper does). Loaded through diffusers' own
+    `load_ip_adapter` from a state dict."""
+    unet = loaded.denoiser
+    generator = torch.Generator().manual_seed(seed)
+    width, embed_dim = unet.config.cross_attention_dim, image_encoder.config.projection_dim
+    image_proj = {"proj.weight": torch.randn(IMAGE_TOKENS * width, embed_dim, generator=generator) / embed_dim ** 0.5,
+                  "proj.bias": torch.zeros(IMAGE_TOKENS * width),
+                  "norm.weight": torch.ones(width), "norm.bias": torch.zeros(width)}
+    ip_layers = {}
+    for index, name in enumerate(unet.attn_processors):
+        if not name.endswith("attn1.processor"):
+            attention = _processor_module(unet, name)
+            ip_layers[f"{index}.to_k_ip.weight"] = attention.to_k.weight.detach().clone()
+            ip_layers[f"{index}.to_v_ip.weight"] = attention.to_v.weight.detach().clone()
+    loaded.pipeline.register_modules(image_encoder=image_encoder.to(loaded.device))
+    loaded.pipeline.load_ip_adapter({"image_proj": image_proj, "ip_adapter": ip_layers}, subfolder=None,
+                                    weight_name=None, low_cpu_mem_usage=False)
+    _complete_text_only_attn1(unet, None)
+
+
+def ip_adapter_parameters(unet) -> list[nn.Parameter]:
+    """What an IP-Adapter trains: the image projection and every IP key/value layer."""
+    parameters = list(unet.encoder_hid_proj.parameters())
+    for processor in unet.attn_processors.values():
+        if hasattr(processor, "to_k_ip"):
+            parameters += list(processor.to_k_ip.parameters()) + list(processor.to_v_ip.parameters())
+    return parameters
+
+
+def ip_adapter_state_dict(unet) -> dict[str, torch.Tensor]:
+    """The UNet's adapter in the published flat format: `image_proj.proj.*`, `image_proj.norm.*` and
+    `ip_adapter.{processor index}.to_{k,v}_ip.weight`."""
+    projection = unet.encoder_hid_proj.image_projection_layers[0]
+    state = {f"image_proj.{k.replace('image_embeds', 'proj')}": v for k, v in projection.state_dict().items()}
+    for index, (name, processor) in enumerate(unet.attn_processors.items()):
+        if hasattr(processor, "to_k_ip"):
+            state[f"ip_adapter.{index}.to_k_ip.weight"] = processor.to_k_ip[0].weight
+            state[f"ip_adapter.{index}.to_v_ip.weight"] = processor.to_v_ip[0].weight
+    return {k: v.detach().contiguous() for k, v in state.items()}
+
+
+def save_ip_adapter(unet, image_encoder, out: Path, weight_name: str = WEIGHT_NAME,
+                    dtype: torch.dtype = torch.float16) -> None:
+    """Write `weight_name` and `image_encoder/` into `out` (an existing directory), the published layout."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.to(dtype) for k, v in ip_adapter_state_dict(unet).items()}, str(Path(out) / weight_name))
+    image_encoder.to(dtype).save_pretrained(Path(out) / "image_encoder")
+    image_encoder.float()
+
+
+@torch.no_grad()
+def encode_images(loaded: LoadedPipeline, images) -> torch.Tensor:
+    """CLIP image embeddings (N, D) of PIL images or uint8 arrays, as the pipeline's own `encode_image` makes them."""
+    pipe = loaded.pipeline
+    if getattr(pipe, "image_encoder", None) is None:
+        raise UsageError("no IP-Adapter is loaded; load one first (erasers.ip_adapter.load_ip_adapter)")
+    pixels = pipe.feature_extractor(images=list(images), return_tensors="pt").pixel_values
+    return pipe.image_encoder(pixels.to(loaded.device, pipe.image_encoder.dtype)).image_embeds.to(loaded.dtype)
+
+
+def predict_noise_with_images(unet, latents: torch.Tensor, timestep, text_states: torch.Tensor,
+                              image_embeds: torch.Tensor) -> torch.Tensor:
+    """The UNet's noise prediction with text states and image embeddings (B, D) as conditions."""
+    batch = latents.shape[0]
+    text_states = getattr(text_states, "states", text_states)  # a Conditioning from loaded.encode_text (SD: states)
+    if text_states.shape[0] != batch:
+        text_states = text_states.expand(batch, -1, -1)
+    if image_embeds.shape[0] != batch:
+        image_embeds = image_embeds.expand(batch, -1)
+    return unet(latents, timestep, encoder_hidden_states=text_states,
+                added_cond_kwargs={"image_embeds": [image_embeds[:, None]]}).sample
+
+
+@torch.no_grad()
+def generate_with_images(loaded: LoadedPipeline, prompts: list[str], image_embeds: torch.Tensor, seeds: list[int],
+                         steps: int | None = None, guidance: float | None = None, batch_size: int = 25,
+                         progress: bool = True):
+    """One image per (prompt, image embedding, seed); the unconditional branch gets the empty prompt and a zero
+    image embedding, as diffusers' pipeline does for `ip_adapter_image`."""
+    from tqdm.auto import tqdm
+
+    steps = steps or loaded.default_steps
+    guidance = loaded.default_guidance if guidance is None else guidance
+    loaded.pipeline.set_progress_bar_config(disable=True)
+    images = []
+    with tqdm(total=len(prompts), desc="generating with images", unit="img", disable=not progress) as bar:
+        for start in range(0, len(prompts), batch_size):
+            chunk = slice(start, start + batch_size)
+            embeds = image_embeds[chunk][:, None]
+            both = torch.cat([torch.zeros_like(embeds), embeds]) if guidance > 1 else embeds
+            generators = [torch.Generator("cpu").manual_seed(s) for s in seeds[chunk]]
+            out = loaded.pipeline(prompt=prompts[chunk], ip_adapter_image_embeds=[both], generator=generators,
+                                  num_inference_steps=steps, guidance_scale=guidance)
+            images += out.images
+            bar.update(len(prompts[chunk]))
+    return images

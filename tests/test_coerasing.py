@@ -1,0 +1,209 @@
+"""Co-Erasing and its IP-Adapter: the published IP-Adapter format loads through diffusers on tiny random components;
+the toy IP-Adapter conditions generation on an image's object; the text-guided refinement moves image embeddings
+toward the concept's text; Co-Erasing saves a loadable UNet edit, refuses bad image folders, and (slow) erases the
+arrow under text and image conditioning while other objects hold."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from benchmarks.toycanvas import CLASSIFIER_DIR, CLIP_DIR, IP_ADAPTER_DIR
+from benchmarks.toycanvas.build.train_ip_adapter import conditioning_images
+from benchmarks.toycanvas.classifier import ToyClassifier
+from benchmarks.toycanvas.render import sample_image
+from benchmarks.toycanvas.world import OBJECTS
+from erasers import UsageError, ip_adapter, load_pipeline
+from erasers.cli import main
+from erasers.coerasing import concept_direction, image_files, read_images, refine_embeddings
+from erasers.edits import apply_edits, read_edit
+from erasers.prompts import make_request
+from erasers.registry import build_config
+from erasers.run import erase
+
+IMAGE_DIM = 16
+
+
+def tiny_image_encoder():
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(0)
+    return CLIPVisionModelWithProjection(CLIPVisionConfig(
+        image_size=16, patch_size=4, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        projection_dim=IMAGE_DIM))
+
+
+def write_published_adapter(folder: Path, unet, weight_name: str) -> dict[str, torch.Tensor]:
+    """A random SD IP-Adapter in the published layout: image_proj.{proj,norm}.*, ip_adapter.{1,3,5,...}.to_{k,v}_ip
+    (the index of each attn2 among the UNet's attention processors), and image_encoder/."""
+    generator = torch.Generator().manual_seed(1)
+    width = unet.config.cross_attention_dim
+    state = {"image_proj.proj.weight": torch.randn(4 * width, IMAGE_DIM, generator=generator),
+             "image_proj.proj.bias": torch.randn(4 * width, generator=generator),
+             "image_proj.norm.weight": torch.ones(width), "image_proj.norm.bias": torch.zeros(width)}
+    for index, name in enumerate(unet.attn_processors):
+        if name.endswith("attn2.processor"):
+            hidden = unet.get_submodule(name.removesuffix(".processor")).to_q.out_features
+            for kind in ("k", "v"):
+                state[f"ip_adapter.{index}.to_{kind}_ip.weight"] = torch.randn(hidden, width, generator=generator)
+    folder.mkdir(parents=True)
+    save_file(state, str(folder / weight_name))
+    tiny_image_encoder().save_pretrained(folder / "image_encoder")
+    return state
+
+
+def test_published_ip_adapter_loads_on_tiny_sd(tiny_pipeline_dirs, tmp_path):
+    from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+
+    loaded = load_pipeline(str(tiny_pipeline_dirs["sd"]), device="cpu")
+    state = write_published_adapter(tmp_path / "repo" / "models", loaded.denoiser, "ip-adapter_sd15.safetensors")
+    ip_adapter.load_ip_adapter(loaded, tmp_path / "repo", subfolder="models", weight_name="ip-adapter_sd15.safetensors")
+    unet = loaded.denoiser
+    processors = unet.attn_processors
+    assert all(isinstance(p, IPAdapterAttnProcessor2_0) == name.endswith("attn2.processor")
+               for name, p in processors.items())
+    # The file's weights are where diffusers put them, and read back in the same format.
+    saved = ip_adapter.ip_adapter_state_dict(unet)
+    assert saved.keys() == state.keys()
+    assert all(torch.equal(saved[k], state[k]) for k in state)
+
+    images = [Image.fromarray(np.random.default_rng(i).integers(0, 255, (16, 16, 3), dtype=np.uint8))
+              for i in range(2)]
+    embeds = ip_adapter.encode_images(loaded, images)
+    assert embeds.shape == (2, IMAGE_DIM)
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    text = loaded.encode_text(["a star", "a star"]).detach()
+    with torch.no_grad():
+        with_image = ip_adapter.predict_noise_with_images(unet, latents, 10, text, embeds)
+        without = ip_adapter.predict_noise_with_images(unet, latents, 10, text, torch.zeros_like(embeds))
+    assert (with_image - without).abs().max() > 1e-3, "the image embedding must change the prediction"
+    generated = ip_adapter.generate_with_images(loaded, ["a star"] * 2, embeds, [0, 1], steps=2, progress=False)
+    assert len(generated) == 2
+
+
+def test_missing_ip_adapter_is_a_usage_error(tiny_pipeline_dirs, tmp_path):
+    loaded = load_pipeline(str(tiny_pipeline_dirs["sd"]), device="cpu")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError, match="has no ip-adapter.safetensors"):
+        ip_adapter.load_ip_adapter(loaded, tmp_path / "empty")
+
+
+# The shipped toy adapter misses its bar (weights/ip_adapter/quality.json: 15% with the empty prompt, chance is 10%;
+# benchmarks/results/NOTES.md). Strict: once a rebuilt adapter conditions generation, this XPASS fails the suite
+# and the mark must go.
+@pytest.mark.xfail(strict=True, reason="the shipped toy IP-Adapter does not yet condition generation (15%, bar 80%)")
+def test_toy_ip_adapter_conditions_generation_on_the_images_object():
+    loaded = load_pipeline("toy", device="cpu")
+    ip_adapter.load_ip_adapter(loaded, IP_ADAPTER_DIR)
+    names, images = conditioning_images(1)
+    embeds = ip_adapter.encode_images(loaded, images)
+    generated = ip_adapter.generate_with_images(loaded, [""] * len(images), embeds, list(range(len(images))),
+                                                progress=False)
+    predicted = ToyClassifier.from_pretrained(CLASSIFIER_DIR).predict(generated)[0]
+    accuracy = np.mean([p == t for p, t in zip(predicted, names)])
+    # Chance is 10%; the shipped adapter's measured figure is in weights/ip_adapter/quality.json.
+    assert accuracy >= 0.5, list(zip(names, predicted))
+
+
+def test_refinement_moves_image_embeddings_toward_the_concept_text():
+    from transformers import (
+        AutoTokenizer,
+        CLIPImageProcessor,
+        CLIPTextModelWithProjection,
+        CLIPVisionModelWithProjection,
+    )
+
+    # The toy IP-Adapter's image encoder is the toy CLIP's vision tower: embeddings in the same joint space.
+    vision = CLIPVisionModelWithProjection.from_pretrained(CLIP_DIR)
+    processor = CLIPImageProcessor.from_pretrained(CLIP_DIR)
+
+    def encode(images):
+        with torch.no_grad():
+            return vision(processor(images=images, return_tensors="pt").pixel_values).image_embeds
+
+    request = make_request(["arrow"], load_pipeline("toy", device="cpu").tokenizer, toy=True)
+    direction = concept_direction(CLIPTextModelWithProjection.from_pretrained(CLIP_DIR),
+                                  AutoTokenizer.from_pretrained(CLIP_DIR), request, request.erase_prompts())
+    arrows = encode([sample_image("arrow", None, seed)[0] for seed in range(8)])
+    others = encode([sample_image(o, None, 50 + i)[0] for i, o in enumerate(OBJECTS) if o != "arrow"])
+    # The text direction is one the arrow images share and other objects' images lack.
+    assert (arrows @ direction).mean() > (others @ direction).mean()
+    refined = refine_embeddings(arrows, direction, 0.8)
+    cosine = torch.nn.functional.cosine_similarity
+    assert (cosine(refined, direction[None]) > cosine(arrows, direction[None])).all()
+    assert torch.allclose(refined.norm(dim=-1), arrows.norm(dim=-1), rtol=1e-4)
+    # What the images show besides the arrow (colour, style, pose) shrinks: their spread around the mean drops.
+    assert (refined - refined.mean(0)).norm() < (arrows - arrows.mean(0)).norm()
+    assert torch.allclose(refine_embeddings(arrows, direction, 0.0), arrows, atol=1e-5)
+
+
+def test_coerasing_saves_a_plain_unet_edit_on_tiny_sd(tiny_pipeline_dirs, clip_tokenizer_dir, tmp_path):
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    loaded = load_pipeline(str(tiny_pipeline_dirs["sd"]), device="cpu")
+    write_published_adapter(tmp_path / "adapter", loaded.denoiser, "ip-adapter.safetensors")
+    clip = tmp_path / "refine-clip"
+    CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=49408, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        projection_dim=IMAGE_DIM)).save_pretrained(clip)
+    CLIPTokenizer.from_pretrained(clip_tokenizer_dir).save_pretrained(clip)
+    options = {"text_iterations": 2, "image_iterations": 2, "ddim_steps": 4, "image_count": 3,
+               "ip_adapter": str(tmp_path / "adapter"), "ip_adapter_subfolder": "",
+               "ip_adapter_weight": "ip-adapter.safetensors", "refine_clip": str(clip)}
+    out = erase(str(tiny_pipeline_dirs["sd"]), "coerasing", ["a star"], tmp_path / "edit", options=options,
+                device="cpu")
+    meta = read_edit(out)
+    assert meta["method"] == "coerasing" and meta["components"] == ["unet"] and meta["config"]["refine"] is True
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "edit", "refine-clip"]
+    # The edit is a plain UNet (no image projection): it loads into the base pipeline without an adapter.
+    base = load_pipeline(str(tiny_pipeline_dirs["sd"]), device="cpu")
+    apply_edits(base, [out])
+    assert base.denoiser.encoder_hid_proj is None
+    assert base.generate(["a star"], seeds=0, steps=2, progress=False)
+
+
+def test_bad_image_folders_are_usage_errors(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError, match="holds no images"):
+        build_config("coerasing", toy=True, overrides={"images": str(tmp_path / "empty")})
+    with pytest.raises(UsageError, match="is not a folder"):
+        image_files(str(tmp_path / "missing"))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "a.png").write_bytes(b"not a png")
+    with pytest.raises(UsageError, match="not a readable image"):
+        read_images(image_files(str(broken)))
+    code = main(["erase", "--model", "toy", "--method", "coerasing", "--concept", "arrow", "--images",
+                 str(tmp_path / "empty"), "--out", str(tmp_path / "edit")])
+    assert code == 2 and "holds no images" in capsys.readouterr().err
+    assert not (tmp_path / "edit").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(reason="needs a toy IP-Adapter that conditions generation (quality.json: 15%, bar 80%)")
+def test_coerasing_erases_the_arrow_under_text_and_images_and_keeps_other_objects(tmp_path):
+    from benchmarks.unlearncanvas import AnswerSet, classify_answer_set, score
+
+    classifier = ToyClassifier.from_pretrained(CLASSIFIER_DIR)
+    options = {"text_iterations": 150, "image_iterations": 100, "image_count": 30}
+    out = erase("toy", "coerasing", ["arrow"], tmp_path / "edit", options=options, device="cpu")
+    arrows = [sample_image("arrow", None, 500 + i)[0] for i in range(10)]
+
+    def image_rate(loaded):
+        ip_adapter.load_ip_adapter(loaded, IP_ADAPTER_DIR)
+        generated = ip_adapter.generate_with_images(loaded, [""] * 10, ip_adapter.encode_images(loaded, arrows),
+                                                    list(range(10)), progress=False)
+        return np.mean([p == "arrow" for p in classifier.predict(generated)[0]])
+
+    base = load_pipeline("toy", device="cpu")
+    base_rate = image_rate(base)
+    edited = load_pipeline("toy", device="cpu")
+    apply_edits(edited, [out])
+    records, _ = classify_answer_set(edited, classifier, AnswerSet(seeds=(188,)), progress=False)
+    table = score(records, ["arrow"], "object")
+    assert table["UA"] >= 0.7 and table["IRA"] >= 0.4 and table["CRA"] >= 0.4, table
+    edited_rate = image_rate(edited)
+    assert edited_rate <= base_rate - 0.3, (base_rate, edited_rate)
