@@ -167,12 +167,14 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 def add_bench_commands(bench_commands) -> None:
     """Add toycanvas, unlearncanvas and i2p beside `erasure bench mllmu-med`."""
+    from erasers.cli import seed
+
     toy = bench_commands.add_parser("toycanvas", help="UnlearnCanvas protocol on ToyCanvas: erase, generate, "
                                     "classify, UA / IRA / CRA / FID, report")
     _add_common(toy)
     toy.add_argument("--objects", help="answer-set objects (default: all 10)")
     toy.add_argument("--styles", help="answer-set styles (default: all 10)")
-    toy.add_argument("--seeds", type=int, nargs="+", default=[188], help="answer-set seeds")
+    toy.add_argument("--seeds", type=seed, nargs="+", default=[188], help="answer-set seeds")
     toy.add_argument("--no-fid", action="store_true", help="skip FID")
     toy.set_defaults(run=cmd_bench_toycanvas, parser=toy)
 
@@ -185,7 +187,7 @@ def add_bench_commands(bench_commands) -> None:
     canvas.add_argument("--style-classifier", help="the style classifier checkpoint (51 or 61 classes)")
     canvas.add_argument("--object-classifier", help="the object classifier checkpoint (20 classes)")
     canvas.add_argument("--model", required=True, help="the base pipeline (UnlearnCanvas' fine-tuned SD v1.5)")
-    canvas.add_argument("--seeds", type=int, nargs="+", default=[188, 288, 588, 688, 888])
+    canvas.add_argument("--seeds", type=seed, nargs="+", default=[188, 288, 588, 688, 888])
     canvas.add_argument("--steps", type=int, default=100, help="DDIM steps (the benchmark: 100)")
     canvas.add_argument("--guidance", type=float, default=9.0, help="guidance scale (the benchmark: 9.0)")
     canvas.add_argument("--size", type=int, default=512, help="image side in pixels (the benchmark: 512)")

@@ -48,10 +48,14 @@ _TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
 
 
 def bounds(field: dataclasses.Field) -> tuple[float | None, float | None, bool, bool] | None:
-    """(min, max, min exclusive, max exclusive) of a config field: its metadata's, else its name's rule."""
+    """(min, max, min exclusive, max exclusive) of a config field: its metadata's, else its name's rule; name rules
+    apply to numeric fields only (a str field such as a weight file's name is not a weight)."""
     meta = field.metadata
     if "min" in meta or "max" in meta:
         return meta.get("min"), meta.get("max"), meta.get("min_exclusive", False), meta.get("max_exclusive", False)
+    kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", "")
+    if kind not in ("int", "float"):
+        return None
     for patterns, low, high, low_open, high_open in RULES:
         if any(fnmatch.fnmatchcase(field.name, pattern) for pattern in patterns):
             return low, high, low_open, high_open

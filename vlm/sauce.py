@@ -57,8 +57,11 @@ def feature_scores(z_concept: list[torch.Tensor], z_neutral: list[torch.Tensor])
 # score 0.13 of the base model's with retain at 0.95 of it. Layer 0 with 1,000 SAE steps and clamp -1 (the previous
 # release's default) forgot everything (0.02) but cost retain (0.84), layer 2 forgot less (0.30);
 # and at layers 0-1 an autoencoder trained for 1,000 steps instead of 400 cost retain more (0.79-0.84).
+# 2026-12-03, a fresh install of the same pins (the test's questions; forget / retain as shares of the base model's):
+# clamp -2.0 forgot more (0.05) but kept retain at 0.895, under the test's 0.9; clamp -1.5: 0.075 / 0.941; clamp
+# -1.0: 0.12 / 0.99; 32 features at -2.0: 0.20 / 0.92. The toy default is now -1.5.
 @register_vlm("sauce", "SAUCE: sparse-autoencoder features of the concept clamped at inference (training-free "
-              "for the model)", toy_defaults={"layer": 1, "sae_steps": 400})
+              "for the model)", toy_defaults={"layer": 1, "sae_steps": 400, "clamp_value": -1.5})
 class Sauce(VLMEraser):
     config_class = SauceConfig
 
