@@ -15,7 +15,7 @@ import pytest
 from erasers.cli import make_parser
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCS = ("README.md", "erasers/README.md", "vlm/README.md", "apps/README.md", "tests/README.md",
+DOCS = ("README.md", "erasers/README.md", "vlm/README.md", "apps/README.md", "tests/README.md", "benchmarks/README.md",
         "benchmarks/toycanvas/README.md", "benchmarks/results/NOTES.md")
 FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.MULTILINE | re.DOTALL)
 
