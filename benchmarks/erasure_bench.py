@@ -177,8 +177,9 @@ def run(bench: Benchmark, methods: list[str], concepts: list[str], given_edits: 
     edits = plan_edits(bench, methods, concepts, given_edits, out)
     bench.device = bench.device or processes.device
 
-    to_make = [e for e in edits if e.made_here and not (e.path / "erasure.json").exists()]
-    for edit in processes.mine(to_make):
+    to_make = [e for e in edits if e.made_here]
+    for edit in processes.claim(to_make, lambda e: out / "edits" / ".locks" / f"{e.name}.lock",
+                                lambda e: (e.path / "erasure.json").exists()):
         print(f"erasing {edit.concepts[0]} with {edit.method} -> {edit.path}", flush=True)
         # UnlearnCanvas writes its names with underscores; its prompts (and so the erased text) with spaces.
         erase_isolated(bench.model, edit.method, [c.replace("_", " ") for c in edit.concepts], edit.path,
