@@ -234,7 +234,9 @@ def fid_record(bench: Benchmark, runner: Runner, set_name: str, edit: Edit | Non
     for start in range(0, len(jobs), 64):
         generated.append(bench.features.extract([runner.open_image(done, set_name, j) for j in jobs[start:start + 64]]))
     generated = torch.cat(generated)
-    metric = FrechetInceptionDistance(feature=_Given(generated.shape[1]), normalize=True)
+    # One process computes each set's FID: torchmetrics would otherwise all-gather its states across the
+    # accelerate process group, and the other processes are computing other sets (a 2-process run crashed).
+    metric = FrechetInceptionDistance(feature=_Given(generated.shape[1]), normalize=True, sync_on_compute=False)
     metric.update(reference, real=True)
     metric.update(generated, real=False)
     return {"fid": float(metric.compute()), "fid_features": bench.features.name, "fid_reference_images":
