@@ -177,8 +177,9 @@ def run(bench: Benchmark, methods: list[str], concepts: list[str], given_edits: 
     edits = plan_edits(bench, methods, concepts, given_edits, out)
     bench.device = bench.device or processes.device
 
-    to_make = [e for e in edits if e.made_here and not (e.path / "erasure.json").exists()]
-    for edit in processes.mine(to_make):
+    to_make = [e for e in edits if e.made_here]
+    for edit in processes.claim(to_make, lambda e: out / "edits" / ".locks" / f"{e.name}.lock",
+                                lambda e: (e.path / "erasure.json").exists()):
         print(f"erasing {edit.concepts[0]} with {edit.method} -> {edit.path}", flush=True)
         # UnlearnCanvas writes its names with underscores; its prompts (and so the erased text) with spaces.
         erase_isolated(bench.model, edit.method, [c.replace("_", " ") for c in edit.concepts], edit.path,
@@ -233,7 +234,9 @@ def fid_record(bench: Benchmark, runner: Runner, set_name: str, edit: Edit | Non
     for start in range(0, len(jobs), 64):
         generated.append(bench.features.extract([runner.open_image(done, set_name, j) for j in jobs[start:start + 64]]))
     generated = torch.cat(generated)
-    metric = FrechetInceptionDistance(feature=_Given(generated.shape[1]), normalize=True)
+    # One process computes each set's FID: torchmetrics would otherwise all-gather its states across the
+    # accelerate process group, and the other processes are computing other sets (a 2-process run crashed).
+    metric = FrechetInceptionDistance(feature=_Given(generated.shape[1]), normalize=True, sync_on_compute=False)
     metric.update(reference, real=True)
     metric.update(generated, real=False)
     return {"fid": float(metric.compute()), "fid_features": bench.features.name, "fid_reference_images":

@@ -144,3 +144,31 @@ def test_a_killed_cli_run_resumes_and_matches_an_uninterrupted_one(tmp_path):
         if key[0] == "image":
             assert (killed / record["file"]).read_bytes() == (tmp_path / "whole" / record["file"]).read_bytes()
     assert not [p for p in killed.rglob("*") if ".tmp" in p.name]
+
+
+def test_processes_claim_items_first_come_first_served(tmp_path):
+    """Process 1 of 2 skips what another process holds and what is finished, and holds what it works on."""
+    import fcntl
+
+    from benchmarks.runner import Processes
+
+    processes = Processes()
+    processes.rank, processes.world = 1, 2
+    finished = {"c"}
+    (tmp_path / "locks").mkdir()
+
+    def lock(item):
+        return tmp_path / "locks" / f"{item}.lock"
+
+    taken = []
+    with open(lock("b"), "w") as held_elsewhere:
+        fcntl.flock(held_elsewhere, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        for item in processes.claim(["a", "b", "c", "d"], lock, lambda i: i in finished):
+            with open(lock(item), "w") as other:
+                with pytest.raises(BlockingIOError):  # nobody else can take it meanwhile
+                    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            taken.append(item)
+            finished.add(item)
+    assert taken == ["a", "d"]
+    processes.world = 1
+    assert list(processes.claim(["a", "b", "e"], lock, lambda i: i in finished)) == ["b", "e"]
