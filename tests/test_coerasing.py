@@ -84,6 +84,28 @@ def test_published_ip_adapter_loads_on_tiny_sd(tiny_pipeline_dirs, tmp_path):
     assert len(generated) == 2
 
 
+def test_each_prompt_of_a_batch_is_conditioned_on_its_own_image(tiny_pipeline_dirs, tmp_path):
+    # diffusers' SD pipeline repeats one image prompt for a whole batch; per-prompt images must not blend.
+    loaded = load_pipeline(str(tiny_pipeline_dirs["sd"]), device="cpu")
+    write_published_adapter(tmp_path / "adapter", loaded.denoiser, "ip-adapter.safetensors")
+    ip_adapter.load_ip_adapter(loaded, tmp_path / "adapter")
+    images = [Image.fromarray(np.random.default_rng(i).integers(0, 255, (16, 16, 3), dtype=np.uint8))
+              for i in range(3)]
+    embeds = ip_adapter.encode_images(loaded, images)
+
+    def generate(indices, batch_size):
+        return [np.asarray(image, np.int16) for image in ip_adapter.generate_with_images(
+            loaded, ["a star"] * len(indices), embeds[indices], [0] * len(indices), steps=2, batch_size=batch_size,
+            progress=False)]
+
+    together = generate([0, 1, 2], batch_size=3)
+    alone = [generate([i], batch_size=1)[0] for i in range(3)]
+    assert all(np.abs(a - b).max() <= 1 for a, b in zip(together, alone))
+    assert np.abs(alone[0] - alone[1]).max() > 1, "different images must give different generations"
+    with pytest.raises(UsageError, match="one image embedding and one seed per prompt"):
+        ip_adapter.generate_with_images(loaded, ["a star"] * 2, embeds, [0, 1], progress=False)
+
+
 def test_missing_ip_adapter_is_a_usage_error(tiny_pipeline_dirs, tmp_path):
     loaded = load_pipeline(str(tiny_pipeline_dirs["sd"]), device="cpu")
     (tmp_path / "empty").mkdir()
