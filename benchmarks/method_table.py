@@ -2,12 +2,14 @@
 the answer set (every object x style at the given seeds) beside the base model's accuracy, with run time, peak
 memory and storage of each edit, and the UnlearnDiffAtk attack success rate on the concepts named by --attack.
 A method written "a+b" erases with each and stacks the edits (a text-encoder edit with a UNet edit); its time and
-storage are the sums. "doco-nosurgery" and "doco-noadv" are DoCo with surgery=false / adversarial=false
-(VARIANTS). The rows of --paraphrase-methods also get UA on the paraphrase prompts. Resumable: finished rows are
-kept in the results file, and a missing attack or paraphrase cell is added to its row without rescoring it.
+storage are the sums. "doco-nosurgery" and "doco-noadv" are DoCo with surgery=false / adversarial=false,
+"coerasing-norefine" Co-Erasing with refine=false (VARIANTS). The rows of --paraphrase-methods also get UA on
+the paraphrase prompts. Resumable: finished rows are kept in the results file, and a missing attack or paraphrase
+cell is added to its row without rescoring it.
 
     python -m benchmarks.method_table --methods esd-x,esd-u,uce,hirm,advunlearn,doco,doco-nosurgery,doco-noadv \
         --concepts arrow,Stripes --attack arrow --attack-prompts 20
+    python -m benchmarks.method_table --methods coerasing,coerasing-norefine --concepts arrow,Stripes
 """
 
 from __future__ import annotations
@@ -28,10 +30,11 @@ from erasers.models import load_pipeline
 from erasers.run import erase
 
 RESULTS = Path(__file__).parent / "results" / "method_table.json"
-METHODS = ["esd-x", "esd-u", "uce", "hirm", "advunlearn", "doco", "doco-nosurgery", "doco-noadv", "hirm+esd-u",
-           "hirm+uce"]
-# Table rows that are a registered method with options changed: DoCo's ablations.
-VARIANTS = {"doco-nosurgery": ("doco", {"surgery": False}), "doco-noadv": ("doco", {"adversarial": False})}
+METHODS = ["esd-x", "esd-u", "uce", "hirm", "advunlearn", "doco", "doco-nosurgery", "doco-noadv", "coerasing",
+           "coerasing-norefine", "hirm+esd-u", "hirm+uce"]
+# Table rows that are a registered method with options changed: DoCo's and Co-Erasing's ablations.
+VARIANTS = {"doco-nosurgery": ("doco", {"surgery": False}), "doco-noadv": ("doco", {"adversarial": False}),
+            "coerasing-norefine": ("coerasing", {"refine": False})}
 
 
 def _pct(value) -> str:
@@ -146,11 +149,13 @@ def main() -> None:
     parser.add_argument("--concepts", default="arrow,Stripes")
     parser.add_argument("--attack", default="arrow", help="concepts whose rows also get the attack success rate "
                         "(UnlearnDiffAtk, toy settings); '' for none")
-    parser.add_argument("--attack-methods", default="esd-x,uce,hirm,advunlearn,doco,doco-nosurgery,doco-noadv",
+    parser.add_argument("--attack-methods",
+                        default="esd-x,uce,hirm,advunlearn,doco,doco-nosurgery,doco-noadv,coerasing",
                         help="methods whose rows are attacked ('all' for every one; an attack of 20 prompts takes "
                         "about 8 minutes on 2 cores)")
     parser.add_argument("--attack-prompts", type=int, default=20)
-    parser.add_argument("--paraphrase-methods", default="esd-x,esd-u,doco,doco-nosurgery,doco-noadv",
+    parser.add_argument("--paraphrase-methods",
+                        default="esd-x,esd-u,doco,doco-nosurgery,doco-noadv,coerasing,coerasing-norefine",
                         help="methods whose rows also get UA on the paraphrase prompts (world.PARAPHRASE_TEMPLATES "
                         "and object synonyms, never trained on); '' for none")
     parser.add_argument("--seeds", type=int, nargs="+", default=[188, 288])

@@ -3,6 +3,7 @@ one run on this machine: on the toy UNet and on a full-size SD 1.5 UNet architec
 
     python -m benchmarks.step_cost                  # toy and sd15, esd-x esd-u uce hirm advunlearn doco
     python -m benchmarks.step_cost --models toy
+    python -m benchmarks.step_cost --models toy --methods coerasing   # its image-conditioned stage-2 step
 
 Each measurement runs in its own process, so peak resident memory (VmHWM on Linux) is that measurement's alone.
 Prints ratios: method step time / plain forward+backward time, and the same for peak memory. Every method is timed
@@ -76,9 +77,12 @@ def measure(model: str, method: str, steps: int) -> dict:
         from erasers.registry import build_config, get_method
 
         # Enough iterations to time `steps` of them; short sampling chains, AdvUnlearn's attack and DoCo's
-        # adversarial loss from the start, DoCo's anchor images few and quick (drawn before the timed steps).
+        # adversarial loss from the start, DoCo's anchor images few and quick (drawn before the timed steps);
+        # Co-Erasing: one text step, then the image-conditioned steps it adds to ESD (the ones timed), from two
+        # generated images.
         wanted = {"iterations": steps + 1, "ddim_steps": 4, "warmup": 0, "warmup_steps": 0, "batch_size": 1,
-                  "anchor_images": 2, "sample_steps": 2}
+                  "anchor_images": 2, "sample_steps": 2, "text_iterations": 1, "image_iterations": steps + 1,
+                  "image_count": 2}
         fields = {f.name for f in dataclasses.fields(get_method(method).eraser.config_class)}
         overrides = {key: value for key, value in wanted.items() if key in fields}
         config = build_config(method, model == "toy", overrides)

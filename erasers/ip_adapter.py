@@ -20,6 +20,7 @@ suite needs around it:
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -178,26 +179,45 @@ def predict_noise_with_images(unet, latents: torch.Tensor, timestep, text_states
                 added_cond_kwargs={"image_embeds": [image_embeds[:, None]]}).sample
 
 
+@contextmanager
+def _one_image_per_prompt(pipe):
+    """diffusers' SD pipeline takes one image prompt per call: `prepare_ip_adapter_image_embeds` repeats
+    `ip_adapter_image_embeds` for every prompt of the batch, so per-prompt embeddings (B, 1, D) would reach the
+    UNet B times over and each sample would attend to the tokens of every image of its batch (a blend of all their
+    objects). Inside this context the pipeline passes the given embeddings through unrepeated: one per prompt,
+    negatives first under classifier-free guidance, the order of its own prompt embeddings."""
+    pipe.prepare_ip_adapter_image_embeds = lambda image, embeds, device, *_: [e.to(device) for e in embeds]
+    try:
+        yield
+    finally:
+        del pipe.prepare_ip_adapter_image_embeds
+
+
 @torch.no_grad()
 def generate_with_images(loaded: LoadedPipeline, prompts: list[str], image_embeds: torch.Tensor, seeds: list[int],
                          steps: int | None = None, guidance: float | None = None, batch_size: int = 25,
                          progress: bool = True):
-    """One image per (prompt, image embedding, seed); the unconditional branch gets the empty prompt and a zero
-    image embedding, as diffusers' pipeline does for `ip_adapter_image`."""
+    """One image per (prompt, image embedding, seed), each prompt conditioned on its own image; the unconditional
+    branch gets the empty prompt and a zero image embedding, as diffusers' pipeline does for `ip_adapter_image`."""
     from tqdm.auto import tqdm
 
+    if not len(prompts) == len(image_embeds) == len(seeds):
+        raise UsageError(f"generate_with_images needs one image embedding and one seed per prompt; got "
+                         f"{len(prompts)} prompts, {len(image_embeds)} embeddings and {len(seeds)} seeds")
     steps = steps or loaded.default_steps
     guidance = loaded.default_guidance if guidance is None else guidance
-    loaded.pipeline.set_progress_bar_config(disable=True)
+    pipe = loaded.pipeline
+    pipe.set_progress_bar_config(disable=True)
     images = []
-    with tqdm(total=len(prompts), desc="generating with images", unit="img", disable=not progress) as bar:
+    with tqdm(total=len(prompts), desc="generating with images", unit="img", disable=not progress) as bar, \
+            _one_image_per_prompt(pipe):
         for start in range(0, len(prompts), batch_size):
             chunk = slice(start, start + batch_size)
             embeds = image_embeds[chunk][:, None]
             both = torch.cat([torch.zeros_like(embeds), embeds]) if guidance > 1 else embeds
             generators = [torch.Generator("cpu").manual_seed(s) for s in seeds[chunk]]
-            out = loaded.pipeline(prompt=prompts[chunk], ip_adapter_image_embeds=[both], generator=generators,
-                                  num_inference_steps=steps, guidance_scale=guidance)
+            out = pipe(prompt=prompts[chunk], ip_adapter_image_embeds=[both], generator=generators,
+                       num_inference_steps=steps, guidance_scale=guidance)
             images += out.images
             bar.update(len(prompts[chunk]))
     return images

@@ -38,7 +38,9 @@ class BuildConfig:
     # The toy IP-Adapter (stage ip-adapter): trained on freshly rendered images with the UNet frozen.
     ip_adapter_images: int = 6_000
     ip_adapter_init_steps: int = 1_500
-    ip_adapter_steps: int = 400
+    ip_adapter_steps: int = 800
+    # Weight of the distillation term in the denoising phase (0: the IP-Adapter paper's denoising loss alone).
+    ip_adapter_distill: float = 1.0
     ip_adapter_batch: int = 16
     ip_adapter_lr: float = 1e-3
     checkpoint_every: int = 250
