@@ -191,6 +191,9 @@ def draw_anchor_latents(loaded: LoadedPipeline, anchors: list[str], count: int, 
 # domains within the warm-up (its loss falls from 4e-3 to 5e-4), and D trained on the frozen model's outputs alone
 # reaches 60-80% (batch 8, 60 steps), so it can tell them apart when they differ. In the method table (seeds 188
 # and 288) this default erases Stripes at 100% with IRA/CRA at the base model's, and the arrow only at 65% (IRA 76%).
+# Why (NOTES.md, DoCo, diagnosis): not the anchor (it draws no arrow at the table's seeds) nor one timestep range;
+# the edit leaves about a third of the arrow-vs-anchor difference at every t, which guidance 5 amplifies.
+# adversarial_weight 0.01 and discriminator_input=noise left seed 188 at UA 60% too: unchanged for now.
 TOY_DEFAULTS = {"lr": 3e-4, "iterations": 300, "batch_size": 4, "warmup_steps": 50, "discriminator_lr": 5e-4,
                 "discriminator_width": 32, "anchor_images": 44, "sample_steps": 25, "sample_guidance": 5.0}
 
