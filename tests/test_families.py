@@ -23,10 +23,12 @@ RESOLUTION = {"sd": None, "sdxl": None, "flux": 16}  # Flux's native 1024 px is 
 
 # A few steps each. `bar`: how many times more the concept's output must change than the unrelated prompt's.
 # UCE (closed form with a preservation term) and the methods with a retain loss (AdvUnlearn, HiRM) are selective.
-# ESD has no preservation term: on these random models, whose outputs barely depend on the text, its edit reaches
-# every prompt through the positions all prompts share (start token, padding) and, for esd-x/esd-u, through
-# parameters that read the image; its bar is only that the concept's output moves more (measured ratios: SD 1.1-1.4,
-# SDXL 1.4-1.5, Flux 1.3-1.9). ESD's selectivity on a trained model is the README method table's IRA/CRA (toy SD).
+# ESD has no preservation term: on these random models, whose outputs barely depend on the text (6-8% between a
+# prompt and the empty one) and whose one-word prompts share 7 of 8 text positions (start token and padding, cosine
+# 0.96-1.0 between "star" and "dog"), its edit moves every prompt's prediction as much as the concept's (measured on
+# one latent for both prompts: 0.95-1.40). Here, each prompt on its own latent, its bar is only that the concept's
+# output moves more; test_esd_is_specific_to_prompts_that_tell_apart measures ESD's selectivity on one latent with
+# prompts that differ at most positions. ESD's selectivity on a trained model is the README's IRA/CRA (toy SD).
 METHODS = {
     "esd-x": ({"iterations": 8, "ddim_steps": 4, "lr": 1e-3}, 1.0),
     "esd-u": ({"iterations": 8, "ddim_steps": 4, "lr": 3e-4}, 1.0),
@@ -39,20 +41,25 @@ METHODS = {
 CONCEPT, UNRELATED = "star", "dog"
 
 
-def text_sensitive(loaded):
+def text_sensitive(loaded, length: int = 8):
     """Random text encoders map every prompt to nearly the same states (tiny token embeddings, mostly padding), so
     the denoisers barely read the text; token embeddings of unit scale and 8-token prompts make the prompts tell
     apart, as a trained encoder's do."""
     torch.manual_seed(0)
-    for tokenizer in loaded.tokenizers.values():
-        tokenizer.model_max_length = 8
-    loaded.adapter.T5_LENGTH = 8
-    if hasattr(loaded.pipeline, "tokenizer_max_length"):  # Flux reads CLIP's length once, at construction
-        loaded.pipeline.tokenizer_max_length = 8
+    set_text_length(loaded, length)
     with torch.no_grad():
         for encoder in loaded.text_encoders.values():
             encoder.get_input_embeddings().weight.normal_(0, 1)
     return loaded
+
+
+def set_text_length(loaded, length: int):
+    """Every text encoder reads `length` tokens (start and end tokens included)."""
+    for tokenizer in loaded.tokenizers.values():
+        tokenizer.model_max_length = length
+    loaded.adapter.T5_LENGTH = length
+    if hasattr(loaded.pipeline, "tokenizer_max_length"):  # Flux reads CLIP's length once, at construction
+        loaded.pipeline.tokenizer_max_length = length
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +107,38 @@ def test_each_method_erases_on_each_family(bases, tmp_path, family, method):
     base_image = bases(family).generate([CONCEPT], steps=2, progress=False, height=image_size, width=image_size)[0]
     edited_image = edited.generate([CONCEPT], steps=2, progress=False, height=image_size, width=image_size)[0]
     assert not np.array_equal(np.asarray(base_image), np.asarray(edited_image))
+
+
+# ESD's selectivity, measured as the issue asks: the denoiser's prediction for the concept's and an unrelated
+# prompt on the same latent and timestep, before and after the edit. Three-word prompts with no word in common, read
+# as 5 tokens, differ at 3-4 of 5 positions (one-word prompts at 1 of 8). Measured ratios (sd, sdxl, flux):
+# esd-x 1.81, 2.10, 1.84; esd-te 1.26, 1.45, 1.75. ESD-u trains what reads the image, not the text: 1.02, 1.04,
+# 1.04, no selectivity to assert (its bar in the test above). Neither 32 steps at a quarter of the learning rate,
+# the neutral contrast, nor esd-x's keys and values alone (xattn-strict: 1.86 on sd) raised them: with no
+# preservation term, what limits them is what the prompts' states share (the start token, the end token's mix).
+ESD_SELECTIVITY = {"esd-x": 1.5, "esd-te": 1.2}
+CONCEPT_WORDS, UNRELATED_WORDS = "star circle painting", "dog photo picture"
+
+
+def same_latent_predictions(loaded, prompts):
+    latents = torch.randn(loaded.latent_shape(1), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return predict_noise(loaded.denoiser, latents.expand(len(prompts), *latents.shape[1:]), 500,
+                             loaded.encode_text(prompts))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", list(ESD_SELECTIVITY))
+def test_esd_is_specific_to_prompts_that_tell_apart(bases, family, method):
+    loaded = bases(family)
+    set_text_length(loaded, 5)
+    prompts = [CONCEPT_WORDS, UNRELATED_WORDS]
+    before = same_latent_predictions(loaded, prompts)
+    config = build_config(method, False, METHODS[method][0])
+    get_method(method).eraser(config).erase(loaded, make_request([CONCEPT_WORDS], loaded.tokenizer, False))
+    after = same_latent_predictions(loaded, prompts)
+    change = [float((after[i] - before[i]).norm() / before[i].norm()) for i in range(2)]
+    assert change[0] > 1e-3 and change[0] > ESD_SELECTIVITY[method] * change[1], change
 
 
 @pytest.mark.parametrize("family", ["sdxl", "flux"])
