@@ -89,7 +89,8 @@ def stage_ip_adapter(cfg: BuildConfig) -> None:
                                       generator=generator)
             noisy = scheduler.add_noise(mean[idx], noise, timesteps)
             prediction = ip_adapter.predict_noise_with_images(unet, noisy, timesteps, caption_states[shown], image)
-            weight = torch.clamp(compute_snr(scheduler, timesteps), max=5.0) / compute_snr(scheduler, timesteps)
+            snr = compute_snr(scheduler, timesteps)
+            weight = torch.clamp(snr, max=5.0) / snr
             loss = (F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3)) * weight).mean()
             if cfg.ip_adapter_distill:
                 # The frozen text-conditioned model's prediction for the image's own caption, on the same x_t
