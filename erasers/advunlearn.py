@@ -132,7 +132,7 @@ class AdvUnlearn(Eraser):
 
         prompts, retained = request.erase_prompts(), request.retain_prompts() or default_retain_prompts(request)
         with torch.no_grad():  # the frozen encoder's states: the teacher's conditioning
-            empty = loaded.encode_text([""])
+            empty = loaded.adapter.unconditional()
             concept_states = loaded.encode_text(prompts)
             contrasts = contrast_states(loaded, request, prompts, cfg.contrast)
             retain_states = loaded.encode_text(retained) if retained else None

@@ -128,7 +128,7 @@ def generate_from_ids(loaded: LoadedPipeline, input_ids: dict[str, torch.Tensor]
     """One image for token ids (per text encoder), as `LoadedPipeline.generate` would draw it for the same prompt
     and seed."""
     loaded.pipeline.set_progress_bar_config(disable=True)
-    inputs = loaded.adapter.pipeline_inputs(loaded.encode_ids(input_ids), loaded.encode_text([""]))
+    inputs = loaded.adapter.pipeline_inputs(loaded.encode_ids(input_ids), loaded.adapter.unconditional())
     return loaded.pipeline(**inputs, generator=[torch.Generator("cpu").manual_seed(seed)],
                            num_inference_steps=loaded.default_steps, guidance_scale=loaded.default_guidance).images[0]
 

@@ -207,7 +207,7 @@ class CoErasing(Eraser):
         parameters = loaded.make_trainable(trainable_parameters(loaded, cfg.parameters), unet)
         prompts = request.erase_prompts()
         with torch.no_grad():
-            empty = loaded.encode_text([""])
+            empty = loaded.adapter.unconditional()
             concept_states = loaded.encode_text(prompts)
             contrasts = contrast_states(loaded, request, prompts, cfg.contrast)
         images = concept_images(loaded, request, cfg, work_dir)  # from the base model, before any training

@@ -101,7 +101,7 @@ class ESD(Eraser):
 
         prompts = request.erase_prompts() if cfg.prompts == "captions" else request.concept_prompts()
         with torch.no_grad():
-            empty = loaded.encode_text([""])
+            empty = loaded.adapter.unconditional()
             concept_states = loaded.encode_text(prompts)
             contrasts = contrast_states(loaded, request, prompts, cfg.contrast)
             anchor_states = loaded.encode_text(request.anchors) if request.anchors else None

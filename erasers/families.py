@@ -100,6 +100,10 @@ class UNetAdapter:
         scheduler.set_timesteps(steps)
         return scheduler
 
+    def unconditional(self) -> Conditioning:
+        """The unconditional branch the family's pipeline samples with when no negative prompt is given."""
+        return self.loaded.encode_text([""])
+
     def guided_prediction(self, denoiser, latents, t, cond: Conditioning, empty: Conditioning, guidance: float):
         """Classifier-free guidance: uncond + guidance * (cond - uncond)."""
         both = torch.cat([empty.expand(len(cond)), cond])
@@ -189,6 +193,14 @@ class SDXLAdapter(UNetAdapter):
     def predict(self, denoiser, latents, timestep, cond, guidance=None):
         added = {"text_embeds": cond.pooled, "time_ids": self.time_ids(len(cond), cond.device, cond.dtype)}
         return denoiser(latents, timestep, encoder_hidden_states=cond.states, added_cond_kwargs=added).sample
+
+    def unconditional(self) -> Conditioning:
+        # SDXL base's pipeline (force_zeros_for_empty_prompt) guides from zero embeddings, not the encoded "": ESD's
+        # x_t sampling and targets must guide from the same point as the sampling it is meant to change.
+        empty = super().unconditional()
+        if getattr(self.pipeline.config, "force_zeros_for_empty_prompt", False):
+            return Conditioning(torch.zeros_like(empty.states), torch.zeros_like(empty.pooled), self)
+        return empty
 
     def pipeline_inputs(self, cond, negative):
         negative = negative.expand(len(cond))

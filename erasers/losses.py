@@ -34,8 +34,9 @@ def check_contrast(method: str, contrast: str) -> None:
 @torch.no_grad()
 def contrast_states(loaded: LoadedPipeline, request: EraseRequest, prompts: list[str], contrast: str) -> Conditioning:
     """One row per prompt: the text states ESD guides that prompt away from."""
-    texts = [""] * len(prompts) if contrast == "empty" else request.neutral_prompts(prompts)
-    return loaded.encode_text(texts)
+    if contrast == "empty":
+        return loaded.adapter.unconditional().expand(len(prompts))
+    return loaded.encode_text(request.neutral_prompts(prompts))
 
 
 def predict_noise(unet: nn.Module, latents: torch.Tensor, timestep, text_states) -> torch.Tensor:

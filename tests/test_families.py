@@ -154,6 +154,21 @@ def test_conditioning_is_what_the_pipeline_encodes(bases, family):
     assert torch.allclose(torch.cat([cond[:1], cond[1:]]), cond) and len(cond[[1]]) == 1
 
 
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_unconditional_branch_is_the_pipelines(bases, family):
+    """ESD samples x_t and builds its targets from the same unconditional branch the pipeline guides from: the
+    encoded "" on SD, zeros on SDXL base (force_zeros_for_empty_prompt), which the encoded "" is not."""
+    loaded = bases(family)
+    encoded = loaded.pipeline.encode_prompt("a star", device="cpu", num_images_per_prompt=1,
+                                            do_classifier_free_guidance=True)
+    ours = loaded.adapter.unconditional()
+    assert torch.allclose(ours.states, encoded[1])
+    if family == "sdxl":
+        assert loaded.pipeline.config.force_zeros_for_empty_prompt
+        assert torch.allclose(ours.pooled, encoded[3])
+        assert not torch.allclose(loaded.encode_text([""]).states, ours.states)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_prediction_is_the_denoiser_call_the_pipeline_makes(bases, family):
     """The adapter's call (SDXL's added embeddings, Flux's packed latents, ids, timestep scale) reproduces the
