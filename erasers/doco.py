@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
+from diffusers.optimization import get_scheduler
 from torch import nn
 
 from .errors import UsageError
@@ -38,6 +39,7 @@ from .train import ParameterState, TrainingLoop
 UNET_PARAMETER_SETS = ("xattn", "xattn-strict", "noxattn", "full")  # erasers.esd.trainable_parameters' UNet sets
 ANCHORS = ("supercategory", "empty")
 DISCRIMINATOR_INPUTS = ("x0", "noise")
+TRAINING_IMAGES = ("anchor", "both")
 
 
 @dataclass
@@ -49,6 +51,9 @@ class DoCoConfig:
     iterations: int = 2000
     batch_size: int = 8
     lr: float = 6e-6
+    # diffusers' get_scheduler names ("constant", "cosine", "linear", ...), no warm-up: a decaying lr lets Adam
+    # settle below the gradient-noise floor a constant lr leaves the ablation at (NOTES.md, DoCo).
+    lr_schedule: str = "constant"
     discriminator_lr: float = 1e-4
     discriminator_width: int = 64      # channels of the first discriminator layer, doubled per layer
     discriminator_layers: int = 3      # stride-2 layers (fewer where the latent is small)
@@ -64,6 +69,9 @@ class DoCoConfig:
     # in Flat style."); "empty": the empty prompt. --anchor TEXT replaces both.
     anchor: str = "supercategory"
     anchor_images: int = 200           # anchor images the base model draws (spread over the anchor prompts)
+    # x_t for the ablation: "anchor", noised anchor images (the paper); "both", also as many images the base model
+    # draws for the sensitive prompts, so the edit is trained where sampling with them goes (NOTES.md, DoCo).
+    training_images: str = "anchor"
     sample_steps: int = 50             # their sampling steps and guidance
     sample_guidance: float = 7.5
     seed: int = 0
@@ -75,9 +83,15 @@ class DoCoConfig:
                              f"not {self.parameters!r}")
         if self.discriminator_input not in DISCRIMINATOR_INPUTS:
             raise UsageError(f"doco discriminator_input must be x0 or noise, not {self.discriminator_input!r}")
+        if self.training_images not in TRAINING_IMAGES:
+            raise UsageError(f"doco training_images must be anchor or both, not {self.training_images!r}")
         if self.anchor not in ANCHORS:
             raise UsageError(f"doco anchor must be supercategory or empty, not {self.anchor!r}; for another anchor "
                              "text pass --anchor TEXT")
+        from diffusers.optimization import SchedulerType
+        if self.lr_schedule not in {kind.value for kind in SchedulerType}:
+            raise UsageError(f"doco lr_schedule must be one of diffusers' schedulers "
+                             f"({', '.join(kind.value for kind in SchedulerType)}), not {self.lr_schedule!r}")
         for name in ("iterations", "batch_size", "discriminator_width", "discriminator_layers", "anchor_images",
                      "sample_steps"):
             if getattr(self, name) < 1:
@@ -229,11 +243,17 @@ class DoCo(Eraser):
         images, image_anchor = draw_anchor_latents(
             loaded, anchors, cfg.anchor_images, cfg.sample_steps, cfg.sample_guidance, cfg.seed,
             Path(work_dir) / "anchor_latents.safetensors" if work_dir is not None else None)
+        if cfg.training_images == "both":  # index i of a concept image is prompt i's, so it pairs with anchor i
+            concept_images, concept_index = draw_anchor_latents(
+                loaded, prompts, cfg.anchor_images, cfg.sample_steps, cfg.sample_guidance, cfg.seed,
+                Path(work_dir) / "concept_latents.safetensors" if work_dir is not None else None)
+            images, image_anchor = torch.cat([images, concept_images]), torch.cat([image_anchor, concept_index])
         noise_scheduler = DDPMScheduler.from_config(loaded.pipeline.scheduler.config)
         latent_shape = loaded.latent_shape()
         discriminator = PatchDiscriminator(latent_shape[1], cfg.discriminator_width, cfg.discriminator_layers,
                                            latent_shape[-1]).to(loaded.device)
         optimizer = loaded.optimizer(parameters, cfg.lr)
+        schedule = get_scheduler(cfg.lr_schedule, optimizer, num_warmup_steps=0, num_training_steps=cfg.iterations)
         d_optimizer = torch.optim.Adam(discriminator.parameters(), lr=cfg.discriminator_lr, betas=(0.5, 0.999))
 
         def noisy(generator, batch):
@@ -288,12 +308,14 @@ class DoCo(Eraser):
                     g_u = g_u + cfg.preserve_weight * g_p
                 parameter.grad = g_u
             optimizer.step()
+            schedule.step()
             return metrics
 
         unet.train()
         discriminator.train()
         state = {"params": ParameterState(parameters), "opt": optimizer, "discriminator": discriminator,
-                 "discriminator_opt": d_optimizer}
+                 "discriminator_opt": d_optimizer,
+                 "lr_schedule": schedule}
         self.discriminator = discriminator
         self.history = TrainingLoop("doco", cfg.iterations, state, cfg.seed, work_dir, checkpoint_every=50).run(step)
         unet.eval()

@@ -53,6 +53,10 @@ def test_config_is_validated_before_anything_loads():
         build_config("doco", toy=False, overrides={"parameters": "text_encoder"})
     with pytest.raises(UsageError, match="wants a bool"):
         build_config("doco", toy=False, overrides={"surgery": "maybe"})
+    with pytest.raises(UsageError, match="lr_schedule must be one of"):
+        build_config("doco", toy=False, overrides={"lr_schedule": "sometimes"})
+    with pytest.raises(UsageError, match="training_images must be anchor or both"):
+        build_config("doco", toy=False, overrides={"training_images": "concept"})
     with pytest.raises(UsageError, match="anchor must be supercategory or empty"):
         build_config("doco", toy=False, overrides={"anchor": "dog"})
 
@@ -106,6 +110,39 @@ def test_an_interrupted_run_resumes_to_the_same_edit(tiny_pipeline_dirs, tmp_pat
     run(2, tmp_path / "work")
     resumed = run(4, tmp_path / "work")
     straight = run(4, None)
+    assert all(torch.allclose(resumed[k], straight[k], atol=1e-6) for k in straight)
+
+
+def test_a_run_interrupted_mid_schedule_resumes_to_the_same_edit(tiny_pipeline_dirs, tmp_path, monkeypatch):
+    """With a decaying lr and concept images among the training images, a run stopped by an interrupt after a
+    checkpoint at step 2 of 4 (same config) resumes to the uninterrupted edit: the lr schedule is checkpointed."""
+    import erasers.doco as doco
+
+    sd = str(tiny_pipeline_dirs["sd"])
+    options = {**FAST, "lr": 1e-3, "lr_schedule": "cosine", "training_images": "both"}
+
+    class StopsAtTwo(doco.TrainingLoop):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "checkpoint_every": 2})
+
+        def run(self, step_fn):
+            def stopping(step, generator):
+                if step == 2 and self.start == 0 and self.path is not None:  # the checkpointed run only
+                    raise KeyboardInterrupt
+                return step_fn(step, generator)
+            return super().run(stopping)
+
+    def run(work_dir):
+        loaded = load_pipeline(sd, device="cpu")
+        DoCo(build_config("doco", toy=False, overrides=options)).erase(
+            loaded, make_request(["a star"], loaded.tokenizer, toy=False), work_dir)
+        return loaded.denoiser.state_dict()
+
+    monkeypatch.setattr(doco, "TrainingLoop", StopsAtTwo)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "work")
+    resumed = run(tmp_path / "work")
+    straight = run(None)
     assert all(torch.allclose(resumed[k], straight[k], atol=1e-6) for k in straight)
 
 
