@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 from .adversarial import adversarial_prompt, new_adversary, soft_prompt_attack
 from .errors import UsageError
-from .losses import check_contrast, contrast_states, esd_target, predict_noise, sample_partially
+from .losses import (check_contrast, contrast_states, esd_target, predict_noise, sample_partially,
+                     sample_trajectory)
 from .models import LoadedPipeline, text_block_part, text_encoder_final_norm, text_encoder_layers
 from .prompts import EraseRequest, default_retain_prompts
 from .registry import Eraser, register
@@ -57,6 +58,11 @@ class AdvUnlearnConfig:
     attack_init: str = "random"    # each attack starts from "random" words or from the "latest" attack's tokens
     retain_weight: float = 0.3
     retain_batch: int = 5
+    # Where the retain prompts' x_t come from: "per-step", a fresh frozen-model trajectory for every step's retain
+    # batch, as the paper; "cached", one frozen-model trajectory per retain prompt, drawn before training and read
+    # at each step's noise level. The frozen model never changes, so caching only fixes each retain prompt's
+    # starting noise, and saves sampling (retain_batch + 1) trajectories per step (half AdvUnlearn's time on the toy).
+    retain_latents: str = "per-step"
     # Weight of the same ESD loss on the plain concept prompt beside the adversarial one. The paper unlearns on the
     # adversarial prompt alone (0); with layers=all and 5 attack tokens that taught the toy encoder "prefix -> no
     # concept" and left the plain arrow prompts drawing arrows (pre-attack success 90%; with plain_weight 1: 5%).
@@ -73,6 +79,8 @@ class AdvUnlearnConfig:
             raise UsageError(f"advunlearn attack_method must be pgd or sign, not {self.attack_method!r}")
         if self.attack_init not in ("random", "latest"):
             raise UsageError(f"advunlearn attack_init must be random or latest, not {self.attack_init!r}")
+        if self.retain_latents not in ("per-step", "cached"):
+            raise UsageError(f"advunlearn retain_latents must be per-step or cached, not {self.retain_latents!r}")
         check_contrast("advunlearn", self.contrast)
         validate_config(self, "advunlearn")  # numbers: ranges by field name (erasers.validation)
 
@@ -112,10 +120,22 @@ def trainable_parameters(text_encoder: torch.nn.Module, layers: str, component: 
 # back in 6 of 20 prompts) and eta 2, so the target leaves the concept instead of landing on the supercategory
 # caption, which itself draws some arrows (arrow ASR over 20 attacks: 1 token, eta 1: 90%; 5 tokens: 55%; 5 tokens,
 # eta 2: 15%, against ESD-x's 60% in the same table run).
+@torch.no_grad()
+def cached_trajectories(loaded: LoadedPipeline, retain_states, empty, cfg: AdvUnlearnConfig, chunk: int = 16):
+    """For retain_latents=cached: one frozen-model trajectory per retain prompt (in chunks, to bound a GPU's
+    memory), seeded apart from the steps' draws; entry s holds every prompt's latents after s sampling steps."""
+    generator = torch.Generator().manual_seed(cfg.seed + 1)
+    chunks = [sample_trajectory(loaded, loaded.denoiser, retain_states[i:i + chunk], empty, cfg.ddim_steps - 2,
+                                cfg.ddim_steps, cfg.sample_guidance, generator)
+              for i in range(0, len(retain_states), chunk)]
+    return [(torch.cat([path[s][0] for path in chunks]), chunks[0][s][1]) for s in range(cfg.ddim_steps - 1)]
+
+
 @register("advunlearn", "ESD through the text encoder with adversarial prompts in the loop (robust to attacks)",
           toy_defaults={"iterations": 200, "warmup": 50, "lr": 5e-4, "layers": "first", "attack_steps": 10,
                         "attack_every": 5, "attack_init": "latest", "retain_weight": 1.0, "retain_batch": 8,
-                        "ddim_steps": 10, "contrast": "neutral", "attack_tokens": 5, "eta": 2.0})
+                        "ddim_steps": 10, "contrast": "neutral", "attack_tokens": 5, "eta": 2.0,
+                        "retain_latents": "cached"})
 class AdvUnlearn(Eraser):
     config_class = AdvUnlearnConfig
 
@@ -137,6 +157,9 @@ class AdvUnlearn(Eraser):
             contrasts = contrast_states(loaded, request, prompts, cfg.contrast)
             retain_states = loaded.encode_text(retained) if retained else None
         retain_batch = min(cfg.retain_batch, len(retained)) if cfg.retain_weight > 0 else 0
+        retain_path = None
+        if retain_batch and cfg.retain_latents == "cached":
+            retain_path = cached_trajectories(loaded, retain_states, empty, cfg)
         optimizer = loaded.optimizer(parameters, cfg.lr)
         adversary = new_adversary(cfg.attack, cfg.attack_tokens, loaded, torch.Generator().manual_seed(cfg.seed))
 
@@ -163,8 +186,11 @@ class AdvUnlearn(Eraser):
             with torch.no_grad():
                 # x_t: the frozen model's partial trajectory for the concept (and the retain prompts), as
                 # AdvUnlearn samples it with the original text encoder.
-                x_t, t = sample_partially(loaded, unet, teacher_states, empty, stop, cfg.ddim_steps,
+                sampled = teacher_states if retain_path is None else teacher_states[:1]
+                x_t, t = sample_partially(loaded, unet, sampled, empty, stop, cfg.ddim_steps,
                                           cfg.sample_guidance, generator)
+                if retain_path is not None and picked:
+                    x_t = torch.cat([x_t, retain_path[stop][0][picked]])
                 eps_contrast = predict_noise(unet, x_t[:1], t, contrasts[k:k + 1])
                 eps_teacher = predict_noise(unet, x_t, t, teacher_states)
                 targets = torch.cat([esd_target(eps_teacher[:1], eps_teacher[:1], eps_contrast, cfg.eta),

@@ -186,7 +186,7 @@ def _toy_path(value: str, toy_dir: Path) -> str:
 # Toy defaults measured on ToyCanvas (benchmarks/method_table.py; benchmarks/results/NOTES.md).
 @register("coerasing", "Co-Erasing: ESD with text, then with the concept's images through an IP-Adapter",
           toy_defaults={"parameters": "xattn", "lr": 3e-4, "text_iterations": 200,
-                        "image_iterations": 100, "ddim_steps": 25, "contrast": "neutral", "image_count": 100,
+                        "image_iterations": 100, "ddim_steps": 10, "contrast": "neutral", "image_count": 100,
                         "refine_clip": "toy", "ip_adapter": "toy", "ip_adapter_subfolder": "",
                         "ip_adapter_weight": "ip-adapter.safetensors"})
 class CoErasing(Eraser):

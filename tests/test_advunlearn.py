@@ -31,6 +31,7 @@ def run_advunlearn(concept: str, options: dict):
     ({"layers": "all", "component": "attn", "attack": "discrete", "attack_method": "sign", "attack_lr": 0.01},
      ("self_attn",), ("layers.0.self_attn", "layers.3.self_attn")),
     ({"layers": "all"}, ("encoder.layers.", "final_layer_norm"), ("layers.3.mlp", "final_layer_norm")),
+    ({"layers": "first", "retain_latents": "per-step", "retain_batch": 2}, ("layers.0.",), ("layers.0.mlp",)),
 ])
 def test_only_the_chosen_text_encoder_parameters_change(options, allowed, required):
     _, changed = run_advunlearn("arrow", {**TINY, **options})
@@ -44,6 +45,35 @@ def test_bad_layer_choice_is_a_usage_error():
 
     with pytest.raises(UsageError, match="block indices 0..3"):
         run_advunlearn("arrow", {**TINY, "layers": "7"})
+
+
+def test_bad_retain_latents_is_a_usage_error():
+    from erasers.errors import UsageError
+
+    with pytest.raises(UsageError, match="per-step or cached"):
+        build_config("advunlearn", True, {"retain_latents": "fresh"})
+
+
+def test_cached_retain_latents_hold_every_retain_prompts_trajectory_at_every_level():
+    """retain_latents=cached: entry s holds each retain prompt's latent after s steps of the frozen model's
+    sampling, at the timestep a step drawing s samples at; chunking does not mix prompts up."""
+    from erasers.advunlearn import cached_trajectories
+    from erasers.losses import sample_partially
+
+    loaded = load_pipeline("toy", device="cpu")
+    config = build_config("advunlearn", True, {"ddim_steps": 5})
+    retained = ["A star image in Dots style.", "A moon image in Rings style.", "A tree image in Stripes style."]
+    with torch.no_grad():
+        states, empty = loaded.encode_text(retained), loaded.adapter.unconditional()
+        path = cached_trajectories(loaded, states, empty, config, chunk=2)
+        _, t_step = sample_partially(loaded, loaded.denoiser, states[:1], empty, 2, 5, 3.0, torch.Generator())
+    assert len(path) == config.ddim_steps - 1 and all(latents.shape[0] == 3 for latents, _ in path)
+    assert int(path[2][1]) == int(t_step)
+    last = path[-1][0]
+    assert not torch.allclose(last[0], last[1]) and not torch.allclose(last[1], last[2])
+    # The same seed gives the same cache: a resumed run trains on the same retain latents.
+    again = cached_trajectories(loaded, states, empty, config, chunk=2)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(path, again))
 
 
 @pytest.mark.slow
