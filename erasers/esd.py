@@ -76,6 +76,8 @@ def trainable_parameters(loaded: LoadedPipeline, which: str) -> list[torch.nn.Pa
 # Toy defaults measured on ToyCanvas (benchmarks/method_table.py; README): the tiny UNet needs larger steps than
 # SD's 1e-5 to reach UA >= 90% in a few hundred iterations, and the neutral contrast: guided away from the empty
 # prompt, ESD-x erased the objects of the Stripes captions and left the stripes (UA 5%), ESD-u half the arrows.
+# x_t is drawn in 10 DDIM steps, as AdvUnlearn's: with 25, sampling was most of a step's cost and the
+# benchmark's UA the same (benchmarks/results/NOTES.md, "Benchmark cost").
 @register("esd-x", "ESD on the UNet's cross-attention (styles, artists)", parameters="xattn",
           toy_defaults={"lr": 3e-4, "iterations": 300, "ddim_steps": 10, "contrast": "neutral"})
 @register("esd-u", "ESD on the UNet outside cross-attention (global concepts such as nudity)", parameters="noxattn",
