@@ -16,18 +16,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import tempfile
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from benchmarks.erasure_bench import erase_in_fresh_process
 from benchmarks.toycanvas import CLASSIFIER_DIR, world
 from benchmarks.toycanvas.classifier import ToyClassifier
 from benchmarks.unlearncanvas import AnswerSet, classify_answer_set, score
 from erasers.attack import attack_success_rate
 from erasers.edits import apply_edits, read_edit
 from erasers.models import load_pipeline
-from erasers.run import erase
 
 RESULTS = Path(__file__).parent / "results" / "method_table.json"
 METHODS = ["esd-x", "esd-u", "uce", "hirm", "advunlearn", "doco", "doco-nosurgery", "doco-noadv", "coerasing",
@@ -110,12 +108,10 @@ def paraphrase_ua(loaded, classifier, concept: str, seeds: tuple[int, ...]) -> f
 
 
 def _erase_in_fresh_process(method: str, concept: str, out: Path, options: dict | None) -> Path:
-    """Each erase runs in a new process, so its recorded peak memory (the process's peak RSS on a CPU) is its own,
-    not the benchmark's running maximum."""
+    """The method's variant options, erased in a new process (its recorded peak memory is its own)."""
     method, variant_options = VARIANTS.get(method, (method, {}))
     options = {**variant_options, **(options or {})}
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(erase, "toy", method, [concept], out, options=options).result()
+    return erase_in_fresh_process("toy", method, [concept], out, options)
 
 
 def _save(results: dict, path: Path) -> None:
