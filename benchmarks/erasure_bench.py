@@ -235,8 +235,8 @@ def run(bench: Benchmark, methods: list[str], concepts: list[str], given_edits: 
     (out / "results.json.tmp").replace(out / "results.json")
     from benchmarks.report import write_report
 
-    write_report(results, out, lambda set_name, key: runner.image_path(runner.manifest.read(), set_name,
-                                                                        ImageJob(key, "", 0)))
+    done = runner.manifest.read()  # once: a grid looks up hundreds of images (re-reading it took 80 s)
+    write_report(results, out, lambda set_name, key: runner.image_path(done, set_name, ImageJob(key, "", 0)))
     return results
 
 
