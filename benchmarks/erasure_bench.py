@@ -23,7 +23,7 @@ from benchmarks.metrics import Record, accuracy_scores, unlearncanvas_scores
 from benchmarks.runner import ImageJob, Runner
 from erasers.edits import apply_edits, read_edit
 from erasers.errors import UsageError
-from erasers.registry import available_methods, get_method
+from erasers.registry import METHOD_MODULES, available_methods, get_method
 
 
 @dataclass
@@ -132,8 +132,8 @@ def plan_edits(bench: Benchmark, methods: list[str], concepts: list[str], given:
 
 
 # What every erase imports, loaded once by the fork server rather than once per erase (about 7 s on a CPU).
-_ERASE_PRELOAD = ["torch", "diffusers", "transformers", "erasers.run", "erasers.advunlearn", "erasers.coerasing",
-                  "erasers.doco", "erasers.esd", "erasers.hirm", "erasers.uce"]
+_ERASE_PRELOAD = ["torch", "diffusers", "transformers", "erasers.run",
+                  *(f"erasers.{module}" for module in METHOD_MODULES)]
 
 
 def run_in_fresh_process(function: Callable, *args, **kwargs):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -49,9 +50,13 @@ def register(name: str, summary: str, toy_defaults: dict[str, Any] | None = None
     return wrap
 
 
+# The modules whose import fills the registry (their @register decorators).
+METHOD_MODULES = ("advunlearn", "coerasing", "doco", "esd", "hirm", "uce")
+
+
 def _load_methods() -> None:
-    # Importing the method modules fills the registry.
-    from . import advunlearn, coerasing, doco, esd, hirm, uce  # noqa: F401
+    for module in METHOD_MODULES:
+        importlib.import_module(f"{__package__}.{module}")
 
 
 def available_methods() -> dict[str, MethodEntry]:
