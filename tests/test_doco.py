@@ -59,6 +59,22 @@ def test_config_is_validated_before_anything_loads():
         build_config("doco", toy=False, overrides={"training_images": "concept"})
     with pytest.raises(UsageError, match="anchor must be supercategory or empty"):
         build_config("doco", toy=False, overrides={"anchor": "dog"})
+    with pytest.raises(UsageError, match="anchor_overshoot must not be negative"):
+        build_config("doco", toy=False, overrides={"anchor_overshoot": "-1"})
+
+
+def test_anchor_overshoot_aims_past_the_anchor_away_from_the_concept(tiny_pipeline_dirs):
+    """At the first step the trained UNet is still the frozen one, so its ablation loss is the distance to the
+    target: || eps(c*) - eps(c) ||^2 for the paper's target, (1 + eta)^2 times that for eps(c) - eta (eps(c*) - eps(c))."""
+    first_losses = {}
+    for eta in (0.0, 1.0):
+        loaded = load_pipeline(str(tiny_pipeline_dirs["sd"]), device="cpu")
+        options = {**FAST, "iterations": 1, "adversarial": "false", "surgery": "false", "anchor_overshoot": str(eta)}
+        eraser = DoCo(build_config("doco", toy=False, overrides=options))
+        eraser.erase(loaded, make_request(["a star"], loaded.tokenizer, toy=False))
+        first_losses[eta] = eraser.history[0]["loss"]
+    assert first_losses[0.0] > 0
+    assert first_losses[1.0] == pytest.approx(4 * first_losses[0.0], rel=1e-3), first_losses
 
 
 def test_doco_trains_cross_attention_and_its_discriminator(tiny_pipeline_dirs):
