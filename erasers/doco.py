@@ -6,6 +6,9 @@ Concept ablation made to generalise and to keep the rest of the model:
              prediction for its anchor prompt c (the concept replaced by its supercategory word, or --anchor), on
              x_t made by noising anchor images that the base model draws (cached and seeded, as Concept Ablation):
                  L_abl = || eps_theta(x_t, c*, t) - eps_frozen(x_t, c, t) ||^2
+             (`anchor_overshoot` eta > 0 aims past the anchor, away from the concept: the target becomes
+             eps_frozen(x_t, c, t) - eta (eps_frozen(x_t, c*, t) - eps_frozen(x_t, c, t)); the toy default, where
+             guidance amplified what the plain target left of the arrow)
   domain     a small PatchGAN discriminator D reads noise predictions and learns to tell the frozen model's anchor
   correction outputs (real) from the trained model's sensitive outputs (fake); after `warmup_steps` of plain
              ablation the UNet also learns to fool it, L_adv = BCE(D(eps_theta(x_t, c*, t)), real), which aligns
