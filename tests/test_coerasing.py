@@ -203,7 +203,6 @@ def test_bad_image_folders_are_usage_errors(tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="not rerun since generate_with_images was fixed; the toy IP-Adapter is at 60% of its 80% bar")
 def test_coerasing_erases_the_arrow_under_text_and_images_and_keeps_other_objects(tmp_path):
     from benchmarks.unlearncanvas import AnswerSet, classify_answer_set, score
 
