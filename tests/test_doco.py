@@ -65,7 +65,8 @@ def test_config_is_validated_before_anything_loads():
 
 def test_anchor_overshoot_aims_past_the_anchor_away_from_the_concept(tiny_pipeline_dirs):
     """At the first step the trained UNet is still the frozen one, so its ablation loss is the distance to the
-    target: || eps(c*) - eps(c) ||^2 for the paper's target, (1 + eta)^2 times that for eps(c) - eta (eps(c*) - eps(c))."""
+    target: || eps(c*) - eps(c) ||^2 for the paper's target, (1 + eta)^2 times that for
+    eps(c) - eta (eps(c*) - eps(c))."""
     first_losses = {}
     for eta in (0.0, 1.0):
         loaded = load_pipeline(str(tiny_pipeline_dirs["sd"]), device="cpu")
