@@ -210,7 +210,7 @@ def draw_anchor_latents(loaded: LoadedPipeline, anchors: list[str], count: int, 
 # third of the arrow-vs-anchor difference at every timestep, and guidance 5 multiplies that residual; decayed lr,
 # larger batches, weaker or noise-reading discriminators and training on the concept's own images did not close it.
 # Aiming past the anchor (anchor_overshoot 1) with the preservation loss added to the surgery (preserve_weight 1)
-# did, at seeds 188+288: arrow UA 100%, IRA 72.8%, CRA 99.4% (base IRA 84.4%; ESD-x's toy row IRA 62.8%); Stripes
+# did, at seeds 188+288: arrow UA 100%, IRA 72.8%, CRA 99.4% (base IRA 84.4%; ESD-x's toy row IRA 69.4%); Stripes
 # UA 100%, IRA 97.8%, CRA 84.4% (base CRA 85.0%). Overshoot 0.5 without the preservation loss: arrow UA 85%, IRA
 # 68.3%; preserve_weight 3: arrow UA 90%, IRA 75.6%.
 TOY_DEFAULTS = {"lr": 3e-4, "iterations": 300, "batch_size": 4, "warmup_steps": 50, "discriminator_lr": 5e-4,

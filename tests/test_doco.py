@@ -63,13 +63,14 @@ def test_config_is_validated_before_anything_loads():
         build_config("doco", toy=False, overrides={"anchor_overshoot": "-1"})
 
 
-def test_anchor_overshoot_aims_past_the_anchor_away_from_the_concept(tiny_pipeline_dirs):
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_anchor_overshoot_aims_past_the_anchor_away_from_the_concept(tiny_pipeline_dirs, family):
     """At the first step the trained UNet is still the frozen one, so its ablation loss is the distance to the
     target: || eps(c*) - eps(c) ||^2 for the paper's target, (1 + eta)^2 times that for
     eps(c) - eta (eps(c*) - eps(c))."""
     first_losses = {}
     for eta in (0.0, 1.0):
-        loaded = load_pipeline(str(tiny_pipeline_dirs["sd"]), device="cpu")
+        loaded = load_pipeline(str(tiny_pipeline_dirs[family]), device="cpu")
         options = {**FAST, "iterations": 1, "adversarial": "false", "surgery": "false", "anchor_overshoot": str(eta)}
         eraser = DoCo(build_config("doco", toy=False, overrides=options))
         eraser.erase(loaded, make_request(["a star"], loaded.tokenizer, toy=False))
