@@ -51,11 +51,13 @@ def _complete_text_only_attn1(unet, ip_weights: dict[str, torch.Tensor] | None) 
     from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 
     processors = dict(unet.attn_processors)
+    projection = unet.encoder_hid_proj.image_projection_layers[0]
+    tokens = getattr(projection, "num_tokens", getattr(projection, "num_image_text_embeds", IMAGE_TOKENS))
     for index, name in _text_only_attn1(unet):
         attention = _processor_module(unet, name)
         processor = IPAdapterAttnProcessor2_0(hidden_size=attention.to_q.out_features,
                                               cross_attention_dim=unet.config.cross_attention_dim,
-                                              num_tokens=(IMAGE_TOKENS,), scale=1.0)
+                                              num_tokens=(tokens,), scale=1.0)
         if ip_weights is not None:
             keys = (f"{index}.to_k_ip.weight", f"{index}.to_v_ip.weight")
             if not all(key in ip_weights for key in keys):
@@ -103,16 +105,33 @@ def load_ip_adapter(loaded: LoadedPipeline, source: str | Path, subfolder: str |
     loaded.pipeline.set_ip_adapter_scale(scale)
 
 
-def add_ip_adapter(loaded: LoadedPipeline, image_encoder, seed: int = 0) -> None:
-    """A fresh adapter for `image_encoder` (a CLIPVisionModelWithProjection): random projection, IP keys/values
-    initialised from the text keys/values (as the IP-Adapter paper does). Loaded through diffusers' own
-    `load_ip_adapter` from a state dict."""
+def add_ip_adapter(loaded: LoadedPipeline, image_encoder, seed: int = 0, tokens: int = IMAGE_TOKENS,
+                   hidden_multiplier: int = 0) -> None:
+    """A fresh adapter for `image_encoder` (a CLIPVisionModelWithProjection), IP keys/values initialised from the
+    text keys/values (as the IP-Adapter paper does), loaded through diffusers' own `load_ip_adapter` from a state
+    dict. Its image projection: with `hidden_multiplier` 0, the published SD 1.5 adapter's (a linear layer to 4
+    tokens and a LayerNorm: diffusers' `ImageProjection`, whose token count diffusers fixes at 4); else an MLP
+    (hidden width `hidden_multiplier` x the embedding's) to `tokens` tokens and a LayerNorm, diffusers'
+    `IPAdapterFaceIDImageProjection` (the layout of the published FaceID adapters, which diffusers recognises by
+    its keys and reads the token count from)."""
     unet = loaded.denoiser
     generator = torch.Generator().manual_seed(seed)
     width, embed_dim = unet.config.cross_attention_dim, image_encoder.config.projection_dim
-    image_proj = {"proj.weight": torch.randn(IMAGE_TOKENS * width, embed_dim, generator=generator) / embed_dim ** 0.5,
-                  "proj.bias": torch.zeros(IMAGE_TOKENS * width),
-                  "norm.weight": torch.ones(width), "norm.bias": torch.zeros(width)}
+
+    def linear(rows, columns):
+        return torch.randn(rows, columns, generator=generator) / columns ** 0.5, torch.zeros(rows)
+
+    norm = {"norm.weight": torch.ones(width), "norm.bias": torch.zeros(width)}
+    if hidden_multiplier:
+        (w0, b0), (w2, b2) = linear(embed_dim * hidden_multiplier, embed_dim), linear(
+            tokens * width, embed_dim * hidden_multiplier)
+        image_proj = {"proj.0.weight": w0, "proj.0.bias": b0, "proj.2.weight": w2, "proj.2.bias": b2, **norm}
+    elif tokens != IMAGE_TOKENS:
+        raise UsageError(f"diffusers' linear ImageProjection has {IMAGE_TOKENS} tokens; for {tokens} pass "
+                         "hidden_multiplier (an MLP projection)")
+    else:
+        weight, bias = linear(IMAGE_TOKENS * width, embed_dim)
+        image_proj = {"proj.weight": weight, "proj.bias": bias, **norm}
     ip_layers = {}
     for index, name in enumerate(unet.attn_processors):
         if not name.endswith("attn1.processor"):
@@ -135,10 +154,18 @@ def ip_adapter_parameters(unet) -> list[nn.Parameter]:
 
 
 def ip_adapter_state_dict(unet) -> dict[str, torch.Tensor]:
-    """The UNet's adapter in the published flat format: `image_proj.proj.*`, `image_proj.norm.*` and
-    `ip_adapter.{processor index}.to_{k,v}_ip.weight`."""
+    """The UNet's adapter in the published flat format: `image_proj.proj.*` (the MLP projection's
+    `image_proj.proj.{0,2}.*`), `image_proj.norm.*` and `ip_adapter.{processor index}.to_{k,v}_ip.weight`."""
     projection = unet.encoder_hid_proj.image_projection_layers[0]
-    state = {f"image_proj.{k.replace('image_embeds', 'proj')}": v for k, v in projection.state_dict().items()}
+    published = {"image_embeds": "proj", "ff.net.0.proj": "proj.0", "ff.net.2": "proj.2"}
+
+    def published_name(key):
+        for diffusers_name, name in published.items():
+            if key.startswith(diffusers_name + "."):
+                return name + key[len(diffusers_name):]
+        return key
+
+    state = {f"image_proj.{published_name(k)}": v for k, v in projection.state_dict().items()}
     for index, (name, processor) in enumerate(unet.attn_processors.items()):
         if hasattr(processor, "to_k_ip"):
             state[f"ip_adapter.{index}.to_k_ip.weight"] = processor.to_k_ip[0].weight

@@ -113,9 +113,43 @@ def test_missing_ip_adapter_is_a_usage_error(tiny_pipeline_dirs, tmp_path):
         ip_adapter.load_ip_adapter(loaded, tmp_path / "empty")
 
 
-# The toy adapter's bar (weights/ip_adapter/quality.json, 100 generations) is 80%; the shipped one reaches 60% with
-# the empty prompt (chance 10%), so this checks the direction only: generation follows the image's object far above
-# chance. (Until the batch fix in generate_with_images every adapter measured at chance.)
+def test_mlp_projection_adapter_saves_and_loads_through_diffusers(tiny_pipeline_dirs, tmp_path):
+    # The toy adapter's layout: an MLP projection to more than 4 tokens, which diffusers loads as its FaceID
+    # projection and reads the token count from.
+    from diffusers.models.embeddings import IPAdapterFaceIDImageProjection
+
+    loaded = load_pipeline(str(tiny_pipeline_dirs["sd"]), device="cpu")
+    encoder = tiny_image_encoder()
+    with pytest.raises(UsageError, match="has 4 tokens"):
+        ip_adapter.add_ip_adapter(loaded, encoder, tokens=6)
+    ip_adapter.add_ip_adapter(loaded, encoder, tokens=6, hidden_multiplier=2)
+    projection = loaded.denoiser.encoder_hid_proj.image_projection_layers[0]
+    with torch.no_grad():
+        for parameter in projection.parameters():  # away from the init, so the round trip is checked on weights
+            parameter.add_(torch.randn(parameter.shape, generator=torch.Generator().manual_seed(2)) * 0.1)
+    (tmp_path / "adapter").mkdir()
+    ip_adapter.save_ip_adapter(loaded.denoiser, encoder, tmp_path / "adapter", dtype=torch.float32)
+
+    reloaded = load_pipeline(str(tiny_pipeline_dirs["sd"]), device="cpu")
+    ip_adapter.load_ip_adapter(reloaded, tmp_path / "adapter")
+    projection_back = reloaded.denoiser.encoder_hid_proj.image_projection_layers[0]
+    assert isinstance(projection_back, IPAdapterFaceIDImageProjection) and projection_back.num_tokens == 6
+    saved, back = ip_adapter.ip_adapter_state_dict(loaded.denoiser), ip_adapter.ip_adapter_state_dict(reloaded.denoiser)
+    assert saved.keys() == back.keys() and all(torch.equal(saved[k], back[k]) for k in saved)
+    embeds = torch.randn(2, IMAGE_DIM, generator=torch.Generator().manual_seed(3))
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    text = loaded.encode_text(["a star", "a star"]).detach()
+    with torch.no_grad():
+        before = ip_adapter.predict_noise_with_images(loaded.denoiser, latents, 10, text, embeds)
+        after = ip_adapter.predict_noise_with_images(reloaded.denoiser, latents, 10, text, embeds)
+        blank = ip_adapter.predict_noise_with_images(reloaded.denoiser, latents, 10, text, torch.zeros_like(embeds))
+    assert torch.allclose(before, after, atol=1e-5)
+    assert (after - blank).abs().max() > 1e-3, "the image embedding must change the prediction"
+
+
+# The toy adapter's bar (weights/ip_adapter/quality.json, 100 generations) is 80%; the shipped one reaches 81% with
+# the empty prompt (chance 10%). On these 10 generations: generation follows the image's object far above chance.
+# (Until the batch fix in generate_with_images every adapter measured at chance.)
 def test_toy_ip_adapter_conditions_generation_on_the_images_object():
     loaded = load_pipeline("toy", device="cpu")
     ip_adapter.load_ip_adapter(loaded, IP_ADAPTER_DIR)
@@ -125,7 +159,7 @@ def test_toy_ip_adapter_conditions_generation_on_the_images_object():
                                                 progress=False)
     predicted = ToyClassifier.from_pretrained(CLASSIFIER_DIR).predict(generated)[0]
     accuracy = np.mean([p == t for p, t in zip(predicted, names)])
-    assert accuracy >= 0.4, list(zip(names, predicted))
+    assert accuracy >= 0.6, list(zip(names, predicted))
 
 
 def test_refinement_moves_image_embeddings_toward_the_concept_text():

@@ -37,6 +37,16 @@ class BuildConfig:
     unet_batch: int = 64
     # The toy IP-Adapter (stage ip-adapter): trained on freshly rendered images with the UNet frozen.
     ip_adapter_images: int = 6_000
+    # The adapter's copy of the toy CLIP's vision tower is first trained further against the frozen text tower
+    # (locked-text tuning): the CLIP stage leaves it naming the object of 89% of images, the toy classifier 100%.
+    ip_adapter_encoder_steps: int = 1_500
+    ip_adapter_encoder_images: int = 30_000
+    ip_adapter_encoder_lr: float = 3e-4
+    # An MLP image projection to 16 tokens (diffusers' IPAdapterFaceIDImageProjection layout): the published
+    # linear projection to 4 tokens blurred the object between neighbours, and 4 tokens cannot stand in for a
+    # caption's states.
+    ip_adapter_tokens: int = 16
+    ip_adapter_hidden_multiplier: int = 4
     ip_adapter_init_steps: int = 1_500
     ip_adapter_steps: int = 800
     # Weight of the distillation term in the denoising phase (0: the IP-Adapter paper's denoising loss alone).
