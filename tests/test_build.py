@@ -52,3 +52,20 @@ def test_unknown_stage_is_a_usage_error(capsys):
 
     assert main(["toy", "build", "paint"]) == 2
     assert "unknown stage 'paint'" in capsys.readouterr().err
+
+
+def test_ip_adapter_image_encoder_is_tuned_once_and_kept(tmp_path):
+    # The ip-adapter stage's first step: the vision tower's copy trained against the frozen text tower, written to
+    # the build directory whole, and read back (not trained again) when the stage resumes.
+    from transformers import CLIPVisionModelWithProjection
+
+    from benchmarks.toycanvas import CLIP_DIR
+    from benchmarks.toycanvas.build.train_ip_adapter import _tuned_image_encoder
+
+    cfg = build.BuildConfig(build_dir=str(tmp_path), ip_adapter_encoder_images=200, ip_adapter_encoder_steps=3)
+    original = CLIPVisionModelWithProjection.from_pretrained(CLIP_DIR).state_dict()
+    tuned = _tuned_image_encoder(cfg).state_dict()
+    assert any(not torch.equal(tuned[k], original[k]) for k in original), "the fine-tune must move the encoder"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "ip_adapter_image_encoder", "logs"]
+    again = _tuned_image_encoder(cfg).state_dict()
+    assert all(torch.equal(again[k], tuned[k]) for k in tuned)

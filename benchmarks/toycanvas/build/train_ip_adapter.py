@@ -152,16 +152,20 @@ def _read_images_as_captions(cfg: BuildConfig, loaded, embeds, caption_index, ca
         idx = torch.randint(len(embeds), (256,), generator=generator)
         blank = torch.rand(256, generator=generator) < 0.1
         shown = torch.where(blank, empty_index, caption_index[idx])
-        loss = F.mse_loss(projection(embeds[idx] * ~blank[:, None]), targets[shown])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        return {"loss": loss.item()}
+        return _update(F.mse_loss(projection(embeds[idx] * ~blank[:, None]), targets[shown]), optimizer, schedule)
 
     TrainingLoop("ip-adapter-init", cfg.ip_adapter_init_steps,
                  {"projection": projection, "opt": optimizer, "sched": schedule}, cfg.seed, cfg.build_dir,
                  cfg.checkpoint_every).run(step)
+
+
+def _update(loss: torch.Tensor, optimizer, schedule) -> dict[str, float]:
+    """One optimiser and schedule step on `loss`; the step's log entry."""
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    schedule.step()
+    return {"loss": loss.item()}
 
 
 def _tuned_image_encoder(cfg: BuildConfig):
@@ -201,12 +205,7 @@ def _tuned_image_encoder(cfg: BuildConfig):
         # make_dataset cycles through the pairs, so rows k * pairs + p are all of pair p.
         picked = torch.randint(len(pixels) // pairs, (pairs,), generator=generator) * pairs + torch.arange(pairs)
         embedded = F.normalize(encoder(normalize_for_clip(augment(pixels[picked], generator))).image_embeds, dim=-1)
-        loss = F.cross_entropy(scale * embedded @ text.T, labels[picked])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        return {"loss": loss.item()}
+        return _update(F.cross_entropy(scale * embedded @ text.T, labels[picked]), optimizer, schedule)
 
     TrainingLoop("ip-adapter-image-encoder", cfg.ip_adapter_encoder_steps,
                  {"encoder": encoder, "opt": optimizer, "sched": schedule}, cfg.seed, cfg.build_dir,
