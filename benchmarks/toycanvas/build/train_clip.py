@@ -38,6 +38,13 @@ def normalize_for_clip(images: torch.Tensor) -> torch.Tensor:
     return (images - mean) / std
 
 
+def pair_captions() -> list[str]:
+    """The 100 captions in the datasets' pair order: caption p is object p % 10 in style p // 10, the pair that
+    make_dataset's image i shows for p = i % 100."""
+    return [caption(OBJECTS[p % len(OBJECTS)], STYLES[p // len(OBJECTS)])
+            for p in range(len(OBJECTS) * len(STYLES))]
+
+
 def stage_clip(cfg: BuildConfig) -> None:
     from transformers import CLIPImageProcessor, CLIPModel
 
@@ -45,10 +52,10 @@ def stage_clip(cfg: BuildConfig) -> None:
 
     images, objects, styles = load_data(cfg, "train")
     tokenizer = build_clip_tokenizer(Path(cfg.build_dir) / "tokenizer")
-    pairs = len(OBJECTS) * len(STYLES)
+    captions = pair_captions()
+    pairs = len(captions)
     # The dataset lays pairs out cyclically (image i shows pair i % pairs), so one image per pair is a batch of
     # 100 distinct captions: the plain CLIP loss then has exactly one positive per row.
-    captions = [caption(OBJECTS[p % len(OBJECTS)], STYLES[p // len(OBJECTS)]) for p in range(pairs)]
     # Padding to the longest caption rather than 77 is 7x cheaper and changes nothing: the text transformer is
     # causal, so the pooled end-of-text state never sees the padding.
     tokens = tokenizer(captions, padding="longest", return_tensors="pt")

@@ -168,12 +168,26 @@ def _update(loss: torch.Tensor, optimizer, schedule) -> dict[str, float]:
     return {"loss": loss.item()}
 
 
+@torch.no_grad()
+def _caption_text_features(clip_dir: Path) -> tuple[torch.Tensor, float]:
+    """The toy CLIP's unit text embeddings of the 100 captions (train_clip.pair_captions' order) and its logit
+    scale: what the encoder fine-tune trains against and the zero-shot accuracy reads with."""
+    from transformers import CLIPModel, CLIPTokenizer
+
+    from .train_clip import pair_captions
+
+    clip = CLIPModel.from_pretrained(clip_dir, dtype=torch.float32).eval()
+    tokens = CLIPTokenizer.from_pretrained(clip_dir)(pair_captions(), padding="longest", return_tensors="pt")
+    text = clip.get_text_features(**tokens)
+    return F.normalize(getattr(text, "pooler_output", text), dim=-1), clip.logit_scale.exp().item()
+
+
 def _tuned_image_encoder(cfg: BuildConfig):
     """The toy CLIP's vision tower trained further against its frozen text tower (LiT, Zhai et al. 2022): the
     contrastive loss of each image against all 100 captions "A {object} image in {style} style.", one image of
     every caption per batch, the CLIP stage's augmentation and logit scale. Kept in the build directory."""
     from diffusers.optimization import get_scheduler
-    from transformers import CLIPModel, CLIPTokenizer, CLIPVisionModelWithProjection
+    from transformers import CLIPVisionModelWithProjection
 
     from .data import augment, to_tensor
     from .train_clip import normalize_for_clip
@@ -185,18 +199,10 @@ def _tuned_image_encoder(cfg: BuildConfig):
     encoder = CLIPVisionModelWithProjection.from_pretrained(clip_dir, dtype=torch.float32)
     if not cfg.ip_adapter_encoder_steps:
         return encoder.eval()
-    clip = CLIPModel.from_pretrained(clip_dir, dtype=torch.float32).eval()
-    tokenizer = CLIPTokenizer.from_pretrained(clip_dir)
-    captions = [caption(OBJECTS[p % len(OBJECTS)], STYLES[p // len(OBJECTS)])
-                for p in range(len(OBJECTS) * len(STYLES))]  # index p = object + 10 * style, make_dataset's pairs
-    with torch.no_grad():
-        text = clip.get_text_features(**tokenizer(captions, padding="longest", return_tensors="pt"))
-        text = F.normalize(getattr(text, "pooler_output", text), dim=-1)
-    scale = clip.logit_scale.exp().item()
-    del clip
+    text, scale = _caption_text_features(clip_dir)
     images, objects, styles = make_dataset(cfg.ip_adapter_encoder_images, cfg.seed + 777)
-    pixels, labels = to_tensor(images), torch.from_numpy(objects + len(OBJECTS) * styles)
-    pairs = len(captions)
+    pixels, labels = to_tensor(images), torch.from_numpy(objects + len(OBJECTS) * styles)  # pair_captions' index
+    pairs = len(text)
     optimizer = torch.optim.AdamW(encoder.parameters(), lr=cfg.ip_adapter_encoder_lr, weight_decay=0.05)
     schedule = get_scheduler("cosine", optimizer, num_warmup_steps=50, num_training_steps=cfg.ip_adapter_encoder_steps)
     encoder.train()
@@ -286,17 +292,10 @@ def measure_ip_adapter(weights_dir: Path, count_per_object: int = 5, seeds=(0, 1
 def zero_shot_object_accuracy(image_encoder, clip_dir: Path, count: int = 1000, seed: int = 4242) -> float:
     """How often the image encoder names the object of a fresh ToyCanvas image: the nearest of the 100 captions
     under the toy CLIP's text tower (the ceiling of what an adapter on this encoder can pass on)."""
-    from transformers import CLIPModel, CLIPTokenizer
-
     from .data import to_tensor
     from .train_clip import normalize_for_clip
 
-    clip = CLIPModel.from_pretrained(clip_dir, dtype=torch.float32).eval()
-    tokenizer = CLIPTokenizer.from_pretrained(clip_dir)
-    captions = [caption(OBJECTS[p % len(OBJECTS)], STYLES[p // len(OBJECTS)])
-                for p in range(len(OBJECTS) * len(STYLES))]
-    text = clip.get_text_features(**tokenizer(captions, padding="longest", return_tensors="pt"))
-    text = F.normalize(getattr(text, "pooler_output", text), dim=-1)
+    text, _ = _caption_text_features(clip_dir)
     images, objects, _ = make_dataset(count, seed)
     embedded = image_encoder.float()(normalize_for_clip(to_tensor(images))).image_embeds
     nearest = (F.normalize(embedded, dim=-1) @ text.T).argmax(1) % len(OBJECTS)
