@@ -39,7 +39,7 @@ from torch import nn
 
 from .errors import UsageError
 from .esd import PARAMETER_SETS, trainable_parameters
-from .losses import check_contrast, contrast_states, esd_target, frozen_copy, predict_noise, sample_partially
+from .losses import FrozenOriginal, check_contrast, contrast_states, esd_target, predict_noise, sample_partially
 from .models import LoadedPipeline
 from .prompts import EraseRequest
 from .registry import Eraser, register
@@ -201,10 +201,11 @@ class CoErasing(Eraser):
         loaded.refuse("coerasing", ("sd",), "its image conditions go through an SD 1.x/2.x IP-Adapter")
         torch.manual_seed(cfg.seed)
         unet = loaded.denoiser
-        teacher = frozen_copy(unet)
         unet.requires_grad_(False)
         loaded.text_encoder.requires_grad_(False)
         parameters = loaded.make_trainable(trainable_parameters(loaded, cfg.parameters), unet)
+        # Called with the adapter loaded (stage 2), it is the adapted UNet with the original weights.
+        teacher = FrozenOriginal(unet, parameters)
         prompts = request.erase_prompts()
         with torch.no_grad():
             empty = loaded.adapter.unconditional()
@@ -247,10 +248,6 @@ class CoErasing(Eraser):
             embeds = refine_embeddings(embeds, direction, cfg.refine_strength)
             del clip_model
         self.image_embeds = embeds.detach()
-        # The teacher with the same adapter: a copy of the adapted student holding the original weights.
-        teacher_ip = frozen_copy(unet)
-        teacher_ip.load_state_dict(teacher.state_dict(), strict=False)
-        teacher = None  # replaced by teacher_ip; frees its memory
         for parameter in ip_adapter.ip_adapter_parameters(unet):
             parameter.requires_grad_(False)
         zero = torch.zeros_like(embeds[:1])
@@ -259,7 +256,7 @@ class CoErasing(Eraser):
             image = embeds[int(torch.randint(len(embeds), (1,), generator=generator))][None]
             return esd_step(
                 generator, _WithImages(unet, image),
-                lambda x, t, s, which: ip_adapter.predict_noise_with_images(teacher_ip, x, t, s,
+                lambda x, t, s, which: ip_adapter.predict_noise_with_images(teacher, x, t, s,
                                                                             image if which else zero),
                 lambda x, t, s: ip_adapter.predict_noise_with_images(unet, x, t, s, image), cfg.latent_blur)
 

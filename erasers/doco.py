@@ -33,7 +33,7 @@ from diffusers.optimization import get_scheduler
 from torch import nn
 
 from .errors import UsageError
-from .losses import esd_target, frozen_copy, predict_noise
+from .losses import FrozenOriginal, esd_target, predict_noise
 from .models import LoadedPipeline
 from .prompts import EraseRequest, default_retain_prompts
 from .registry import Eraser, register
@@ -233,11 +233,11 @@ class DoCo(Eraser):
                       "flow-matching velocity on packed latents")
         torch.manual_seed(cfg.seed)
         unet = loaded.denoiser
-        teacher = frozen_copy(unet)
         unet.requires_grad_(False)
         for encoder in loaded.text_encoders.values():
             encoder.requires_grad_(False)
         parameters = loaded.make_trainable(trainable_parameters(loaded, cfg.parameters), unet)
+        teacher = FrozenOriginal(unet, parameters)
 
         prompts = request.erase_prompts()
         anchors = anchor_prompts(request, prompts, cfg.anchor)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import UsageError
-from .losses import check_contrast, contrast_states, esd_target, frozen_copy, predict_noise, sample_partially
+from .losses import FrozenOriginal, check_contrast, contrast_states, esd_target, predict_noise, sample_partially
 from .models import LoadedPipeline
 from .prompts import EraseRequest
 from .registry import Eraser, register
@@ -93,13 +93,14 @@ class ESD(Eraser):
         unet = loaded.denoiser
         on_text_encoder = cfg.parameters == "text_encoder"
         encoders = loaded.trained_text_encoders
-        # With the text encoder trained, the UNet itself is the frozen teacher; otherwise a copy of it is.
-        teacher = unet if on_text_encoder else frozen_copy(unet)
         unet.requires_grad_(False)
         for encoder in loaded.text_encoders.values():
             encoder.requires_grad_(False)
         parameters = loaded.make_trainable(trainable_parameters(loaded, cfg.parameters),
                                            *(encoders.values() if on_text_encoder else [unet]))
+        # With the text encoder trained, the UNet itself is the frozen teacher; otherwise the UNet with its trained
+        # parameters' original values.
+        teacher = unet if on_text_encoder else FrozenOriginal(unet, parameters)
 
         prompts = request.erase_prompts() if cfg.prompts == "captions" else request.concept_prompts()
         with torch.no_grad():

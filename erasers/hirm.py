@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import UsageError
-from .losses import frozen_copy
+from .losses import FrozenOriginal
 from .models import LoadedPipeline, text_encoder_layers
 from .prompts import EraseRequest, supercategory_word
 from .registry import Eraser, register
@@ -165,10 +165,10 @@ class HiRM(Eraser):
         # Trained in float32 whatever the pipeline's dtype (Adam steps vanish in float16), then cast back.
         dtype = encoder.dtype
         encoder.to(torch.float32).eval().requires_grad_(False)
-        teacher = frozen_copy(encoder)
         parameters = [p for i in chosen for p in blocks[i].parameters()]
         for parameter in parameters:
             parameter.requires_grad_(True)
+        teacher = FrozenOriginal(encoder, parameters)
 
         prompts = request.erase_prompts()
         # Off the toy world with no --preserve, the prompts themselves with the supercategory for the concept.

@@ -66,7 +66,10 @@ def autocast(device: torch.device, options: TrainingOptions):
     """The context every forward pass of an erase runs in: autocast to the half dtype, or nothing in fp32."""
     if not options.mixed:
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=options.dtype)
+    # An erase runs its whole loop in this one context, and autocast's cache keeps the first half-precision cast of
+    # each float32 parameter that requires grad until the context exits: with it, every forward pass would read the
+    # trained parameters as they were before the first optimiser step.
+    return torch.autocast(device.type, dtype=options.dtype, cache_enabled=False)
 
 
 def make_trainable(parameters: list[torch.nn.Parameter], modules: list[torch.nn.Module],

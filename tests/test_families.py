@@ -237,6 +237,62 @@ def test_trained_parameters_stay_fp32_through_the_optimiser_steps(bases):
         loaded.optimizer([loaded.denoiser.conv_out.weight], 1e-2)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_frozen_teacher_is_the_untrained_denoiser_without_a_second_copy(bases, family, precision):
+    """The teacher ESD, DoCo and Co-Erasing read is the denoiser itself with its trained parameters' original values
+    swapped in: it predicts what the untrained denoiser did after the student has moved, and it keeps only the
+    trained tensors (a fraction of the denoiser), leaving the module's mode and gradients as they were."""
+    from erasers.esd import trainable_parameters
+    from erasers.losses import FrozenOriginal
+
+    loaded = bases(family)
+    if precision == "bf16":
+        loaded.pipeline.to(dtype=torch.bfloat16)
+    loaded.training = TrainingOptions(precision)
+    denoiser = loaded.denoiser
+    parameters = loaded.make_trainable(trainable_parameters(loaded, "xattn"), denoiser)
+    teacher = FrozenOriginal(denoiser, parameters)
+    latents = torch.randn(loaded.latent_shape(2), generator=torch.Generator().manual_seed(0)).to(denoiser.dtype)
+    cond = loaded.encode_text([CONCEPT, UNRELATED])
+    with torch.no_grad(), loaded.autocast():
+        untrained = predict_noise(denoiser, latents, 500, cond)
+        for parameter in parameters:  # what training does to the student
+            parameter.add_(torch.randn_like(parameter))
+        moved = predict_noise(denoiser, latents, 500, cond)
+    denoiser.train()
+    with loaded.autocast():
+        taught = predict_noise(teacher, latents, 500, cond)
+    assert not torch.allclose(moved, untrained)
+    assert torch.equal(taught, untrained) and not taught.requires_grad
+    assert denoiser.training and all(p.requires_grad for p in parameters)
+    kept = sum(t.numel() for t in teacher.originals.values())
+    assert kept == sum(p.numel() for p in parameters) < sum(p.numel() for p in denoiser.parameters()) / 2
+    assert all(t.dtype == torch.float32 for t in teacher.originals.values())
+
+
+def test_each_optimiser_step_reaches_the_next_forward_under_the_erase_autocast(bases):
+    """An erase runs its whole loop inside one `loaded.autocast()`: the half-precision copies autocast makes of the
+    float32 trained parameters must not be cached across steps, or every forward reads the weights of step 0."""
+    loaded = bases("sd")
+    loaded.pipeline.to(dtype=torch.bfloat16)
+    loaded.training = TrainingOptions("bf16")
+    parameters = loaded.make_trainable(list(loaded.denoiser.conv_in.parameters()), loaded.denoiser)
+    optimizer = loaded.optimizer(parameters, 1e-1)
+    latents = torch.randn(loaded.latent_shape(1), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cond = loaded.encode_text(["a star"])
+    losses = []
+    with loaded.autocast():
+        for _ in range(3):
+            loss = predict_noise(loaded.denoiser, latents, 10, cond).float().pow(2).mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+    assert losses[2] < losses[1] < losses[0], losses
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(bases):
     grads = []
     for checkpointing in (False, True):
