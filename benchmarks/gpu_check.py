@@ -11,7 +11,9 @@ Flux is built with its published widths (FLUX.1-dev: 3072-wide blocks, 4096-wide
 by default, fewer blocks (--flux-depth 4,8 joint/single blocks and 4 T5 blocks): the full 12B transformer alone is
 24 GB in bf16 and ESD-u's fp32 master weights, gradients and Adam moments on it would need about 200 GB.
 `--flux-depth full` builds all 19 + 38 blocks and T5's 24.
-Exit status 1 if any method's loss is not finite or nothing it trains moved.
+DoCo and Co-Erasing run on the families they apply to (the README's families x methods matrix); Co-Erasing with a
+random IP-Adapter written for the UNet in the published layout (ViT-H/14 image encoder, 4 image tokens) and a random
+refinement CLIP. Exit status 1 if any method's loss is not finite or nothing it trains moved.
 """
 
 from __future__ import annotations
@@ -29,7 +31,23 @@ import torch
 
 from benchmarks.step_cost import SD15_TEXT, SD15_UNET
 
-METHODS = ("esd-x", "esd-u", "esd-te", "uce", "advunlearn", "hirm")
+METHODS = ("esd-x", "esd-u", "esd-te", "uce", "advunlearn", "hirm", "doco", "coerasing")
+# The families x methods matrix of the README says why these do not apply.
+NOT_APPLICABLE = {"doco": ("flux",), "coerasing": ("sdxl", "flux")}
+# Few anchor images drawn in few steps, the adversarial loss from the first step; one text step before the timed
+# image-conditioned steps, from two generated images.
+METHOD_OPTIONS = {"doco": {"warmup_steps": 0, "anchor_images": 2, "sample_steps": 2, "batch_size": 1},
+                  "coerasing": {"text_iterations": 1, "image_count": 2}}
+# Co-Erasing's IP-Adapter image encoder and refinement CLIP, random: the published SD 1.5 adapter's OpenCLIP ViT-H/14
+# (its text tower for the refinement), or tiny ones for --tiny.
+IMAGE_ENCODER = {"full": dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
+                              patch_size=14, image_size=224, projection_dim=1024, hidden_act="gelu"),
+                 "tiny": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                              patch_size=4, image_size=16, projection_dim=16)}
+REFINE_CLIP = {"full": dict(SD15_TEXT, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                            num_attention_heads=16, projection_dim=1024, hidden_act="gelu"),
+               "tiny": dict(SD15_TEXT, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                            projection_dim=16)}
 FAMILIES = ("sd15", "sdxl", "flux")
 
 # SDXL base 1.0's UNet and text encoders (CLIP ViT-L and OpenCLIP ViT-bigG), as published.
@@ -193,9 +211,13 @@ def method_step(family: str, method: str, args) -> dict:
     from erasers.registry import build_config, get_method
 
     loaded = load(family, args)
-    wanted = {"iterations": args.steps + 1, "ddim_steps": 4, "warmup": 0, "attack_steps": 2, "retain_batch": 1}
+    wanted = {"iterations": args.steps + 1, "image_iterations": args.steps + 1, "ddim_steps": 4, "warmup": 0,
+              "attack_steps": 2, "retain_batch": 1}
     fields = {f.name for f in dataclasses.fields(get_method(method).eraser.config_class)}
-    config = build_config(method, False, {k: v for k, v in wanted.items() if k in fields})
+    options = {**{k: v for k, v in wanted.items() if k in fields}, **METHOD_OPTIONS.get(method, {})}
+    if method == "coerasing":
+        options.update(ip_adapter_files(loaded, args))
+    config = build_config(method, False, options)
     eraser = get_method(method).eraser(config)
     request = make_request(["a photo of a cat"], loaded.tokenizer, False, preserve=["a photo of a dog"])
     before = _sums(loaded)
@@ -218,6 +240,35 @@ def method_step(family: str, method: str, args) -> dict:
               "components": sorted(components)}
     del loaded, eraser, components
     return result
+
+
+def ip_adapter_files(loaded, args) -> dict[str, str]:
+    """Co-Erasing's options for a random IP-Adapter in the published layout for this UNet (erasers.ip_adapter's
+    add/save, with its image encoder) and a random refinement CLIP, written once per run."""
+    if getattr(args, "ip_adapter_dir", None) is None:
+        from transformers import (
+            CLIPTextConfig,
+            CLIPTextModelWithProjection,
+            CLIPVisionConfig,
+            CLIPVisionModelWithProjection,
+        )
+
+        from erasers.ip_adapter import add_ip_adapter, save_ip_adapter
+
+        size = "tiny" if args.tiny else "full"
+        root = Path(tempfile.mkdtemp())
+        (root / "adapter").mkdir()
+        torch.manual_seed(0)
+        encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**IMAGE_ENCODER[size]))
+        add_ip_adapter(loaded, encoder)
+        save_ip_adapter(loaded.denoiser, encoder, root / "adapter", "ip-adapter.safetensors", loaded.dtype)
+        loaded.pipeline.unload_ip_adapter()
+        CLIPTextModelWithProjection(CLIPTextConfig(**REFINE_CLIP[size])).save_pretrained(root / "clip")
+        loaded.tokenizer.save_pretrained(root / "clip")
+        args.ip_adapter_dir = root
+    root = args.ip_adapter_dir
+    return {"ip_adapter": str(root / "adapter"), "ip_adapter_subfolder": "",
+            "ip_adapter_weight": "ip-adapter.safetensors", "refine_clip": str(root / "clip")}
 
 
 def table(rows: list[dict]) -> str:
@@ -271,6 +322,9 @@ def main(argv=None) -> int:
     rows = []
     for family in families:
         for method in ["plain", *args.methods.split(",")]:
+            if family in NOT_APPLICABLE.get(method, ()):
+                print(f"{family}/{method}: does not apply (the README's families x methods matrix)", file=sys.stderr)
+                continue
             row = plain_step(family, args) if method == "plain" else method_step(family, method, args)
             rows.append(row)
             print(row, file=sys.stderr, flush=True)  # a run cut short keeps what it measured

@@ -348,6 +348,21 @@ def test_gpu_check_runs_every_method_on_the_tiny_pipelines(capsys):
     assert len(rows) == 3 and all(line.endswith("| yes | yes |") for line in rows), out
 
 
+def test_gpu_check_runs_doco_and_coerasing_where_they_apply(capsys):
+    """DoCo and Co-Erasing in the GPU check: Co-Erasing with a random IP-Adapter (published layout) and refinement
+    CLIP written for the UNet; the families the matrix marks as not applying are skipped, not failed."""
+    from benchmarks.gpu_check import main
+
+    code = main(["--tiny", "--steps", "1", "--families", "sd15,flux", "--methods", "doco,coerasing"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.out
+    rows = [line for line in captured.out.splitlines() if line.startswith(("| sd15", "| flux"))]
+    assert [line.split("|")[1:3] for line in rows] == [[" sd15 ", " plain "], [" sd15 ", " doco "],
+                                                       [" sd15 ", " coerasing "], [" flux ", " plain "]], rows
+    assert all(line.endswith("| yes | yes |") for line in rows), captured.out
+    assert "flux/doco: does not apply" in captured.err and "flux/coerasing: does not apply" in captured.err
+
+
 @pytest.mark.parametrize("family", ["sdxl", "flux"])
 def test_attack_runs_on_sdxl_and_flux(tiny_pipeline_dirs, tmp_path, family):
     """UnlearnDiffAtk against an edit of each family: targets drawn by the original model, the erased model's
