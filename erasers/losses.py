@@ -34,13 +34,14 @@ class FrozenOriginal:
             raise ValueError("FrozenOriginal: some trained parameters are not the module's")
 
     def __call__(self, *args, **kwargs):
-        training = self.module.training
+        modes = [(module, module.training) for module in self.module.modules()]  # restored exactly, mixed or not
         self.module.eval()
         try:
             with torch.no_grad():
                 return torch.func.functional_call(self.module, self.originals, args, kwargs)
         finally:
-            self.module.train(training)
+            for module, training in modes:
+                module.training = training
 
     def __getattr__(self, name):  # config, dtype, device: the module's
         if name in ("module", "originals"):

@@ -263,11 +263,13 @@ def test_frozen_teacher_is_the_untrained_denoiser_without_a_second_copy(bases, f
             parameter.add_(torch.randn_like(parameter))
         moved = predict_noise(denoiser, latents, 500, cond)
     denoiser.train()
+    frozen_block = next(m for m in denoiser.modules() if m is not denoiser)
+    frozen_block.eval()  # modes are the caller's: the teacher leaves a mixed one as it found it
     with loaded.autocast():
         taught = predict_noise(teacher, latents, 500, cond)
     assert not torch.allclose(moved, untrained)
     assert torch.equal(taught, untrained) and not taught.requires_grad
-    assert denoiser.training and all(p.requires_grad for p in parameters)
+    assert denoiser.training and not frozen_block.training and all(p.requires_grad for p in parameters)
     kept = sum(t.numel() for t in teacher.originals.values())
     assert kept == sum(p.numel() for p in parameters) < sum(p.numel() for p in denoiser.parameters()) / 2
     assert all(t.dtype == torch.float32 for t in teacher.originals.values())
