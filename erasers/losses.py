@@ -20,16 +20,19 @@ CONTRASTS = ("empty", "neutral")
 
 class FrozenOriginal:
     """The module as it was before training, without a second copy of it: called like the module, it runs the
-    module itself with the original values of the `trained` parameters (kept aside, in their training dtype) in place
-    of the current ones, under no_grad and in eval mode. Everything the edit leaves alone is shared, so a teacher for
-    ESD-x on SDXL or Flux costs the cross-attention's size, not a second denoiser (a 12B Flux transformer: 24 GB
-    in bf16). Create it after `make_trainable`, before the first optimiser step."""
+    module itself with the original values of the `trained` parameters (kept aside) in place of the current ones,
+    under no_grad and in eval mode. Everything the edit leaves alone is shared, so a teacher for ESD-x on SDXL or Flux
+    costs the cross-attention's size, not a second denoiser (a 12B Flux transformer: 24 GB in bf16). Create it after
+    `make_trainable`, before the first optimiser step. The originals are kept in the frozen weights' dtype: under
+    mixed precision the fp32 trained parameters are exact upcasts of bf16/fp16 weights, so this loses nothing and
+    halves what the teacher holds."""
 
     def __init__(self, module: nn.Module, trained: list[nn.Parameter]):
         wanted = {id(parameter) for parameter in trained}
+        frozen_dtype = next((p.dtype for p in module.parameters() if id(p) not in wanted), None)
         self.module = module
-        self.originals = {name: parameter.detach().clone() for name, parameter in module.named_parameters()
-                          if id(parameter) in wanted}
+        self.originals = {name: parameter.detach().to(frozen_dtype or parameter.dtype, copy=True)
+                          for name, parameter in module.named_parameters() if id(parameter) in wanted}
         if len(self.originals) != len(wanted):
             raise ValueError("FrozenOriginal: some trained parameters are not the module's")
 
