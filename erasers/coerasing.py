@@ -191,6 +191,8 @@ def _toy_path(value: str, toy_dir: Path) -> str:
                         "ip_adapter_weight": "ip-adapter.safetensors"})
 class CoErasing(Eraser):
     config_class = CoErasingConfig
+    families = ("sd",)
+    other_families_why = "its image conditions go through an SD 1.x/2.x IP-Adapter"
 
     def erase(self, loaded: LoadedPipeline, request: EraseRequest, work_dir: Path | None = None):
         from benchmarks.toycanvas import CLIP_DIR, IP_ADAPTER_DIR
@@ -198,7 +200,7 @@ class CoErasing(Eraser):
         from . import ip_adapter
 
         cfg = self.config
-        loaded.refuse("coerasing", ("sd",), "its image conditions go through an SD 1.x/2.x IP-Adapter")
+        loaded.refuse("coerasing", self.families, self.other_families_why)
         torch.manual_seed(cfg.seed)
         unet = loaded.denoiser
         unet.requires_grad_(False)

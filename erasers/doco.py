@@ -222,15 +222,17 @@ TOY_DEFAULTS = {"lr": 3e-4, "iterations": 300, "batch_size": 4, "warmup_steps": 
           toy_defaults=TOY_DEFAULTS)
 class DoCo(Eraser):
     config_class = DoCoConfig
+    # The discriminator reads a UNet's 4-D noise predictions (or their x0 estimates); Flux's transformer predicts
+    # flow-matching velocity on packed latents, which this domain correction is not defined on.
+    families = ("sd", "sdxl")
+    other_families_why = ("DoCo corrects a UNet's noise-prediction domain; Flux predicts flow-matching velocity on "
+                          "packed latents")
 
     def erase(self, loaded: LoadedPipeline, request: EraseRequest, work_dir: Path | None = None):
         from .esd import trainable_parameters
 
         cfg = self.config
-        # The discriminator reads a UNet's 4-D noise predictions (or their x0 estimates); Flux's transformer predicts
-        # flow-matching velocity on packed latents, which this domain correction is not defined on.
-        loaded.refuse("doco", ("sd", "sdxl"), "DoCo corrects a UNet's noise-prediction domain; Flux predicts "
-                      "flow-matching velocity on packed latents")
+        loaded.refuse("doco", self.families, self.other_families_why)
         torch.manual_seed(cfg.seed)
         unet = loaded.denoiser
         unet.requires_grad_(False)

@@ -20,6 +20,10 @@ class Eraser:
     by name ("unet", "text_encoder"), ready for `save_edit`."""
 
     config_class: ClassVar[type]
+    # The pipeline families (erasers.models.FAMILIES) it edits, and why not the others: its erase refuses them with
+    # this reason, and gpu_check and the families tests skip them.
+    families: ClassVar[tuple[str, ...]] = ("sd", "sdxl", "flux")
+    other_families_why: ClassVar[str] = ""
 
     def __init__(self, config):
         self.config = config
