@@ -47,7 +47,6 @@ def save_edit(out: str | Path, components: dict[str, nn.Module], loaded: LoadedP
     tmp = atomic_dir(out)
     for name, module in components.items():
         module.save_pretrained(tmp / name)
-    storage = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
     metadata = {
         "method": method,
         "config": dataclasses.asdict(config),
@@ -61,6 +60,17 @@ def save_edit(out: str | Path, components: dict[str, nn.Module], loaded: LoadedP
         "training": dataclasses.asdict(loaded.training),
         "resolution": loaded.resolution,
         "base_fingerprint": fingerprint,
+    }
+    return publish_with_metadata(tmp, out, metadata, seconds, peak_memory_bytes)
+
+
+def publish_with_metadata(tmp: Path, out: Path, metadata: dict, seconds: float,
+                          peak_memory_bytes: int | None) -> Path:
+    """Every saved edit's (diffusion or VLM) last step: `metadata` plus the versions, the time and the cost (its
+    storage the files already in `tmp`) written as erasure.json, then `tmp` renamed to `out`."""
+    storage = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
+    metadata = {
+        **metadata,
         "erasure_suite_version": __version__,
         "torch_version": torch.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -1,9 +1,11 @@
-"""The eraser interface and the registry of methods (name -> eraser class and its default config)."""
+"""The eraser interface and the registry of methods (name -> eraser class and its default config); the Registry
+class serves the VLM erasers too (vlm.registry)."""
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -35,23 +37,51 @@ class Eraser:
 
 @dataclasses.dataclass(frozen=True)
 class MethodEntry:
-    eraser: type[Eraser]
+    eraser: type
     defaults: dict[str, Any]
-    # Overrides for the toy pipeline, whose tiny models and short schedules need other step sizes than SD's;
-    # the README's method table is measured with them.
+    # Overrides for the toy models, whose tiny sizes and short schedules need other step sizes than the real
+    # models'; the README's tables are measured with them.
     toy_defaults: dict[str, Any]
     summary: str
 
 
-METHODS: dict[str, MethodEntry] = {}
+class Registry:
+    """Method name -> its eraser class and defaults, filled by the @register decorators of the modules that
+    `load` imports (on first lookup). One for diffusion erasers (here), one for VLM erasers (vlm.registry)."""
 
+    def __init__(self, kind: str, load: Callable[[], None]):
+        self.kind = kind  # how errors name a method: "method", "VLM method"
+        self.entries: dict[str, MethodEntry] = {}
+        self._load = load
 
-def register(name: str, summary: str, toy_defaults: dict[str, Any] | None = None, **defaults):
-    def wrap(cls: type[Eraser]) -> type[Eraser]:
-        METHODS[name] = MethodEntry(cls, defaults, toy_defaults or {}, summary)
-        return cls
+    def register(self, name: str, summary: str, toy_defaults: dict[str, Any] | None = None, **defaults):
+        def wrap(cls: type) -> type:
+            self.entries[name] = MethodEntry(cls, defaults, toy_defaults or {}, summary)
+            return cls
 
-    return wrap
+        return wrap
+
+    def available(self) -> dict[str, MethodEntry]:
+        self._load()
+        return self.entries
+
+    def get(self, name: str) -> MethodEntry:
+        self._load()
+        if name not in self.entries:
+            raise UsageError(f"unknown {self.kind} {name!r}; available: {', '.join(sorted(self.entries))}")
+        return self.entries[name]
+
+    def build_config(self, name: str, toy: bool, overrides: dict[str, Any] | None = None):
+        """The method's config: its dataclass defaults, the registry's defaults, the toy overrides on a toy
+        model, then the user's overrides (checked against the dataclass's fields)."""
+        entry = self.get(name)
+        fields = {f.name: f for f in dataclasses.fields(entry.eraser.config_class)}
+        values = {**entry.defaults, **(entry.toy_defaults if toy else {})}
+        for key, value in (overrides or {}).items():
+            if key not in fields:
+                raise UsageError(f"{name} has no option {key!r}; its options: {', '.join(fields)}")
+            values[key] = _coerce(value, fields[key], name)
+        return validate_config(entry.eraser.config_class(**values), name)
 
 
 # The modules whose import fills the registry (their @register decorators).
@@ -63,29 +93,12 @@ def _load_methods() -> None:
         importlib.import_module(f"{__package__}.{module}")
 
 
-def available_methods() -> dict[str, MethodEntry]:
-    _load_methods()
-    return METHODS
-
-
-def get_method(name: str) -> MethodEntry:
-    _load_methods()
-    if name not in METHODS:
-        raise UsageError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
-    return METHODS[name]
-
-
-def build_config(name: str, toy: bool, overrides: dict[str, Any] | None = None):
-    """The method's config: its dataclass defaults, the registry's defaults, the toy overrides on the toy
-    pipeline, then the user's overrides (checked against the dataclass's fields)."""
-    entry = get_method(name)
-    fields = {f.name: f for f in dataclasses.fields(entry.eraser.config_class)}
-    values = {**entry.defaults, **(entry.toy_defaults if toy else {})}
-    for key, value in (overrides or {}).items():
-        if key not in fields:
-            raise UsageError(f"{name} has no option {key!r}; its options: {', '.join(fields)}")
-        values[key] = _coerce(value, fields[key], name)
-    return validate_config(entry.eraser.config_class(**values), name)
+REGISTRY = Registry("method", _load_methods)
+METHODS = REGISTRY.entries
+register = REGISTRY.register
+available_methods = REGISTRY.available
+get_method = REGISTRY.get
+build_config = REGISTRY.build_config
 
 
 def _coerce(value: Any, field: dataclasses.Field, method: str) -> Any:

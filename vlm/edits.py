@@ -15,22 +15,18 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from erasers import __version__
-from erasers.edits import check_metadata_fields
+from erasers.edits import METADATA, check_metadata_fields, check_new_output, publish_with_metadata
 from erasers.errors import UsageError
-from erasers.files import atomic_dir, publish, read_json
+from erasers.files import atomic_dir, read_json
 
 from .hooks import hook_layers
 from .models import LoadedVLM
 
-METADATA = "erasure.json"
 TENSORS = "edit.safetensors"
 ADAPTER = "adapter"
 
@@ -50,14 +46,12 @@ def save_vlm_edit(out: str | Path, content, loaded: LoadedVLM, method: str, conf
     from safetensors.torch import save_file
 
     out = Path(out)
-    if out.exists():
-        raise UsageError(f"{out} already exists; choose a new --out or remove it first")
+    check_new_output(out)
     tmp = atomic_dir(out)
     if content.tensors:
         save_file({k: v.detach().float().cpu().contiguous() for k, v in content.tensors.items()}, tmp / TENSORS)
     if content.adapter is not None:
         content.adapter.save_pretrained(tmp / ADAPTER)
-    storage = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
     metadata = {
         "model_kind": "vlm",
         "method": method,
@@ -69,14 +63,8 @@ def save_vlm_edit(out: str | Path, content, loaded: LoadedVLM, method: str, conf
         "base_model": loaded.source,
         "base_family": loaded.family.name,
         "base_fingerprint": vlm_fingerprint(loaded),
-        "erasure_suite_version": __version__,
-        "torch_version": torch.__version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "cost": {"seconds": round(seconds, 2), "peak_memory_bytes": peak_memory_bytes, "storage_bytes": storage},
     }
-    (tmp / METADATA).write_text(json.dumps(metadata, indent=2))
-    publish(tmp, out)
-    return out
+    return publish_with_metadata(tmp, out, metadata, seconds, peak_memory_bytes)
 
 
 # The fields commands read from a VLM edit's erasure.json, and their JSON types.

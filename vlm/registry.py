@@ -13,9 +13,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from erasers.errors import UsageError
-from erasers.registry import _coerce
-from erasers.validation import validate_config
+from erasers.registry import Registry
 
 from .hooks import Edit
 from .models import LoadedVLM
@@ -49,49 +47,13 @@ class VLMEraser:
         return {}
 
 
-@dataclasses.dataclass(frozen=True)
-class VLMMethodEntry:
-    eraser: type[VLMEraser]
-    defaults: dict[str, Any]
-    toy_defaults: dict[str, Any]
-    summary: str
-
-
-VLM_METHODS: dict[str, VLMMethodEntry] = {}
-
-
-def register_vlm(name: str, summary: str, toy_defaults: dict[str, Any] | None = None, **defaults):
-    def wrap(cls: type[VLMEraser]) -> type[VLMEraser]:
-        VLM_METHODS[name] = VLMMethodEntry(cls, defaults, toy_defaults or {}, summary)
-        return cls
-
-    return wrap
-
-
 def _load_methods() -> None:
     from . import baselines, mllmeraser, sauce  # noqa: F401  (importing them fills the registry)
 
 
-def available_vlm_methods() -> dict[str, VLMMethodEntry]:
-    _load_methods()
-    return VLM_METHODS
-
-
-def get_vlm_method(name: str) -> VLMMethodEntry:
-    _load_methods()
-    if name not in VLM_METHODS:
-        raise UsageError(f"unknown VLM method {name!r}; available: {', '.join(sorted(VLM_METHODS))}")
-    return VLM_METHODS[name]
-
-
-def build_vlm_config(name: str, toy: bool, overrides: dict[str, Any] | None = None):
-    """Dataclass defaults, then the registry's, then the toy model's, then the user's (checked against the
-    fields)."""
-    entry = get_vlm_method(name)
-    fields = {f.name: f for f in dataclasses.fields(entry.eraser.config_class)}
-    values = {**entry.defaults, **(entry.toy_defaults if toy else {})}
-    for key, value in (overrides or {}).items():
-        if key not in fields:
-            raise UsageError(f"{name} has no option {key!r}; its options: {', '.join(fields)}")
-        values[key] = _coerce(value, fields[key], name)
-    return validate_config(entry.eraser.config_class(**values), name)
+VLM_REGISTRY = Registry("VLM method", _load_methods)
+VLM_METHODS = VLM_REGISTRY.entries
+register_vlm = VLM_REGISTRY.register
+available_vlm_methods = VLM_REGISTRY.available
+get_vlm_method = VLM_REGISTRY.get
+build_vlm_config = VLM_REGISTRY.build_config
