@@ -94,7 +94,6 @@ def _load_methods() -> None:
 
 
 REGISTRY = Registry("method", _load_methods)
-METHODS = REGISTRY.entries
 register = REGISTRY.register
 available_methods = REGISTRY.available
 get_method = REGISTRY.get

@@ -52,7 +52,6 @@ def _load_methods() -> None:
 
 
 VLM_REGISTRY = Registry("VLM method", _load_methods)
-VLM_METHODS = VLM_REGISTRY.entries
 register_vlm = VLM_REGISTRY.register
 available_vlm_methods = VLM_REGISTRY.available
 get_vlm_method = VLM_REGISTRY.get
