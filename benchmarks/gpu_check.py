@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.step_cost import SD15_TEXT, SD15_UNET
+from benchmarks.architectures import FAMILIES, SD15_TEXT, as_loaded, build_architecture
 
 METHODS = ("esd-x", "esd-u", "esd-te", "uce", "advunlearn", "hirm", "doco", "coerasing")
 # Few anchor images drawn in few steps, the adversarial loss from the first step; one text step before the timed
@@ -46,94 +46,11 @@ REFINE_CLIP = {"full": dict(SD15_TEXT, hidden_size=1024, intermediate_size=4096,
                             num_attention_heads=16, projection_dim=1024, hidden_act="gelu"),
                "tiny": dict(SD15_TEXT, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                             projection_dim=16)}
-FAMILIES = ("sd15", "sdxl", "flux")
-
-# SDXL base 1.0's UNet and text encoders (CLIP ViT-L and OpenCLIP ViT-bigG), as published.
-SDXL_UNET = dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
-                 block_out_channels=(320, 640, 1280), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D",
-                                                                        "CrossAttnDownBlock2D"),
-                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                 transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
-                 use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-                 projection_class_embeddings_input_dim=2816)
-SDXL_TEXT = dict(SD15_TEXT, hidden_act="quick_gelu")
-SDXL_TEXT_2 = dict(SD15_TEXT, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-                   projection_dim=1280, hidden_act="gelu")
-# FLUX.1-dev's transformer and T5-XXL's encoder (layer counts set by --flux-depth).
-FLUX_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-                        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
-                        guidance_embeds=True, axes_dims_rope=(16, 56, 56))
-T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-              feed_forward_proj="gated-gelu", is_gated_act=True, dense_act_fn="gelu_new", decoder_start_token_id=0,
-              pad_token_id=0, eos_token_id=1)
-
-
-def _tokenizers():
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from tiny_pipelines import t5_tokenizer
-    from transformers import CLIPTokenizer
-
-    from benchmarks.toycanvas.tokenizer import build_clip_tokenizer
-
-    directory = tempfile.mkdtemp()
-    build_clip_tokenizer(directory)
-    return CLIPTokenizer.from_pretrained(directory), t5_tokenizer()
-
-
-def _vae(latent_channels: int, **flux_options):
-    """A minimal VAE with SD's 8x downsampling (four blocks, 8 channels): the erasers never run it."""
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(block_out_channels=(8,) * 4, down_block_types=("DownEncoderBlock2D",) * 4,
-                         up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=4, latent_channels=latent_channels,
-                         **flux_options)
-
-
-def build_architecture(family: str, flux_depth: str = "4,8"):
-    """A pipeline of `family` with random weights from the published configs, on the CPU in float32."""
-    from diffusers import (
-        DDIMScheduler,
-        EulerDiscreteScheduler,
-        FlowMatchEulerDiscreteScheduler,
-        FluxPipeline,
-        FluxTransformer2DModel,
-        StableDiffusionPipeline,
-        StableDiffusionXLPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
-
-    torch.manual_seed(0)
-    clip, t5 = _tokenizers()
-    if family == "sd15":
-        return StableDiffusionPipeline(
-            vae=_vae(4), text_encoder=CLIPTextModel(CLIPTextConfig(**SD15_TEXT)), tokenizer=clip,
-            unet=UNet2DConditionModel(**SD15_UNET), scheduler=DDIMScheduler(beta_schedule="scaled_linear"),
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    if family == "sdxl":
-        return StableDiffusionXLPipeline(
-            vae=_vae(4), text_encoder=CLIPTextModel(CLIPTextConfig(**SDXL_TEXT)),
-            text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_2)), tokenizer=clip,
-            tokenizer_2=clip, unet=UNet2DConditionModel(**SDXL_UNET),
-            scheduler=EulerDiscreteScheduler(beta_schedule="scaled_linear", timestep_spacing="leading",
-                                             steps_offset=1))
-    if family == "flux":
-        joint, single, encoder_layers = (19, 38, 24) if flux_depth == "full" else (*map(int, flux_depth.split(",")), 4)
-        transformer = FluxTransformer2DModel(**{**FLUX_TRANSFORMER, "num_layers": joint, "num_single_layers": single})
-        return FluxPipeline(
-            scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
-                                                      max_shift=1.15),
-            vae=_vae(16, shift_factor=0.1159, scaling_factor=0.3611, use_quant_conv=False, use_post_quant_conv=False),
-            text_encoder=CLIPTextModel(CLIPTextConfig(**SD15_TEXT)), tokenizer=clip,
-            text_encoder_2=T5EncoderModel(T5Config(**{**T5_XXL, "num_layers": encoder_layers})), tokenizer_2=t5,
-            transformer=transformer)
-    raise SystemExit(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
 
 
 def load(family: str, args):
     """A LoadedPipeline of `family` on the device in the run's precision (--tiny: the tiny test pipelines)."""
-    from erasers.models import FAMILIES as KNOWN
-    from erasers.models import LoadedPipeline, load_pipeline
+    from erasers.models import load_pipeline
     from erasers.precision import TrainingOptions
 
     options = TrainingOptions(args.precision, args.gradient_checkpointing, args.optimizer)
@@ -145,10 +62,7 @@ def load(family: str, args):
         if family not in args.built:
             args.built.clear()
             args.built[family] = build_architecture(family, args.flux_depth).to(dtype=options.dtype)
-        pipeline = copy.deepcopy(args.built[family]).to(args.device)
-        name = "sd" if family == "sd15" else family
-        loaded = LoadedPipeline(pipeline, KNOWN[name], f"{family}-random", KNOWN[name].default_steps,
-                                KNOWN[name].default_guidance, resolution=args.resolution)
+        loaded = as_loaded(copy.deepcopy(args.built[family]).to(args.device), family, args.resolution)
     loaded.training = options
     return loaded
 

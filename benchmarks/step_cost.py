@@ -1,14 +1,20 @@
 """Step time and peak memory of each eraser against a plain forward+backward of the same denoiser, measured in
-one run on this machine: on the toy UNet and on a full-size SD 1.5 UNet architecture with random weights.
+one run on this machine: on the toy UNet and on the full-size SD 1.5 and SDXL architectures with random weights
+(benchmarks.architectures).
 
-    python -m benchmarks.step_cost                  # toy and sd15, esd-x esd-u uce hirm advunlearn doco
+    python -m benchmarks.step_cost                  # toy, sd15 and sdxl; esd-x esd-u uce hirm advunlearn doco
     python -m benchmarks.step_cost --models toy
     python -m benchmarks.step_cost --models toy --methods coerasing   # its image-conditioned stage-2 step
+    python -m benchmarks.step_cost --models sdxl --methods esd-x,uce,hirm,doco   # what fits in 24 GiB
 
 Each measurement runs in its own process, so peak resident memory (VmHWM on Linux) is that measurement's alone.
 Prints ratios: method step time / plain forward+backward time, and the same for peak memory. Every method is timed
 at batch 1, as the plain step (DoCo's defaults are 8 prompts a step, 4 on the toy: its step costs about that many
-times more).
+times more). The plain step holds the denoiser alone: the prompt is encoded first and the text encoders let go.
+
+SDXL runs at 512 px (64x64 latents) with gradient checkpointing in every row, the plain one included: its fp32
+UNet weights and gradients alone are 20.6 GB, so a plain step fits a 24 GiB machine only that way, and 1024 px
+would make each step take minutes on a CPU. The ratios, not the seconds, are what carries over to a GPU.
 """
 
 from __future__ import annotations
@@ -21,37 +27,26 @@ import time
 
 import torch
 
-SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-                 block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
-                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
-SD15_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                 num_attention_heads=12, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
-                 pad_token_id=1, projection_dim=768)
+MODELS = ("toy", "sd15", "sdxl")
+# Training resolution in pixels and gradient checkpointing per full-size model (None: the native resolution).
+SETTINGS = {"sd15": (None, False), "sdxl": (512, True)}
 
 
 def build_loaded(model: str):
-    """The toy pipeline, or an SD 1.5-architecture pipeline with random weights (tiny VAE: it is never run)."""
-    from erasers.models import SD, LoadedPipeline, load_pipeline
+    """The toy pipeline, or a full-size architecture with random weights in fp32 on the CPU."""
+    from erasers.models import load_pipeline
+    from erasers.precision import TrainingOptions
 
     if model == "toy":
         return load_pipeline("toy", device="cpu")
-    import tempfile
+    if model not in SETTINGS:
+        raise SystemExit(f"unknown model {model!r}; choose from {', '.join(MODELS)}")
+    from benchmarks.architectures import as_loaded, build_architecture
 
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    from benchmarks.toycanvas.tokenizer import build_clip_tokenizer
-
-    torch.manual_seed(0)
-    tokenizer_dir = tempfile.mkdtemp()
-    build_clip_tokenizer(tokenizer_dir)
-    pipeline = StableDiffusionPipeline(
-        vae=AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=4),
-        text_encoder=CLIPTextModel(CLIPTextConfig(**SD15_TEXT)), tokenizer=CLIPTokenizer.from_pretrained(tokenizer_dir),
-        unet=UNet2DConditionModel(**SD15_UNET), scheduler=DDIMScheduler(beta_schedule="scaled_linear"),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    return LoadedPipeline(pipeline, SD, "sd15-random", 50, 7.5)
+    resolution, checkpointing = SETTINGS[model]
+    loaded = as_loaded(build_architecture(model), model, resolution)
+    loaded.training = TrainingOptions("fp32", gradient_checkpointing=checkpointing)
+    return loaded
 
 
 def measure(model: str, method: str, steps: int) -> dict:
@@ -60,13 +55,23 @@ def measure(model: str, method: str, steps: int) -> dict:
 
     loaded = build_loaded(model)
     if method == "plain":
+        import gc
+
+        from erasers.losses import predict_noise
+
+        with torch.no_grad():
+            cond = loaded.encode_text(["star"])
+        for name in loaded.family.text_encoders:
+            setattr(loaded.pipeline, name, None)
+        gc.collect()
         unet = loaded.denoiser.train()
+        if loaded.training.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
         latents = torch.randn(loaded.latent_shape(1))
-        states = torch.randn(1, 77, loaded.text_encoder.config.hidden_size)
         times = []
         for _ in range(steps + 1):
             started = time.perf_counter()
-            unet(latents, torch.tensor([500]), states).sample.pow(2).mean().backward()
+            predict_noise(unet, latents, 500, cond).pow(2).mean().backward()
             unet.zero_grad(set_to_none=False)
             times.append(time.perf_counter() - started)
         per_step = sum(times[1:]) / steps  # the first step pays one-off allocation
@@ -100,7 +105,7 @@ def measure(model: str, method: str, steps: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="toy,sd15")
+    parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--methods", default="esd-x,esd-u,uce,hirm,advunlearn,doco")
     parser.add_argument("--one", nargs=3, metavar=("MODEL", "METHOD", "STEPS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
