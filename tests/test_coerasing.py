@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
+from tiny_pipelines import IMAGE_DIM, TINY_IMAGE_ENCODER, TINY_REFINE_CLIP, clip_text_config
 
 from benchmarks.toycanvas import CLASSIFIER_DIR, CLIP_DIR, IP_ADAPTER_DIR
 from benchmarks.toycanvas.build.train_ip_adapter import conditioning_images
@@ -24,16 +25,12 @@ from erasers.prompts import make_request
 from erasers.registry import build_config
 from erasers.run import erase
 
-IMAGE_DIM = 16
-
 
 def tiny_image_encoder():
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     torch.manual_seed(0)
-    return CLIPVisionModelWithProjection(CLIPVisionConfig(
-        image_size=16, patch_size=4, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        projection_dim=IMAGE_DIM))
+    return CLIPVisionModelWithProjection(CLIPVisionConfig(**TINY_IMAGE_ENCODER))
 
 
 def write_published_adapter(folder: Path, unet, weight_name: str) -> dict[str, torch.Tensor]:
@@ -195,14 +192,12 @@ def test_refinement_moves_image_embeddings_toward_the_concept_text():
 
 
 def test_coerasing_saves_a_plain_unet_edit_on_tiny_sd(tiny_pipeline_dirs, clip_tokenizer_dir, tmp_path):
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
     loaded = load_pipeline(str(tiny_pipeline_dirs["sd"]), device="cpu")
     write_published_adapter(tmp_path / "adapter", loaded.denoiser, "ip-adapter.safetensors")
     clip = tmp_path / "refine-clip"
-    CLIPTextModelWithProjection(CLIPTextConfig(
-        vocab_size=49408, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        projection_dim=IMAGE_DIM)).save_pretrained(clip)
+    CLIPTextModelWithProjection(clip_text_config(**TINY_REFINE_CLIP)).save_pretrained(clip)
     CLIPTokenizer.from_pretrained(clip_tokenizer_dir).save_pretrained(clip)
     options = {"text_iterations": 2, "image_iterations": 2, "ddim_steps": 4, "image_count": 3,
                "ip_adapter": str(tmp_path / "adapter"), "ip_adapter_subfolder": "",

@@ -365,7 +365,8 @@ def test_gpu_check_runs_every_method_on_the_tiny_pipelines(capsys):
 
 def test_gpu_check_runs_doco_and_coerasing_where_they_apply(capsys):
     """DoCo and Co-Erasing in the GPU check: Co-Erasing with a random IP-Adapter (published layout) and refinement
-    CLIP written for the UNet; the families the matrix marks as not applying are skipped, not failed."""
+    CLIP written for the UNet; the families the matrix marks as not applying are skipped, not failed, and a family
+    none of the asked methods applies to gets no plain row."""
     from benchmarks.gpu_check import main
 
     code = main(["--tiny", "--steps", "1", "--families", "sd15,flux", "--methods", "doco,coerasing"])
@@ -373,9 +374,27 @@ def test_gpu_check_runs_doco_and_coerasing_where_they_apply(capsys):
     assert code == 0, captured.out
     rows = [line for line in captured.out.splitlines() if line.startswith(("| sd15", "| flux"))]
     assert [line.split("|")[1:3] for line in rows] == [[" sd15 ", " plain "], [" sd15 ", " doco "],
-                                                       [" sd15 ", " coerasing "], [" flux ", " plain "]], rows
+                                                       [" sd15 ", " coerasing "]], rows
     assert all(line.endswith("| yes | yes |") for line in rows), captured.out
     assert "flux/doco: does not apply" in captured.err and "flux/coerasing: does not apply" in captured.err
+
+
+def test_step_cost_runs_sdxl_with_gradient_checkpointing(tiny_pipeline_dirs, monkeypatch):
+    """benchmarks/step_cost.py's SDXL rows (the tiny SDXL pipeline standing in for the full architecture, at its
+    own 32 px rather than 512): the plain step encodes the prompt, lets the text encoders go and steps the UNet
+    with gradient checkpointing, as the method steps do."""
+    import benchmarks.architectures
+    from benchmarks import step_cost
+
+    monkeypatch.setattr(benchmarks.architectures, "build_architecture",
+                        lambda family: load_pipeline(str(tiny_pipeline_dirs[family]), device="cpu").pipeline)
+    monkeypatch.setitem(step_cost.SETTINGS, "sdxl", (32, True))
+    loaded = step_cost.build_loaded("sdxl")
+    pixels = [side * loaded.pipeline.vae_scale_factor for side in loaded.latent_shape(1)[-2:]]
+    assert loaded.training.gradient_checkpointing and pixels == [32, 32]
+    for method in ("plain", "esd-x"):
+        row = step_cost.measure("sdxl", method, 1)
+        assert row["seconds_per_step"] > 0 and row["peak_rss_bytes"] > 0, row
 
 
 @pytest.mark.parametrize("family", ["sdxl", "flux"])

@@ -10,6 +10,12 @@ import torch
 from benchmarks.toycanvas.tokenizer import build_clip_tokenizer
 
 TEXT_HIDDEN = 32
+# Co-Erasing's IP-Adapter image encoder (CLIPVisionConfig) and its refinement CLIP (clip_text_config) at test size.
+IMAGE_DIM = 16
+TINY_IMAGE_ENCODER = dict(image_size=16, patch_size=4, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                          num_attention_heads=2, projection_dim=IMAGE_DIM)
+TINY_REFINE_CLIP = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        projection_dim=IMAGE_DIM)
 
 
 def clip_text_config(**overrides):
