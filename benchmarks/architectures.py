@@ -11,6 +11,12 @@ import torch
 
 FAMILIES = ("sd15", "sdxl", "flux")
 
+
+def pipeline_family(family: str) -> str:
+    """The name erasers.models.FAMILIES (and the tests' tiny pipelines) know `family` by."""
+    return "sd" if family == "sd15" else family
+
+
 # SD 1.5's UNet and CLIP ViT-L text encoder.
 SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
                  block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
@@ -106,6 +112,6 @@ def as_loaded(pipeline, family: str, resolution: int | None = None):
     from erasers.models import FAMILIES as KNOWN
     from erasers.models import LoadedPipeline
 
-    known = KNOWN["sd" if family == "sd15" else family]
+    known = KNOWN[pipeline_family(family)]
     return LoadedPipeline(pipeline, known, f"{family}-random", known.default_steps, known.default_guidance,
                           resolution=resolution)

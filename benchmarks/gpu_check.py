@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.architectures import FAMILIES, SD15_TEXT, as_loaded, build_architecture
+from benchmarks.architectures import FAMILIES, SD15_TEXT, as_loaded, build_architecture, pipeline_family
 
 METHODS = ("esd-x", "esd-u", "esd-te", "uce", "advunlearn", "hirm", "doco", "coerasing")
 # Few anchor images drawn in few steps, the adversarial loss from the first step; one text step before the timed
@@ -163,11 +163,11 @@ def ip_adapter_files(loaded, args) -> dict[str, str]:
 
         from erasers.ip_adapter import add_ip_adapter, save_ip_adapter
 
-        image_encoder, refine_clip = IMAGE_ENCODER, REFINE_CLIP
+        image_encoder, refine_clip = IMAGE_ENCODER, CLIPTextConfig(**REFINE_CLIP)
         if args.tiny:
-            from tiny_pipelines import TINY_IMAGE_ENCODER, TINY_REFINE_CLIP
+            from tiny_pipelines import TINY_IMAGE_ENCODER, TINY_REFINE_CLIP, clip_text_config
 
-            image_encoder, refine_clip = TINY_IMAGE_ENCODER, dict(SD15_TEXT, **TINY_REFINE_CLIP)
+            image_encoder, refine_clip = TINY_IMAGE_ENCODER, clip_text_config(**TINY_REFINE_CLIP)
         root = Path(tempfile.mkdtemp())
         (root / "adapter").mkdir()
         torch.manual_seed(0)
@@ -175,7 +175,7 @@ def ip_adapter_files(loaded, args) -> dict[str, str]:
         add_ip_adapter(loaded, encoder)
         save_ip_adapter(loaded.denoiser, encoder, root / "adapter", "ip-adapter.safetensors", loaded.dtype)
         loaded.pipeline.unload_ip_adapter()
-        CLIPTextModelWithProjection(CLIPTextConfig(**refine_clip)).save_pretrained(root / "clip")
+        CLIPTextModelWithProjection(refine_clip).save_pretrained(root / "clip")
         loaded.tokenizer.save_pretrained(root / "clip")
         args.ip_adapter_dir = root
     root = args.ip_adapter_dir
@@ -187,7 +187,7 @@ def applies(method: str, family: str) -> bool:
     """Whether `method` edits `family` (the eraser's own `families`: what its erase would refuse)."""
     from erasers.registry import get_method
 
-    return ("sd" if family == "sd15" else family) in get_method(method).eraser.families
+    return pipeline_family(family) in get_method(method).eraser.families
 
 
 def table(rows: list[dict]) -> str:
@@ -236,7 +236,7 @@ def main(argv=None) -> int:
 
         root = Path(tempfile.mkdtemp())
         tokenizer_dir = build_tokenizer(root / "tokenizer")
-        args.tiny_dirs = {family: BUILDERS["sd" if family == "sd15" else family](root / family, tokenizer_dir)
+        args.tiny_dirs = {family: BUILDERS[pipeline_family(family)](root / family, tokenizer_dir)
                           for family in families}
     rows = []
     for family in families:

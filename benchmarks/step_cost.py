@@ -43,8 +43,6 @@ def build_loaded(model: str):
 
     if model == "toy":
         return load_pipeline("toy", device="cpu")
-    if model not in SETTINGS:
-        raise SystemExit(f"unknown model {model!r}; choose from {', '.join(MODELS)}")
     from benchmarks.architectures import as_loaded, build_architecture
 
     resolution, checkpointing = SETTINGS[model]
