@@ -19,6 +19,11 @@ Concept ablation made to generalise and to keep the rest of the model:
              so unlearning never moves a tensor against what preserves the other concepts.
 Only the UNet's cross-attention trains by default, as in the paper. The edit is a `unet/`, stackable with
 text-encoder edits. `adversarial=false` and `surgery=false` give the paper's ablations.
+
+On Flux (not in the paper) the same three parts act on the transformer's flow-matching velocity instead of the
+noise: eps above reads v, x_t = (1 - sigma) x_0 + sigma noise at uniform sigma, D reads x_0 = x_t - sigma v (or v)
+with the packed 2x2 patches laid out as their image grid, and "xattn" trains the joint blocks' text projections
+(add_q/k/v_proj), as ESD-x does there. The family adapter (erasers/families.py) supplies all of it.
 """
 
 from __future__ import annotations
@@ -28,7 +33,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 from torch import nn
 
@@ -61,7 +65,7 @@ class DoCoConfig:
     discriminator_width: int = 64      # channels of the first discriminator layer, doubled per layer
     discriminator_layers: int = 3      # stride-2 layers (fewer where the latent is small)
     # What D reads of a noise prediction: "x0", the clean latent it implies, (x_t - sqrt(1 - a_t) eps) / sqrt(a_t),
-    # as the reference implementation feeds it; or "noise", the prediction itself.
+    # as the reference implementation feeds it (Flux: x_t - sigma v); or "noise", the prediction itself.
     discriminator_input: str = "x0"
     adversarial: bool = True
     adversarial_weight: float = 0.1
@@ -113,7 +117,7 @@ class DoCoConfig:
 
 class PatchDiscriminator(nn.Module):
     """PatchGAN (pix2pix): stride-2 4x4 convolutions, widths doubling, batch norm after the first, then a 1-channel
-    map of logits, one per patch of the input: here a noise prediction (latent channels x H x W)."""
+    map of logits, one per patch of the input: here a prediction laid out as an image (channels x H x W)."""
 
     def __init__(self, channels: int, width: int = 64, layers: int = 3, size: int | None = None):
         super().__init__()
@@ -193,7 +197,8 @@ def draw_anchor_latents(loaded: LoadedPipeline, anchors: list[str], count: int, 
         chunk = list(range(start, min(count, start + 16)))
         generators = [torch.Generator("cpu").manual_seed(seed + i) for i in chunk]
         out = loaded.pipeline(prompt=[anchors[int(index[i])] for i in chunk], generator=generators,
-                              num_inference_steps=steps, guidance_scale=guidance, output_type="latent")
+                              num_inference_steps=steps, guidance_scale=guidance, output_type="latent",
+                              **loaded.adapter.size())
         latents.append(out.images)
     latents = torch.cat(latents)
     if cache is not None:
@@ -222,17 +227,12 @@ TOY_DEFAULTS = {"lr": 3e-4, "iterations": 300, "batch_size": 4, "warmup_steps": 
           toy_defaults=TOY_DEFAULTS)
 class DoCo(Eraser):
     config_class = DoCoConfig
-    # The discriminator reads a UNet's 4-D noise predictions (or their x0 estimates); Flux's transformer predicts
-    # flow-matching velocity on packed latents, which this domain correction is not defined on.
-    families = ("sd", "sdxl")
-    other_families_why = ("DoCo corrects a UNet's noise-prediction domain; Flux predicts flow-matching velocity on "
-                          "packed latents")
+    families = ("sd", "sdxl", "flux")
 
     def erase(self, loaded: LoadedPipeline, request: EraseRequest, work_dir: Path | None = None):
         from .esd import trainable_parameters
 
         cfg = self.config
-        loaded.refuse("doco", self.families, self.other_families_why)
         torch.manual_seed(cfg.seed)
         unet = loaded.denoiser
         unet.requires_grad_(False)
@@ -256,10 +256,10 @@ class DoCo(Eraser):
                 loaded, prompts, cfg.anchor_images, cfg.sample_steps, cfg.sample_guidance, cfg.seed,
                 Path(work_dir) / "concept_latents.safetensors" if work_dir is not None else None)
             images, image_anchor = torch.cat([images, concept_images]), torch.cat([image_anchor, concept_index])
-        noise_scheduler = DDPMScheduler.from_config(loaded.pipeline.scheduler.config)
-        latent_shape = loaded.latent_shape()
-        discriminator = PatchDiscriminator(latent_shape[1], cfg.discriminator_width, cfg.discriminator_layers,
-                                           latent_shape[-1]).to(loaded.device)
+        adapter = loaded.adapter
+        image_shape = adapter.as_image(torch.zeros(loaded.latent_shape(1))).shape
+        discriminator = PatchDiscriminator(image_shape[1], cfg.discriminator_width, cfg.discriminator_layers,
+                                           image_shape[-1]).to(loaded.device)
         optimizer = loaded.optimizer(parameters, cfg.lr)
         schedule = get_scheduler(cfg.lr_schedule, optimizer, num_warmup_steps=0, num_training_steps=cfg.iterations)
         d_optimizer = torch.optim.Adam(discriminator.parameters(), lr=cfg.discriminator_lr, betas=(0.5, 0.999))
@@ -269,15 +269,14 @@ class DoCo(Eraser):
             picked = torch.randint(len(images), (batch,), generator=generator)
             x_0 = images[picked]
             noise = torch.randn(x_0.shape, generator=generator).to(x_0)
-            t = torch.randint(noise_scheduler.config.num_train_timesteps, (batch,), generator=generator)
-            return noise_scheduler.add_noise(x_0, noise, t).to(loaded.dtype), t.to(loaded.device), picked
+            t = adapter.training_timesteps(batch, generator)
+            return adapter.add_noise(x_0, noise, t).to(loaded.dtype), t.to(loaded.device), picked
 
-        def domain(eps, x_t, t):
-            """What the discriminator reads of a noise prediction eps at (x_t, t)."""
+        def domain(prediction, x_t, t):
+            """What the discriminator reads of a prediction at (x_t, t), laid out as an image."""
             if cfg.discriminator_input == "noise":
-                return eps
-            alpha = noise_scheduler.alphas_cumprod.to(eps.device)[t.cpu()].view(-1, 1, 1, 1).to(eps)
-            return (x_t - (1 - alpha).sqrt() * eps) / alpha.sqrt()
+                return adapter.as_image(prediction)
+            return adapter.as_image(adapter.x0_estimate(x_t, t, prediction))
 
         def step(i, generator):
             x_t, t, picked = noisy(generator, cfg.batch_size)
@@ -332,4 +331,4 @@ class DoCo(Eraser):
         self.history = TrainingLoop("doco", cfg.iterations, state, cfg.seed, work_dir, checkpoint_every=50).run(step)
         unet.eval()
         unet.requires_grad_(False)
-        return {"unet": loaded.finish(unet)}
+        return {loaded.family.denoiser: loaded.finish(unet)}

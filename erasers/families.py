@@ -114,14 +114,54 @@ class UNetAdapter:
         noise = torch.randn(self.latent_shape(batch), generator=generator)
         return noise.to(self.loaded.device, latent_dtype(self.loaded)) * getattr(scheduler, "init_noise_sigma", 1.0)
 
-    def noised(self, x0: torch.Tensor, generator: torch.Generator):
-        """A training example at a uniformly drawn timestep: (x_t, t, what the denoiser should predict)."""
-        from diffusers import DDPMScheduler
+    # ---- training examples: noising, and the clean latent a prediction implies ----------------------------------
 
-        alphas = DDPMScheduler.from_config(self.pipeline.scheduler.config).alphas_cumprod.to(x0.device)
-        t = int(torch.randint(len(alphas), (1,), generator=generator))
+    def noised(self, x0: torch.Tensor, generator: torch.Generator):
+        """A training example at one uniformly drawn timestep for the whole batch: (x_t, t, what the denoiser
+        should predict)."""
+        t = self.training_timesteps(1, generator)
         noise = torch.randn(x0.shape, generator=generator).to(x0)
-        return alphas[t].sqrt() * x0 + (1 - alphas[t]).sqrt() * noise, t, noise
+        return self.add_noise(x0, noise, t), t, self.prediction_target(x0, noise, t)
+
+    @property
+    def training_scheduler(self):
+        """The DDPM forward process the denoiser was trained with (its scheduler's betas and prediction type)."""
+        if getattr(self, "_training_scheduler", None) is None:
+            from diffusers import DDPMScheduler
+
+            self._training_scheduler = DDPMScheduler.from_config(self.pipeline.scheduler.config)
+        return self._training_scheduler
+
+    def training_timesteps(self, batch: int, generator: torch.Generator) -> torch.Tensor:
+        """One uniformly drawn training timestep per example (SD/SDXL: DDPM's integer steps)."""
+        return torch.randint(self.training_scheduler.config.num_train_timesteps, (batch,), generator=generator)
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) noise, per example (or one t for all)."""
+        return self.training_scheduler.add_noise(x0, noise, t.expand(len(x0)) if len(t) == 1 else t)
+
+    def _alpha(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        alphas = self.training_scheduler.alphas_cumprod.to(like.device)[t.cpu()]
+        return alphas.view(-1, *[1] * (like.dim() - 1)).to(like)
+
+    def prediction_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the denoiser predicts at x_t: the noise, or v (SD 2.x 768 px models, prediction_type
+        v_prediction)."""
+        if self.training_scheduler.config.prediction_type == "v_prediction":
+            alpha = self._alpha(t, x0)
+            return alpha.sqrt() * noise - (1 - alpha).sqrt() * x0
+        return noise
+
+    def x0_estimate(self, x_t: torch.Tensor, t: torch.Tensor, prediction: torch.Tensor) -> torch.Tensor:
+        """The clean latent a prediction at (x_t, t) implies."""
+        alpha = self._alpha(t, prediction)
+        if self.training_scheduler.config.prediction_type == "v_prediction":
+            return alpha.sqrt() * x_t - (1 - alpha).sqrt() * prediction
+        return (x_t - (1 - alpha).sqrt() * prediction) / alpha.sqrt()
+
+    def as_image(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents (or predictions) laid out as images, (batch, channels, height, width), for convolutions."""
+        return latents
 
     @torch.no_grad()
     def encode_image(self, image) -> torch.Tensor:
@@ -276,11 +316,31 @@ class FluxAdapter(UNetAdapter):
             return self.predict(denoiser, latents, t, cond, guidance)
         return super().guided_prediction(denoiser, latents, t, cond, empty, guidance)
 
-    def noised(self, x0, generator):
-        """Flow matching: x_t = (1 - sigma) x_0 + sigma noise, velocity target noise - x_0, t = 1000 sigma."""
-        sigma = float(torch.rand((), generator=generator))
-        noise = torch.randn(x0.shape, generator=generator).to(x0)
-        return (1 - sigma) * x0 + sigma * noise, 1000 * sigma, noise - x0
+    # Flow matching: x_t = (1 - sigma) x_0 + sigma noise, velocity target noise - x_0, t = 1000 sigma, sigma drawn
+    # uniformly in [0, 1).
+    def training_timesteps(self, batch, generator):
+        return 1000 * torch.rand((batch,), generator=generator)
+
+    @staticmethod
+    def _sigma(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return (t / 1000).view(-1, *[1] * (like.dim() - 1)).to(like)
+
+    def add_noise(self, x0, noise, t):
+        sigma = self._sigma(t, x0)
+        return (1 - sigma) * x0 + sigma * noise
+
+    def prediction_target(self, x0, noise, t):
+        return noise - x0
+
+    def x0_estimate(self, x_t, t, prediction):
+        return x_t - self._sigma(t, prediction) * prediction
+
+    def as_image(self, latents):
+        """Packed 2x2 patches, (batch, tokens, 4 x channels), as the (batch, 4 x channels, h/2, w/2) grid they tile
+        (the pipeline packs them row by row)."""
+        batch, tokens, channels = latents.shape
+        side = self.latent_size() // 2
+        return latents.transpose(1, 2).reshape(batch, channels, side, side)
 
     @torch.no_grad()
     def encode_image(self, image):

@@ -1,6 +1,8 @@
 """DoCo: the gradient surgery's defining property, the discriminator learning, saving/stacking/resuming on the tiny
 SD pipeline, and erasure behaviour on the toy world."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -164,10 +166,20 @@ def test_a_run_interrupted_mid_schedule_resumes_to_the_same_edit(tiny_pipeline_d
     assert all(torch.allclose(resumed[k], straight[k], atol=1e-6) for k in straight)
 
 
-def test_doco_refuses_flux(tiny_pipeline_dirs, tmp_path):
-    with pytest.raises(UsageError, match="doco does not apply to flux pipelines"):
-        erase(str(tiny_pipeline_dirs["flux"]), "doco", ["a star"], tmp_path / "flux", options=FAST, device="cpu")
-    assert not (tmp_path / "flux").exists()
+def test_doco_on_flux_trains_the_text_projections_and_saves_a_loadable_edit(tiny_pipeline_dirs, tmp_path):
+    """On Flux the discriminator reads the x_0 the velocity implies, the packed patches laid out as their grid, and
+    "xattn" is the joint blocks' text projections; the anchor images are drawn at the training resolution."""
+    from erasers.edits import apply_edits
+
+    before = load_pipeline(str(tiny_pipeline_dirs["flux"]), device="cpu").denoiser.state_dict()
+    out = erase(str(tiny_pipeline_dirs["flux"]), "doco", ["a star"], tmp_path / "flux",
+                options={**FAST, "lr": 1e-2}, device="cpu", resolution=16)
+    assert read_edit(out)["base_family"] == "flux"
+    loaded = load_pipeline(str(tiny_pipeline_dirs["flux"]), device="cpu")
+    apply_edits(loaded, [out])
+    after = loaded.denoiser.state_dict()
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    assert changed and all(re.search(r"^transformer_blocks\.\d+\.attn\.add_[qkv]_proj\.", k) for k in changed)
 
 
 def test_doco_on_sdxl_trains_cross_attention_and_saves_a_loadable_edit(tiny_pipeline_dirs, tmp_path):

@@ -39,7 +39,7 @@ METHODS = {
     "hirm": ({"iterations": 12, "lr": 3e-3, "retain_weight": 3.0}, 3.0),
     # DoCo's preservation (surgery, preserve_weight, the test's retain prompts) does not make it selective here
     # either: the same one-word prompts sharing 7 of 8 positions; measured 2.3x on sd, 1.2-1.6x on sdxl (also with
-    # preserve_weight 5).
+    # preserve_weight 5), 1.8x on flux.
     "doco": ({"iterations": 8, "warmup_steps": 2, "batch_size": 2, "anchor_images": 3, "sample_steps": 2, "lr": 1e-3,
               "preserve_weight": 1.0}, 1.0),
 }
@@ -204,6 +204,49 @@ def test_prediction_is_the_denoiser_call_the_pipeline_makes(bases, family):
         latents, timestep = args[0], args[1]
     ours = predict_noise(loaded.denoiser, latents[-1:], timestep, loaded.encode_text(["a star"]))
     assert torch.allclose(ours, output[-1:], atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["sd", "sd-v-prediction", "flux"])
+def test_the_training_target_at_x_t_implies_its_clean_latent(bases, family):
+    """The adapter's forward process (one timestep per example), the target the denoiser is trained to predict
+    (noise, v for SD 2.x 768 px models, Flux's velocity) and the clean latent a prediction implies (what DoCo's
+    discriminator reads) are consistent: the true target at x_t gives back x_0."""
+    from diffusers import DDIMScheduler
+
+    loaded = bases(family.split("-")[0])
+    if family == "sd-v-prediction":
+        loaded.pipeline.scheduler = DDIMScheduler.from_config(loaded.pipeline.scheduler.config,
+                                                              prediction_type="v_prediction")
+    adapter = loaded.adapter
+    generator = torch.Generator().manual_seed(0)
+    x0 = torch.randn(loaded.latent_shape(3), generator=generator)
+    noise = torch.randn(x0.shape, generator=generator)
+    t = adapter.training_timesteps(3, generator)
+    assert len(set(t.tolist())) == 3
+    x_t = adapter.add_noise(x0, noise, t)
+    target = adapter.prediction_target(x0, noise, t)
+    assert torch.allclose(adapter.x0_estimate(x_t, t, target), x0, atol=1e-4)
+    assert not torch.allclose(adapter.x0_estimate(x_t, t, noise if family == "flux" else -noise), x0, atol=1e-2)
+    if family == "sd":
+        assert torch.equal(target, noise)
+    elif family == "sd-v-prediction":
+        assert torch.allclose(target, loaded.pipeline.scheduler.get_velocity(x0, noise, t))
+    else:
+        assert torch.equal(target, noise - x0)
+
+
+def test_flux_packed_latents_are_laid_out_as_their_image_grid(bases):
+    """What DoCo's discriminator convolves on Flux: packed 2x2 patches as the grid they tile, patch (i, j) at (i, j)."""
+    loaded = bases("flux")
+    side, channels = loaded.adapter.latent_size(), loaded.denoiser.config.in_channels // 4
+    latents = torch.randn(2, channels, side, side)
+    packed = type(loaded.pipeline)._pack_latents(latents, 2, channels, side, side)
+    assert packed.shape == loaded.latent_shape(2) and side >= 4
+    grid = loaded.adapter.as_image(packed)
+    assert grid.shape == (2, 4 * channels, side // 2, side // 2)
+    for i, j in [(0, 0), (0, 1), (1, 0), (side // 2 - 1, side // 2 - 1)]:
+        patch = latents[:, :, 2 * i:2 * i + 2, 2 * j:2 * j + 2].reshape(2, 4 * channels)
+        assert torch.equal(grid[:, :, i, j], patch)
 
 
 def test_bf16_frozen_weights_train_fp32_parameters(bases):
@@ -374,9 +417,15 @@ def test_gpu_check_runs_doco_and_coerasing_where_they_apply(capsys):
     assert code == 0, captured.out
     rows = [line for line in captured.out.splitlines() if line.startswith(("| sd15", "| flux"))]
     assert [line.split("|")[1:3] for line in rows] == [[" sd15 ", " plain "], [" sd15 ", " doco "],
-                                                       [" sd15 ", " coerasing "]], rows
+                                                       [" sd15 ", " coerasing "], [" flux ", " plain "],
+                                                       [" flux ", " doco "]], rows
     assert all(line.endswith("| yes | yes |") for line in rows), captured.out
-    assert "flux/doco: does not apply" in captured.err and "flux/coerasing: does not apply" in captured.err
+    assert "flux/coerasing: does not apply" in captured.err
+
+    code = main(["--tiny", "--steps", "1", "--families", "flux", "--methods", "coerasing"])
+    captured = capsys.readouterr()
+    assert code == 0 and not [line for line in captured.out.splitlines() if line.startswith("| flux")], captured.out
+    assert "flux/coerasing: does not apply" in captured.err
 
 
 def test_step_cost_runs_sdxl_with_gradient_checkpointing(tiny_pipeline_dirs, monkeypatch):
