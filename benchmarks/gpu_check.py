@@ -152,8 +152,11 @@ def method_step(family: str, method: str, args) -> dict:
 
 def ip_adapter_files(loaded, args) -> dict[str, str]:
     """Co-Erasing's options for a random IP-Adapter in the published layout for this UNet (erasers.ip_adapter's
-    add/save, with its image encoder) and a random refinement CLIP, written once per run."""
-    if getattr(args, "ip_adapter_dir", None) is None:
+    add/save, with its image encoder) and a random refinement CLIP, written once per family."""
+    family = loaded.family.name
+    if not hasattr(args, "ip_adapter_dirs"):
+        args.ip_adapter_dirs = {}
+    if family not in args.ip_adapter_dirs:
         from transformers import (
             CLIPTextConfig,
             CLIPTextModelWithProjection,
@@ -177,8 +180,8 @@ def ip_adapter_files(loaded, args) -> dict[str, str]:
         loaded.pipeline.unload_ip_adapter()
         CLIPTextModelWithProjection(refine_clip).save_pretrained(root / "clip")
         loaded.tokenizer.save_pretrained(root / "clip")
-        args.ip_adapter_dir = root
-    root = args.ip_adapter_dir
+        args.ip_adapter_dirs[family] = root
+    root = args.ip_adapter_dirs[family]
     return {"ip_adapter": str(root / "adapter"), "ip_adapter_subfolder": "",
             "ip_adapter_weight": "ip-adapter.safetensors", "refine_clip": str(root / "clip")}
 

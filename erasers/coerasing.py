@@ -21,7 +21,8 @@ prompts share (the style, the template) cancels. Each image embedding e = (e.d) 
 shows besides the concept) shrinks. A projection was chosen over optimising the embedding against a CLIP
 similarity objective because it is closed-form, deterministic and cannot overshoot into an embedding the
 IP-Adapter never saw. It needs a CLIP text tower in the image encoder's space (`refine_clip`: on the toy model
-the toy CLIP; for SD 1.5's IP-Adapter, the ViT-H/14 CLIP its image encoder comes from).
+the toy CLIP; for the published SD 1.5 and SDXL ViT-H IP-Adapters, the ViT-H/14 CLIP their image encoder comes
+from).
 
 Trained: the UNet outside cross-attention (`parameters`, as ESD's; the paper's "non-cross-attention"). The
 IP-Adapter is frozen and not part of the edit: the edit is `unet/` and `erasure.json`, like ESD's, and loads
@@ -35,7 +36,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from .errors import UsageError
 from .esd import PARAMETER_SETS, trainable_parameters
@@ -64,9 +64,12 @@ class CoErasingConfig:
     refine: bool = True
     refine_strength: float = 0.8        # how much of what the text does not explain is removed (0..1)
     refine_clip: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+    # An IP-Adapter in the published layout. No weight file named: h94/IP-Adapter's for the family (SD 1.x/2.x:
+    # models/ip-adapter_sd15; SDXL: sdxl_models/ip-adapter_sdxl_vit-h, the ViT-H image encoder), or
+    # ip-adapter.safetensors in another source's ip_adapter_subfolder.
     ip_adapter: str = "h94/IP-Adapter"
-    ip_adapter_subfolder: str = "models"
-    ip_adapter_weight: str = "ip-adapter_sd15.safetensors"
+    ip_adapter_subfolder: str = ""
+    ip_adapter_weight: str = ""
     seed: int = 0
 
     def __post_init__(self):
@@ -120,7 +123,8 @@ def concept_images(loaded: LoadedPipeline, request: EraseRequest, cfg: CoErasing
         return read_images(sorted(cache.glob("*.png")))
     prompts = request.erase_prompts()
     chosen = [prompts[i % len(prompts)] for i in range(cfg.image_count)]
-    images = loaded.generate(chosen, seeds=[cfg.seed * 1_000_000 + i for i in range(cfg.image_count)])
+    images = loaded.generate(chosen, seeds=[cfg.seed * 1_000_000 + i for i in range(cfg.image_count)],
+                             height=loaded.resolution, width=loaded.resolution)
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)
         for i, image in enumerate(images):
@@ -164,21 +168,6 @@ def load_refine_clip(source: str, loaded: LoadedPipeline):
     return model, tokenizer
 
 
-class _WithImages(nn.Module):
-    """The UNet as `sample_partially` calls it (latents, t, text states), with image embeddings added: the
-    conditional half of a classifier-free batch gets `embeds`, the unconditional half a zero image."""
-
-    def __init__(self, unet: nn.Module, embeds: torch.Tensor):
-        super().__init__()
-        self.unet, self.embeds = unet, embeds
-
-    def forward(self, latents, timestep, encoder_hidden_states):
-        embeds = self.embeds.expand(latents.shape[0] // 2, -1)
-        both = torch.cat([torch.zeros_like(embeds), embeds])
-        return self.unet(latents, timestep, encoder_hidden_states=encoder_hidden_states,
-                         added_cond_kwargs={"image_embeds": [both[:, None]]})
-
-
 def _toy_path(value: str, toy_dir: Path) -> str:
     return str(toy_dir) if value == "toy" else value
 
@@ -191,8 +180,9 @@ def _toy_path(value: str, toy_dir: Path) -> str:
                         "ip_adapter_weight": "ip-adapter.safetensors"})
 class CoErasing(Eraser):
     config_class = CoErasingConfig
-    families = ("sd",)
-    other_families_why = "its image conditions go through an SD 1.x/2.x IP-Adapter"
+    families = ("sd", "sdxl")
+    other_families_why = ("its image conditions go through a UNet IP-Adapter; Flux's (XLabs) feed the "
+                          "transformer's joint attention, which erasers.ip_adapter does not load")
 
     def erase(self, loaded: LoadedPipeline, request: EraseRequest, work_dir: Path | None = None):
         from benchmarks.toycanvas import CLIP_DIR, IP_ADAPTER_DIR
@@ -204,7 +194,8 @@ class CoErasing(Eraser):
         torch.manual_seed(cfg.seed)
         unet = loaded.denoiser
         unet.requires_grad_(False)
-        loaded.text_encoder.requires_grad_(False)
+        for encoder in loaded.text_encoders.values():
+            encoder.requires_grad_(False)
         parameters = loaded.make_trainable(trainable_parameters(loaded, cfg.parameters), unet)
         # Called with the adapter loaded (stage 2), it is the adapted UNet with the original weights.
         teacher = FrozenOriginal(unet, parameters)
@@ -242,7 +233,8 @@ class CoErasing(Eraser):
 
         # Stage 2: the same loss with the concept's images through the (frozen) IP-Adapter.
         ip_adapter.load_ip_adapter(loaded, _toy_path(cfg.ip_adapter, IP_ADAPTER_DIR),
-                                   subfolder=cfg.ip_adapter_subfolder or None, weight_name=cfg.ip_adapter_weight)
+                                   **ip_adapter.adapter_files(cfg.ip_adapter, loaded.family.name,
+                                                              cfg.ip_adapter_subfolder, cfg.ip_adapter_weight))
         embeds = ip_adapter.encode_images(loaded, images)
         if cfg.refine:
             clip_model, clip_tokenizer = load_refine_clip(_toy_path(cfg.refine_clip, CLIP_DIR), loaded)
@@ -257,7 +249,7 @@ class CoErasing(Eraser):
         def image_step(_, generator):
             image = embeds[int(torch.randint(len(embeds), (1,), generator=generator))][None]
             return esd_step(
-                generator, _WithImages(unet, image),
+                generator, ip_adapter.WithImages(unet, image, guided=True),
                 lambda x, t, s, which: ip_adapter.predict_noise_with_images(teacher, x, t, s,
                                                                             image if which else zero),
                 lambda x, t, s: ip_adapter.predict_noise_with_images(unet, x, t, s, image), cfg.latent_blur)

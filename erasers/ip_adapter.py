@@ -31,6 +31,23 @@ from .models import LoadedPipeline
 
 IMAGE_TOKENS = 4                       # the published SD 1.5 IP-Adapter's image tokens (ImageProjection)
 WEIGHT_NAME = "ip-adapter.safetensors"
+FAMILIES = ("sd", "sdxl")              # UNets whose text-reading attentions take IP keys/values
+# The published IP-Adapters (h94/IP-Adapter) per family: (subfolder, weight file, image encoder folder). SDXL's is
+# the ViT-H one, whose image encoder is SD 1.5's (models/image_encoder), so one refinement CLIP serves both.
+PUBLISHED_REPO = "h94/IP-Adapter"
+PUBLISHED = {"sd": ("models", "ip-adapter_sd15.safetensors", "image_encoder"),
+             "sdxl": ("sdxl_models", "ip-adapter_sdxl_vit-h.safetensors", "models/image_encoder")}
+
+
+def adapter_files(source: str, family: str, subfolder: str = "", weight_name: str = "") -> dict:
+    """`load_ip_adapter`'s file arguments: the given ones, or with no weight file named, the published adapter for
+    the family when `source` is the published repository, else `WEIGHT_NAME` in `subfolder`."""
+    if weight_name:
+        return {"subfolder": subfolder or None, "weight_name": weight_name}
+    if source == PUBLISHED_REPO:
+        subfolder, weight_name, encoder = PUBLISHED[family]
+        return {"subfolder": subfolder, "weight_name": weight_name, "image_encoder_folder": encoder}
+    return {"subfolder": subfolder or None, "weight_name": WEIGHT_NAME}
 
 
 def _processor_module(unet, processor_name: str) -> nn.Module:
@@ -76,12 +93,12 @@ def _complete_text_only_attn1(unet, ip_weights: dict[str, torch.Tensor] | None) 
 def load_ip_adapter(loaded: LoadedPipeline, source: str | Path, subfolder: str | None = None,
                     weight_name: str = WEIGHT_NAME, image_encoder_folder: str | None = "image_encoder",
                     scale: float = 1.0) -> None:
-    """Load a published-format IP-Adapter (local folder or hub id) into an SD pipeline with diffusers'
+    """Load a published-format IP-Adapter (local folder or hub id) into an SD or SDXL pipeline with diffusers'
     `load_ip_adapter`; the toy adapter: `load_ip_adapter(loaded, TOY_IP_ADAPTER_DIR)`."""
     from safetensors.torch import load_file
 
-    loaded.refuse("an IP-Adapter", ("sd",), "this loader builds SD 1.x/2.x IP-Adapters (image projection and IP "
-                  "attention of one CLIP-conditioned UNet)")
+    loaded.refuse("an IP-Adapter", FAMILIES, "this loader builds UNet IP-Adapters (image projection and IP keys/values "
+                  "in the UNet's cross-attention); Flux's (XLabs) feed the transformer's joint attention")
     local = Path(source) / (subfolder or "")
     if Path(source).exists() and not (local / weight_name).is_file():
         raise UsageError(f"{local} has no {weight_name}; pass the folder of an IP-Adapter (its weight file and "
@@ -91,7 +108,8 @@ def load_ip_adapter(loaded: LoadedPipeline, source: str | Path, subfolder: str |
                                         image_encoder_folder=image_encoder_folder)
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         raise UsageError(f"could not load the IP-Adapter {source}: {str(error).splitlines()[0]}; pass a folder or "
-                         "hub id holding an SD 1.5 IP-Adapter in the published format") from None
+                         f"hub id holding an IP-Adapter for this {loaded.family.name} UNet in the published format"
+                         ) from None
     unet = loaded.denoiser
     if _text_only_attn1(unet):
         # diffusers resolves local and hub files alike; after the load above the file is local or cached.
@@ -193,17 +211,31 @@ def encode_images(loaded: LoadedPipeline, images) -> torch.Tensor:
     return pipe.image_encoder(pixels.to(loaded.device, pipe.image_encoder.dtype)).image_embeds.to(loaded.dtype)
 
 
-def predict_noise_with_images(unet, latents: torch.Tensor, timestep, text_states: torch.Tensor,
-                              image_embeds: torch.Tensor) -> torch.Tensor:
-    """The UNet's noise prediction with text states and image embeddings (B, D) as conditions."""
-    batch = latents.shape[0]
-    text_states = getattr(text_states, "states", text_states)  # a Conditioning from loaded.encode_text (SD: states)
-    if text_states.shape[0] != batch:
-        text_states = text_states.expand(batch, -1, -1)
-    if image_embeds.shape[0] != batch:
-        image_embeds = image_embeds.expand(batch, -1)
-    return unet(latents, timestep, encoder_hidden_states=text_states,
-                added_cond_kwargs={"image_embeds": [image_embeds[:, None]]}).sample
+class WithImages(nn.Module):
+    """The UNet as the family adapter calls it, with image embeddings joined to its added conditions (SDXL's pooled
+    text and size ids stay): one embedding (1, D) for every row or one per row. `guided`: the batch is a
+    classifier-free one (unconditional half first), whose unconditional half gets a zero image, as diffusers'
+    pipeline gives it."""
+
+    def __init__(self, unet, image_embeds: torch.Tensor, guided: bool = False):
+        super().__init__()
+        self.unet, self.image_embeds, self.guided = unet, image_embeds, guided
+
+    def forward(self, latents, timestep, encoder_hidden_states, added_cond_kwargs=None):
+        rows = latents.shape[0] // 2 if self.guided else latents.shape[0]
+        embeds = self.image_embeds if self.image_embeds.shape[0] == rows else self.image_embeds.expand(rows, -1)
+        if self.guided:
+            embeds = torch.cat([torch.zeros_like(embeds), embeds])
+        added = {**(added_cond_kwargs or {}), "image_embeds": [embeds[:, None]]}
+        return self.unet(latents, timestep, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added)
+
+
+def predict_noise_with_images(unet, latents: torch.Tensor, timestep, text_states, image_embeds: torch.Tensor):
+    """The UNet's noise prediction with text (a Conditioning from `loaded.encode_text`, or SD states) and image
+    embeddings (B, D) as conditions, through the family adapter's call."""
+    from .families import predict
+
+    return predict(WithImages(unet, image_embeds), latents, timestep, text_states)
 
 
 @contextmanager

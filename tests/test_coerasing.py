@@ -52,10 +52,12 @@ def write_published_adapter(folder: Path, unet, weight_name: str) -> dict[str, t
     return state
 
 
-def test_published_ip_adapter_loads_on_tiny_sd(tiny_pipeline_dirs, tmp_path):
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_published_ip_adapter_loads_on_tiny_unets(tiny_pipeline_dirs, tmp_path, family):
+    """diffusers' loader on the published layout; on SDXL the image embeddings join the pooled text and size ids."""
     from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 
-    loaded = load_pipeline(str(tiny_pipeline_dirs["sd"]), device="cpu")
+    loaded = load_pipeline(str(tiny_pipeline_dirs[family]), device="cpu")
     state = write_published_adapter(tmp_path / "repo" / "models", loaded.denoiser, "ip-adapter_sd15.safetensors")
     ip_adapter.load_ip_adapter(loaded, tmp_path / "repo", subfolder="models", weight_name="ip-adapter_sd15.safetensors")
     unet = loaded.denoiser
@@ -101,6 +103,18 @@ def test_each_prompt_of_a_batch_is_conditioned_on_its_own_image(tiny_pipeline_di
     assert np.abs(alone[0] - alone[1]).max() > 1, "different images must give different generations"
     with pytest.raises(UsageError, match="one image embedding and one seed per prompt"):
         ip_adapter.generate_with_images(loaded, ["a star"] * 2, embeds, [0, 1], progress=False)
+
+
+def test_the_published_adapter_is_the_familys_unless_a_file_is_named():
+    assert ip_adapter.adapter_files("h94/IP-Adapter", "sd") == {
+        "subfolder": "models", "weight_name": "ip-adapter_sd15.safetensors", "image_encoder_folder": "image_encoder"}
+    # SDXL's ViT-H adapter reads SD 1.5's image encoder (a path with a slash: from the repository's root).
+    assert ip_adapter.adapter_files("h94/IP-Adapter", "sdxl") == {
+        "subfolder": "sdxl_models", "weight_name": "ip-adapter_sdxl_vit-h.safetensors",
+        "image_encoder_folder": "models/image_encoder"}
+    assert ip_adapter.adapter_files("h94/IP-Adapter", "sdxl", "sdxl_models", "ip-adapter_sdxl.safetensors") == {
+        "subfolder": "sdxl_models", "weight_name": "ip-adapter_sdxl.safetensors"}
+    assert ip_adapter.adapter_files("my/adapter", "sd") == {"subfolder": None, "weight_name": "ip-adapter.safetensors"}
 
 
 def test_missing_ip_adapter_is_a_usage_error(tiny_pipeline_dirs, tmp_path):
@@ -200,8 +214,7 @@ def test_coerasing_saves_a_plain_unet_edit_on_tiny_sd(tiny_pipeline_dirs, clip_t
     CLIPTextModelWithProjection(clip_text_config(**TINY_REFINE_CLIP)).save_pretrained(clip)
     CLIPTokenizer.from_pretrained(clip_tokenizer_dir).save_pretrained(clip)
     options = {"text_iterations": 2, "image_iterations": 2, "ddim_steps": 4, "image_count": 3,
-               "ip_adapter": str(tmp_path / "adapter"), "ip_adapter_subfolder": "",
-               "ip_adapter_weight": "ip-adapter.safetensors", "refine_clip": str(clip)}
+               "ip_adapter": str(tmp_path / "adapter"), "refine_clip": str(clip)}
     out = erase(str(tiny_pipeline_dirs["sd"]), "coerasing", ["a star"], tmp_path / "edit", options=options,
                 device="cpu")
     meta = read_edit(out)
@@ -212,6 +225,42 @@ def test_coerasing_saves_a_plain_unet_edit_on_tiny_sd(tiny_pipeline_dirs, clip_t
     apply_edits(base, [out])
     assert base.denoiser.encoder_hid_proj is None
     assert base.generate(["a star"], seeds=0, steps=2, progress=False)
+
+
+def test_coerasing_on_sdxl_trains_outside_cross_attention_and_saves_a_loadable_edit(tiny_pipeline_dirs,
+                                                                                      clip_tokenizer_dir, tmp_path):
+    """Both stages on SDXL: the image-conditioned ESD steps go through the SDXL UNet with its pooled text and size
+    ids beside the image embeddings (a random IP-Adapter made for the tiny SDXL UNet)."""
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+    source = str(tiny_pipeline_dirs["sdxl"])
+    loaded = load_pipeline(source, device="cpu")
+    before = {k: v.clone() for k, v in loaded.denoiser.state_dict().items()}
+    (tmp_path / "adapter").mkdir()
+    encoder = tiny_image_encoder()
+    ip_adapter.add_ip_adapter(loaded, encoder)
+    ip_adapter.save_ip_adapter(loaded.denoiser, encoder, tmp_path / "adapter", dtype=torch.float32)
+    clip = tmp_path / "refine-clip"
+    CLIPTextModelWithProjection(clip_text_config(**TINY_REFINE_CLIP)).save_pretrained(clip)
+    CLIPTokenizer.from_pretrained(clip_tokenizer_dir).save_pretrained(clip)
+    options = {"text_iterations": 2, "image_iterations": 2, "ddim_steps": 4, "image_count": 2, "lr": 1e-3,
+               "ip_adapter": str(tmp_path / "adapter"), "refine_clip": str(clip)}
+    out = erase(source, "coerasing", ["a star"], tmp_path / "edit", options=options, device="cpu")
+    meta = read_edit(out)
+    assert meta["base_family"] == "sdxl" and meta["components"] == ["unet"]
+    edited = load_pipeline(source, device="cpu")
+    apply_edits(edited, [out])
+    assert edited.denoiser.encoder_hid_proj is None
+    after = edited.denoiser.state_dict()
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    assert changed and not any(".attn2." in k or k.startswith(("time_embed", "add_embedding")) for k in changed)
+
+
+def test_coerasing_refuses_flux_before_writing_anything(tiny_pipeline_dirs, tmp_path):
+    with pytest.raises(UsageError, match="coerasing does not apply to flux pipelines.*joint attention"):
+        erase(str(tiny_pipeline_dirs["flux"]), "coerasing", ["a star"], tmp_path / "flux", device="cpu",
+              options={"text_iterations": 1, "image_iterations": 1, "image_count": 1})
+    assert not (tmp_path / "flux").exists()
 
 
 def test_bad_image_folders_are_usage_errors(tmp_path, capsys):

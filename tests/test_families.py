@@ -408,17 +408,18 @@ def test_gpu_check_runs_every_method_on_the_tiny_pipelines(capsys):
 
 def test_gpu_check_runs_doco_and_coerasing_where_they_apply(capsys):
     """DoCo and Co-Erasing in the GPU check: Co-Erasing with a random IP-Adapter (published layout) and refinement
-    CLIP written for the UNet; the families the matrix marks as not applying are skipped, not failed, and a family
-    none of the asked methods applies to gets no plain row."""
+    CLIP written for each family's UNet; the families the matrix marks as not applying are skipped, not failed, and
+    a family none of the asked methods applies to gets no plain row."""
     from benchmarks.gpu_check import main
 
-    code = main(["--tiny", "--steps", "1", "--families", "sd15,flux", "--methods", "doco,coerasing"])
+    code = main(["--tiny", "--steps", "1", "--families", "sd15,sdxl,flux", "--methods", "doco,coerasing"])
     captured = capsys.readouterr()
     assert code == 0, captured.out
-    rows = [line for line in captured.out.splitlines() if line.startswith(("| sd15", "| flux"))]
+    rows = [line for line in captured.out.splitlines() if line.startswith(("| sd15", "| sdxl", "| flux"))]
     assert [line.split("|")[1:3] for line in rows] == [[" sd15 ", " plain "], [" sd15 ", " doco "],
-                                                       [" sd15 ", " coerasing "], [" flux ", " plain "],
-                                                       [" flux ", " doco "]], rows
+                                                       [" sd15 ", " coerasing "], [" sdxl ", " plain "],
+                                                       [" sdxl ", " doco "], [" sdxl ", " coerasing "],
+                                                       [" flux ", " plain "], [" flux ", " doco "]], rows
     assert all(line.endswith("| yes | yes |") for line in rows), captured.out
     assert "flux/coerasing: does not apply" in captured.err
 
