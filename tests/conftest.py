@@ -1,3 +1,4 @@
+import copy
 import sys
 from pathlib import Path
 
@@ -6,7 +7,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny_pipelines import BUILDERS, build_tokenizer  # noqa: E402
+from tiny_pipelines import BUILDERS, RESOLUTION, build_tokenizer, text_sensitive  # noqa: E402
+
+from erasers import load_pipeline  # noqa: E402
 
 # Tiny models run many small operations: on two cores one thread per process is several times faster than two
 # (measured: the toy VLM tests 123 s -> 6 s). The cores are used by pytest-xdist instead, one worker per core
@@ -24,3 +27,19 @@ def tiny_pipeline_dirs(tmp_path_factory, clip_tokenizer_dir) -> dict[str, Path]:
     """A tiny random-weight pipeline directory per family: {"sd": ..., "sdxl": ..., "flux": ...}."""
     root = tmp_path_factory.mktemp("pipelines")
     return {family: build(root / family, clip_tokenizer_dir) for family, build in BUILDERS.items()}
+
+
+@pytest.fixture(scope="module")
+def bases(tiny_pipeline_dirs):
+    """bases(family): a fresh copy of the family's tiny pipeline, loaded once per module, its text encoders made to
+    tell prompts apart (tiny_pipelines.text_sensitive), Flux at 16 px."""
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            loaded = load_pipeline(str(tiny_pipeline_dirs[family]), device="cpu")
+            loaded.resolution = RESOLUTION[family]
+            cache[family] = text_sensitive(loaded)
+        return copy.deepcopy(cache[family])
+
+    return get

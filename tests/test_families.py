@@ -1,25 +1,21 @@
-"""Every eraser on every family (SD, SDXL, Flux), on the tiny random pipelines: the adapter builds the conditioning
-and the denoiser call exactly as each pipeline does; each method trains a few steps, saves an edit that loads back
-onto a fresh pipeline, and the edited pipeline's output for the concept's prompt changes more than an unrelated
-prompt's. Also the mixed-precision and memory options (bf16 frozen weights, fp32 trained parameters)."""
+"""Every eraser on every family (SD, SDXL, Flux), on the tiny random pipelines: the adapter builds the conditioning,
+the denoiser call and the training examples exactly as each pipeline does; each method trains a few steps, saves an
+edit that loads back onto a fresh pipeline, and the edited pipeline's output for the concept's prompt changes more
+than an unrelated prompt's. (Mixed precision and memory: test_precision.py.)"""
 
-import copy
-import sys
 
 import numpy as np
 import pytest
 import torch
+from tiny_pipelines import RESOLUTION, set_text_length
 
-from erasers import UsageError, load_pipeline
 from erasers.edits import apply_edits, read_edit, save_edit
 from erasers.losses import predict_noise
-from erasers.precision import TrainingOptions
 from erasers.prompts import make_request
 from erasers.registry import build_config, get_method
 from erasers.run import erase
 
 FAMILIES = ("sd", "sdxl", "flux")
-RESOLUTION = {"sd": None, "sdxl": None, "flux": 16}  # Flux's native 1024 px is 4,096 latent tokens: too many here
 
 # A few steps each. `bar`: how many times more the concept's output must change than the unrelated prompt's.
 # UCE (closed form with a preservation term) and the methods with a retain loss (AdvUnlearn, HiRM) are selective.
@@ -44,41 +40,6 @@ METHODS = {
               "preserve_weight": 1.0}, 1.0),
 }
 CONCEPT, UNRELATED = "star", "dog"
-
-
-def text_sensitive(loaded, length: int = 8):
-    """Random text encoders map every prompt to nearly the same states (tiny token embeddings, mostly padding), so
-    the denoisers barely read the text; token embeddings of unit scale and 8-token prompts make the prompts tell
-    apart, as a trained encoder's do."""
-    torch.manual_seed(0)
-    set_text_length(loaded, length)
-    with torch.no_grad():
-        for encoder in loaded.text_encoders.values():
-            encoder.get_input_embeddings().weight.normal_(0, 1)
-    return loaded
-
-
-def set_text_length(loaded, length: int):
-    """Every text encoder reads `length` tokens (start and end tokens included)."""
-    for tokenizer in loaded.tokenizers.values():
-        tokenizer.model_max_length = length
-    loaded.adapter.T5_LENGTH = length
-    if hasattr(loaded.pipeline, "tokenizer_max_length"):  # Flux reads CLIP's length once, at construction
-        loaded.pipeline.tokenizer_max_length = length
-
-
-@pytest.fixture(scope="module")
-def bases(tiny_pipeline_dirs):
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            loaded = load_pipeline(str(tiny_pipeline_dirs[family]), device="cpu")
-            loaded.resolution = RESOLUTION[family]
-            cache[family] = text_sensitive(loaded)
-        return copy.deepcopy(cache[family])
-
-    return get
 
 
 def predictions(loaded, prompts):
@@ -247,204 +208,6 @@ def test_flux_packed_latents_are_laid_out_as_their_image_grid(bases):
     for i, j in [(0, 0), (0, 1), (1, 0), (side // 2 - 1, side // 2 - 1)]:
         patch = latents[:, :, 2 * i:2 * i + 2, 2 * j:2 * j + 2].reshape(2, 4 * channels)
         assert torch.equal(grid[:, :, i, j], patch)
-
-
-def test_bf16_frozen_weights_train_fp32_parameters(bases):
-    """Mixed precision on the tiny SD pipeline: frozen weights in bf16, trained parameters in fp32 after the steps,
-    moved, finite losses; the saved component is float32 and loads back."""
-    loaded = bases("sd")
-    loaded.pipeline.to(dtype=torch.bfloat16)
-    loaded.training = TrainingOptions("bf16")
-    from erasers.esd import trainable_parameters
-
-    trained_names = {id(p) for p in trainable_parameters(loaded, "xattn")}
-    start = {name: p.detach().float().clone() for name, p in loaded.denoiser.named_parameters()
-             if id(p) in trained_names}
-    eraser = get_method("esd-x").eraser(build_config("esd-x", False, {"iterations": 3, "ddim_steps": 4, "lr": 1e-3}))
-    with loaded.autocast():
-        unet = eraser.erase(loaded, make_request([CONCEPT], loaded.tokenizer, False))["unet"]
-    assert all(np.isfinite(row["loss"]) for row in eraser.history)
-    assert unet.dtype == torch.float32, "the edit is saved in float32"
-    moved = [name for name, p in unet.named_parameters() if name in start and not torch.equal(p, start[name])]
-    assert moved and len(moved) == len(start)
-    assert loaded.text_encoder.dtype == torch.bfloat16, "frozen components stay in half precision"
-
-
-def test_trained_parameters_stay_fp32_through_the_optimiser_steps(bases):
-    loaded = bases("sd")
-    loaded.pipeline.to(dtype=torch.bfloat16)
-    loaded.training = TrainingOptions("bf16")
-    parameters = loaded.make_trainable(list(loaded.denoiser.conv_in.parameters()), loaded.denoiser)
-    optimizer = loaded.optimizer(parameters, 1e-2)
-    latents = torch.randn(loaded.latent_shape(1))
-    for _ in range(2):
-        with loaded.autocast():
-            loss = predict_noise(loaded.denoiser, latents, 10, loaded.encode_text(["a star"])).float().pow(2).mean()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    assert all(p.dtype == torch.float32 and p.grad is None for p in parameters)
-    assert loaded.denoiser.conv_out.weight.dtype == torch.bfloat16
-    with pytest.raises(UsageError, match="not float32"):
-        loaded.optimizer([loaded.denoiser.conv_out.weight], 1e-2)
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_frozen_teacher_is_the_untrained_denoiser_without_a_second_copy(bases, family, precision):
-    """The teacher ESD, DoCo and Co-Erasing read is the denoiser itself with its trained parameters' original values
-    swapped in: it predicts what the untrained denoiser did after the student has moved, and it keeps only the
-    trained tensors (a fraction of the denoiser, in the frozen weights' dtype), leaving the module's mode and gradients
-    as they were."""
-    from erasers.esd import trainable_parameters
-    from erasers.losses import FrozenOriginal
-
-    loaded = bases(family)
-    if precision == "bf16":
-        loaded.pipeline.to(dtype=torch.bfloat16)
-    loaded.training = TrainingOptions(precision)
-    denoiser = loaded.denoiser
-    parameters = loaded.make_trainable(trainable_parameters(loaded, "xattn"), denoiser)
-    teacher = FrozenOriginal(denoiser, parameters)
-    latents = torch.randn(loaded.latent_shape(2), generator=torch.Generator().manual_seed(0)).to(denoiser.dtype)
-    cond = loaded.encode_text([CONCEPT, UNRELATED])
-    with torch.no_grad(), loaded.autocast():
-        untrained = predict_noise(denoiser, latents, 500, cond)
-        for parameter in parameters:  # what training does to the student
-            parameter.add_(torch.randn_like(parameter))
-        moved = predict_noise(denoiser, latents, 500, cond)
-    denoiser.train()
-    frozen_block = next(m for m in denoiser.modules() if m is not denoiser)
-    frozen_block.eval()  # modes are the caller's: the teacher leaves a mixed one as it found it
-    with loaded.autocast():
-        taught = predict_noise(teacher, latents, 500, cond)
-    assert not torch.allclose(moved, untrained)
-    assert torch.equal(taught, untrained) and not taught.requires_grad
-    assert denoiser.training and not frozen_block.training and all(p.requires_grad for p in parameters)
-    kept = sum(t.numel() for t in teacher.originals.values())
-    assert kept == sum(p.numel() for p in parameters) < sum(p.numel() for p in denoiser.parameters()) / 2
-    # kept in the frozen weights' dtype (exact: the fp32 trained parameters were upcast from it)
-    trained_ids = {id(p) for p in parameters}
-    frozen_dtype = next(p.dtype for p in denoiser.parameters() if id(p) not in trained_ids)
-    assert all(t.dtype == frozen_dtype for t in teacher.originals.values())
-
-
-def test_each_optimiser_step_reaches_the_next_forward_under_the_erase_autocast(bases):
-    """An erase runs its whole loop inside one `loaded.autocast()`: the half-precision copies autocast makes of the
-    float32 trained parameters must not be cached across steps, or every forward reads the weights of step 0."""
-    loaded = bases("sd")
-    loaded.pipeline.to(dtype=torch.bfloat16)
-    loaded.training = TrainingOptions("bf16")
-    parameters = loaded.make_trainable(list(loaded.denoiser.conv_in.parameters()), loaded.denoiser)
-    optimizer = loaded.optimizer(parameters, 1e-1)
-    latents = torch.randn(loaded.latent_shape(1), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        cond = loaded.encode_text(["a star"])
-    losses = []
-    with loaded.autocast():
-        for _ in range(3):
-            loss = predict_noise(loaded.denoiser, latents, 10, cond).float().pow(2).mean()
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            losses.append(loss.item())
-    assert losses[2] < losses[1] < losses[0], losses
-
-
-def test_gradient_checkpointing_gives_the_same_gradients(bases):
-    grads = []
-    for checkpointing in (False, True):
-        loaded = bases("sdxl")
-        loaded.training = TrainingOptions("fp32", gradient_checkpointing=checkpointing)
-        from erasers.esd import trainable_parameters
-
-        parameters = loaded.make_trainable(trainable_parameters(loaded, "xattn"), loaded.denoiser)
-        loaded.denoiser.train()
-        latents = torch.randn(loaded.latent_shape(1), generator=torch.Generator().manual_seed(0))
-        predict_noise(loaded.denoiser, latents, 10, loaded.encode_text(["a star"])).pow(2).mean().backward()
-        grads.append(torch.cat([p.grad.flatten() for p in parameters]))
-        assert loaded.denoiser.is_gradient_checkpointing == checkpointing
-    assert grads[0].abs().sum() > 0 and torch.allclose(grads[0], grads[1], atol=1e-6)
-
-
-def test_precision_options_are_checked(tiny_pipeline_dirs, tmp_path, monkeypatch):
-    sd = str(tiny_pipeline_dirs["sd"])
-    with pytest.raises(UsageError, match="fp16 needs a CUDA GPU"):
-        erase(sd, "esd-x", [CONCEPT], tmp_path / "a", device="cpu", precision="fp16")
-    with pytest.raises(UsageError, match="--precision must be one of"):
-        TrainingOptions("int8")
-    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # importing it now fails, as when it is not installed
-    with pytest.raises(UsageError, match="needs bitsandbytes"):
-        erase(sd, "esd-x", [CONCEPT], tmp_path / "b", options={"iterations": "1", "ddim_steps": "4"}, device="cpu",
-              optimizer="adam8bit")
-    with pytest.raises(UsageError, match="multiple of 16"):
-        erase(sd, "esd-x", [CONCEPT], tmp_path / "c", device="cpu", resolution=20)
-
-
-def test_erase_in_bf16_saves_an_fp32_edit_with_its_training_options(tiny_pipeline_dirs, tmp_path):
-    out = erase(str(tiny_pipeline_dirs["sdxl"]), "esd-x", [CONCEPT], tmp_path / "edit",
-                options={"iterations": "2", "ddim_steps": "4"}, device="cpu", precision="bf16",
-                gradient_checkpointing=True)
-    meta = read_edit(out)
-    assert meta["training"] == {"precision": "bf16", "gradient_checkpointing": True, "optimizer": "adam"}
-    loaded = load_pipeline(str(tiny_pipeline_dirs["sdxl"]), device="cpu")
-    unet = type(loaded.denoiser).from_pretrained(out / "unet")
-    assert unet.dtype == torch.float32
-    apply_edits(loaded, [out])
-    assert loaded.generate([CONCEPT], steps=2, progress=False)[0].size == (16, 16)
-
-
-def test_gpu_check_runs_every_method_on_the_tiny_pipelines(capsys):
-    """benchmarks/gpu_check.py's CPU mode: finite losses and moved parameters for each method x family, and the
-    table of seconds per step against the plain forward+backward. (Its CUDA run needs a GPU.)"""
-    from benchmarks.gpu_check import main
-
-    code = main(["--tiny", "--steps", "1", "--families", "flux", "--methods", "esd-te,uce"])
-    out = capsys.readouterr().out
-    assert code == 0, out
-    rows = [line for line in out.splitlines() if line.startswith("| flux")]
-    assert len(rows) == 3 and all(line.endswith("| yes | yes |") for line in rows), out
-
-
-def test_gpu_check_runs_doco_and_coerasing_where_they_apply(capsys):
-    """DoCo and Co-Erasing in the GPU check: Co-Erasing with a random IP-Adapter (published layout) and refinement
-    CLIP written for each family's UNet; the families the matrix marks as not applying are skipped, not failed, and
-    a family none of the asked methods applies to gets no plain row."""
-    from benchmarks.gpu_check import main
-
-    code = main(["--tiny", "--steps", "1", "--families", "sd15,sdxl,flux", "--methods", "doco,coerasing"])
-    captured = capsys.readouterr()
-    assert code == 0, captured.out
-    rows = [line for line in captured.out.splitlines() if line.startswith(("| sd15", "| sdxl", "| flux"))]
-    assert [line.split("|")[1:3] for line in rows] == [[" sd15 ", " plain "], [" sd15 ", " doco "],
-                                                       [" sd15 ", " coerasing "], [" sdxl ", " plain "],
-                                                       [" sdxl ", " doco "], [" sdxl ", " coerasing "],
-                                                       [" flux ", " plain "], [" flux ", " doco "]], rows
-    assert all(line.endswith("| yes | yes |") for line in rows), captured.out
-    assert "flux/coerasing: does not apply" in captured.err
-
-    code = main(["--tiny", "--steps", "1", "--families", "flux", "--methods", "coerasing"])
-    captured = capsys.readouterr()
-    assert code == 0 and not [line for line in captured.out.splitlines() if line.startswith("| flux")], captured.out
-    assert "flux/coerasing: does not apply" in captured.err
-
-
-def test_step_cost_runs_sdxl_with_gradient_checkpointing(tiny_pipeline_dirs, monkeypatch):
-    """benchmarks/step_cost.py's SDXL rows (the tiny SDXL pipeline standing in for the full architecture, at its
-    own 32 px rather than 512): the plain step encodes the prompt, lets the text encoders go and steps the UNet
-    with gradient checkpointing, as the method steps do."""
-    import benchmarks.architectures
-    from benchmarks import step_cost
-
-    monkeypatch.setattr(benchmarks.architectures, "build_architecture",
-                        lambda family: load_pipeline(str(tiny_pipeline_dirs[family]), device="cpu").pipeline)
-    monkeypatch.setitem(step_cost.SETTINGS, "sdxl", (32, True))
-    loaded = step_cost.build_loaded("sdxl")
-    pixels = [side * loaded.pipeline.vae_scale_factor for side in loaded.latent_shape(1)[-2:]]
-    assert loaded.training.gradient_checkpointing and pixels == [32, 32]
-    for method in ("plain", "esd-x"):
-        row = step_cost.measure("sdxl", method, 1)
-        assert row["seconds_per_step"] > 0 and row["peak_rss_bytes"] > 0, row
 
 
 @pytest.mark.parametrize("family", ["sdxl", "flux"])

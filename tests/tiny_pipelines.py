@@ -109,3 +109,28 @@ BUILDERS = {"sd": build_sd, "sdxl": build_sdxl, "flux": build_flux}
 def build_tokenizer(directory: Path) -> Path:
     build_clip_tokenizer(directory)
     return directory
+
+
+# Test-time settings on a loaded tiny pipeline (the `bases` fixture, conftest.py).
+RESOLUTION = {"sd": None, "sdxl": None, "flux": 16}  # Flux's native 1024 px is 4,096 latent tokens: too many here
+
+
+def text_sensitive(loaded, length: int = 8):
+    """Random text encoders map every prompt to nearly the same states (tiny token embeddings, mostly padding), so
+    the denoisers barely read the text; token embeddings of unit scale and 8-token prompts make the prompts tell
+    apart, as a trained encoder's do."""
+    torch.manual_seed(0)
+    set_text_length(loaded, length)
+    with torch.no_grad():
+        for encoder in loaded.text_encoders.values():
+            encoder.get_input_embeddings().weight.normal_(0, 1)
+    return loaded
+
+
+def set_text_length(loaded, length: int):
+    """Every text encoder reads `length` tokens (start and end tokens included)."""
+    for tokenizer in loaded.tokenizers.values():
+        tokenizer.model_max_length = length
+    loaded.adapter.T5_LENGTH = length
+    if hasattr(loaded.pipeline, "tokenizer_max_length"):  # Flux reads CLIP's length once, at construction
+        loaded.pipeline.tokenizer_max_length = length
