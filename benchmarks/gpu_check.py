@@ -11,8 +11,8 @@ Flux is built with its published widths (FLUX.1-dev: 3072-wide blocks, 4096-wide
 by default, fewer blocks (--flux-depth 4,8 joint/single blocks and 4 T5 blocks): the full 12B transformer alone is
 24 GB in bf16 and ESD-u's fp32 master weights, gradients and Adam moments on it would need about 200 GB.
 `--flux-depth full` builds all 19 + 38 blocks and T5's 24.
-DoCo and Co-Erasing run on the families they apply to (the README's families x methods matrix); Co-Erasing with a
-random IP-Adapter written for the UNet in the published layout (ViT-H/14 image encoder, 4 image tokens) and a random
+DoCo and Co-Erasing run on every family; Co-Erasing with a random IP-Adapter written for each family's denoiser
+in the published layout (ViT-H/14-sized image encoder, 4 image tokens; on Flux XLabs' layout) and a random
 refinement CLIP. Exit status 1 if any method's loss is not finite or nothing it trains moved.
 """
 

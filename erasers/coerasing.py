@@ -22,11 +22,15 @@ shows besides the concept) shrinks. A projection was chosen over optimising the 
 similarity objective because it is closed-form, deterministic and cannot overshoot into an embedding the
 IP-Adapter never saw. It needs a CLIP text tower in the image encoder's space (`refine_clip`: on the toy model
 the toy CLIP; for the published SD 1.5 and SDXL ViT-H IP-Adapters, the ViT-H/14 CLIP their image encoder comes
-from).
+from; for Flux's XLabs adapter, CLIP ViT-L/14).
+
+On Flux (not in the paper) both stages are ESD's loss on the transformer's velocity, the image condition goes in
+through the XLabs IP-Adapter (diffusers' FluxIPAdapterMixin: IP keys/values in each joint block), the blur acts on
+the unpacked latent image, and the default parameters are ESD-u's there (image stream and single blocks).
 
 Trained: the UNet outside cross-attention (`parameters`, as ESD's; the paper's "non-cross-attention"). The
-IP-Adapter is frozen and not part of the edit: the edit is `unet/` and `erasure.json`, like ESD's, and loads
-into the plain pipeline.
+IP-Adapter is frozen and not part of the edit: the edit is the denoiser (`unet/`, Flux `transformer/`) and
+`erasure.json`, like ESD's, and loads into the plain pipeline.
 """
 
 from __future__ import annotations
@@ -63,13 +67,15 @@ class CoErasingConfig:
     images: str = ""                    # a folder of the concept's images instead of generating them
     refine: bool = True
     refine_strength: float = 0.8        # how much of what the text does not explain is removed (0..1)
-    refine_clip: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
-    # An IP-Adapter in the published layout. No weight file named: h94/IP-Adapter's for the family (SD 1.x/2.x:
-    # models/ip-adapter_sd15; SDXL: sdxl_models/ip-adapter_sdxl_vit-h, the ViT-H image encoder), or
-    # ip-adapter.safetensors in another source's ip_adapter_subfolder.
-    ip_adapter: str = "h94/IP-Adapter"
+    # An IP-Adapter in the published layout (a folder or hub id: the weight file, image_encoder/), by default the
+    # family's published one (erasers.ip_adapter.PUBLISHED: SD 1.x/2.x h94/IP-Adapter models/ip-adapter_sd15; SDXL
+    # its sdxl_models/ip-adapter_sdxl_vit-h, the same ViT-H image encoder; Flux XLabs-AI/flux-ip-adapter with
+    # CLIP ViT-L/14), and the CLIP text tower in its image encoder's space for the refinement (default: the one
+    # that published adapter's image encoder comes from).
+    refine_clip: str = ""
+    ip_adapter: str = ""
     ip_adapter_subfolder: str = ""
-    ip_adapter_weight: str = ""
+    ip_adapter_weight: str = ""                     # default ip-adapter.safetensors in ip_adapter_subfolder
     seed: int = 0
 
     def __post_init__(self):
@@ -180,9 +186,7 @@ def _toy_path(value: str, toy_dir: Path) -> str:
                         "ip_adapter_weight": "ip-adapter.safetensors"})
 class CoErasing(Eraser):
     config_class = CoErasingConfig
-    families = ("sd", "sdxl")
-    other_families_why = ("its image conditions go through a UNet IP-Adapter; Flux's (XLabs) feed the "
-                          "transformer's joint attention, which erasers.ip_adapter does not load")
+    families = ("sd", "sdxl", "flux")
 
     def erase(self, loaded: LoadedPipeline, request: EraseRequest, work_dir: Path | None = None):
         from benchmarks.toycanvas import CLIP_DIR, IP_ADAPTER_DIR
@@ -190,7 +194,6 @@ class CoErasing(Eraser):
         from . import ip_adapter
 
         cfg = self.config
-        loaded.refuse("coerasing", self.families, self.other_families_why)
         torch.manual_seed(cfg.seed)
         unet = loaded.denoiser
         unet.requires_grad_(False)
@@ -214,7 +217,7 @@ class CoErasing(Eraser):
             with torch.no_grad():
                 x_t, t = sample_partially(loaded, student, concept_states[k:k + 1], empty, stop, cfg.ddim_steps,
                                           cfg.sample_guidance, generator)
-                x_t = _blur(x_t, blur)
+                x_t = loaded.adapter.on_latent_image(x_t, lambda latents: _blur(latents, blur))
                 eps_contrast = teacher_call(x_t, t, contrasts[k:k + 1], None)
                 eps_concept = teacher_call(x_t, t, concept_states[k:k + 1], "image")
                 target = esd_target(eps_contrast, eps_concept, eps_contrast, cfg.eta)
@@ -232,12 +235,13 @@ class CoErasing(Eraser):
                                           lambda x, t, s: predict_noise(unet, x, t, s)))
 
         # Stage 2: the same loss with the concept's images through the (frozen) IP-Adapter.
-        ip_adapter.load_ip_adapter(loaded, _toy_path(cfg.ip_adapter, IP_ADAPTER_DIR),
-                                   **ip_adapter.adapter_files(cfg.ip_adapter, loaded.family.name,
-                                                              cfg.ip_adapter_subfolder, cfg.ip_adapter_weight))
+        files = ip_adapter.adapter_files(_toy_path(cfg.ip_adapter, IP_ADAPTER_DIR), loaded.family.name,
+                                         cfg.ip_adapter_subfolder, cfg.ip_adapter_weight)
+        ip_adapter.load_ip_adapter(loaded, files.pop("source"), **files)
         embeds = ip_adapter.encode_images(loaded, images)
         if cfg.refine:
-            clip_model, clip_tokenizer = load_refine_clip(_toy_path(cfg.refine_clip, CLIP_DIR), loaded)
+            refine_clip = cfg.refine_clip or ip_adapter.PUBLISHED[loaded.family.name].text_clip
+            clip_model, clip_tokenizer = load_refine_clip(_toy_path(refine_clip, CLIP_DIR), loaded)
             direction = concept_direction(clip_model, clip_tokenizer, request, prompts).to(embeds.device)
             embeds = refine_embeddings(embeds, direction, cfg.refine_strength)
             del clip_model
@@ -249,7 +253,7 @@ class CoErasing(Eraser):
         def image_step(_, generator):
             image = embeds[int(torch.randint(len(embeds), (1,), generator=generator))][None]
             return esd_step(
-                generator, ip_adapter.WithImages(unet, image, guided=True),
+                generator, ip_adapter.WithImages(unet, image, loaded.adapter, guided=loaded.adapter.batch_guidance),
                 lambda x, t, s, which: ip_adapter.predict_noise_with_images(teacher, x, t, s,
                                                                             image if which else zero),
                 lambda x, t, s: ip_adapter.predict_noise_with_images(unet, x, t, s, image), cfg.latent_blur)
@@ -260,7 +264,7 @@ class CoErasing(Eraser):
         loaded.pipeline.unload_ip_adapter()
         unet.requires_grad_(False)
         unet.eval()
-        return {"unet": loaded.finish(unet)}
+        return {loaded.family.denoiser: loaded.finish(unet)}
 
 
 def _blur(latents: torch.Tensor, kernel: int) -> torch.Tensor:

@@ -163,6 +163,22 @@ class UNetAdapter:
         """Latents (or predictions) laid out as images, (batch, channels, height, width), for convolutions."""
         return latents
 
+    def on_latent_image(self, latents: torch.Tensor, function) -> torch.Tensor:
+        """`function` applied to the latents as the VAE's latent image (batch, channels, height, width)."""
+        return function(latents)
+
+    # ---- image prompts (IP-Adapter) ---------------------------------------------------------------------------
+
+    # Whether classifier-free guidance runs as one doubled batch, unconditional half first (what an image prompt's
+    # zero image for the unconditional branch has to follow).
+    batch_guidance = True
+
+    def with_image_embeds(self, call: dict, embeds: torch.Tensor) -> dict:
+        """The denoiser call's keyword arguments with IP-Adapter image embeddings (batch, D) joined: a UNet reads
+        them among its added conditions (beside SDXL's pooled text and size ids)."""
+        added = {**(call.get("added_cond_kwargs") or {}), "image_embeds": [embeds[:, None]]}
+        return {**call, "added_cond_kwargs": added}
+
     @torch.no_grad()
     def encode_image(self, image) -> torch.Tensor:
         vae = self.pipeline.vae
@@ -341,6 +357,21 @@ class FluxAdapter(UNetAdapter):
         batch, tokens, channels = latents.shape
         side = self.latent_size() // 2
         return latents.transpose(1, 2).reshape(batch, channels, side, side)
+
+    def on_latent_image(self, latents, function):
+        pipeline, size = type(self.pipeline), self.latent_size()
+        pixels = size * self.pipeline.vae_scale_factor
+        image = function(pipeline._unpack_latents(latents, pixels, pixels, self.pipeline.vae_scale_factor))
+        return pipeline._pack_latents(image, *image.shape)
+
+    @property
+    def batch_guidance(self) -> bool:
+        return not self.guidance_embedded
+
+    def with_image_embeds(self, call, embeds):
+        """Flux's IP-Adapter (XLabs' layout, diffusers' FluxIPAdapterMixin) reads the image embeddings through the
+        joint attention's keyword arguments."""
+        return {**call, "joint_attention_kwargs": {"ip_adapter_image_embeds": [embeds[:, None]]}}
 
     @torch.no_grad()
     def encode_image(self, image):

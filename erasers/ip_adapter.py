@@ -21,6 +21,7 @@ suite needs around it:
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,23 +32,42 @@ from .models import LoadedPipeline
 
 IMAGE_TOKENS = 4                       # the published SD 1.5 IP-Adapter's image tokens (ImageProjection)
 WEIGHT_NAME = "ip-adapter.safetensors"
-FAMILIES = ("sd", "sdxl")              # UNets whose text-reading attentions take IP keys/values
-# The published IP-Adapters (h94/IP-Adapter) per family: (subfolder, weight file, image encoder folder). SDXL's is
-# the ViT-H one, whose image encoder is SD 1.5's (models/image_encoder), so one refinement CLIP serves both.
-PUBLISHED_REPO = "h94/IP-Adapter"
-PUBLISHED = {"sd": ("models", "ip-adapter_sd15.safetensors", "image_encoder"),
-             "sdxl": ("sdxl_models", "ip-adapter_sdxl_vit-h.safetensors", "models/image_encoder")}
+FAMILIES = ("sd", "sdxl", "flux")
+VIT_H = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+VIT_L = "openai/clip-vit-large-patch14"
+
+
+@dataclass(frozen=True)
+class PublishedAdapter:
+    """A family's published IP-Adapter: where its weights and image encoder are, and the CLIP whose text tower
+    shares that encoder's space (Co-Erasing's refinement)."""
+
+    source: str
+    subfolder: str
+    weight_name: str
+    image_encoder_folder: str          # diffusers' meaning: no slash, inside `subfolder`; else from the root
+    image_encoder: str | None          # a separate model (Flux adapters name one)
+    text_clip: str
+
+
+# SDXL's is the ViT-H adapter, whose image encoder is SD 1.5's (models/image_encoder): one refinement CLIP for both.
+PUBLISHED = {
+    "sd": PublishedAdapter("h94/IP-Adapter", "models", "ip-adapter_sd15.safetensors", "image_encoder", None, VIT_H),
+    "sdxl": PublishedAdapter("h94/IP-Adapter", "sdxl_models", "ip-adapter_sdxl_vit-h.safetensors",
+                             "models/image_encoder", None, VIT_H),
+    "flux": PublishedAdapter("XLabs-AI/flux-ip-adapter", "", "ip_adapter.safetensors", "image_encoder", VIT_L, VIT_L),
+}
 
 
 def adapter_files(source: str, family: str, subfolder: str = "", weight_name: str = "") -> dict:
-    """`load_ip_adapter`'s file arguments: the given ones, or with no weight file named, the published adapter for
-    the family when `source` is the published repository, else `WEIGHT_NAME` in `subfolder`."""
-    if weight_name:
-        return {"subfolder": subfolder or None, "weight_name": weight_name}
-    if source == PUBLISHED_REPO:
-        subfolder, weight_name, encoder = PUBLISHED[family]
-        return {"subfolder": subfolder, "weight_name": weight_name, "image_encoder_folder": encoder}
-    return {"subfolder": subfolder or None, "weight_name": WEIGHT_NAME}
+    """`load_ip_adapter`'s arguments: no source, the family's published adapter; a source with no weight file named,
+    `WEIGHT_NAME` in `subfolder` (the published layout, its image encoder in `image_encoder/`)."""
+    if not source:
+        published = PUBLISHED[family]
+        return {"source": published.source, "subfolder": published.subfolder or None,
+                "weight_name": published.weight_name, "image_encoder_folder": published.image_encoder_folder,
+                "image_encoder": published.image_encoder}
+    return {"source": source, "subfolder": subfolder or None, "weight_name": weight_name or WEIGHT_NAME}
 
 
 def _processor_module(unet, processor_name: str) -> nn.Module:
@@ -92,24 +112,32 @@ def _complete_text_only_attn1(unet, ip_weights: dict[str, torch.Tensor] | None) 
 
 def load_ip_adapter(loaded: LoadedPipeline, source: str | Path, subfolder: str | None = None,
                     weight_name: str = WEIGHT_NAME, image_encoder_folder: str | None = "image_encoder",
-                    scale: float = 1.0) -> None:
-    """Load a published-format IP-Adapter (local folder or hub id) into an SD or SDXL pipeline with diffusers'
-    `load_ip_adapter`; the toy adapter: `load_ip_adapter(loaded, TOY_IP_ADAPTER_DIR)`."""
+                    image_encoder: str | None = None, scale: float = 1.0) -> None:
+    """Load a published-format IP-Adapter (local folder or hub id) into an SD, SDXL or Flux pipeline with
+    diffusers' `load_ip_adapter`; the toy adapter: `load_ip_adapter(loaded, TOY_IP_ADAPTER_DIR)`. Flux's loader
+    (XLabs' layout) takes its image encoder from `image_encoder` (a hub id or path) or else from
+    `image_encoder_folder` in the adapter's folder."""
     from safetensors.torch import load_file
 
-    loaded.refuse("an IP-Adapter", FAMILIES, "this loader builds UNet IP-Adapters (image projection and IP keys/values "
-                  "in the UNet's cross-attention); Flux's (XLabs) feed the transformer's joint attention")
+    loaded.refuse("an IP-Adapter", FAMILIES, "no IP-Adapter layout is known for it")
     local = Path(source) / (subfolder or "")
     if Path(source).exists() and not (local / weight_name).is_file():
         raise UsageError(f"{local} has no {weight_name}; pass the folder of an IP-Adapter (its weight file and "
                          "image_encoder/), or --set ip_adapter_weight=NAME")
+    if loaded.family.name == "flux":
+        encoder_source, encoder_subfolder = image_encoder, ""
+        if image_encoder is None:
+            encoder_source, encoder_subfolder = str(source), Path(subfolder or "", image_encoder_folder).as_posix()
+        files = {"image_encoder_pretrained_model_name_or_path": encoder_source,
+                 "image_encoder_subfolder": encoder_subfolder, "image_encoder_dtype": loaded.dtype}
+    else:
+        files = {"image_encoder_folder": image_encoder_folder}
     try:
-        loaded.pipeline.load_ip_adapter(str(source), subfolder=subfolder or "", weight_name=weight_name,
-                                        image_encoder_folder=image_encoder_folder)
+        loaded.pipeline.load_ip_adapter(str(source), subfolder=subfolder or "", weight_name=weight_name, **files)
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         raise UsageError(f"could not load the IP-Adapter {source}: {str(error).splitlines()[0]}; pass a folder or "
-                         f"hub id holding an IP-Adapter for this {loaded.family.name} UNet in the published format"
-                         ) from None
+                         f"hub id holding an IP-Adapter for this {loaded.family.name} denoiser in the published "
+                         "format") from None
     unet = loaded.denoiser
     if _text_only_attn1(unet):
         # diffusers resolves local and hub files alike; after the load above the file is local or cached.
@@ -131,10 +159,17 @@ def add_ip_adapter(loaded: LoadedPipeline, image_encoder, seed: int = 0, tokens:
     tokens and a LayerNorm: diffusers' `ImageProjection`, whose token count diffusers fixes at 4); else an MLP
     (hidden width `hidden_multiplier` x the embedding's) to `tokens` tokens and a LayerNorm, diffusers'
     `IPAdapterFaceIDImageProjection` (the layout of the published FaceID adapters, which diffusers recognises by
-    its keys and reads the token count from)."""
+    its keys and reads the token count from). On Flux (XLabs' layout, which diffusers reads with the linear
+    projection only): image tokens as wide as the T5 states, and random IP keys/values with biases in each joint
+    block."""
     unet = loaded.denoiser
+    flux = loaded.family.name == "flux"
     generator = torch.Generator().manual_seed(seed)
-    width, embed_dim = unet.config.cross_attention_dim, image_encoder.config.projection_dim
+    width = unet.config.joint_attention_dim if flux else unet.config.cross_attention_dim
+    embed_dim = image_encoder.config.projection_dim
+    if flux and hidden_multiplier:
+        raise UsageError("diffusers reads Flux IP-Adapters with the linear image projection only; leave "
+                         "hidden_multiplier at 0")
 
     def linear(rows, columns):
         return torch.randn(rows, columns, generator=generator) / columns ** 0.5, torch.zeros(rows)
@@ -151,7 +186,13 @@ def add_ip_adapter(loaded: LoadedPipeline, image_encoder, seed: int = 0, tokens:
         weight, bias = linear(IMAGE_TOKENS * width, embed_dim)
         image_proj = {"proj.weight": weight, "proj.bias": bias, **norm}
     ip_layers = {}
-    for index, name in enumerate(unet.attn_processors):
+    if flux:
+        joint = [name for name in unet.attn_processors if name.startswith("transformer_blocks.")]
+        for index in range(len(joint)):
+            for kind in ("k", "v"):
+                weight, bias = linear(unet.inner_dim, width)
+                ip_layers.update({f"{index}.to_{kind}_ip.weight": weight, f"{index}.to_{kind}_ip.bias": bias})
+    for index, name in enumerate([] if flux else unet.attn_processors):
         if not name.endswith("attn1.processor"):
             attention = _processor_module(unet, name)
             ip_layers[f"{index}.to_k_ip.weight"] = attention.to_k.weight.detach().clone()
@@ -184,10 +225,15 @@ def ip_adapter_state_dict(unet) -> dict[str, torch.Tensor]:
         return key
 
     state = {f"image_proj.{published_name(k)}": v for k, v in projection.state_dict().items()}
+    # A UNet's IP layers are numbered by processor (attn1 and attn2 alike); Flux's IP processors are the joint
+    # blocks', which come first, so the same index is the joint block's.
     for index, (name, processor) in enumerate(unet.attn_processors.items()):
         if hasattr(processor, "to_k_ip"):
-            state[f"ip_adapter.{index}.to_k_ip.weight"] = processor.to_k_ip[0].weight
-            state[f"ip_adapter.{index}.to_v_ip.weight"] = processor.to_v_ip[0].weight
+            for kind in ("k", "v"):
+                layer = getattr(processor, f"to_{kind}_ip")[0]
+                state[f"ip_adapter.{index}.to_{kind}_ip.weight"] = layer.weight
+                if layer.bias is not None:  # Flux's
+                    state[f"ip_adapter.{index}.to_{kind}_ip.bias"] = layer.bias
     return {k: v.detach().contiguous() for k, v in state.items()}
 
 
@@ -212,30 +258,35 @@ def encode_images(loaded: LoadedPipeline, images) -> torch.Tensor:
 
 
 class WithImages(nn.Module):
-    """The UNet as the family adapter calls it, with image embeddings joined to its added conditions (SDXL's pooled
-    text and size ids stay): one embedding (1, D) for every row or one per row. `guided`: the batch is a
-    classifier-free one (unconditional half first), whose unconditional half gets a zero image, as diffusers'
-    pipeline gives it."""
+    """The denoiser as the family adapter calls it, with image embeddings joined to the call (the family adapter's
+    `with_image_embeds`: a UNet's added conditions, beside SDXL's pooled text and size ids; Flux's joint attention
+    arguments): one embedding (1, D) for every row or one per row. `guided`: the batch is a classifier-free one
+    (unconditional half first), whose unconditional half gets a zero image, as diffusers' pipeline gives it."""
 
-    def __init__(self, unet, image_embeds: torch.Tensor, guided: bool = False):
+    def __init__(self, denoiser, image_embeds: torch.Tensor, adapter, guided: bool = False):
         super().__init__()
-        self.unet, self.image_embeds, self.guided = unet, image_embeds, guided
+        self.denoiser, self.image_embeds, self.adapter, self.guided = denoiser, image_embeds, adapter, guided
 
-    def forward(self, latents, timestep, encoder_hidden_states, added_cond_kwargs=None):
-        rows = latents.shape[0] // 2 if self.guided else latents.shape[0]
+    @property
+    def config(self):  # what the family adapter reads of the denoiser (Flux: guidance_embeds)
+        return self.denoiser.config
+
+    def forward(self, *args, **call):
+        batch = (args[0] if args else call["hidden_states"]).shape[0]
+        rows = batch // 2 if self.guided else batch
         embeds = self.image_embeds if self.image_embeds.shape[0] == rows else self.image_embeds.expand(rows, -1)
         if self.guided:
             embeds = torch.cat([torch.zeros_like(embeds), embeds])
-        added = {**(added_cond_kwargs or {}), "image_embeds": [embeds[:, None]]}
-        return self.unet(latents, timestep, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added)
+        return self.denoiser(*args, **self.adapter.with_image_embeds(call, embeds))
 
 
-def predict_noise_with_images(unet, latents: torch.Tensor, timestep, text_states, image_embeds: torch.Tensor):
-    """The UNet's noise prediction with text (a Conditioning from `loaded.encode_text`, or SD states) and image
+def predict_noise_with_images(denoiser, latents: torch.Tensor, timestep, text_states, image_embeds: torch.Tensor):
+    """The denoiser's prediction with text (a Conditioning from `loaded.encode_text`, or SD states) and image
     embeddings (B, D) as conditions, through the family adapter's call."""
-    from .families import predict
+    from .families import UNetAdapter, predict
 
-    return predict(WithImages(unet, image_embeds), latents, timestep, text_states)
+    adapter = getattr(text_states, "adapter", None) or UNetAdapter(None)
+    return predict(WithImages(denoiser, image_embeds, adapter), latents, timestep, text_states)
 
 
 @contextmanager

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tiny_pipelines import IMAGE_DIM, TINY_IMAGE_ENCODER, TINY_REFINE_CLIP, clip_text_config
 
 from benchmarks.toycanvas import CLASSIFIER_DIR, CLIP_DIR, IP_ADAPTER_DIR
@@ -105,16 +105,21 @@ def test_each_prompt_of_a_batch_is_conditioned_on_its_own_image(tiny_pipeline_di
         ip_adapter.generate_with_images(loaded, ["a star"] * 2, embeds, [0, 1], progress=False)
 
 
-def test_the_published_adapter_is_the_familys_unless_a_file_is_named():
-    assert ip_adapter.adapter_files("h94/IP-Adapter", "sd") == {
-        "subfolder": "models", "weight_name": "ip-adapter_sd15.safetensors", "image_encoder_folder": "image_encoder"}
-    # SDXL's ViT-H adapter reads SD 1.5's image encoder (a path with a slash: from the repository's root).
-    assert ip_adapter.adapter_files("h94/IP-Adapter", "sdxl") == {
-        "subfolder": "sdxl_models", "weight_name": "ip-adapter_sdxl_vit-h.safetensors",
-        "image_encoder_folder": "models/image_encoder"}
+def test_the_default_adapter_is_the_familys_published_one():
+    assert ip_adapter.adapter_files("", "sd") == {
+        "source": "h94/IP-Adapter", "subfolder": "models", "weight_name": "ip-adapter_sd15.safetensors",
+        "image_encoder_folder": "image_encoder", "image_encoder": None}
+    # SDXL's ViT-H adapter reads SD 1.5's image encoder (a path with a slash: from the repository's root), so the
+    # refinement CLIP is the same; Flux's XLabs adapter names CLIP ViT-L/14 as its encoder.
+    sdxl, flux = ip_adapter.adapter_files("", "sdxl"), ip_adapter.adapter_files("", "flux")
+    assert (sdxl["subfolder"], sdxl["weight_name"], sdxl["image_encoder_folder"]) == (
+        "sdxl_models", "ip-adapter_sdxl_vit-h.safetensors", "models/image_encoder")
+    assert ip_adapter.PUBLISHED["sdxl"].text_clip == ip_adapter.PUBLISHED["sd"].text_clip
+    assert (flux["source"], flux["image_encoder"]) == ("XLabs-AI/flux-ip-adapter", "openai/clip-vit-large-patch14")
     assert ip_adapter.adapter_files("h94/IP-Adapter", "sdxl", "sdxl_models", "ip-adapter_sdxl.safetensors") == {
-        "subfolder": "sdxl_models", "weight_name": "ip-adapter_sdxl.safetensors"}
-    assert ip_adapter.adapter_files("my/adapter", "sd") == {"subfolder": None, "weight_name": "ip-adapter.safetensors"}
+        "source": "h94/IP-Adapter", "subfolder": "sdxl_models", "weight_name": "ip-adapter_sdxl.safetensors"}
+    assert ip_adapter.adapter_files("my/adapter", "sd") == {
+        "source": "my/adapter", "subfolder": None, "weight_name": "ip-adapter.safetensors"}
 
 
 def test_missing_ip_adapter_is_a_usage_error(tiny_pipeline_dirs, tmp_path):
@@ -227,40 +232,98 @@ def test_coerasing_saves_a_plain_unet_edit_on_tiny_sd(tiny_pipeline_dirs, clip_t
     assert base.generate(["a star"], seeds=0, steps=2, progress=False)
 
 
-def test_coerasing_on_sdxl_trains_outside_cross_attention_and_saves_a_loadable_edit(tiny_pipeline_dirs,
-                                                                                      clip_tokenizer_dir, tmp_path):
-    """Both stages on SDXL: the image-conditioned ESD steps go through the SDXL UNet with its pooled text and size
-    ids beside the image embeddings (a random IP-Adapter made for the tiny SDXL UNet)."""
+def random_adapter_and_refine_clip(loaded, clip_tokenizer_dir, root: Path) -> dict[str, str]:
+    """Co-Erasing's options for a random IP-Adapter made for this denoiser and a random refinement CLIP."""
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
-    source = str(tiny_pipeline_dirs["sdxl"])
-    loaded = load_pipeline(source, device="cpu")
-    before = {k: v.clone() for k, v in loaded.denoiser.state_dict().items()}
-    (tmp_path / "adapter").mkdir()
+    (root / "adapter").mkdir()
     encoder = tiny_image_encoder()
     ip_adapter.add_ip_adapter(loaded, encoder)
-    ip_adapter.save_ip_adapter(loaded.denoiser, encoder, tmp_path / "adapter", dtype=torch.float32)
-    clip = tmp_path / "refine-clip"
-    CLIPTextModelWithProjection(clip_text_config(**TINY_REFINE_CLIP)).save_pretrained(clip)
-    CLIPTokenizer.from_pretrained(clip_tokenizer_dir).save_pretrained(clip)
+    ip_adapter.save_ip_adapter(loaded.denoiser, encoder, root / "adapter", dtype=torch.float32)
+    loaded.pipeline.unload_ip_adapter()
+    CLIPTextModelWithProjection(clip_text_config(**TINY_REFINE_CLIP)).save_pretrained(root / "refine-clip")
+    CLIPTokenizer.from_pretrained(clip_tokenizer_dir).save_pretrained(root / "refine-clip")
+    return {"ip_adapter": str(root / "adapter"), "refine_clip": str(root / "refine-clip")}
+
+
+def test_flux_ip_adapter_saves_loads_and_conditions_the_transformer(tiny_pipeline_dirs, clip_tokenizer_dir, tmp_path):
+    """XLabs' layout through diffusers' FluxIPAdapterMixin: the saved file (IP keys/values with biases per joint
+    block) loads back with its image encoder, and the image embedding reaches the transformer's prediction."""
+    loaded = load_pipeline(str(tiny_pipeline_dirs["flux"]), device="cpu")
+    loaded.resolution = 16
+    random_adapter_and_refine_clip(loaded, clip_tokenizer_dir, tmp_path)
+    saved = load_file(tmp_path / "adapter" / "ip-adapter.safetensors")
+    assert "ip_adapter.0.to_k_ip.bias" in saved and not any(".1." in k for k in saved if "single" in k)
+    ip_adapter.load_ip_adapter(loaded, tmp_path / "adapter")
+    back = ip_adapter.ip_adapter_state_dict(loaded.denoiser)
+    assert back.keys() == saved.keys() and all(torch.equal(back[k], saved[k]) for k in saved)
+    images = [Image.fromarray(np.random.default_rng(i).integers(0, 255, (16, 16, 3), dtype=np.uint8))
+              for i in range(2)]
+    embeds = ip_adapter.encode_images(loaded, images)
+    latents = torch.randn(loaded.latent_shape(2), generator=torch.Generator().manual_seed(0))
+    text = loaded.encode_text(["a star", "a star"])
+    with torch.no_grad():
+        with_image = ip_adapter.predict_noise_with_images(loaded.denoiser, latents, 500, text, embeds)
+        without = ip_adapter.predict_noise_with_images(loaded.denoiser, latents, 500, text, torch.zeros_like(embeds))
+    assert (with_image - without).abs().max() > 1e-4, "the image embedding must change the prediction"
+
+
+def test_image_embeddings_join_each_familys_call_and_the_unconditional_half_gets_a_zero_image():
+    """Where a family takes image prompts (a UNet's added conditions, Flux's joint attention arguments) and which
+    rows get the image: under batch guidance the unconditional half gets a zero image; guidance-distilled Flux
+    guides through its embedding in one pass, so every row gets the image."""
+    from types import SimpleNamespace
+
+    from erasers.families import FluxAdapter, UNetAdapter
+
+    calls = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, *args, **call):
+            calls.append(call)
+            return None
+
+    image = torch.ones(1, 3)
+    ip_adapter.WithImages(Recorder(), image, UNetAdapter(None), guided=True)(
+        torch.zeros(2, 4, 2, 2), 10, encoder_hidden_states=None, added_cond_kwargs={"time_ids": 7})
+    added = calls[-1]["added_cond_kwargs"]
+    assert added["time_ids"] == 7 and added["image_embeds"][0].shape == (2, 1, 3)
+    assert added["image_embeds"][0][0].abs().sum() == 0 and (added["image_embeds"][0][1] == 1).all()
+
+    # (guidance embedded, the guided batch's rows, the rows with the image)
+    for guidance_embeds, batch, rows_with_image in ((True, 1, [0]), (False, 2, [1])):
+        flux = FluxAdapter(SimpleNamespace(denoiser=SimpleNamespace(config=SimpleNamespace(
+            guidance_embeds=guidance_embeds))))
+        assert flux.batch_guidance is not guidance_embeds
+        with_images = ip_adapter.WithImages(Recorder(), image, flux, guided=flux.batch_guidance)
+        with_images(hidden_states=torch.zeros(batch, 4, 4))
+        embeds = calls[-1]["joint_attention_kwargs"]["ip_adapter_image_embeds"][0]
+        assert embeds.shape == (batch, 1, 3)
+        assert [row for row in range(batch) if (embeds[row] == 1).all()] == rows_with_image
+        assert all(embeds[row].abs().sum() == 0 for row in range(batch) if row not in rows_with_image)
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_coerasing_on_sdxl_and_flux_trains_outside_the_text_path_and_saves_a_loadable_edit(
+        tiny_pipeline_dirs, clip_tokenizer_dir, tmp_path, family):
+    """Both stages: on SDXL the image-conditioned steps give the UNet its pooled text and size ids beside the image
+    embeddings; on Flux the image goes through the XLabs-layout adapter, the blur acts on the unpacked latent. The
+    trained parameters are ESD-u's (noxattn) and the edit loads without the adapter."""
+    source = str(tiny_pipeline_dirs[family])
+    loaded = load_pipeline(source, device="cpu")
+    before = {k: v.clone() for k, v in loaded.denoiser.state_dict().items()}
     options = {"text_iterations": 2, "image_iterations": 2, "ddim_steps": 4, "image_count": 2, "lr": 1e-3,
-               "ip_adapter": str(tmp_path / "adapter"), "refine_clip": str(clip)}
-    out = erase(source, "coerasing", ["a star"], tmp_path / "edit", options=options, device="cpu")
+               **random_adapter_and_refine_clip(loaded, clip_tokenizer_dir, tmp_path)}
+    out = erase(source, "coerasing", ["a star"], tmp_path / "edit", options=options, device="cpu",
+                resolution=16 if family == "flux" else None)
     meta = read_edit(out)
-    assert meta["base_family"] == "sdxl" and meta["components"] == ["unet"]
+    assert meta["base_family"] == family and meta["components"] == [loaded.family.denoiser]
     edited = load_pipeline(source, device="cpu")
     apply_edits(edited, [out])
-    assert edited.denoiser.encoder_hid_proj is None
+    assert getattr(edited.denoiser, "encoder_hid_proj", None) is None
     after = edited.denoiser.state_dict()
     changed = {k for k in after if not torch.equal(after[k], before[k])}
-    assert changed and not any(".attn2." in k or k.startswith(("time_embed", "add_embedding")) for k in changed)
-
-
-def test_coerasing_refuses_flux_before_writing_anything(tiny_pipeline_dirs, tmp_path):
-    with pytest.raises(UsageError, match="coerasing does not apply to flux pipelines.*joint attention"):
-        erase(str(tiny_pipeline_dirs["flux"]), "coerasing", ["a star"], tmp_path / "flux", device="cpu",
-              options={"text_iterations": 1, "image_iterations": 1, "image_count": 1})
-    assert not (tmp_path / "flux").exists()
+    assert changed and not any(edited.adapter.conditioning_path(k) for k in changed), changed
 
 
 def test_bad_image_folders_are_usage_errors(tmp_path, capsys):
