@@ -103,9 +103,9 @@ class LoadedPipeline:
     def adapter(self):
         """The family adapter (erasers.families): conditioning, prediction, sampling, text-reading parameters."""
         if self._adapter is None:
-            from .families import ADAPTERS
+            from .families import adapter_class
 
-            self._adapter = ADAPTERS[self.family.name](self)
+            self._adapter = adapter_class(self.family.name)(self)
         return self._adapter
 
     @property

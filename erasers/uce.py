@@ -80,7 +80,7 @@ class UCE(Eraser):
         preserve = request.preserve or request.retain_prompts()
         preserve_lengths = token_counts(loaded, preserve, padded) if preserve else []
         # Each group of linears reads the same inputs: on SD/SDXL every cross-attention reads the text states (one
-        # group); on Flux each joint block's add_k/v_proj read that block's text stream (erasers/families.py).
+        # group); on Flux each joint block's add_k/v_proj read that block's text stream (erasers/family_flux.py).
         groups = zip(loaded.adapter.text_projection_inputs(erase), loaded.adapter.text_projection_inputs(guides),
                      loaded.adapter.text_projection_inputs(preserve) if preserve else repeat((None, None)))
         with torch.no_grad():

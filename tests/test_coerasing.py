@@ -274,7 +274,8 @@ def test_image_embeddings_join_each_familys_call_and_the_unconditional_half_gets
     guides through its embedding in one pass, so every row gets the image."""
     from types import SimpleNamespace
 
-    from erasers.families import FluxAdapter, UNetAdapter
+    from erasers.families import UNetAdapter
+    from erasers.family_flux import FluxAdapter
 
     calls = []
 
