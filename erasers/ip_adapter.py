@@ -4,8 +4,9 @@ An IP-Adapter (Ye et al., 2023) adds image prompts to a text-conditioned UNet: a
 embedding goes through a small projection (`image_proj`: a linear layer to 4 tokens and a LayerNorm) and every
 attention that reads the text gets a second, decoupled key/value pair for those image tokens (`to_k_ip`,
 `to_v_ip`). diffusers loads the published checkpoints (`pipe.load_ip_adapter`), installs the image projection as
-the UNet's `encoder_hid_proj` and `IPAdapterAttnProcessor2_0` in every attn2; this module adds only what the
-suite needs around it:
+the UNet's `encoder_hid_proj` and `IPAdapterAttnProcessor2_0` in every attn2 (SD 1.x/2.x, SDXL). Flux's adapters
+(XLabs' layout, diffusers' `FluxIPAdapterMixin`) put the IP keys/values in each joint block and read a separately
+named image encoder. This module adds only what the suite needs around them:
 
 - `load_ip_adapter`: `pipe.load_ip_adapter` from a local folder or hub id (published layout: one weight file with
   `image_proj.*` and `ip_adapter.*` tensors, an `image_encoder/` folder), then the one thing diffusers leaves out:
@@ -14,8 +15,10 @@ suite needs around it:
   (the original IP-Adapter numbering, whose odd indices are SD's attn2).
 - `add_ip_adapter`: a fresh, trainable adapter of the same format (the toy adapter's starting point);
   `ip_adapter_parameters`, `ip_adapter_state_dict` and `save_ip_adapter` for training and shipping one.
-- `encode_images`, `predict_noise_with_images` and `generate_with_images`: image embeddings, a conditioned UNet
-  call, and pipeline generation with `ip_adapter_image_embeds` (unconditional image = zeros, as diffusers does).
+- `encode_images`, `predict_noise_with_images` (through `WithImages`: the family adapter's denoiser call with the
+  image embeddings joined) and `generate_with_images`: image embeddings, a conditioned denoiser call, and pipeline
+  generation with `ip_adapter_image_embeds` (unconditional image = zeros, as diffusers does).
+- `PUBLISHED` and `adapter_files`: each family's published adapter, Co-Erasing's default.
 """
 
 from __future__ import annotations
@@ -192,11 +195,12 @@ def add_ip_adapter(loaded: LoadedPipeline, image_encoder, seed: int = 0, tokens:
             for kind in ("k", "v"):
                 weight, bias = linear(unet.inner_dim, width)
                 ip_layers.update({f"{index}.to_{kind}_ip.weight": weight, f"{index}.to_{kind}_ip.bias": bias})
-    for index, name in enumerate([] if flux else unet.attn_processors):
-        if not name.endswith("attn1.processor"):
-            attention = _processor_module(unet, name)
-            ip_layers[f"{index}.to_k_ip.weight"] = attention.to_k.weight.detach().clone()
-            ip_layers[f"{index}.to_v_ip.weight"] = attention.to_v.weight.detach().clone()
+    else:
+        for index, name in enumerate(unet.attn_processors):
+            if not name.endswith("attn1.processor"):
+                attention = _processor_module(unet, name)
+                ip_layers[f"{index}.to_k_ip.weight"] = attention.to_k.weight.detach().clone()
+                ip_layers[f"{index}.to_v_ip.weight"] = attention.to_v.weight.detach().clone()
     loaded.pipeline.register_modules(image_encoder=image_encoder.to(loaded.device))
     loaded.pipeline.load_ip_adapter({"image_proj": image_proj, "ip_adapter": ip_layers}, subfolder=None,
                                     weight_name=None, low_cpu_mem_usage=False)
