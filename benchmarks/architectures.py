@@ -115,3 +115,38 @@ def as_loaded(pipeline, family: str, resolution: int | None = None):
     known = KNOWN[pipeline_family(family)]
     return LoadedPipeline(pipeline, known, f"{family}-random", known.default_steps, known.default_guidance,
                           resolution=resolution)
+
+
+# Co-Erasing's IP-Adapter image encoder and refinement CLIP at the published SD 1.5 adapter's size: OpenCLIP
+# ViT-H/14 (its text tower for the refinement).
+IMAGE_ENCODER = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
+                     patch_size=14, image_size=224, projection_dim=1024, hidden_act="gelu")
+REFINE_CLIP = dict(SD15_TEXT, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                   projection_dim=1024, hidden_act="gelu")
+
+
+def write_random_ip_adapter(loaded, root: Path, image_encoder: dict = IMAGE_ENCODER,
+                            refine_clip: dict | object = REFINE_CLIP) -> dict[str, str]:
+    """A random IP-Adapter for this pipeline's denoiser in the published layout (erasers.ip_adapter's add/save,
+    with its image encoder) and a random refinement CLIP (a config dict or a CLIPTextConfig) in `root`; Co-Erasing's
+    options to use them. The pipeline is left without the adapter."""
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModelWithProjection,
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+    )
+
+    from erasers.ip_adapter import add_ip_adapter, save_ip_adapter
+
+    (root / "adapter").mkdir(parents=True)
+    torch.manual_seed(0)
+    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**image_encoder))
+    add_ip_adapter(loaded, encoder)
+    save_ip_adapter(loaded.denoiser, encoder, root / "adapter", dtype=loaded.dtype)
+    loaded.pipeline.unload_ip_adapter()
+    if isinstance(refine_clip, dict):
+        refine_clip = CLIPTextConfig(**refine_clip)
+    CLIPTextModelWithProjection(refine_clip).save_pretrained(root / "clip")
+    loaded.tokenizer.save_pretrained(root / "clip")
+    return {"ip_adapter": str(root / "adapter"), "refine_clip": str(root / "clip")}

@@ -29,21 +29,13 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.architectures import FAMILIES, SD15_TEXT, as_loaded, build_architecture, pipeline_family
+from benchmarks.architectures import FAMILIES, as_loaded, build_architecture, pipeline_family
 
 METHODS = ("esd-x", "esd-u", "esd-te", "uce", "advunlearn", "hirm", "doco", "coerasing")
 # Few anchor images drawn in few steps, the adversarial loss from the first step; one text step before the timed
 # image-conditioned steps, from two generated images.
 METHOD_OPTIONS = {"doco": {"warmup_steps": 0, "anchor_images": 2, "sample_steps": 2, "batch_size": 1},
                   "coerasing": {"text_iterations": 1, "image_count": 2}}
-# Co-Erasing's IP-Adapter image encoder and refinement CLIP, random: the published SD 1.5 adapter's OpenCLIP ViT-H/14
-# (its text tower for the refinement); --tiny uses the tests' tiny ones (tests/tiny_pipelines.py).
-IMAGE_ENCODER = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
-                     patch_size=14, image_size=224, projection_dim=1024, hidden_act="gelu")
-REFINE_CLIP = dict(SD15_TEXT, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                   projection_dim=1024, hidden_act="gelu")
-
-
 def load(family: str, args):
     """A LoadedPipeline of `family` on the device in the run's precision (--tiny: the tiny test pipelines)."""
     from erasers.models import load_pipeline
@@ -151,39 +143,22 @@ def method_step(family: str, method: str, args) -> dict:
 
 
 def ip_adapter_files(loaded, args) -> dict[str, str]:
-    """Co-Erasing's options for a random IP-Adapter in the published layout for this UNet (erasers.ip_adapter's
-    add/save, with its image encoder) and a random refinement CLIP, written once per family."""
+    """Co-Erasing's options for a random IP-Adapter in the published layout for this family's denoiser and a random
+    refinement CLIP (--tiny: the tests' tiny encoder configs), written once per family."""
+    from benchmarks.architectures import write_random_ip_adapter
+
     family = loaded.family.name
-    if not hasattr(args, "ip_adapter_dirs"):
-        args.ip_adapter_dirs = {}
-    if family not in args.ip_adapter_dirs:
-        from transformers import (
-            CLIPTextConfig,
-            CLIPTextModelWithProjection,
-            CLIPVisionConfig,
-            CLIPVisionModelWithProjection,
-        )
-
-        from erasers.ip_adapter import add_ip_adapter, save_ip_adapter
-
-        image_encoder, refine_clip = IMAGE_ENCODER, CLIPTextConfig(**REFINE_CLIP)
-        if args.tiny:
-            from tiny_pipelines import TINY_IMAGE_ENCODER, TINY_REFINE_CLIP, clip_text_config
-
-            image_encoder, refine_clip = TINY_IMAGE_ENCODER, clip_text_config(**TINY_REFINE_CLIP)
+    if not hasattr(args, "ip_adapter_options"):
+        args.ip_adapter_options = {}
+    if family not in args.ip_adapter_options:
         root = Path(tempfile.mkdtemp())
-        (root / "adapter").mkdir()
-        torch.manual_seed(0)
-        encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**image_encoder))
-        add_ip_adapter(loaded, encoder)
-        save_ip_adapter(loaded.denoiser, encoder, root / "adapter", "ip-adapter.safetensors", loaded.dtype)
-        loaded.pipeline.unload_ip_adapter()
-        CLIPTextModelWithProjection(refine_clip).save_pretrained(root / "clip")
-        loaded.tokenizer.save_pretrained(root / "clip")
-        args.ip_adapter_dirs[family] = root
-    root = args.ip_adapter_dirs[family]
-    return {"ip_adapter": str(root / "adapter"), "ip_adapter_subfolder": "",
-            "ip_adapter_weight": "ip-adapter.safetensors", "refine_clip": str(root / "clip")}
+        if args.tiny:
+            from tiny_pipelines import random_ip_adapter_options
+
+            args.ip_adapter_options[family] = random_ip_adapter_options(loaded, root)
+        else:
+            args.ip_adapter_options[family] = write_random_ip_adapter(loaded, root)
+    return args.ip_adapter_options[family]
 
 
 def applies(method: str, family: str) -> bool:

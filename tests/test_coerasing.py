@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from tiny_pipelines import IMAGE_DIM, TINY_IMAGE_ENCODER, TINY_REFINE_CLIP, clip_text_config
+from tiny_pipelines import IMAGE_DIM, TINY_IMAGE_ENCODER, TINY_REFINE_CLIP, clip_text_config, random_ip_adapter_options
 
 from benchmarks.toycanvas import CLASSIFIER_DIR, CLIP_DIR, IP_ADAPTER_DIR
 from benchmarks.toycanvas.build.train_ip_adapter import conditioning_images
@@ -232,26 +232,12 @@ def test_coerasing_saves_a_plain_unet_edit_on_tiny_sd(tiny_pipeline_dirs, clip_t
     assert base.generate(["a star"], seeds=0, steps=2, progress=False)
 
 
-def random_adapter_and_refine_clip(loaded, clip_tokenizer_dir, root: Path) -> dict[str, str]:
-    """Co-Erasing's options for a random IP-Adapter made for this denoiser and a random refinement CLIP."""
-    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
-
-    (root / "adapter").mkdir()
-    encoder = tiny_image_encoder()
-    ip_adapter.add_ip_adapter(loaded, encoder)
-    ip_adapter.save_ip_adapter(loaded.denoiser, encoder, root / "adapter", dtype=torch.float32)
-    loaded.pipeline.unload_ip_adapter()
-    CLIPTextModelWithProjection(clip_text_config(**TINY_REFINE_CLIP)).save_pretrained(root / "refine-clip")
-    CLIPTokenizer.from_pretrained(clip_tokenizer_dir).save_pretrained(root / "refine-clip")
-    return {"ip_adapter": str(root / "adapter"), "refine_clip": str(root / "refine-clip")}
-
-
-def test_flux_ip_adapter_saves_loads_and_conditions_the_transformer(tiny_pipeline_dirs, clip_tokenizer_dir, tmp_path):
+def test_flux_ip_adapter_saves_loads_and_conditions_the_transformer(tiny_pipeline_dirs, tmp_path):
     """XLabs' layout through diffusers' FluxIPAdapterMixin: the saved file (IP keys/values with biases per joint
     block) loads back with its image encoder, and the image embedding reaches the transformer's prediction."""
     loaded = load_pipeline(str(tiny_pipeline_dirs["flux"]), device="cpu")
     loaded.resolution = 16
-    random_adapter_and_refine_clip(loaded, clip_tokenizer_dir, tmp_path)
+    random_ip_adapter_options(loaded, tmp_path)
     saved = load_file(tmp_path / "adapter" / "ip-adapter.safetensors")
     assert "ip_adapter.0.to_k_ip.bias" in saved and not any(".1." in k for k in saved if "single" in k)
     ip_adapter.load_ip_adapter(loaded, tmp_path / "adapter")
@@ -306,7 +292,7 @@ def test_image_embeddings_join_each_familys_call_and_the_unconditional_half_gets
 
 @pytest.mark.parametrize("family", ["sdxl", "flux"])
 def test_coerasing_on_sdxl_and_flux_trains_outside_the_text_path_and_saves_a_loadable_edit(
-        tiny_pipeline_dirs, clip_tokenizer_dir, tmp_path, family):
+        tiny_pipeline_dirs, tmp_path, family):
     """Both stages: on SDXL the image-conditioned steps give the UNet its pooled text and size ids beside the image
     embeddings; on Flux the image goes through the XLabs-layout adapter, the blur acts on the unpacked latent. The
     trained parameters are ESD-u's (noxattn) and the edit loads without the adapter."""
@@ -314,7 +300,7 @@ def test_coerasing_on_sdxl_and_flux_trains_outside_the_text_path_and_saves_a_loa
     loaded = load_pipeline(source, device="cpu")
     before = {k: v.clone() for k, v in loaded.denoiser.state_dict().items()}
     options = {"text_iterations": 2, "image_iterations": 2, "ddim_steps": 4, "image_count": 2, "lr": 1e-3,
-               **random_adapter_and_refine_clip(loaded, clip_tokenizer_dir, tmp_path)}
+               **random_ip_adapter_options(loaded, tmp_path)}
     out = erase(source, "coerasing", ["a star"], tmp_path / "edit", options=options, device="cpu",
                 resolution=16 if family == "flux" else None)
     meta = read_edit(out)

@@ -18,6 +18,14 @@ TINY_REFINE_CLIP = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=
                         projection_dim=IMAGE_DIM)
 
 
+def random_ip_adapter_options(loaded, root: Path) -> dict[str, str]:
+    """Co-Erasing's options for a random IP-Adapter made for this pipeline's denoiser (tiny image encoder) and a
+    random tiny refinement CLIP, written in `root`."""
+    from benchmarks.architectures import write_random_ip_adapter
+
+    return write_random_ip_adapter(loaded, root, TINY_IMAGE_ENCODER, clip_text_config(**TINY_REFINE_CLIP))
+
+
 def clip_text_config(**overrides):
     from transformers import CLIPTextConfig
 
