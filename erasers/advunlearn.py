@@ -28,9 +28,10 @@ import torch.nn.functional as F
 from .adversarial import adversarial_prompt, new_adversary, soft_prompt_attack
 from .errors import UsageError
 from .losses import check_contrast, contrast_states, esd_target, predict_noise, sample_partially, sample_trajectory
-from .models import LoadedPipeline, text_block_part, text_encoder_final_norm, text_encoder_layers
+from .models import LoadedPipeline
 from .prompts import EraseRequest, default_retain_prompts
 from .registry import Eraser, register
+from .text_encoders import text_block_part, text_encoder_final_norm, text_encoder_layers
 from .train import TrainingLoop
 from .validation import validate_config
 

@@ -26,9 +26,10 @@ import torch.nn.functional as F
 
 from .errors import UsageError
 from .losses import FrozenOriginal
-from .models import LoadedPipeline, text_encoder_layers
+from .models import LoadedPipeline
 from .prompts import EraseRequest, supercategory_word
 from .registry import Eraser, register
+from .text_encoders import text_encoder_layers
 from .train import TrainingLoop
 
 TARGETS = ("random", "supercategory")

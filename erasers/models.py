@@ -242,42 +242,6 @@ class LoadedPipeline:
                                  "the model it was made from")
 
 
-def text_encoder_layers(text_encoder: nn.Module) -> nn.ModuleList:
-    """The transformer blocks of a CLIP or T5 text encoder, first (early) to last (high-level)."""
-    if hasattr(text_encoder, "encoder") and hasattr(text_encoder.encoder, "block"):  # T5EncoderModel
-        return text_encoder.encoder.block
-    inner = getattr(text_encoder, "text_model", text_encoder)  # transformers < 5 nests the blocks one deeper
-    return inner.encoder.layers
-
-
-def text_encoder_final_norm(text_encoder: nn.Module) -> nn.Module:
-    """The layer norm after the last block (CLIP's final_layer_norm, T5's encoder.final_layer_norm)."""
-    if hasattr(text_encoder, "encoder") and hasattr(text_encoder.encoder, "final_layer_norm"):
-        return text_encoder.encoder.final_layer_norm
-    return getattr(text_encoder, "text_model", text_encoder).final_layer_norm
-
-
-def text_block_part(text_encoder: nn.Module, component: str) -> str:
-    """The parameter-name fragment of a block's self-attention ("attn") or MLP ("ffn"), or "" for all of it."""
-    t5 = hasattr(text_encoder, "encoder") and hasattr(text_encoder.encoder, "block")
-    return {"attn": "layer.0." if t5 else "self_attn", "ffn": "layer.1." if t5 else "mlp", "all": ""}[component]
-
-
-def encode_token_embeddings(text_encoder: nn.Module, input_ids: torch.Tensor,
-                            token_embeddings: torch.Tensor) -> torch.Tensor:
-    """Hidden states of a CLIP text encoder fed `token_embeddings` (batch, length, width) in place of the
-    embeddings of `input_ids`: soft tokens, as adversarial prompt attacks optimise them. transformers 5's
-    CLIPTextModel takes no `inputs_embeds`, so a forward hook swaps the token-embedding layer's output; the rest
-    is the model's own forward (positions, causal mask, attention, final layer norm, EOS pooling read from
-    `input_ids`). Gradients flow to `token_embeddings` and to the encoder's parameters."""
-    layer = text_encoder.get_input_embeddings()
-    handle = layer.register_forward_hook(lambda module, args, output: token_embeddings.to(output.dtype))
-    try:
-        return text_encoder(input_ids)[0]
-    finally:
-        handle.remove()
-
-
 def _same_family_of_class(saved: str, wanted: str) -> bool:
     # A CLIP text encoder saved with or without its projection, or as a whole CLIPModel, loads as either.
     return saved.startswith("CLIP") and wanted.startswith("CLIPText") and ("Vision" not in saved)

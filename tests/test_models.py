@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from erasers import UsageError, load_pipeline
-from erasers.models import text_encoder_layers
+from erasers.text_encoders import text_encoder_layers
 
 SIZES = {"sd": None, "sdxl": None, "flux": 16}
 
