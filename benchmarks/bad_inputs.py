@@ -144,6 +144,12 @@ FIXED_CASES = [
          "--device cpu --out {hirm_partial_pickle}", "pickle"),
     Case("erase: binary run.json in OUT.partial", "erase --method hirm --concept star --set iterations=2 "
          "--out {partial_run_json_binary}", "--restart"),
+    Case("erase: coerasing's IP-Adapter folder is missing", "erase --method coerasing --concept arrow "
+         "--set ip_adapter={root}/missing --out {root}/e", "does not exist"),
+    Case("erase: coerasing's IP-Adapter folder has no weight file", "erase --method coerasing --concept arrow "
+         "--set ip_adapter={root} --out {root}/e", "no readable weight file"),
+    Case("erase: coerasing's refinement CLIP is missing", "erase --method coerasing --concept arrow "
+         "--set refine_clip={root}/missing --out {root}/e", "could not load the CLIP text tower"),
     # compare
     Case("compare: --out is an existing file", "compare --edit {edit_ok} --out {file}", "is a file"),
     Case("compare: --out under a file", "compare --edit {edit_ok} --out {file}/cmp", "is a file"),

@@ -156,6 +156,25 @@ def refine_embeddings(embeds: torch.Tensor, direction: torch.Tensor, strength: f
     return refined.to(embeds.dtype)
 
 
+def _refine_clip_error(source: str, error: BaseException) -> UsageError:
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return UsageError(f"could not load the CLIP text tower for the refinement from {source}: {first}; pass "
+                      "--set refine_clip=PATH (a CLIP in the IP-Adapter image encoder's space) or --set refine=false")
+
+
+def check_refine_clip(source: str, image_dim: int) -> None:
+    """That the refinement CLIP's config can be read and projects to the image encoder's `image_dim`."""
+    from transformers import CLIPTextConfig
+
+    try:
+        projection_dim = CLIPTextConfig.from_pretrained(source).projection_dim
+    except Exception as error:  # noqa: BLE001 - one clear line for a missing or wrong model
+        raise _refine_clip_error(source, error) from None
+    if projection_dim != image_dim:
+        raise UsageError(f"the refinement CLIP {source} projects to {projection_dim} dimensions, the IP-Adapter's "
+                         f"image encoder to {image_dim}: pass the CLIP that image encoder comes from")
+
+
 def load_refine_clip(source: str, loaded: LoadedPipeline):
     from transformers import AutoTokenizer, CLIPTextModelWithProjection
 
@@ -163,14 +182,7 @@ def load_refine_clip(source: str, loaded: LoadedPipeline):
         model = CLIPTextModelWithProjection.from_pretrained(source).to(loaded.device).eval()
         tokenizer = AutoTokenizer.from_pretrained(source)
     except Exception as error:  # noqa: BLE001 - one clear line for a missing or wrong model
-        raise UsageError(f"could not load the CLIP text tower for the refinement from {source}: "
-                         f"{str(error).splitlines()[0] if str(error) else type(error).__name__}; pass "
-                         "--set refine_clip=PATH (a CLIP in the IP-Adapter image encoder's space) or "
-                         "--set refine=false") from None
-    image_dim = loaded.pipeline.image_encoder.config.projection_dim
-    if model.config.projection_dim != image_dim:
-        raise UsageError(f"the refinement CLIP {source} projects to {model.config.projection_dim} dimensions, the "
-                         f"IP-Adapter's image encoder to {image_dim}: pass the CLIP that image encoder comes from")
+        raise _refine_clip_error(source, error) from None
     return model, tokenizer
 
 
@@ -188,12 +200,34 @@ class CoErasing(Eraser):
     config_class = CoErasingConfig
     families = ("sd", "sdxl", "flux")
 
-    def erase(self, loaded: LoadedPipeline, request: EraseRequest, work_dir: Path | None = None):
+    def resources(self, loaded: LoadedPipeline) -> tuple[dict, str]:
+        """The IP-Adapter's `load_ip_adapter` arguments (source included) and the refinement CLIP, by the config."""
         from benchmarks.toycanvas import CLIP_DIR, IP_ADAPTER_DIR
 
         from . import ip_adapter
 
         cfg = self.config
+        files = ip_adapter.adapter_files(_toy_path(cfg.ip_adapter, IP_ADAPTER_DIR), loaded.family.name,
+                                         cfg.ip_adapter_subfolder, cfg.ip_adapter_weight)
+        refine_clip = _toy_path(cfg.refine_clip or ip_adapter.PUBLISHED[loaded.family.name].text_clip, CLIP_DIR)
+        return files, refine_clip
+
+    def check(self, loaded: LoadedPipeline, request: EraseRequest) -> None:
+        """The IP-Adapter and the refinement CLIP are first needed after stage 1 (1000 steps by default): a missing
+        or mismatched one fails before it."""
+        from . import ip_adapter
+
+        files, refine_clip = self.resources(loaded)
+        image_dim = ip_adapter.check_ip_adapter(**files)
+        if self.config.refine:
+            check_refine_clip(refine_clip, image_dim)
+
+    def erase(self, loaded: LoadedPipeline, request: EraseRequest, work_dir: Path | None = None):
+        from . import ip_adapter
+
+        cfg = self.config
+        self.check(loaded, request)
+        files, refine_clip = self.resources(loaded)
         torch.manual_seed(cfg.seed)
         unet = loaded.denoiser
         unet.requires_grad_(False)
@@ -235,13 +269,10 @@ class CoErasing(Eraser):
                                           lambda x, t, s: predict_noise(unet, x, t, s)))
 
         # Stage 2: the same loss with the concept's images through the (frozen) IP-Adapter.
-        files = ip_adapter.adapter_files(_toy_path(cfg.ip_adapter, IP_ADAPTER_DIR), loaded.family.name,
-                                         cfg.ip_adapter_subfolder, cfg.ip_adapter_weight)
-        ip_adapter.load_ip_adapter(loaded, files.pop("source"), **files)
+        ip_adapter.load_ip_adapter(loaded, **files)
         embeds = ip_adapter.encode_images(loaded, images)
         if cfg.refine:
-            refine_clip = cfg.refine_clip or ip_adapter.PUBLISHED[loaded.family.name].text_clip
-            clip_model, clip_tokenizer = load_refine_clip(_toy_path(refine_clip, CLIP_DIR), loaded)
+            clip_model, clip_tokenizer = load_refine_clip(refine_clip, loaded)
             direction = concept_direction(clip_model, clip_tokenizer, request, prompts).to(embeds.device)
             embeds = refine_embeddings(embeds, direction, cfg.refine_strength)
             del clip_model

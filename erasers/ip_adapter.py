@@ -73,6 +73,42 @@ def adapter_files(source: str, family: str, subfolder: str = "", weight_name: st
     return {"source": source, "subfolder": subfolder or None, "weight_name": weight_name or WEIGHT_NAME}
 
 
+def image_encoder_location(source: str | Path, subfolder: str | None, image_encoder_folder: str,
+                           image_encoder: str | None = None) -> tuple[str, str]:
+    """(model, subfolder) of an adapter's image encoder: `image_encoder` when named (Flux adapters name one), else
+    `image_encoder_folder` in the adapter's source, as diffusers reads it (no slash: inside `subfolder`; else from
+    the source's root)."""
+    if image_encoder:
+        return image_encoder, ""
+    if "/" in image_encoder_folder:
+        return str(source), image_encoder_folder
+    return str(source), Path(subfolder or "", image_encoder_folder).as_posix()
+
+
+def check_ip_adapter(source: str | Path, subfolder: str | None = None, weight_name: str = WEIGHT_NAME,
+                     image_encoder_folder: str = "image_encoder", image_encoder: str | None = None) -> int:
+    """That the adapter's weight file and image encoder can be had (local, cached or downloaded: the weight file
+    is fetched, the encoder's config read), before any training needs them; returns the image embedding's size."""
+    from diffusers.utils import _get_model_file
+    from transformers import CLIPVisionConfig
+
+    if str(source).startswith(("/", ".", "~")) and not Path(source).expanduser().exists():
+        raise UsageError(f"the IP-Adapter folder {source} does not exist; pass --set ip_adapter=PATH (a folder with "
+                         "the weight file and image_encoder/) or a hub id")
+    what = "weight file"
+    try:
+        _get_model_file(str(source), weights_name=weight_name, subfolder=subfolder or None)
+        what = "image encoder"
+        encoder_source, encoder_subfolder = image_encoder_location(source, subfolder, image_encoder_folder,
+                                                                   image_encoder)
+        return CLIPVisionConfig.from_pretrained(encoder_source, subfolder=encoder_subfolder).projection_dim
+    except Exception as error:  # noqa: BLE001 - missing files, no network, a wrong repository: one clear line
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UsageError(f"the IP-Adapter {source} ({subfolder or '.'}/{weight_name}) has no readable {what}: "
+                         f"{first}; pass --set ip_adapter=PATH (a folder with the weight file and image_encoder/) "
+                         "or a hub id you can reach") from None
+
+
 def _processor_module(unet, processor_name: str) -> nn.Module:
     return unet.get_submodule(processor_name.removesuffix(".processor"))
 
@@ -128,9 +164,8 @@ def load_ip_adapter(loaded: LoadedPipeline, source: str | Path, subfolder: str |
         raise UsageError(f"{local} has no {weight_name}; pass the folder of an IP-Adapter (its weight file and "
                          "image_encoder/), or --set ip_adapter_weight=NAME")
     if loaded.family.name == "flux":
-        encoder_source, encoder_subfolder = image_encoder, ""
-        if image_encoder is None:
-            encoder_source, encoder_subfolder = str(source), Path(subfolder or "", image_encoder_folder).as_posix()
+        encoder_source, encoder_subfolder = image_encoder_location(source, subfolder, image_encoder_folder,
+                                                                   image_encoder)
         files = {"image_encoder_pretrained_model_name_or_path": encoder_source,
                  "image_encoder_subfolder": encoder_subfolder, "image_encoder_dtype": loaded.dtype}
     else:

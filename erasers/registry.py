@@ -30,6 +30,10 @@ class Eraser:
     def __init__(self, config):
         self.config = config
 
+    def check(self, loaded: LoadedPipeline, request: EraseRequest) -> None:
+        """A UsageError for what would fail later in `erase` (files it loads part way through): `erasers.run.erase`
+        calls it before it writes anything."""
+
     def erase(self, loaded: LoadedPipeline, request: EraseRequest,
               work_dir: Path | None = None) -> dict[str, nn.Module]:
         raise NotImplementedError

@@ -39,13 +39,15 @@ def erase(model: str, method: str, concepts: list[str], out: str | Path, anchors
     loaded.training, loaded.resolution = training, resolution
     config = build_config(method, loaded.is_toy, options)
     request = make_request(concepts, loaded.tokenizer, loaded.is_toy, anchors, preserve)
+    eraser = get_method(method).eraser(config)
+    eraser.check(loaded, request)
     fingerprint = base_fingerprint(loaded)
     work_dir = resumable_work_dir(out, run_signature(method, config, request, fingerprint, training, resolution),
                                   restart)
     reset_peak_memory(loaded.device)
     started = time.time()
     with loaded.autocast():
-        components = get_method(method).eraser(config).erase(loaded, request, work_dir)
+        components = eraser.erase(loaded, request, work_dir)
     seconds = time.time() - started
     saved = save_edit(out, components, loaded, method, config, request, fingerprint, seconds,
                       peak_memory_bytes(loaded.device))

@@ -313,6 +313,38 @@ def test_coerasing_on_sdxl_and_flux_trains_outside_the_text_path_and_saves_a_loa
     assert changed and not any(edited.adapter.conditioning_path(k) for k in changed), changed
 
 
+def test_a_missing_adapter_or_mismatched_refinement_clip_fails_before_any_training(tiny_pipeline_dirs, tmp_path,
+                                                                                     monkeypatch):
+    """The adapter and the refinement CLIP are first used after stage 1 (1000 steps by default): they are checked
+    before it and before anything is written, with one line that says what to pass."""
+    from erasers import coerasing
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started before the IP-Adapter and refinement CLIP were checked")
+
+    monkeypatch.setattr(coerasing, "TrainingLoop", no_training)
+    source = str(tiny_pipeline_dirs["sd"])
+    options = {"text_iterations": 1, "image_iterations": 1, "image_count": 1}
+    with pytest.raises(UsageError, match="the IP-Adapter folder .*missing does not exist; pass --set ip_adapter="):
+        erase(source, "coerasing", ["a star"], tmp_path / "a", device="cpu",
+              options={**options, "ip_adapter": str(tmp_path / "missing")})
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError, match="the IP-Adapter .*empty .*has no readable weight file.*--set ip_adapter="):
+        erase(source, "coerasing", ["a star"], tmp_path / "a", device="cpu",
+              options={**options, "ip_adapter": str(tmp_path / "empty")})
+    adapter = random_ip_adapter_options(load_pipeline(source, device="cpu"), tmp_path / "ip")
+    (tmp_path / "other-clip").mkdir()
+    clip_text_config(projection_dim=IMAGE_DIM + 1).save_pretrained(tmp_path / "other-clip")
+    with pytest.raises(UsageError, match=f"projects to {IMAGE_DIM + 1} dimensions, the IP-Adapter's image encoder "
+                                         f"to {IMAGE_DIM}"):
+        erase(source, "coerasing", ["a star"], tmp_path / "b", device="cpu",
+              options={**options, **adapter, "refine_clip": str(tmp_path / "other-clip")})
+    with pytest.raises(UsageError, match="could not load the CLIP text tower for the refinement"):
+        erase(source, "coerasing", ["a star"], tmp_path / "c", device="cpu",
+              options={**options, **adapter, "refine_clip": str(tmp_path / "nothing")})
+    assert not any((tmp_path / name).exists() for name in ("a", "a.partial", "b", "b.partial", "c", "c.partial"))
+
+
 def test_bad_image_folders_are_usage_errors(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UsageError, match="holds no images"):
