@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 from pathlib import Path
 
 from transformers import CLIPTokenizer
@@ -31,9 +30,14 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def open_clip_vocab_path() -> Path:
-    import open_clip
+    """CLIP's BPE vocabulary as open_clip ships it, found without importing open_clip (whose import needs ftfy and
+    timm, which a machine that only carries the wheel, such as a lent GPU's, may not have)."""
+    import importlib.util
 
-    return Path(os.path.dirname(open_clip.__file__)) / "bpe_simple_vocab_16e6.txt.gz"
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("open_clip is not installed: pip install open_clip_torch (it ships CLIP's BPE vocabulary)")
+    return Path(next(iter(spec.submodule_search_locations))) / "bpe_simple_vocab_16e6.txt.gz"
 
 
 def build_clip_tokenizer(out_dir: str | Path) -> CLIPTokenizer:
