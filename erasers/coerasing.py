@@ -213,11 +213,13 @@ class CoErasing(Eraser):
         return files, refine_clip
 
     def check(self, loaded: LoadedPipeline, request: EraseRequest) -> None:
+        self._check_resources(*self.resources(loaded))
+
+    def _check_resources(self, files: dict, refine_clip: str) -> None:
         """The IP-Adapter and the refinement CLIP are first needed after stage 1 (1000 steps by default): a missing
         or mismatched one fails before it."""
         from . import ip_adapter
 
-        files, refine_clip = self.resources(loaded)
         image_dim = ip_adapter.check_ip_adapter(**files)
         if self.config.refine:
             check_refine_clip(refine_clip, image_dim)
@@ -226,8 +228,8 @@ class CoErasing(Eraser):
         from . import ip_adapter
 
         cfg = self.config
-        self.check(loaded, request)
         files, refine_clip = self.resources(loaded)
+        self._check_resources(files, refine_clip)  # also when called directly, not through erasers.run.erase
         torch.manual_seed(cfg.seed)
         unet = loaded.denoiser
         unet.requires_grad_(False)
