@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import gc
 import sys
 import tempfile
@@ -30,12 +29,9 @@ from pathlib import Path
 import torch
 
 from benchmarks.architectures import FAMILIES, as_loaded, build_architecture, pipeline_family
+from benchmarks.step_timing import seconds_per_step, short_run_config, time_plain_step
 
 METHODS = ("esd-x", "esd-u", "esd-te", "uce", "advunlearn", "hirm", "doco", "coerasing")
-# Few anchor images drawn in few steps, the adversarial loss from the first step; one text step before the timed
-# image-conditioned steps, from two generated images.
-METHOD_OPTIONS = {"doco": {"warmup_steps": 0, "anchor_images": 2, "sample_steps": 2, "batch_size": 1},
-                  "coerasing": {"text_iterations": 1, "image_count": 2}}
 def load(family: str, args):
     """A LoadedPipeline of `family` on the device in the run's precision (--tiny: the tiny test pipelines)."""
     from erasers.models import load_pipeline
@@ -80,44 +76,22 @@ def _sync(device: str) -> None:
 def plain_step(family: str, args) -> dict:
     """Forward+backward of the whole denoiser (every parameter trained, batch 1) under the same precision."""
     loaded = load(family, args)
-    denoiser = loaded.denoiser.train().requires_grad_(True)
-    if args.gradient_checkpointing:
-        denoiser.enable_gradient_checkpointing()
-    from erasers.losses import predict_noise
-
-    with torch.no_grad(), loaded.autocast():
-        cond = loaded.encode_text(["a photo of a cat"])
-    latents = torch.randn(loaded.latent_shape(1), device=loaded.device)
-    _reset_memory(args.device)
-    times = []
-    for _ in range(args.steps + 1):
-        _sync(args.device)
-        started = time.perf_counter()
-        with loaded.autocast():
-            loss = predict_noise(denoiser, latents, 500, cond).float().pow(2).mean()
-        loss.backward()
-        denoiser.zero_grad(set_to_none=True)
-        _sync(args.device)
-        times.append(time.perf_counter() - started)
-    result = {"family": family, "method": "plain", "seconds_per_step": sum(times[1:]) / args.steps,
+    per_step, loss = time_plain_step(loaded, args.steps, "a photo of a cat",
+                                     before_steps=lambda: _reset_memory(args.device))
+    result = {"family": family, "method": "plain", "seconds_per_step": per_step,
               "peak_bytes": _peak_memory(args.device), "finite": bool(torch.isfinite(loss)), "moved": True}
-    del loaded, denoiser
+    del loaded
     return result
 
 
 def method_step(family: str, method: str, args) -> dict:
     """`args.steps` timed steps of `method` (plus one untimed), its losses and whether what it edits moved."""
     from erasers.prompts import make_request
-    from erasers.registry import build_config, get_method
+    from erasers.registry import get_method
 
     loaded = load(family, args)
-    wanted = {"iterations": args.steps + 1, "image_iterations": args.steps + 1, "ddim_steps": 4, "warmup": 0,
-              "attack_steps": 2, "retain_batch": 1}
-    fields = {f.name for f in dataclasses.fields(get_method(method).eraser.config_class)}
-    options = {**{k: v for k, v in wanted.items() if k in fields}, **METHOD_OPTIONS.get(method, {})}
-    if method == "coerasing":
-        options.update(ip_adapter_files(loaded, args))
-    config = build_config(method, False, options)
+    options = ip_adapter_files(loaded, args) if method == "coerasing" else {}
+    config = short_run_config(method, args.steps, False, attack_steps=2, retain_batch=1, **options)
     eraser = get_method(method).eraser(config)
     request = make_request(["a photo of a cat"], loaded.tokenizer, False, preserve=["a photo of a dog"])
     before = _sums(loaded)
@@ -127,11 +101,8 @@ def method_step(family: str, method: str, args) -> dict:
     with loaded.autocast():
         components = eraser.erase(loaded, request)
     _sync(args.device)
-    total = time.perf_counter() - started
     history = getattr(eraser, "history", None)
-    per_step = ((history[-1]["seconds"] - history[0]["seconds"]) / (history[-1]["step"] - history[0]["step"])
-                if history and len(history) > 1 and history[-1]["seconds"] > history[0]["seconds"]
-                else total / (args.steps + 1 if history else 1))
+    per_step = seconds_per_step(history, time.perf_counter() - started, args.steps)
     losses = [v for row in history or [] for k, v in row.items() if k not in ("step", "seconds")]
     after = _sums(loaded)
     moved = any(after[key] != before[key] for key in before if key.split(".", 1)[0] in components)

@@ -24,8 +24,6 @@ import subprocess
 import sys
 import time
 
-import torch
-
 MODELS = ("toy", "sd15", "sdxl")
 # What each model is measured with by default, the README's table: on SD 1.5 AdvUnlearn's inner attack does not
 # finish 3 steps in 25 minutes on a 2-core CPU; on SDXL ESD-u and DoCo do not fit in 24 GiB; Co-Erasing runs on
@@ -53,54 +51,22 @@ def build_loaded(model: str):
 
 def measure(model: str, method: str, steps: int) -> dict:
     """Seconds per step and peak RSS for `method` ('plain' = forward+backward of the whole denoiser)."""
+    from benchmarks.step_timing import seconds_per_step, short_run_config, time_plain_step
     from erasers.files import peak_resident_bytes
 
     loaded = build_loaded(model)
     if method == "plain":
-        import gc
-
-        from erasers.losses import predict_noise
-
-        with torch.no_grad():
-            cond = loaded.encode_text(["star"])
-        for name in loaded.family.text_encoders:
-            setattr(loaded.pipeline, name, None)
-        gc.collect()
-        unet = loaded.denoiser.train()
-        if loaded.training.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
-        latents = torch.randn(loaded.latent_shape(1))
-        times = []
-        for _ in range(steps + 1):
-            started = time.perf_counter()
-            predict_noise(unet, latents, 500, cond).pow(2).mean().backward()
-            unet.zero_grad(set_to_none=False)
-            times.append(time.perf_counter() - started)
-        per_step = sum(times[1:]) / steps  # the first step pays one-off allocation
+        per_step, _ = time_plain_step(loaded, steps, "star", release_text_encoders=True)
     else:
-        import dataclasses
-
         from erasers.prompts import make_request
-        from erasers.registry import build_config, get_method
+        from erasers.registry import get_method
 
-        # Enough iterations to time `steps` of them; short sampling chains, AdvUnlearn's attack and DoCo's
-        # adversarial loss from the start, DoCo's anchor images few and quick (drawn before the timed steps);
-        # Co-Erasing: one text step, then the image-conditioned steps it adds to ESD (the ones timed), from two
-        # generated images.
-        wanted = {"iterations": steps + 1, "ddim_steps": 4, "warmup": 0, "warmup_steps": 0, "batch_size": 1,
-                  "anchor_images": 2, "sample_steps": 2, "text_iterations": 1, "image_iterations": steps + 1,
-                  "image_count": 2}
-        fields = {f.name for f in dataclasses.fields(get_method(method).eraser.config_class)}
-        overrides = {key: value for key, value in wanted.items() if key in fields}
-        config = build_config(method, model == "toy", overrides)
+        config = short_run_config(method, steps, model == "toy")
         eraser = get_method(method).eraser(config)
         request = make_request(["star"], loaded.tokenizer, model == "toy")
         started = time.perf_counter()
         eraser.erase(loaded, request)
-        total = time.perf_counter() - started
-        history = getattr(eraser, "history", None)
-        per_step = ((history[-1]["seconds"] - history[0]["seconds"]) / (history[-1]["step"] - history[0]["step"])
-                    if history and len(history) > 1 else total)
+        per_step = seconds_per_step(getattr(eraser, "history", None), time.perf_counter() - started, steps)
     return {"model": model, "method": method, "seconds_per_step": per_step,
             "peak_rss_bytes": peak_resident_bytes()}
 

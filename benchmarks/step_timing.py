@@ -1,0 +1,67 @@
+"""How step_cost (CPU: the toy and full-size architectures) and gpu_check (CUDA) time a step, in one place: the
+plain forward+backward of the whole denoiser that every ratio divides by, and a short run of an eraser timed from
+its own history."""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import time
+from typing import Callable
+
+import torch
+
+# Enough iterations to time the asked steps; short sampling chains, DoCo's adversarial loss from the start and its
+# anchor images few and quick (drawn before the timed steps); Co-Erasing: one text step, then the image-conditioned
+# steps it adds to ESD (the ones timed), from two generated images. Only the fields a method has apply to it.
+SHORT_RUN = {"ddim_steps": 4, "warmup": 0, "warmup_steps": 0, "batch_size": 1, "anchor_images": 2, "sample_steps": 2,
+             "text_iterations": 1, "image_count": 2}
+
+
+def short_run_config(method: str, steps: int, toy: bool, **options):
+    """`method`'s config for `steps` timed steps plus one untimed (SHORT_RUN, then `options`)."""
+    from erasers.registry import build_config, get_method
+
+    wanted = {"iterations": steps + 1, "image_iterations": steps + 1, **SHORT_RUN, **options}
+    fields = {f.name for f in dataclasses.fields(get_method(method).eraser.config_class)}
+    return build_config(method, toy, {key: value for key, value in wanted.items() if key in fields})
+
+
+def seconds_per_step(history: list[dict] | None, total_seconds: float, steps: int) -> float:
+    """From the eraser's history (its first logged step paid one-off costs); an eraser with no steps (UCE's closed
+    form) or a history too short to tell: the whole run, per step when it has steps."""
+    if history and len(history) > 1 and history[-1]["seconds"] > history[0]["seconds"]:
+        return (history[-1]["seconds"] - history[0]["seconds"]) / (history[-1]["step"] - history[0]["step"])
+    return total_seconds / (steps + 1) if history else total_seconds
+
+
+def time_plain_step(loaded, steps: int, prompt: str, release_text_encoders: bool = False,
+                    before_steps: Callable[[], None] = lambda: None) -> tuple[float, torch.Tensor]:
+    """Seconds per forward+backward of the whole denoiser (every parameter with a gradient, batch 1, timestep 500)
+    in the pipeline's precision, and the last loss. `release_text_encoders`: drop them once the prompt is encoded,
+    so the process's peak memory is the denoiser's alone; `before_steps` runs right before the first step."""
+    from erasers.losses import predict_noise
+
+    with torch.no_grad(), loaded.autocast():
+        cond = loaded.encode_text([prompt])
+    if release_text_encoders:
+        for name in loaded.family.text_encoders:
+            setattr(loaded.pipeline, name, None)
+        gc.collect()
+    denoiser = loaded.denoiser.train().requires_grad_(True)
+    if loaded.training.gradient_checkpointing:
+        denoiser.enable_gradient_checkpointing()
+    latents = torch.randn(loaded.latent_shape(1), device=loaded.device)
+    sync = torch.cuda.synchronize if loaded.device.type == "cuda" else (lambda: None)
+    before_steps()
+    times = []
+    for _ in range(steps + 1):
+        sync()
+        started = time.perf_counter()
+        with loaded.autocast():
+            loss = predict_noise(denoiser, latents, 500, cond).float().pow(2).mean()
+        loss.backward()
+        denoiser.zero_grad(set_to_none=False)  # a training step holds every gradient
+        sync()
+        times.append(time.perf_counter() - started)
+    return sum(times[1:]) / steps, loss.detach()  # the first step pays one-off allocation
