@@ -32,15 +32,15 @@ def base_scores(classifier):
 
 
 # Fast configs where a method's toy default takes minutes; benchmarks/method_table.py runs the defaults on the full
-# answer set (README). HiRM and UCE run their defaults here, AdvUnlearn half of its 200 iterations (its default
-# erases the arrow at 100% in the method table; its 4 minutes here were a third of the suite).
+# answer set (README). HiRM and UCE run their defaults here (UCE through `compare`, below), AdvUnlearn half of its
+# 200 iterations (its default erases the arrow at 100% in the method table; its 4 minutes here were a third of the
+# suite).
 @pytest.mark.parametrize("method, concept, kind, options", [
     ("esd-x", "arrow", "object", {"iterations": 150}),
     # The toy default guides away from "A star image in painting style.": on this UNet, guided away from the empty
     # prompt, ESD-x erases the objects of the Stripes captions and leaves the stripes (benchmarks/results/NOTES.md).
     ("esd-x", "Stripes", "style", {"iterations": 150}),
     ("esd-u", "arrow", "object", {"iterations": 100}),
-    ("uce", "Stripes", "style", {}),
     ("hirm", "Stripes", "style", {}),
     ("advunlearn", "arrow", "object", {"iterations": 100, "warmup": 25}),
 ])
@@ -50,20 +50,25 @@ def test_erased_concept_disappears_and_unrelated_concepts_hold(tmp_path, classif
     loaded = load_pipeline("toy", device="cpu")
     apply_edits(loaded, [out])
     records, _ = classify_answer_set(loaded, classifier, answer_set(), progress=False)
-    edited = score(records, [concept], kind)
-    base = base_scores[concept]
+    assert_erased_and_unrelated_hold(base_scores[concept], score(records, [concept], kind))
+
+
+def assert_erased_and_unrelated_hold(base: dict, edited: dict) -> None:
     assert edited["UA"] >= base["UA"] + 0.25, (base, edited)
     # Chance is 10%: the other concepts must still be drawn and recognised far above it. ESD-x is known to cost
     # retain accuracy (README method table), so the bar is four times chance, not the base model's accuracy.
     assert edited["IRA"] >= 0.4 and edited["CRA"] >= 0.4, (base, edited)
 
 
-def test_compare_writes_grid_and_table(tmp_path):
+def test_compare_writes_grid_and_table_of_uce_erasing_stripes(tmp_path):
+    """`erasure compare` scores base and edit on the same answer set as the test above, so UCE's default erasing
+    Stripes is held to the same bars here."""
     out = erase("toy", "uce", ["Stripes"], tmp_path / "no-stripes", device="cpu")
-    table = compare("toy", [str(out)], tmp_path / "cmp", seeds=(188,), device="cpu", progress=False)
+    table = compare("toy", [str(out)], tmp_path / "cmp", seeds=SEEDS, device="cpu", progress=False)
     assert (tmp_path / "cmp" / "compare.png").exists() and (tmp_path / "cmp" / "metrics.md").exists()
-    assert table["edited"]["UA"] > table["base"]["UA"]
-    assert table["images_per_model"] == 100
+    assert table["images_per_model"] == len(answer_set().items()) == 100
+    assert table["erased"] == ["Stripes"] and table["kind"] == "style"
+    assert_erased_and_unrelated_hold(table["base"], table["edited"])
 
 
 @pytest.mark.slow  # about 9 minutes on 2 cores: bf16 matmuls are slow on CPUs without bf16 instructions
