@@ -108,13 +108,16 @@ def build_architecture(family: str, flux_depth: str = "4,8"):
 
 
 def as_loaded(pipeline, family: str, resolution: int | None = None):
-    """`pipeline` as the erasers see it (erasers.models.LoadedPipeline), with the family's sampling defaults."""
+    """`pipeline` as the erasers see it (erasers.models.LoadedPipeline), with the family's sampling defaults, frozen
+    as load_pipeline returns it."""
     from erasers.models import FAMILIES as KNOWN
     from erasers.models import LoadedPipeline
 
     known = KNOWN[pipeline_family(family)]
-    return LoadedPipeline(pipeline, known, f"{family}-random", known.default_steps, known.default_guidance,
-                          resolution=resolution)
+    loaded = LoadedPipeline(pipeline, known, f"{family}-random", known.default_steps, known.default_guidance,
+                            resolution=resolution)
+    loaded.freeze()
+    return loaded
 
 
 # Co-Erasing's IP-Adapter image encoder and refinement CLIP at the published SD 1.5 adapter's size: OpenCLIP

@@ -143,12 +143,10 @@ class AdvUnlearn(Eraser):
         cfg = self.config
         torch.manual_seed(cfg.seed)
         unet, encoders = loaded.denoiser, loaded.trained_text_encoders
-        unet.requires_grad_(False).eval()  # the denoiser is its own frozen teacher: only the text encoders change
-        parameters = []
-        for encoder in encoders.values():
-            encoder.requires_grad_(False)
-            parameters += trainable_parameters(encoder, cfg.layers, cfg.component)
-        parameters = loaded.make_trainable(parameters, *encoders.values())
+        unet.eval()  # the denoiser is its own frozen teacher: only the text encoders change
+        parameters = loaded.train_only([p for encoder in encoders.values()
+                                        for p in trainable_parameters(encoder, cfg.layers, cfg.component)],
+                                       *encoders.values())
 
         prompts, retained = request.erase_prompts(), request.retain_prompts() or default_retain_prompts(request)
         with torch.no_grad():  # the frozen encoder's states: the teacher's conditioning

@@ -170,9 +170,7 @@ def unlearn_diff_attack(loaded: LoadedPipeline, prompt: str, seed: int, target_l
         outcome.update(iterations=step + 1, image=image, ids=ids, attack_success=bool(succeeds(image)))
         return outcome["attack_success"]
 
-    unet.requires_grad_(False)
-    for encoder in loaded.text_encoders.values():
-        encoder.requires_grad_(False)
+    loaded.freeze()
     losses = optimise_tokens(adversary, loaded, input_ids, loss_fn, config.iterations, optimizer, generator,
                              check=check)
     decoded = {name: _decode(loaded, name, ids[0].tolist(), config.tokens) for name, ids in outcome["ids"].items()}

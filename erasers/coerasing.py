@@ -232,10 +232,7 @@ class CoErasing(Eraser):
         self._check_resources(files, refine_clip)  # also when called directly, not through erasers.run.erase
         torch.manual_seed(cfg.seed)
         unet = loaded.denoiser
-        unet.requires_grad_(False)
-        for encoder in loaded.text_encoders.values():
-            encoder.requires_grad_(False)
-        parameters = loaded.make_trainable(trainable_parameters(loaded, cfg.parameters), unet)
+        parameters = loaded.train_only(trainable_parameters(loaded, cfg.parameters), unet)
         # Called with the adapter loaded (stage 2), it is the adapted UNet with the original weights.
         teacher = FrozenOriginal(unet, parameters)
         prompts = request.erase_prompts()
@@ -295,9 +292,7 @@ class CoErasing(Eraser):
         self.history = TrainingLoop("coerasing-image", cfg.image_iterations, state, cfg.seed + 1, work_dir,
                                      checkpoint_every=50).run(image_step)
         loaded.pipeline.unload_ip_adapter()
-        unet.requires_grad_(False)
-        unet.eval()
-        return {loaded.family.denoiser: loaded.finish(unet)}
+        return {loaded.family.denoiser: loaded.finish(unet.eval())}
 
 
 def _blur(latents: torch.Tensor, kernel: int) -> torch.Tensor:

@@ -235,10 +235,7 @@ class DoCo(Eraser):
         cfg = self.config
         torch.manual_seed(cfg.seed)
         unet = loaded.denoiser
-        unet.requires_grad_(False)
-        for encoder in loaded.text_encoders.values():
-            encoder.requires_grad_(False)
-        parameters = loaded.make_trainable(trainable_parameters(loaded, cfg.parameters), unet)
+        parameters = loaded.train_only(trainable_parameters(loaded, cfg.parameters), unet)
         teacher = FrozenOriginal(unet, parameters)
 
         prompts = request.erase_prompts()
@@ -329,6 +326,4 @@ class DoCo(Eraser):
                  "lr_schedule": schedule}
         self.discriminator = discriminator
         self.history = TrainingLoop("doco", cfg.iterations, state, cfg.seed, work_dir, checkpoint_every=50).run(step)
-        unet.eval()
-        unet.requires_grad_(False)
-        return {loaded.family.denoiser: loaded.finish(unet)}
+        return {loaded.family.denoiser: loaded.finish(unet.eval())}

@@ -93,11 +93,8 @@ class ESD(Eraser):
         unet = loaded.denoiser
         on_text_encoder = cfg.parameters == "text_encoder"
         encoders = loaded.trained_text_encoders
-        unet.requires_grad_(False)
-        for encoder in loaded.text_encoders.values():
-            encoder.requires_grad_(False)
-        parameters = loaded.make_trainable(trainable_parameters(loaded, cfg.parameters),
-                                           *(encoders.values() if on_text_encoder else [unet]))
+        parameters = loaded.train_only(trainable_parameters(loaded, cfg.parameters),
+                                       *(encoders.values() if on_text_encoder else [unet]))
         # With the text encoder trained, the UNet itself is the frozen teacher; otherwise the UNet with its trained
         # parameters' original values.
         teacher = unet if on_text_encoder else FrozenOriginal(unet, parameters)

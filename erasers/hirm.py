@@ -201,5 +201,6 @@ class HiRM(Eraser):
 
         self.history = TrainingLoop("hirm", cfg.iterations, {"encoder": encoder, "opt": optimizer}, cfg.seed,
                                     work_dir, checkpoint_every=100).run(step)
+        encoder.zero_grad(set_to_none=True)
         encoder.requires_grad_(False).to(dtype)
         return {"text_encoder": encoder}

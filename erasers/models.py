@@ -164,6 +164,18 @@ class LoadedPipeline:
 
         return autocast(self.device, self.training)
 
+    def freeze(self) -> None:
+        """No gradient for any weight of the pipeline (denoiser, text encoders, VAE, image encoder), as diffusers'
+        training scripts load them; an eraser then marks what it trains (train_only)."""
+        for component in self.pipeline.components.values():
+            if isinstance(component, nn.Module):
+                component.requires_grad_(False)
+
+    def train_only(self, parameters: list[nn.Parameter], *modules: nn.Module) -> list[nn.Parameter]:
+        """Freeze the pipeline, then make `parameters` trainable (make_trainable): nothing else gets a gradient."""
+        self.freeze()
+        return self.make_trainable(parameters, *modules)
+
     def make_trainable(self, parameters: list[nn.Parameter], *modules: nn.Module) -> list[nn.Parameter]:
         """Mark `parameters` trainable in float32 (master weights under mixed precision); with gradient
         checkpointing, enable it on `modules`."""
@@ -382,4 +394,6 @@ def load_pipeline(model: str = "toy", family: str | None = None, device: str | N
         if not isinstance(steps, int) or not isinstance(guidance, (int, float)) or steps < 1:
             raise UsageError(f"{sampling} holds num_inference_steps={steps!r}, guidance_scale={guidance!r}; it "
                              "needs a positive integer and a number: fix or delete it")
-    return LoadedPipeline(pipeline, found, model, steps, guidance, (Path(source) / "toycanvas.json").exists())
+    loaded = LoadedPipeline(pipeline, found, model, steps, guidance, (Path(source) / "toycanvas.json").exists())
+    loaded.freeze()
+    return loaded
