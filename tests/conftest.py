@@ -17,6 +17,25 @@ from erasers import load_pipeline  # noqa: E402
 torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Deal the tests marked heavy out to the workers, each share first in its worker's queue. pytest-xdist's
+    worksteal gives worker k the k-th contiguous slice of the collection and an idle worker steals from the end of
+    another's queue: collected where they are, the heavy tests sat together in one slice, and one worker ran the
+    last of them while the other idled. Every worker collects, and so orders, the same way."""
+    workers = getattr(config, "workerinput", {}).get("workercount", 1)
+    heavy = [item for item in items if item.get_closest_marker("heavy")]
+    light = [item for item in items if not item.get_closest_marker("heavy")]
+    ordered, remaining = [], len(items)
+    for worker in range(workers):
+        size = remaining // (workers - worker)  # worksteal's first split
+        remaining -= size
+        share = heavy[worker::workers]
+        fill = max(0, size - len(share))
+        ordered += share + light[:fill]
+        light = light[fill:]
+    items[:] = ordered + light
+
+
 @pytest.fixture(scope="session")
 def clip_tokenizer_dir(tmp_path_factory) -> Path:
     return build_tokenizer(tmp_path_factory.mktemp("tokenizer"))

@@ -35,14 +35,15 @@ def base_scores(classifier):
 # answer set (README). HiRM and UCE run their defaults here (UCE through `compare`, below), AdvUnlearn half of its
 # 200 iterations (its default erases the arrow at 100% in the method table; its 4 minutes here were a third of the
 # suite).
+@pytest.mark.heavy  # longest first: AdvUnlearn's erase is twice the others'
 @pytest.mark.parametrize("method, concept, kind, options", [
+    ("advunlearn", "arrow", "object", {"iterations": 100, "warmup": 25}),
     ("esd-x", "arrow", "object", {"iterations": 150}),
     # The toy default guides away from "A star image in painting style.": on this UNet, guided away from the empty
     # prompt, ESD-x erases the objects of the Stripes captions and leaves the stripes (benchmarks/results/NOTES.md).
     ("esd-x", "Stripes", "style", {"iterations": 150}),
     ("esd-u", "arrow", "object", {"iterations": 100}),
     ("hirm", "Stripes", "style", {}),
-    ("advunlearn", "arrow", "object", {"iterations": 100, "warmup": 25}),
 ])
 def test_erased_concept_disappears_and_unrelated_concepts_hold(tmp_path, classifier, base_scores, method, concept,
                                                                kind, options):
@@ -60,6 +61,7 @@ def assert_erased_and_unrelated_hold(base: dict, edited: dict) -> None:
     assert edited["IRA"] >= 0.4 and edited["CRA"] >= 0.4, (base, edited)
 
 
+@pytest.mark.heavy
 def test_compare_writes_grid_and_table_of_uce_erasing_stripes(tmp_path):
     """`erasure compare` scores base and edit on the same answer set as the test above, so UCE's default erasing
     Stripes is held to the same bars here."""
