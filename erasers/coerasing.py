@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .errors import UsageError
+from .errors import UsageError, first_line
 from .esd import PARAMETER_SETS, trainable_parameters
 from .losses import FrozenOriginal, check_contrast, contrast_states, esd_target, predict_noise, sample_partially
 from .models import LoadedPipeline
@@ -157,9 +157,9 @@ def refine_embeddings(embeds: torch.Tensor, direction: torch.Tensor, strength: f
 
 
 def _refine_clip_error(source: str, error: BaseException) -> UsageError:
-    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return UsageError(f"could not load the CLIP text tower for the refinement from {source}: {first}; pass "
-                      "--set refine_clip=PATH (a CLIP in the IP-Adapter image encoder's space) or --set refine=false")
+    return UsageError(f"could not load the CLIP text tower for the refinement from {source}: "
+                      f"{first_line(error)}; pass --set refine_clip=PATH (a CLIP in the IP-Adapter image "
+                      "encoder's space) or --set refine=false")
 
 
 def check_refine_clip(source: str, image_dim: int) -> None:

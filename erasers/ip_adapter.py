@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import UsageError
+from .errors import UsageError, first_line
 from .models import LoadedPipeline
 
 IMAGE_TOKENS = 4                       # the published SD 1.5 IP-Adapter's image tokens (ImageProjection)
@@ -103,10 +103,9 @@ def check_ip_adapter(source: str | Path, subfolder: str | None = None, weight_na
                                                                    image_encoder)
         return CLIPVisionConfig.from_pretrained(encoder_source, subfolder=encoder_subfolder).projection_dim
     except Exception as error:  # noqa: BLE001 - missing files, no network, a wrong repository: one clear line
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UsageError(f"the IP-Adapter {source} ({subfolder or '.'}/{weight_name}) has no readable {what}: "
-                         f"{first}; pass --set ip_adapter=PATH (a folder with the weight file and image_encoder/) "
-                         "or a hub id you can reach") from None
+                         f"{first_line(error)}; pass --set ip_adapter=PATH (a folder with the weight file and "
+                         "image_encoder/) or a hub id you can reach") from None
 
 
 def _processor_module(unet, processor_name: str) -> nn.Module:

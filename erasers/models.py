@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .errors import UsageError
+from .errors import UsageError, first_line
 from .files import read_json
 from .precision import TrainingOptions
 
@@ -238,7 +238,7 @@ class LoadedPipeline:
         try:
             replacement = type(current).from_pretrained(location, dtype=self.dtype)
         except Exception as error:  # noqa: BLE001 - any failure here is a bad file the user must replace
-            raise UsageError(f"could not load {name} from {location}: {_first_line(error)}. The file may be "
+            raise UsageError(f"could not load {name} from {location}: {first_line(error)}. The file may be "
                              "truncated or corrupt: save or download the edit again") from None
         self.check_compatible(name, replacement)
         self.pipeline.register_modules(**{name: replacement.to(self.device)})
@@ -262,11 +262,6 @@ def _same_family_of_class(saved: str, wanted: str) -> bool:
 def _config_value(module: nn.Module, key: str):
     value = getattr(module.config, key, None)
     return list(value) if isinstance(value, (list, tuple)) else value
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
 def check_prompts(prompts: list[str]) -> None:
@@ -383,7 +378,7 @@ def load_pipeline(model: str = "toy", family: str | None = None, device: str | N
                 if not Path(source).exists() else
                 "a weight file may be truncated or corrupt: download or rebuild the model "
                 "(for 'toy': erasure toy build)")
-        raise UsageError(f"could not load {model}: {_first_line(error)}; {hint}") from None
+        raise UsageError(f"could not load {model}: {first_line(error)}; {hint}") from None
     found = _check_family(_family_of(type(pipeline).__name__, model), family, model)
     pipeline.to(device)
     steps, guidance = found.default_steps, found.default_guidance

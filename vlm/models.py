@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from erasers.errors import UsageError
+from erasers.errors import UsageError, first_line
 from erasers.files import read_json
 from erasers.models import resolve_device
 
@@ -94,11 +94,6 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
-
-
 def resolve_vlm_source(model: str) -> tuple[str, str | None]:
     """(path or hub id, model_type when it can be read without loading) for `model`, after the checks that need
     no network."""
@@ -139,7 +134,7 @@ def load_vlm(model: str = TOY_VLM, device: str | None = None, dtype: torch.dtype
         if model_type is None:
             model_type = AutoConfig.from_pretrained(source).model_type
     except Exception as error:  # noqa: BLE001 - one clear line instead of a traceback from deep inside
-        raise UsageError(f"could not read the config of {model}: {_first_line(error)}; check the hub id and your "
+        raise UsageError(f"could not read the config of {model}: {first_line(error)}; check the hub id and your "
                          "network, or download the model and pass its directory") from None
     family = _family(model_type, model)
     if dtype is None:
@@ -151,7 +146,7 @@ def load_vlm(model: str = TOY_VLM, device: str | None = None, dtype: torch.dtype
         hint = ("a weight file may be truncated or corrupt: download or rebuild the model"
                 + (" (python -m vlm.toy_build)" if model == TOY_VLM else "")) if Path(source).exists() else \
             "check the hub id and your network, or download the model and pass its directory"
-        raise UsageError(f"could not load {model}: {_first_line(error)}; {hint}") from None
+        raise UsageError(f"could not load {model}: {first_line(error)}; {hint}") from None
     return LoadedVLM(vlm.to(device).eval(), processor, family, model, model == TOY_VLM)
 
 
