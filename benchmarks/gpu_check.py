@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.architectures import FAMILIES, as_loaded, build_architecture, pipeline_family
-from benchmarks.step_timing import seconds_per_step, short_run_config, time_plain_step
+from benchmarks.step_timing import seconds_per_step, short_run_config, synchronize, time_plain_step
 
 METHODS = ("esd-x", "esd-u", "esd-te", "uce", "advunlearn", "hirm", "doco", "coerasing")
 def load(family: str, args):
@@ -68,11 +68,6 @@ def _peak_memory(device: str) -> int | None:
     return torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def plain_step(family: str, args) -> dict:
     """Forward+backward of the whole denoiser (every parameter trained, batch 1) under the same precision."""
     loaded = load(family, args)
@@ -96,11 +91,11 @@ def method_step(family: str, method: str, args) -> dict:
     request = make_request(["a photo of a cat"], loaded.tokenizer, False, preserve=["a photo of a dog"])
     before = _sums(loaded)
     _reset_memory(args.device)
-    _sync(args.device)
+    synchronize(args.device)
     started = time.perf_counter()
     with loaded.autocast():
         components = eraser.erase(loaded, request)
-    _sync(args.device)
+    synchronize(args.device)
     history = getattr(eraser, "history", None)
     per_step = seconds_per_step(history, time.perf_counter() - started, args.steps)
     losses = [v for row in history or [] for k, v in row.items() if k not in ("step", "seconds")]

@@ -35,6 +35,12 @@ def seconds_per_step(history: list[dict] | None, total_seconds: float, steps: in
     return total_seconds / (steps + 1) if history else total_seconds
 
 
+def synchronize(device: str | torch.device) -> None:
+    """Wait for the device's queued work, so a timer reads the work's time and not its launch."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
 def time_plain_step(loaded, steps: int, prompt: str, release_text_encoders: bool = False,
                     before_steps: Callable[[], None] = lambda: None) -> tuple[float, torch.Tensor]:
     """Seconds per forward+backward of the whole denoiser (every parameter with a gradient, batch 1, timestep 500)
@@ -52,16 +58,15 @@ def time_plain_step(loaded, steps: int, prompt: str, release_text_encoders: bool
     if loaded.training.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
     latents = torch.randn(loaded.latent_shape(1), device=loaded.device)
-    sync = torch.cuda.synchronize if loaded.device.type == "cuda" else (lambda: None)
     before_steps()
     times = []
     for _ in range(steps + 1):
-        sync()
+        synchronize(loaded.device)
         started = time.perf_counter()
         with loaded.autocast():
             loss = predict_noise(denoiser, latents, 500, cond).float().pow(2).mean()
         loss.backward()
         denoiser.zero_grad(set_to_none=False)  # a training step holds every gradient
-        sync()
+        synchronize(loaded.device)
         times.append(time.perf_counter() - started)
     return sum(times[1:]) / steps, loss.detach()  # the first step pays one-off allocation
