@@ -36,6 +36,12 @@ SDXL_UNET = dict(sample_size=128, in_channels=4, out_channels=4, layers_per_bloc
 SDXL_TEXT = dict(SD15_TEXT, hidden_act="quick_gelu")
 SDXL_TEXT_2 = dict(SD15_TEXT, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
                    projection_dim=1280, hidden_act="gelu")
+# Both models' published noise schedule (SD 1.5 ships it with PNDM, SDXL with Euler; the betas, offset and clipping
+# are what an eraser's training timesteps and x_t depend on).
+SD_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                   clip_sample=False, set_alpha_to_one=False)
+SDXL_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                     timestep_spacing="leading")
 # FLUX.1-dev's transformer and T5-XXL's encoder (layer counts set by --flux-depth).
 FLUX_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
                         num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
@@ -85,15 +91,14 @@ def build_architecture(family: str, flux_depth: str = "4,8"):
     if family == "sd15":
         return StableDiffusionPipeline(
             vae=_vae(4), text_encoder=CLIPTextModel(CLIPTextConfig(**SD15_TEXT)), tokenizer=clip,
-            unet=UNet2DConditionModel(**SD15_UNET), scheduler=DDIMScheduler(beta_schedule="scaled_linear"),
+            unet=UNet2DConditionModel(**SD15_UNET), scheduler=DDIMScheduler(**SD_SCHEDULE),
             safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     if family == "sdxl":
         return StableDiffusionXLPipeline(
             vae=_vae(4), text_encoder=CLIPTextModel(CLIPTextConfig(**SDXL_TEXT)),
             text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_2)), tokenizer=clip,
             tokenizer_2=clip, unet=UNet2DConditionModel(**SDXL_UNET),
-            scheduler=EulerDiscreteScheduler(beta_schedule="scaled_linear", timestep_spacing="leading",
-                                             steps_offset=1))
+            scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULE))
     if family == "flux":
         joint, single, encoder_layers = (19, 38, 24) if flux_depth == "full" else (*map(int, flux_depth.split(",")), 4)
         transformer = FluxTransformer2DModel(**{**FLUX_TRANSFORMER, "num_layers": joint, "num_single_layers": single})

@@ -111,7 +111,7 @@ def perturb_text(loaded, items: list[Item], cfg: MLLMEraserConfig) -> torch.Tens
     width = prompt["input_ids"].shape[1]
     with torch.no_grad():
         original = embedding(prompt["input_ids"])
-    epsilon = cfg.pgd_text_epsilon * float(embedding.weight.std())
+    epsilon = cfg.pgd_text_epsilon * float(embedding.weight.detach().std())
     delta = torch.zeros_like(original, requires_grad=True)
 
     def nll(answers):
