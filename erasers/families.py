@@ -92,7 +92,7 @@ class UNetAdapter:
 
     def predict(self, denoiser: nn.Module, latents: torch.Tensor, timestep, cond: Conditioning,
                 guidance: float | None = None) -> torch.Tensor:
-        return denoiser(latents, timestep, encoder_hidden_states=cond.states).sample
+        return denoiser(latents, on_device(timestep, latents), encoder_hidden_states=cond.states).sample
 
     def sampling_scheduler(self, steps: int):
         from diffusers import DDIMScheduler
@@ -249,7 +249,8 @@ class SDXLAdapter(UNetAdapter):
 
     def predict(self, denoiser, latents, timestep, cond, guidance=None):
         added = {"text_embeds": cond.pooled, "time_ids": self.time_ids(len(cond), cond.device, cond.dtype)}
-        return denoiser(latents, timestep, encoder_hidden_states=cond.states, added_cond_kwargs=added).sample
+        return denoiser(latents, on_device(timestep, latents), encoder_hidden_states=cond.states,
+                        added_cond_kwargs=added).sample
 
     def unconditional(self) -> Conditioning:
         # SDXL base's pipeline (force_zeros_for_empty_prompt) guides from zero embeddings, not the encoded "": ESD's
@@ -277,6 +278,13 @@ def latent_dtype(loaded) -> torch.dtype:
     if torch.is_autocast_enabled(loaded.device.type):
         return torch.float32
     return loaded.dtype
+
+
+def on_device(timestep, latents: torch.Tensor):
+    """The UNet moves a 0-dim timestep to its device but builds the time embedding of a batch of them wherever they
+    are: training timesteps drawn from a CPU generator must join the latents' device (a CUDA device mismatch
+    otherwise)."""
+    return timestep.to(latents.device) if torch.is_tensor(timestep) else timestep
 
 
 def predict(denoiser: nn.Module, latents: torch.Tensor, timestep, cond, guidance: float | None = None):

@@ -257,3 +257,17 @@ def test_attack_runs_on_sdxl_and_flux(tiny_pipeline_dirs, tmp_path, family):
     assert np.isfinite(row["loss_first"]) and np.isfinite(row["loss_last"])
     by_encoder = row.get("adversarial_tokens_by_encoder")
     assert (by_encoder is None) if family == "sdxl" else (set(by_encoder) == {"text_encoder", "text_encoder_2"})
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_training_timesteps_drawn_on_the_cpu_reach_the_denoisers_device(bases, family):
+    """Training timesteps come from a CPU generator while the denoiser may sit on a GPU. The meta device stands in
+    for one: diffusers' UNet moves a 0-dim timestep to its device but built the time embedding of a batch of CPU
+    timesteps on the CPU (on CUDA, a device mismatch in the attack's and DoCo's examples on SD/SDXL)."""
+    loaded = bases(family)
+    t = loaded.adapter.training_timesteps(2, torch.Generator().manual_seed(0))
+    assert t.device.type == "cpu" and t.shape == (2,)
+    cond = loaded.encode_text(["a star", "a dog"]).to("meta")
+    latents = torch.zeros(loaded.latent_shape(2), device="meta")
+    prediction = predict_noise(loaded.denoiser.to("meta"), latents, t, cond)
+    assert prediction.device.type == "meta" and prediction.shape == latents.shape
