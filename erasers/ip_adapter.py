@@ -148,6 +148,32 @@ def _complete_text_only_attn1(unet, ip_weights: dict[str, torch.Tensor] | None) 
     unet.set_attn_processor(processors)
 
 
+@contextmanager
+def denoiser_dtypes_kept(loaded: LoadedPipeline):
+    """diffusers' UNet IP-Adapter loader ends with `unet.to(dtype=unet.dtype)`, the dtype of the UNet's first
+    parameter. Under mixed precision (frozen weights in bf16/fp16, trained ones in fp32) that cast Co-Erasing's
+    fp32 parameters, trained in stage 1, down to half precision (their Adam state stayed fp32, so stage 2 failed),
+    or the whole UNet up to fp32. Each existing parameter keeps its dtype and value; the adapter's new (frozen)
+    ones take the frozen weights' dtype."""
+    unet = loaded.denoiser
+    before = dict(unet.named_parameters())
+    dtypes = {name: parameter.dtype for name, parameter in before.items()}
+    loader_dtype = unet.dtype
+    # What a cast to the loader's dtype would round: kept on the CPU, not beside the model on its GPU.
+    rounded = {name: parameter.detach().to("cpu", copy=True) for name, parameter in before.items()
+               if parameter.dtype.is_floating_point and parameter.dtype.itemsize > loader_dtype.itemsize}
+    yield
+    with torch.no_grad():
+        for name, parameter in unet.named_parameters():
+            if name not in dtypes:
+                if parameter.dtype != loaded.dtype and parameter.dtype.is_floating_point:
+                    parameter.data = parameter.data.to(loaded.dtype)
+            elif name in rounded:
+                parameter.data = rounded[name].to(parameter.device)
+            elif parameter.dtype != dtypes[name]:
+                parameter.data = parameter.data.to(dtypes[name])
+
+
 def load_ip_adapter(loaded: LoadedPipeline, source: str | Path, subfolder: str | None = None,
                     weight_name: str = WEIGHT_NAME, image_encoder_folder: str | None = "image_encoder",
                     image_encoder: str | None = None, scale: float = 1.0) -> None:
@@ -170,7 +196,9 @@ def load_ip_adapter(loaded: LoadedPipeline, source: str | Path, subfolder: str |
     else:
         files = {"image_encoder_folder": image_encoder_folder}
     try:
-        loaded.pipeline.load_ip_adapter(str(source), subfolder=subfolder or "", weight_name=weight_name, **files)
+        with denoiser_dtypes_kept(loaded):
+            loaded.pipeline.load_ip_adapter(str(source), subfolder=subfolder or "", weight_name=weight_name,
+                                            **files)
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         raise UsageError(f"could not load the IP-Adapter {source}: {str(error).splitlines()[0]}; pass a folder or "
                          f"hub id holding an IP-Adapter for this {loaded.family.name} denoiser in the published "
@@ -236,8 +264,9 @@ def add_ip_adapter(loaded: LoadedPipeline, image_encoder, seed: int = 0, tokens:
                 ip_layers[f"{index}.to_k_ip.weight"] = attention.to_k.weight.detach().clone()
                 ip_layers[f"{index}.to_v_ip.weight"] = attention.to_v.weight.detach().clone()
     loaded.pipeline.register_modules(image_encoder=image_encoder.to(loaded.device))
-    loaded.pipeline.load_ip_adapter({"image_proj": image_proj, "ip_adapter": ip_layers}, subfolder=None,
-                                    weight_name=None, low_cpu_mem_usage=False)
+    with denoiser_dtypes_kept(loaded):
+        loaded.pipeline.load_ip_adapter({"image_proj": image_proj, "ip_adapter": ip_layers}, subfolder=None,
+                                        weight_name=None, low_cpu_mem_usage=False)
     _complete_text_only_attn1(unet, None)
 
 

@@ -215,3 +215,31 @@ def test_step_cost_runs_sdxl_with_gradient_checkpointing(tiny_pipeline_dirs, mon
     for method in ("plain", "esd-x"):
         row = step_cost.measure("sdxl", method, 1)
         assert row["seconds_per_step"] > 0 and row["peak_rss_bytes"] > 0, row
+
+
+def test_loading_an_ip_adapter_keeps_the_mixed_precision_dtypes(bases, tmp_path):
+    """diffusers' IP-Adapter loader casts the whole UNet to its first parameter's dtype. Under bf16 mixed precision
+    that turned Co-Erasing's fp32 trained parameters (stage 1) into bf16 before stage 2, whose Adam state is fp32:
+    each parameter must keep its dtype and value, and the adapter's frozen layers take the frozen weights' dtype."""
+    from tiny_pipelines import random_ip_adapter_options
+
+    from erasers import ip_adapter
+    from erasers.esd import trainable_parameters
+
+    files = ip_adapter.adapter_files(random_ip_adapter_options(bases("sd"), tmp_path)["ip_adapter"], "sd")
+    loaded = bases("sd")
+    loaded.pipeline.to(dtype=torch.bfloat16)
+    loaded.training = TrainingOptions("bf16")
+    trained = loaded.make_trainable(trainable_parameters(loaded, "xattn"), loaded.denoiser)
+    with torch.no_grad():
+        for parameter in trained:
+            parameter.add_(1e-3 * torch.randn_like(parameter))  # a value bf16 cannot hold
+    before = {name: p.detach().clone() for name, p in loaded.denoiser.named_parameters()}
+    trained_ids = {id(p) for p in trained}
+    assert {before[n].dtype for n, p in loaded.denoiser.named_parameters() if id(p) in trained_ids} == {torch.float32}
+    ip_adapter.load_ip_adapter(loaded, **files)
+    after = dict(loaded.denoiser.named_parameters())
+    for name, value in before.items():
+        assert after[name].dtype == value.dtype and torch.equal(after[name], value), name
+    added = [p for name, p in after.items() if name not in before]
+    assert added and {p.dtype for p in added} == {torch.bfloat16}
