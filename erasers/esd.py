@@ -132,6 +132,8 @@ class ESD(Eraser):
             return {"loss": loss.item()}
 
         unet.train(not on_text_encoder)
+        for encoder in encoders.values():  # as AdvUnlearn's; transformers checkpoints only a model in training mode
+            encoder.train(on_text_encoder)
         self.history = TrainingLoop("esd", cfg.iterations, {"params": ParameterState(parameters), "opt": optimizer},
                                     cfg.seed, work_dir, checkpoint_every=50).run(step)
         unet.eval()

@@ -243,3 +243,24 @@ def test_loading_an_ip_adapter_keeps_the_mixed_precision_dtypes(bases, tmp_path)
         assert after[name].dtype == value.dtype and torch.equal(after[name], value), name
     added = [p for name, p in after.items() if name not in before]
     assert added and {p.dtype for p in added} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("method", ["esd-te", "advunlearn"])
+def test_gradient_checkpointing_recomputes_the_text_encoder_it_trains(bases, method):
+    """transformers checkpoints only a model in training mode: ESD-te kept its encoder in eval mode, so
+    --gradient-checkpointing did nothing there (on Flux, all of T5-XXL's activations kept). With checkpointing, the
+    backward pass runs each encoder layer's forward again."""
+    options = {"esd-te": {"iterations": 2, "ddim_steps": 4},
+               "advunlearn": {"iterations": 2, "warmup": 2, "attack_steps": 1, "ddim_steps": 4, "retain_batch": 1}}
+    forwards = []
+    for checkpointing in (False, True):
+        loaded = bases("sd")
+        loaded.training = TrainingOptions("fp32", gradient_checkpointing=checkpointing)
+        calls = []
+        fc1 = loaded.text_encoder.encoder.layers[0].mlp.fc1
+        forward = fc1.forward
+        fc1.forward = lambda x: (calls.append(1), forward(x))[1]  # a recompute runs no module hooks
+        config = build_config(method, False, options[method])
+        get_method(method).eraser(config).erase(loaded, make_request([CONCEPT], loaded.tokenizer, False))
+        forwards.append(len(calls))
+    assert forwards[1] > forwards[0] > 0, forwards
