@@ -61,11 +61,11 @@ def _reset_memory(device: str) -> None:
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 def _peak_memory(device: str) -> int | None:
-    return torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
+    return torch.cuda.max_memory_allocated(device) if device.startswith("cuda") else None
 
 
 def plain_step(family: str, args) -> dict:
@@ -76,6 +76,7 @@ def plain_step(family: str, args) -> dict:
     result = {"family": family, "method": "plain", "seconds_per_step": per_step,
               "peak_bytes": _peak_memory(args.device), "finite": bool(torch.isfinite(loss)), "moved": True}
     del loaded
+    _reset_memory(args.device)  # the adapter refers back to its pipeline: only a collection frees it
     return result
 
 
@@ -105,6 +106,7 @@ def method_step(family: str, method: str, args) -> dict:
               "finite": all(map(lambda v: v == v and abs(v) != float("inf"), losses)), "moved": moved,
               "components": sorted(components)}
     del loaded, eraser, components
+    _reset_memory(args.device)
     return result
 
 

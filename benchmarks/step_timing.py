@@ -38,7 +38,7 @@ def seconds_per_step(history: list[dict] | None, total_seconds: float, steps: in
 def synchronize(device: str | torch.device) -> None:
     """Wait for the device's queued work, so a timer reads the work's time and not its launch."""
     if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
 def time_plain_step(loaded, steps: int, prompt: str, release_text_encoders: bool = False,
