@@ -182,9 +182,24 @@ class UNetAdapter:
 
     @torch.no_grad()
     def encode_image(self, image) -> torch.Tensor:
+        return self.vae_latent_mean(image) * self.pipeline.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def vae_latent_mean(self, image) -> torch.Tensor:
+        """The VAE's latent mean of an image, in the VAE's dtype. A VAE whose config sets force_upcast (SDXL's, Flux's:
+        they overflow in fp16) encodes in fp32 outside any autocast, as diffusers' img2img pipelines do."""
         vae = self.pipeline.vae
-        pixels = self.pipeline.image_processor.preprocess(image).to(self.loaded.device, vae.dtype)
-        return vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
+        dtype = vae.dtype
+        upcast = dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+        pixels = self.pipeline.image_processor.preprocess(image).to(self.loaded.device)
+        if upcast:
+            vae.to(torch.float32)
+        try:
+            with torch.autocast(torch.device(self.loaded.device).type, enabled=False):
+                return vae.encode(pixels.to(vae.dtype)).latent_dist.mean.to(dtype)
+        finally:
+            if upcast:
+                vae.to(dtype)
 
     def pipeline_inputs(self, cond: Conditioning, negative: Conditioning) -> dict:
         """Keyword arguments of the pipeline's __call__ that generate from this conditioning (at the training

@@ -125,8 +125,7 @@ class FluxAdapter(UNetAdapter):
     @torch.no_grad()
     def encode_image(self, image):
         vae = self.pipeline.vae
-        pixels = self.pipeline.image_processor.preprocess(image).to(self.loaded.device, vae.dtype)
-        latents = (vae.encode(pixels).latent_dist.mean - vae.config.shift_factor) * vae.config.scaling_factor
+        latents = (self.vae_latent_mean(image) - vae.config.shift_factor) * vae.config.scaling_factor
         batch, channels, height, width = latents.shape
         return type(self.pipeline)._pack_latents(latents, batch, channels, height, width)
 

@@ -271,3 +271,19 @@ def test_training_timesteps_drawn_on_the_cpu_reach_the_denoisers_device(bases, f
     latents = torch.zeros(loaded.latent_shape(2), device="meta")
     prediction = predict_noise(loaded.denoiser.to("meta"), latents, t, cond)
     assert prediction.device.type == "meta" and prediction.shape == latents.shape
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_a_vae_that_must_upcast_encodes_in_fp32(bases, family):
+    """SDXL's and Flux's VAEs overflow in fp16 (their configs set force_upcast): the attack's target latents are
+    encoded in fp32, outside autocast, as diffusers' img2img pipelines do, and the VAE is left in fp16."""
+    loaded = bases(family)
+    vae = loaded.pipeline.vae.to(torch.float16)
+    assert vae.config.force_upcast
+    seen = []
+    vae.encoder.conv_in.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    image = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    with torch.autocast("cpu", dtype=torch.float16):
+        latents = loaded.adapter.encode_image(image)
+    assert seen == [torch.float32] and vae.dtype == torch.float16
+    assert latents.dtype == torch.float16 and torch.isfinite(latents).all()
