@@ -129,8 +129,11 @@ def concept_images(loaded: LoadedPipeline, request: EraseRequest, cfg: CoErasing
         return read_images(sorted(cache.glob("*.png")))
     prompts = request.erase_prompts()
     chosen = [prompts[i % len(prompts)] for i in range(cfg.image_count)]
-    images = loaded.generate(chosen, seeds=[cfg.seed * 1_000_000 + i for i in range(cfg.image_count)],
-                             height=loaded.resolution, width=loaded.resolution)
+    # Outside the erase's autocast, with the base weights still in one dtype: the pipeline keeps its own precision
+    # rules, and SDXL's fp16 VAE decodes upcast (force_upcast), which fp16 autocast would undo.
+    with torch.autocast(torch.device(loaded.device).type, enabled=False):
+        images = loaded.generate(chosen, seeds=[cfg.seed * 1_000_000 + i for i in range(cfg.image_count)],
+                                 height=loaded.resolution, width=loaded.resolution)
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)
         for i, image in enumerate(images):
@@ -231,6 +234,7 @@ class CoErasing(Eraser):
         files, refine_clip = self.resources(loaded)
         self._check_resources(files, refine_clip)  # also when called directly, not through erasers.run.erase
         torch.manual_seed(cfg.seed)
+        images = concept_images(loaded, request, cfg, work_dir)  # from the base model, before any training
         unet = loaded.denoiser
         parameters = loaded.train_only(trainable_parameters(loaded, cfg.parameters), unet)
         # Called with the adapter loaded (stage 2), it is the adapted UNet with the original weights.
@@ -240,7 +244,6 @@ class CoErasing(Eraser):
             empty = loaded.adapter.unconditional()
             concept_states = loaded.encode_text(prompts)
             contrasts = contrast_states(loaded, request, prompts, cfg.contrast)
-        images = concept_images(loaded, request, cfg, work_dir)  # from the base model, before any training
         optimizer = loaded.optimizer(parameters, cfg.lr)
         state = {"params": ParameterState(parameters), "opt": optimizer}
 

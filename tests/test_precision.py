@@ -264,3 +264,19 @@ def test_gradient_checkpointing_recomputes_the_text_encoder_it_trains(bases, met
         get_method(method).eraser(config).erase(loaded, make_request([CONCEPT], loaded.tokenizer, False))
         forwards.append(len(calls))
     assert forwards[1] > forwards[0] > 0, forwards
+
+
+def test_coerasing_draws_its_concept_images_with_the_vae_upcast_kept(bases):
+    """Co-Erasing draws the concept's images inside the erase's autocast. SDXL's pipeline upcasts its fp16 VAE to
+    decode (force_upcast: it overflows in fp16), which fp16 autocast undid: the decode must run in fp32."""
+    from erasers.coerasing import concept_images
+
+    loaded = bases("sdxl")
+    loaded.pipeline.to(dtype=torch.float16)
+    loaded.training = TrainingOptions("fp16")
+    outputs = []
+    loaded.pipeline.vae.decoder.conv_in.register_forward_hook(lambda module, args, out: outputs.append(out.dtype))
+    config = build_config("coerasing", False, {"image_count": 1})
+    with loaded.autocast():
+        images = concept_images(loaded, make_request([CONCEPT], loaded.tokenizer, False), config, None)
+    assert len(images) == 1 and outputs == [torch.float32]
