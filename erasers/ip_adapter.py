@@ -200,7 +200,7 @@ def load_ip_adapter(loaded: LoadedPipeline, source: str | Path, subfolder: str |
             loaded.pipeline.load_ip_adapter(str(source), subfolder=subfolder or "", weight_name=weight_name,
                                             **files)
     except (OSError, ValueError, KeyError, RuntimeError) as error:
-        raise UsageError(f"could not load the IP-Adapter {source}: {str(error).splitlines()[0]}; pass a folder or "
+        raise UsageError(f"could not load the IP-Adapter {source}: {first_line(error)}; pass a folder or "
                          f"hub id holding an IP-Adapter for this {loaded.family.name} denoiser in the published "
                          "format") from None
     unet = loaded.denoiser
