@@ -17,10 +17,11 @@ from pathlib import Path
 
 import gradio as gr
 
-from erasers.edits import apply_edits, read_edit
+from erasers.edits import apply_edits, edit_kind, read_edit
 from erasers.errors import UsageError
 from erasers.files import check_output_path
 from erasers.models import LoadedPipeline, check_prompts, load_pipeline
+from erasers.registry import available_methods
 
 MAX_STEPS = 100
 MAX_GUIDANCE = 30.0
@@ -44,13 +45,12 @@ class AppState:
         if not self.edits_dir or not self.edits_dir.is_dir():
             return found
         for path in sorted(self.edits_dir.iterdir()):
-            if not (path / "erasure.json").exists():
+            if not (path / "erasure.json").exists() or edit_kind(path) == "vlm":
                 continue
             try:
                 read_edit(path)
             except UsageError as error:
-                if "VLM edit" not in str(error):
-                    self.skipped[path.name] = str(error)
+                self.skipped[path.name] = str(error)
                 continue
             found[path.name] = path
         return found
@@ -71,7 +71,10 @@ class AppState:
 
     def describe(self, edit_name: str) -> str:
         meta = read_edit(self.edits()[edit_name])
-        return f"{edit_name}: {meta.get('method', 'an edit')} erasing {', '.join(meta['concepts'])}"
+        method = meta.get("method", "an edit")
+        summary = available_methods().get(method)
+        how = f" ({summary.summary})" if summary else ""
+        return f"{edit_name}: {method}{how} erasing {', '.join(meta['concepts'])}"
 
 
 def _check_inputs(prompt: str, seed, steps, guidance) -> tuple[int, int, float]:

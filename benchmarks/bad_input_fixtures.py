@@ -281,7 +281,7 @@ def hirm_signature() -> dict:
     from erasers.run import run_signature
 
     loaded = load_pipeline("toy", device="cpu")
-    request = make_request(["star"], loaded.tokenizer, loaded.is_toy, None, None)
+    request = make_request(["star"], loaded.tokenizer, loaded.vocabulary, None, None)
     return run_signature("hirm", build_config("hirm", True, HIRM_OPTIONS), request, base_fingerprint(loaded))
 
 

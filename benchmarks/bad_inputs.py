@@ -289,7 +289,7 @@ class _Fields(dict):
 
 def run_case(case: Case, root: Path) -> Outcome:
     """Run `case` through `erasure` in this process, in `root` (the working directory meanwhile)."""
-    from erasers.cli import main
+    from apps.cli import main
 
     root = Path(root)
     fields = _Fields(root)

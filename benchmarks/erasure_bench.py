@@ -23,7 +23,7 @@ from benchmarks.metrics import Record, accuracy_scores, unlearncanvas_scores
 from benchmarks.runner import ImageJob, Runner
 from erasers.edits import apply_edits, read_edit
 from erasers.errors import UsageError
-from erasers.registry import METHOD_MODULES, available_methods, get_method
+from erasers.registry import REGISTRY, available_methods, get_method
 
 
 @dataclass
@@ -132,8 +132,9 @@ def plan_edits(bench: Benchmark, methods: list[str], concepts: list[str], given:
 
 
 # What every erase imports, loaded once by the fork server rather than once per erase (about 7 s on a CPU).
-_ERASE_PRELOAD = ["torch", "diffusers", "transformers", "erasers.run",
-                  *(f"erasers.{module}" for module in METHOD_MODULES)]
+def _erase_preload() -> list[str]:
+    return ["torch", "diffusers", "transformers", "erasers.run",
+            *sorted({entry.eraser.__module__ for entry in REGISTRY.available().values()})]
 
 
 def run_in_fresh_process(function: Callable, *args, **kwargs):
@@ -145,7 +146,7 @@ def run_in_fresh_process(function: Callable, *args, **kwargs):
     from concurrent.futures import ProcessPoolExecutor
 
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(_ERASE_PRELOAD)  # read when the server starts, on the first call
+    context.set_forkserver_preload(_erase_preload())  # read when the server starts, on the first call
     with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
         return pool.submit(function, *args, **kwargs).result()
 

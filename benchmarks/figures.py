@@ -4,14 +4,9 @@ from __future__ import annotations
 
 from PIL import Image, ImageDraw
 
+from erasers.images import image_grid
 
-def image_grid(images: list[Image.Image], columns: int, scale: int = 1) -> Image.Image:
-    from diffusers.utils import make_image_grid
-
-    rows = -(-len(images) // columns)
-    padded = list(images) + [Image.new("RGB", images[0].size, "white")] * (rows * columns - len(images))
-    grid = make_image_grid(padded, rows=rows, cols=columns)
-    return grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST) if scale > 1 else grid
+__all__ = ["image_grid", "labelled_grid"]
 
 
 def labelled_grid(images: list[Image.Image], columns: int, row_labels: list[str] = (),

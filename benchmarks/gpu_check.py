@@ -30,8 +30,20 @@ import torch
 
 from benchmarks.architectures import FAMILIES, as_loaded, build_architecture, pipeline_family
 from benchmarks.step_timing import seconds_per_step, short_run_config, synchronize, time_plain_step
+from erasers.precision import autocast
 
-METHODS = ("esd-x", "esd-u", "esd-te", "uce", "advunlearn", "hirm", "doco", "coerasing")
+
+def registered_methods() -> list[str]:
+    """Every registered eraser (erasers.registry): what gpu_check runs by default."""
+    from erasers.registry import available_methods
+
+    return sorted(available_methods())
+
+
+def plan(families: list[str], methods: list[str] | None = None) -> list[tuple[str, str]]:
+    """(family, method) pairs gpu_check measures: each method on the families its registry entry edits."""
+    return [(family, method) for family in families for method in (methods or registered_methods())
+            if applies(method, family)]
 def load(family: str, args):
     """A LoadedPipeline of `family` on the device in the run's precision (--tiny: the tiny test pipelines)."""
     from erasers.models import load_pipeline
@@ -86,7 +98,7 @@ def method_step(family: str, method: str, args) -> dict:
     from erasers.registry import get_method
 
     loaded = load(family, args)
-    options = ip_adapter_files(loaded, args) if method == "coerasing" else {}
+    options = ip_adapter_files(loaded, args) if "ip_adapter" in get_method(method).needs else {}
     config = short_run_config(method, args.steps, False, attack_steps=2, retain_batch=1, **options)
     eraser = get_method(method).eraser(config)
     request = make_request(["a photo of a cat"], loaded.tokenizer, False, preserve=["a photo of a dog"])
@@ -94,7 +106,7 @@ def method_step(family: str, method: str, args) -> dict:
     _reset_memory(args.device)
     synchronize(args.device)
     started = time.perf_counter()
-    with loaded.autocast():
+    with autocast(loaded):
         components = eraser.erase(loaded, request)
     synchronize(args.device)
     history = getattr(eraser, "history", None)
@@ -130,10 +142,10 @@ def ip_adapter_files(loaded, args) -> dict[str, str]:
 
 
 def applies(method: str, family: str) -> bool:
-    """Whether `method` edits `family` (the eraser's own `families`: what its erase would refuse)."""
+    """Whether `method` edits `family` (its registry entry's `families`: what its erase would refuse)."""
     from erasers.registry import get_method
 
-    return pipeline_family(family) in get_method(method).eraser.families
+    return pipeline_family(family) in get_method(method).families
 
 
 def table(rows: list[dict]) -> str:
@@ -154,7 +166,7 @@ def table(rows: list[dict]) -> str:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--families", default=",".join(FAMILIES))
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", help="comma-separated (default: every registered eraser)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per method (one more runs untimed)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", choices=("fp32", "fp16", "bf16"), help="default: bf16 on a GPU, fp32 on CPU")
@@ -187,11 +199,11 @@ def main(argv=None) -> int:
     rows = []
     for family in families:
         methods = []
-        for method in args.methods.split(","):
+        for method in (args.methods.split(",") if args.methods else registered_methods()):
             if applies(method, family):
                 methods.append(method)
             else:
-                print(f"{family}/{method}: does not apply (the README's families x methods matrix)", file=sys.stderr)
+                print(f"{family}/{method}: does not apply (erasers/README.md#families)", file=sys.stderr)
         if not methods:
             continue  # no plain row either: building and timing the denoiser would compare it with nothing
         for method in ["plain", *methods]:

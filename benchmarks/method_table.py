@@ -3,9 +3,9 @@ the answer set (every object x style at the given seeds) beside the base model's
 memory and storage of each edit, and the UnlearnDiffAtk attack success rate on the concepts named by --attack.
 A method written "a+b" erases with each and stacks the edits (a text-encoder edit with a UNet edit); its time and
 storage are the sums. "doco-nosurgery" and "doco-noadv" are DoCo with surgery=false / adversarial=false,
-"coerasing-norefine" Co-Erasing with refine=false (VARIANTS). The rows of --paraphrase-methods also get UA on
-the paraphrase prompts. Resumable: finished rows are kept in the results file, and a missing attack or paraphrase
-cell is added to its row without rescoring it.
+"coerasing-norefine" Co-Erasing with refine=false (their registry entries' variants). The rows of
+--paraphrase-methods also get UA on the paraphrase prompts. Resumable: finished rows are kept in the results file,
+and a missing attack or paraphrase cell is added to its row without rescoring it.
 
     python -m benchmarks.method_table --methods esd-x,esd-u,uce,hirm,advunlearn,doco,doco-nosurgery,doco-noadv \
         --concepts arrow,Stripes --attack arrow --attack-prompts 20
@@ -19,20 +19,35 @@ import json
 import tempfile
 from pathlib import Path
 
+from benchmarks.attack import attack_success_rate
 from benchmarks.erasure_bench import erase_in_fresh_process
 from benchmarks.toycanvas import CLASSIFIER_DIR, world
 from benchmarks.toycanvas.classifier import ToyClassifier
 from benchmarks.unlearncanvas import AnswerSet, classify_answer_set, score
-from erasers.attack import attack_success_rate
 from erasers.edits import apply_edits, read_edit
 from erasers.models import load_pipeline
+from erasers.registry import available_methods
 
 RESULTS = Path(__file__).parent / "results" / "method_table.json"
-METHODS = ["esd-x", "esd-u", "uce", "hirm", "advunlearn", "doco", "doco-nosurgery", "doco-noadv", "coerasing",
-           "coerasing-norefine", "hirm+esd-u", "hirm+uce"]
-# Table rows that are a registered method with options changed: DoCo's and Co-Erasing's ablations.
-VARIANTS = {"doco-nosurgery": ("doco", {"surgery": False}), "doco-noadv": ("doco", {"adversarial": False}),
-            "coerasing-norefine": ("coerasing", {"refine": False})}
+# Stacked rows: a text-encoder edit with a UNet edit (`a+b`: both erased, both loaded).
+STACKS = ["hirm+esd-u", "hirm+uce"]
+
+
+def variants() -> dict[str, tuple[str, dict]]:
+    """Table rows that are a registered method with options changed (its entry's `variants`: DoCo's and
+    Co-Erasing's ablations), "doco-noadv" -> ("doco", {"adversarial": False})."""
+    return {f"{name}-{suffix}": (name, options) for name, entry in sorted(available_methods().items())
+            for suffix, options in entry.variants.items()}
+
+
+def plan() -> list[str]:
+    """The table's rows by default: every registered eraser (esd-te excepted: the toy erasures of the text encoder
+    are HiRM's and AdvUnlearn's rows) with its variants after it, then the stacks."""
+    rows = []
+    for name in available_methods():
+        if name != "esd-te":
+            rows += [name, *(row for row, (method, _) in variants().items() if method == name)]
+    return rows + STACKS
 
 
 def _pct(value) -> str:
@@ -109,7 +124,7 @@ def paraphrase_ua(loaded, classifier, concept: str, seeds: tuple[int, ...]) -> f
 
 def _erase_in_fresh_process(method: str, concept: str, out: Path, options: dict | None) -> Path:
     """The method's variant options, erased in a new process (its recorded peak memory is its own)."""
-    method, variant_options = VARIANTS.get(method, (method, {}))
+    method, variant_options = variants().get(method, (method, {}))
     options = {**variant_options, **(options or {})}
     return erase_in_fresh_process("toy", method, [concept], out, options)
 
@@ -141,7 +156,7 @@ def markdown(table: dict, methods: list[str], concepts: list[str]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", help="comma-separated rows (default: plan(), every registered eraser)")
     parser.add_argument("--concepts", default="arrow,Stripes")
     parser.add_argument("--attack", default="arrow", help="concepts whose rows also get the attack success rate "
                         "(UnlearnDiffAtk, toy settings); '' for none")
@@ -157,7 +172,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[188, 288])
     parser.add_argument("--results", default=str(RESULTS))
     args = parser.parse_args()
-    methods, concepts = args.methods.split(","), args.concepts.split(",")
+    methods, concepts = (args.methods.split(",") if args.methods else plan()), args.concepts.split(",")
     attacked_methods = tuple(methods if args.attack_methods == "all" else args.attack_methods.split(","))
     table = run(methods, concepts, tuple(args.seeds), Path(args.results),
                 attacked=tuple(c for c in args.attack.split(",") if c), attack_prompts=args.attack_prompts,

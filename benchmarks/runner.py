@@ -35,6 +35,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from erasers.images import save_image_atomically
+
 MANIFEST = "manifest.jsonl"
 # Barriers wait for the slowest process, which may be erasing with a slow method on a large model.
 BARRIER_TIMEOUT = datetime.timedelta(hours=48)
@@ -122,7 +124,7 @@ def accelerate_command(processes: int, argv: list[str]) -> list[str]:
     """The command that runs `erasure ARGV` over `processes` processes (one per GPU when there are GPUs, CPU
     processes otherwise) with accelerate's launcher (torchrun underneath)."""
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "erasers.cli", *argv]
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "apps.cli", *argv]
 
 
 def relaunch(processes: int, argv: list[str]) -> int:
@@ -166,13 +168,6 @@ class Manifest:
         with open(self.path, "rb") as file:
             file.seek(-1, os.SEEK_END)
             return file.read(1) == b"\n"
-
-
-def save_image_atomically(image: Image.Image, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
-    image.save(tmp)
-    os.replace(tmp, path)
 
 
 def fixed_batches(jobs: list[ImageJob], batch_size: int) -> list[list[ImageJob]]:

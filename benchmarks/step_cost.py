@@ -25,11 +25,21 @@ import sys
 import time
 
 MODELS = ("toy", "sd15", "sdxl")
-# What each model is measured with by default, the README's table: on SD 1.5 AdvUnlearn's inner attack does not
-# finish 3 steps in 25 minutes on a 2-core CPU; on SDXL ESD-u and DoCo do not fit in 24 GiB; Co-Erasing runs on
-# the toy alone, whose IP-Adapter its image steps need.
-DEFAULT_METHODS = {"toy": "esd-x,esd-u,uce,hirm,advunlearn,doco,coerasing", "sd15": "esd-x,esd-u,uce,hirm,doco",
-                   "sdxl": "esd-x,uce,hirm"}
+
+
+def plan(models: list[str], methods: list[str] | None = None) -> list[tuple[str, str]]:
+    """(model, method) rows, each model's plain step first. By default each registered eraser on the models its
+    entry's `step_cost_models` names, the README's table: on SD 1.5 AdvUnlearn's inner attack does not finish 3
+    steps in 25 minutes on a 2-core CPU; on SDXL ESD-u and DoCo do not fit in 24 GiB; Co-Erasing runs on the toy
+    alone, whose IP-Adapter its image steps need."""
+    from erasers.registry import available_methods
+
+    entries = available_methods()
+    rows = []
+    for model in models:
+        chosen = methods or [name for name, entry in sorted(entries.items()) if model in entry.step_cost_models]
+        rows += [(model, method) for method in ["plain", *chosen]]
+    return rows
 # Training resolution in pixels and gradient checkpointing per full-size model (None: the native resolution).
 SETTINGS = {"sd15": (None, False), "sdxl": (512, True)}
 
@@ -63,7 +73,7 @@ def measure(model: str, method: str, steps: int) -> dict:
 
         config = short_run_config(method, steps, model == "toy")
         eraser = get_method(method).eraser(config)
-        request = make_request(["star"], loaded.tokenizer, model == "toy")
+        request = make_request(["star"], loaded.tokenizer, loaded.vocabulary)
         started = time.perf_counter()
         eraser.erase(loaded, request)
         per_step = seconds_per_step(getattr(eraser, "history", None), time.perf_counter() - started, steps)
@@ -74,7 +84,8 @@ def measure(model: str, method: str, steps: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--methods", help="comma-separated (default: DEFAULT_METHODS per model)")
+    parser.add_argument("--methods", help="comma-separated (default: each registered eraser on the models its "
+                        "entry names)")
     parser.add_argument("--one", nargs=3, metavar=("MODEL", "METHOD", "STEPS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -84,17 +95,16 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown model {unknown[0]!r}; choose from {', '.join(MODELS)}")
     rows = []
-    for model in args.models.split(","):
+    for model, method in plan(args.models.split(","), args.methods.split(",") if args.methods else None):
         steps = 20 if model == "toy" else 2
-        for method in ["plain", *(args.methods or DEFAULT_METHODS[model]).split(",")]:
-            out = subprocess.run([sys.executable, "-m", "benchmarks.step_cost", "--one", model, method, str(steps)],
-                                 capture_output=True, text=True)
-            if out.returncode != 0:
-                why = "killed (out of memory?)" if out.returncode == -9 else f"exit status {out.returncode}"
-                print(f"{model} {method}: failed, {why}\n{out.stderr[-2000:]}", file=sys.stderr)
-                continue
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)  # a long run killed later keeps what it measured
+        out = subprocess.run([sys.executable, "-m", "benchmarks.step_cost", "--one", model, method, str(steps)],
+                             capture_output=True, text=True)
+        if out.returncode != 0:
+            why = "killed (out of memory?)" if out.returncode == -9 else f"exit status {out.returncode}"
+            print(f"{model} {method}: failed, {why}\n{out.stderr[-2000:]}", file=sys.stderr)
+            continue
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)  # a long run killed later keeps what it measured
     print("| model | method | s/step | x plain | peak RSS MiB | x plain |")
     print("|---|---|---|---|---|---|")
     for row in rows:

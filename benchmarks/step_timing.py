@@ -11,6 +11,8 @@ from typing import Callable
 
 import torch
 
+from erasers.precision import autocast
+
 # Enough iterations to time the asked steps; short sampling chains, DoCo's adversarial loss from the start and its
 # anchor images few and quick (drawn before the timed steps); Co-Erasing: one text step, then the image-conditioned
 # steps it adds to ESD (the ones timed), from two generated images. Only the fields a method has apply to it.
@@ -48,7 +50,7 @@ def time_plain_step(loaded, steps: int, prompt: str, release_text_encoders: bool
     so the process's peak memory is the denoiser's alone; `before_steps` runs right before the first step."""
     from erasers.losses import predict_noise
 
-    with torch.no_grad(), loaded.autocast():
+    with torch.no_grad(), autocast(loaded):
         cond = loaded.encode_text([prompt])
     if release_text_encoders:
         for name in loaded.family.text_encoders:
@@ -57,13 +59,13 @@ def time_plain_step(loaded, steps: int, prompt: str, release_text_encoders: bool
     denoiser = loaded.denoiser.train().requires_grad_(True)
     if loaded.training.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
-    latents = torch.randn(loaded.latent_shape(1), device=loaded.device)
+    latents = torch.randn(loaded.adapter.latent_shape(1), device=loaded.device)
     before_steps()
     times = []
     for _ in range(steps + 1):
         synchronize(loaded.device)
         started = time.perf_counter()
-        with loaded.autocast():
+        with autocast(loaded):
             loss = predict_noise(denoiser, latents, 500, cond).float().pow(2).mean()
         loss.backward()
         denoiser.zero_grad(set_to_none=False)  # a training step holds every gradient

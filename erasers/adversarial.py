@@ -177,7 +177,7 @@ def optimise_tokens(adversary: nn.ModuleDict, loaded: LoadedPipeline, input_ids:
             start = slot_start(_tokenizer(loaded, name))
             embeds[name] = torch.cat([base[name][:, :start], tokens[None].to(base[name].dtype),
                                       base[name][:, start + tokens.shape[0]:]], dim=1)
-        loss = loss_fn(loaded.encode_ids(input_ids, embeds, encoders), generator)
+        loss = loss_fn(loaded.adapter.encode_ids(input_ids, embeds, encoders), generator)
         gradients = torch.autograd.grad(loss, parameters)
         for parameter, gradient in zip(parameters, gradients):
             parameter.grad = gradient.sign() if sign_gradient else gradient
@@ -201,7 +201,7 @@ class AdversarialPrompt:
 
     def conditioning(self, loaded: LoadedPipeline, text_encoders: dict[str, nn.Module] | None = None):
         """The conditioning through the text encoders (gradients flow to their parameters)."""
-        return loaded.encode_ids(self.input_ids, self.token_embeddings, _encoders(loaded, text_encoders))
+        return loaded.adapter.encode_ids(self.input_ids, self.token_embeddings, _encoders(loaded, text_encoders))
 
 
 @torch.no_grad()

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from . import __version__
+from .core import check_new_output
 from .errors import UsageError
 from .files import atomic_dir, publish, read_json
 from .models import LoadedPipeline
@@ -35,50 +36,59 @@ def base_fingerprint(loaded: LoadedPipeline) -> str:
     return digest.hexdigest()[:16]
 
 
-def check_new_output(out: Path) -> None:
-    if out.exists():
-        raise UsageError(f"{out} already exists; choose a new --out or remove it first")
-
-
-def save_edit(out: str | Path, components: dict[str, nn.Module], loaded: LoadedPipeline, method: str, config,
-              request: EraseRequest, fingerprint: str, seconds: float, peak_memory_bytes: int | None) -> Path:
-    out = Path(out)
-    check_new_output(out)
-    tmp = atomic_dir(out)
-    for name, module in components.items():
-        module.save_pretrained(tmp / name)
-    metadata = {
+def edit_metadata(loaded: LoadedPipeline, method: str, config, request: EraseRequest, fingerprint: str) -> dict:
+    """What erasure.json says of a diffusion edit beside its cost and versions."""
+    return {
+        "model_kind": "diffusion",
         "method": method,
         "config": dataclasses.asdict(config),
         "concepts": request.concepts,
         "kind": request.kind,
         "anchors": request.anchors,
         "preserve": request.preserve,
-        "components": sorted(components),
         "base_model": loaded.source,
         "base_family": loaded.family.name,
         "training": dataclasses.asdict(loaded.training),
         "resolution": loaded.resolution,
         "base_fingerprint": fingerprint,
     }
-    return publish_with_metadata(tmp, out, metadata, seconds, peak_memory_bytes)
 
 
-def publish_with_metadata(tmp: Path, out: Path, metadata: dict, seconds: float,
-                          peak_memory_bytes: int | None) -> Path:
-    """Every saved edit's (diffusion or VLM) last step: `metadata` plus the versions, the time and the cost (its
-    storage the files already in `tmp`) written as erasure.json, then `tmp` renamed to `out`."""
+def save_edit(out: str | Path, components: dict[str, nn.Module], metadata: dict, cost: dict | None = None) -> Path:
+    """The edited `components` in diffusers/transformers format plus erasure.json (`metadata`, the components and
+    `cost`: seconds and peak memory), written under a temporary name and renamed to `out`."""
+    out = check_new_output(Path(out))
+    tmp = atomic_dir(out)
+    for name, module in components.items():
+        module.save_pretrained(tmp / name)
+    return publish_with_metadata(tmp, out, {**metadata, "components": sorted(components)}, cost or {})
+
+
+def publish_with_metadata(tmp: Path, out: Path, metadata: dict, cost: dict) -> Path:
+    """Every saved edit's (diffusion or VLM) last step: `metadata` (with its model_kind) plus the versions, the time
+    and the cost (its storage the files already in `tmp`) written as erasure.json, then `tmp` renamed to `out`."""
     storage = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
     metadata = {
         **metadata,
         "erasure_suite_version": __version__,
         "torch_version": torch.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "cost": {"seconds": round(seconds, 2), "peak_memory_bytes": peak_memory_bytes, "storage_bytes": storage},
+        "cost": {"seconds": round(cost.get("seconds", 0.0), 2), "peak_memory_bytes": cost.get("peak_memory_bytes"),
+                 "storage_bytes": storage},
     }
     (tmp / METADATA).write_text(json.dumps(metadata, indent=2))
     publish(tmp, out)
     return out
+
+
+def edit_kind(path: str | Path) -> str | None:
+    """The model_kind an edit directory's erasure.json declares ("diffusion", "vlm"; edits from before the field
+    are diffusion edits), or None when it holds no readable erasure.json."""
+    try:
+        metadata = json.loads((Path(path) / METADATA).read_bytes())
+    except (OSError, ValueError):
+        return None
+    return metadata.get("model_kind", "diffusion") if isinstance(metadata, dict) else None
 
 
 def read_edit(path: str | Path) -> dict:
@@ -89,7 +99,7 @@ def read_edit(path: str | Path) -> dict:
     if not metadata_file.exists():
         raise UsageError(f"{path} is not an edit (no {METADATA}); pass the --out directory of `erasure erase`")
     metadata = read_json(metadata_file, "re-run the erase that made it")
-    if metadata.get("model_kind") == "vlm":
+    if metadata.get("model_kind", "diffusion") != "diffusion":
         raise UsageError(f"{path} is a VLM edit; pass it to `erasure vlm ask` or `erasure bench mllmu-med`")
     check_metadata_fields(metadata_file, metadata, EDIT_FIELDS, EDIT_OPTIONAL_FIELDS)
     for component in metadata["components"]:

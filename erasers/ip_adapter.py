@@ -183,7 +183,6 @@ def load_ip_adapter(loaded: LoadedPipeline, source: str | Path, subfolder: str |
     `image_encoder_folder` in the adapter's folder."""
     from safetensors.torch import load_file
 
-    loaded.refuse("an IP-Adapter", FAMILIES, "no IP-Adapter layout is known for it")
     local = Path(source) / (subfolder or "")
     if Path(source).exists() and not (local / weight_name).is_file():
         raise UsageError(f"{local} has no {weight_name}; pass the folder of an IP-Adapter (its weight file and "

@@ -1,6 +1,7 @@
-"""Loading diffusion pipelines: "toy", a local directory or a hub id; SD 1.x/2.x, SDXL and Flux.
+"""Loading diffusion pipelines: a local directory, a hub id or a registered name (MODEL_ALIASES); SD 1.x/2.x, SDXL
+and Flux.
 
-All architecture knowledge lives here and in the family adapters (`erasers/families.py`): one `Family` record per
+All architecture knowledge lives here and in the family adapters (`erasers/families/`): one `Family` record per
 pipeline family (which components are text encoders, which is the denoiser) and one adapter class (how prompts
 become the denoiser's conditioning, what it predicts, how x_t is sampled, which parameters read the text). Methods
 ask a `LoadedPipeline` for these and never test the pipeline's class themselves.
@@ -19,6 +20,15 @@ from torch import nn
 from .errors import UsageError, first_line
 from .files import read_json
 from .precision import TrainingOptions
+from .vocabulary import ConceptVocabulary, read_vocabulary
+
+# Model names that stand for a directory, registered by whoever ships the model: `benchmarks.toycanvas` registers
+# "toy" (its pipeline directory) when imported, as the `erasure` command and the tests do. The library itself knows
+# no model by name.
+MODEL_ALIASES: dict[str, Path] = {}
+# The file that marks a toy pipeline: its erasers take their toy defaults (erasers.registry), and it names the
+# companions that ship beside it (an IP-Adapter, a CLIP) by path relative to the pipeline directory.
+TOY_MARKER = "toycanvas.json"
 
 
 @dataclass(frozen=True)
@@ -62,8 +72,12 @@ class LoadedPipeline:
     source: str
     default_steps: int
     default_guidance: float
-    # The ToyCanvas pipeline (its directory carries toycanvas.json): concepts are ToyCanvas objects and styles.
+    # A toy pipeline (its directory carries TOY_MARKER): the erasers take their toy defaults.
     is_toy: bool = False
+    # The concepts the pipeline's directory ships (erasers.vocabulary); None: concepts are free text.
+    vocabulary: ConceptVocabulary | None = None
+    # The local directory it was loaded from (None for a hub id).
+    directory: Path | None = None
     # Training resolution in pixels (None: the pipeline's native one); Flux trains on latents of this size.
     resolution: int | None = None
     # Mixed precision, gradient checkpointing and the optimiser of the training-based erasers (erasers.precision).
@@ -114,15 +128,6 @@ class LoadedPipeline:
         both CLIP encoders; Flux: CLIP, read pooled, and T5)."""
         return self.text_encoders
 
-    def refuse(self, method: str, families: tuple[str, ...], why: str) -> None:
-        """A UsageError unless this pipeline's family is one of `families`."""
-        if self.family.name not in families:
-            raise UsageError(f"{method} does not apply to {self.family.name} pipelines ({self.source}): {why}")
-
-    def tokenize(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        """Token ids per text encoder, padded as the family's pipeline pads them."""
-        return self.adapter.tokenize(prompts)
-
     def encode_text(self, prompts: list[str], text_encoder: nn.Module | None = None,
                     text_encoders: dict[str, nn.Module] | None = None):
         """The conditioning the denoiser reads for `prompts` (a families.Conditioning: token states, plus the
@@ -131,12 +136,15 @@ class LoadedPipeline:
         encoders = dict(text_encoders or {})
         if text_encoder is not None:
             encoders["text_encoder"] = text_encoder
-        return self.adapter.encode_ids(self.tokenize(prompts), text_encoders=encoders)
+        return self.adapter.encode_ids(self.adapter.tokenize(prompts), text_encoders=encoders)
 
-    def encode_ids(self, ids: dict[str, torch.Tensor], token_embeddings: dict[str, torch.Tensor] | None = None,
-                   text_encoders: dict[str, nn.Module] | None = None):
-        """As `encode_text`, from token ids per encoder, optionally with token embeddings in place of the ids'."""
-        return self.adapter.encode_ids(ids, token_embeddings, text_encoders)
+    def companion(self, name: str) -> Path:
+        """A file or directory a toy pipeline names in its marker as shipping beside it (e.g. "ip_adapter")."""
+        marker = self.directory / TOY_MARKER if self.directory is not None else None
+        companions = read_json(marker, "rebuild the toy pipeline").get("companions", {}) if self.is_toy else {}
+        if name not in companions:
+            raise UsageError(f"{self.source} ships no {name}; pass its location with --set {name}=PATH")
+        return (self.directory / companions[name]).resolve()
 
     def image_size(self) -> int:
         """The side in pixels of the images `generate` draws by default."""
@@ -145,55 +153,12 @@ class LoadedPipeline:
             return int(pipeline.default_sample_size * pipeline.vae_scale_factor)
         return int(self.denoiser.config.sample_size * pipeline.vae_scale_factor)
 
-    def latent_shape(self, batch: int = 1) -> tuple[int, ...]:
-        """The denoiser's latent at the training resolution (Flux: packed patches, (batch, tokens, channels))."""
-        return self.adapter.latent_shape(batch)
-
-    def text_attention_names(self) -> list[str]:
-        """Names of the denoiser's attention modules that read the text: SD/SDXL cross-attention (and attn1 in
-        blocks built with only_cross_attention), Flux's joint-block attentions."""
-        return self.adapter.text_attention_names()
-
-    def cross_attention_kv(self) -> list[tuple[str, nn.Linear, nn.Linear]]:
-        """(name, key linear, value linear) of every projection that reads the text (Flux: add_k/v_proj)."""
-        return self.adapter.cross_attention_kv()
-
-    def autocast(self):
-        """The context an erase runs in: autocast to the frozen weights' half dtype under mixed precision."""
-        from .precision import autocast
-
-        return autocast(self.device, self.training)
-
     def freeze(self) -> None:
         """No gradient for any weight of the pipeline (denoiser, text encoders, VAE, image encoder), as diffusers'
         training scripts load them; an eraser then marks what it trains (train_only)."""
         for component in self.pipeline.components.values():
             if isinstance(component, nn.Module):
                 component.requires_grad_(False)
-
-    def train_only(self, parameters: list[nn.Parameter], *modules: nn.Module) -> list[nn.Parameter]:
-        """Freeze the pipeline, then make `parameters` trainable (make_trainable): nothing else gets a gradient."""
-        self.freeze()
-        return self.make_trainable(parameters, *modules)
-
-    def make_trainable(self, parameters: list[nn.Parameter], *modules: nn.Module) -> list[nn.Parameter]:
-        """Mark `parameters` trainable in float32 (master weights under mixed precision); with gradient
-        checkpointing, enable it on `modules`."""
-        from .precision import make_trainable
-
-        return make_trainable(parameters, list(modules), self.training)
-
-    def optimizer(self, parameters: list[nn.Parameter], lr: float):
-        """Adam (or bitsandbytes' 8-bit Adam, --optimizer adam8bit) on float32 parameters."""
-        from .precision import build_optimizer
-
-        return build_optimizer(parameters, lr, self.training)
-
-    def finish(self, module: nn.Module) -> nn.Module:
-        """An edited component ready to save (erasers.precision.finish)."""
-        from .precision import finish
-
-        return finish(module, self.training)
 
     @torch.no_grad()
     def generate(self, prompts: list[str], seeds: list[int] | int = 0, steps: int | None = None,
@@ -274,12 +239,12 @@ def check_prompts(prompts: list[str]) -> None:
 
 def resolve_source(model: str) -> str:
     """The path or hub id that `model` names, after checking what can be checked without loading."""
-    if model == "toy":
-        from benchmarks.toycanvas import PIPELINE_DIR
-
-        if not (PIPELINE_DIR / "model_index.json").exists():
-            raise UsageError(f"the toy pipeline is missing from {PIPELINE_DIR}; rebuild it with `erasure toy build`")
-        return str(PIPELINE_DIR)
+    if model in MODEL_ALIASES:
+        directory = MODEL_ALIASES[model]
+        if not (directory / "model_index.json").exists():
+            raise UsageError(f"the {model} pipeline is missing from {directory}; rebuild it (for 'toy': "
+                             "`erasure toy build`)")
+        return str(directory)
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -389,6 +354,10 @@ def load_pipeline(model: str = "toy", family: str | None = None, device: str | N
         if not isinstance(steps, int) or not isinstance(guidance, (int, float)) or steps < 1:
             raise UsageError(f"{sampling} holds num_inference_steps={steps!r}, guidance_scale={guidance!r}; it "
                              "needs a positive integer and a number: fix or delete it")
-    loaded = LoadedPipeline(pipeline, found, model, steps, guidance, (Path(source) / "toycanvas.json").exists())
+    directory = Path(source) if Path(source).is_dir() else None
+    loaded = LoadedPipeline(pipeline, found, model, steps, guidance,
+                            is_toy=directory is not None and (directory / TOY_MARKER).exists(),
+                            vocabulary=read_vocabulary(directory) if directory is not None else None,
+                            directory=directory)
     loaded.freeze()
     return loaded

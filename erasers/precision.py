@@ -62,20 +62,28 @@ def check_precision(precision: str, device: str | torch.device) -> None:
         raise UsageError("this GPU does not support bf16; use --precision fp16 or fp32")
 
 
-def autocast(device: torch.device, options: TrainingOptions):
-    """The context every forward pass of an erase runs in: autocast to the half dtype, or nothing in fp32."""
+def autocast(loaded):
+    """The context every forward pass of an erase on `loaded` (a LoadedPipeline) runs in: autocast to the half dtype
+    of its training options, or nothing in fp32."""
+    options = loaded.training
     if not options.mixed:
         return contextlib.nullcontext()
     # An erase runs its whole loop in this one context, and autocast's cache keeps the first half-precision cast of
     # each float32 parameter that requires grad until the context exits: with it, every forward pass would read the
     # trained parameters as they were before the first optimiser step.
-    return torch.autocast(device.type, dtype=options.dtype, cache_enabled=False)
+    return torch.autocast(loaded.device.type, dtype=options.dtype, cache_enabled=False)
 
 
-def make_trainable(parameters: list[torch.nn.Parameter], modules: list[torch.nn.Module],
-                   options: TrainingOptions) -> list[torch.nn.Parameter]:
-    """Mark `parameters` trainable, in float32; with gradient checkpointing, enable it on `modules` (the components
-    the backward pass runs through)."""
+def train_only(loaded, parameters: list[torch.nn.Parameter], *modules: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """Freeze the whole pipeline, then make `parameters` trainable (make_trainable): nothing else gets a gradient."""
+    loaded.freeze()
+    return make_trainable(loaded, parameters, *modules)
+
+
+def make_trainable(loaded, parameters: list[torch.nn.Parameter], *modules: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """Mark `parameters` trainable, in float32 (master weights under mixed precision); with the loaded pipeline's
+    gradient checkpointing, enable it on `modules` (the components the backward pass runs through)."""
+    options = loaded.training
     for parameter in parameters:
         if parameter.dtype != torch.float32:
             parameter.data = parameter.data.float()
@@ -89,7 +97,9 @@ def make_trainable(parameters: list[torch.nn.Parameter], modules: list[torch.nn.
     return parameters
 
 
-def build_optimizer(parameters: list[torch.nn.Parameter], lr: float, options: TrainingOptions):
+def build_optimizer(loaded, parameters: list[torch.nn.Parameter], lr: float):
+    """Adam (or bitsandbytes' 8-bit Adam, --optimizer adam8bit) on float32 parameters."""
+    options = loaded.training
     half = [p for p in parameters if p.dtype != torch.float32]
     if half:
         raise UsageError(f"{len(half)} trained parameters are not float32; call make_trainable on them first")
@@ -103,10 +113,11 @@ def build_optimizer(parameters: list[torch.nn.Parameter], lr: float, options: Tr
     return torch.optim.Adam(parameters, lr=lr)
 
 
-def finish(module: torch.nn.Module, options: TrainingOptions) -> torch.nn.Module:
+def finish(loaded, module: torch.nn.Module) -> torch.nn.Module:
     """An edited component ready to save: gradients off, checkpointing off, one dtype (float32 after mixed
     precision, so nothing the training learned is rounded away). Its gradients are let go: on SDXL's UNet they
     are gigabytes that the evaluation or the next erase in the same process would otherwise carry."""
+    options = loaded.training
     module.zero_grad(set_to_none=True)
     module.requires_grad_(False)
     if options.gradient_checkpointing:

@@ -1,7 +1,8 @@
 """Prompt sets shared by every eraser: what to erase, what to keep, and how a concept is validated.
 
-On the toy pipeline a concept is a ToyCanvas object or style, and its prompts are the training captions that
-contain it; on any other model a concept is free text, used as its own prompt (as ESD and UCE do).
+On a pipeline that ships a concept vocabulary (erasers/vocabulary.py; the ToyCanvas pipeline does) a concept is one
+of its objects or styles, and its prompts are the captions that contain it; on any other model a concept is free
+text, used as its own prompt (as ESD and UCE do).
 """
 
 from __future__ import annotations
@@ -9,9 +10,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from benchmarks.toycanvas import world
-
 from .errors import UsageError
+from .vocabulary import ConceptVocabulary
 
 MAX_CONCEPT_TOKENS = 75
 
@@ -24,7 +24,8 @@ class EraseRequest:
     kind: str = "concept"
     anchors: list[str] = field(default_factory=list)
     preserve: list[str] = field(default_factory=list)
-    toy: bool = False
+    # The pipeline's concept vocabulary (None: free-text concepts).
+    vocabulary: ConceptVocabulary | None = None
 
     @property
     def concept(self) -> str:
@@ -35,12 +36,13 @@ class EraseRequest:
         return [concept if self.kind != "style" else f"{concept} style" for concept in self.concepts]
 
     def erase_prompts(self) -> list[str]:
-        """Prompts that evoke the concepts: the concept text itself, plus on ToyCanvas every caption naming it."""
+        """Prompts that evoke the concepts: the concept text itself, plus, with a vocabulary, every caption naming
+        it."""
         prompts = []
         for concept, own in zip(self.concepts, self.concept_prompts()):
             prompts.append(own)
-            if self.toy:
-                prompts += _toy_captions(concept, self.kind)
+            if self.vocabulary is not None:
+                prompts += _captions(self.vocabulary, concept, self.kind)
         return prompts
 
     def neutral_prompts(self, prompts: list[str], word: str | None = None) -> list[str]:
@@ -51,9 +53,11 @@ class EraseRequest:
 
     def retain_prompts(self) -> list[str]:
         """Prompts of other concepts, which an eraser should leave as they were."""
-        if self.toy:
+        vocabulary = self.vocabulary
+        if vocabulary is not None:
             erased = {c.lower() for c in self.concepts}
-            return [world.caption(o, s) for o, s in world.all_pairs() if o not in erased and s.lower() not in erased]
+            return [vocabulary.caption(o, s) for o, s in vocabulary.all_pairs()
+                    if o.lower() not in erased and s.lower() not in erased]
         return list(self.preserve)
 
 
@@ -78,10 +82,10 @@ def default_retain_prompts(request: EraseRequest) -> list[str]:
     return [f"a photo of a {name}" for name in COCO_OBJECTS if not any(c in name or name in c for c in erased)]
 
 
-def _toy_captions(concept: str, kind: str) -> list[str]:
+def _captions(vocabulary: ConceptVocabulary, concept: str, kind: str) -> list[str]:
     if kind in ("object", "unsafe"):
-        return [world.caption(concept, style) for style in world.STYLES]
-    return [world.caption(o, concept) for o in world.OBJECTS]
+        return [vocabulary.caption(concept, style) for style in vocabulary.styles]
+    return [vocabulary.caption(o, concept) for o in vocabulary.objects]
 
 
 # The broader word that stands in for a concept of each kind (HiRM's target, ESD's neutral contrast).
@@ -89,7 +93,8 @@ SUPERCATEGORIES = {"object": "object", "unsafe": "object", "style": "painting", 
 
 
 def supercategory_word(request: EraseRequest) -> str:
-    return SUPERCATEGORIES.get(request.kind, "thing")
+    words = {**SUPERCATEGORIES, **(request.vocabulary.supercategories if request.vocabulary else {})}
+    return words.get("object" if request.kind == "unsafe" else request.kind, "thing")
 
 
 def guide_prompt(prompt: str, concepts: list[str], guide: str) -> str:
@@ -99,38 +104,18 @@ def guide_prompt(prompt: str, concepts: list[str], guide: str) -> str:
     return re.sub(r"\s+", " ", prompt).strip()
 
 
-def toy_style_name(concept: str) -> str:
-    return next(s for s in world.STYLES if s.lower() == concept.lower())
-
-
-def make_request(concepts: list[str], tokenizer, toy: bool, anchors: list[str] | None = None,
-                 preserve: list[str] | None = None) -> EraseRequest:
-    """Validate concepts for a model: on the toy pipeline they must be ToyCanvas objects or styles (or "unsafe");
-    anywhere they must be non-empty text the tokenizer can hold."""
+def make_request(concepts: list[str], tokenizer, vocabulary: ConceptVocabulary | None = None,
+                 anchors: list[str] | None = None, preserve: list[str] | None = None) -> EraseRequest:
+    """Validate concepts for a model: with a `vocabulary` (the pipeline's, `loaded.vocabulary`) they must be its
+    objects or styles (or "unsafe", its unsafe object); anywhere they must be non-empty text the tokenizer can
+    hold."""
     if not concepts or not all(c and c.strip() for c in concepts):
         raise UsageError("no concept given; pass --concept NAME (for the toy model: an object such as star, or a "
                          "style such as Stripes)")
     concepts = [c.strip() for c in concepts]
     kind = "concept"
-    if toy:
-        kinds = set()
-        normalised = []
-        for concept in concepts:
-            if concept.lower() == "unsafe":
-                concept, found = world.UNSAFE_OBJECT, "unsafe"
-            else:
-                try:
-                    found = world.concept_kind(concept)
-                except KeyError:
-                    raise UsageError(f"the toy model does not know the concept {concept!r}; ToyCanvas objects: "
-                                     f"{', '.join(world.OBJECTS)}; styles: {', '.join(world.STYLES)}; or 'unsafe'"
-                                     ) from None
-                concept = concept.lower() if found == "object" else toy_style_name(concept)
-            kinds.add(found)
-            normalised.append(concept)
-        if len(kinds) > 1:
-            raise UsageError("erase objects and styles in separate requests: UnlearnCanvas scores each kind apart")
-        concepts, kind = normalised, kinds.pop()
+    if vocabulary is not None:
+        concepts, kind = _vocabulary_concepts(concepts, vocabulary)
     for concept in concepts:
         ids = tokenizer(concept).input_ids
         if len(ids) - 2 > MAX_CONCEPT_TOKENS:
@@ -140,4 +125,25 @@ def make_request(concepts: list[str], tokenizer, toy: bool, anchors: list[str] |
         if unknown is not None and unknown in ids[1:-1] and unknown != tokenizer.eos_token_id:
             raise UsageError(f"the model's vocabulary cannot express {concept!r} (unknown tokens); spell it in words "
                              "the tokenizer knows")
-    return EraseRequest(concepts, kind, list(anchors or []), list(preserve or []), toy)
+    return EraseRequest(concepts, kind, list(anchors or []), list(preserve or []), vocabulary)
+
+
+def _vocabulary_concepts(concepts: list[str], vocabulary: ConceptVocabulary) -> tuple[list[str], str]:
+    kinds, normalised = set(), []
+    for concept in concepts:
+        if concept.lower() == "unsafe" and vocabulary.unsafe_object:
+            concept, found = vocabulary.unsafe_object, "unsafe"
+        else:
+            try:
+                found = vocabulary.concept_kind(concept)
+            except KeyError:
+                unsafe = "; or 'unsafe'" if vocabulary.unsafe_object else ""
+                raise UsageError(f"the model does not know the concept {concept!r}; its objects: "
+                                 f"{', '.join(vocabulary.objects)}; styles: {', '.join(vocabulary.styles)}{unsafe}"
+                                 ) from None
+            concept = vocabulary.canonical(concept)
+        kinds.add(found)
+        normalised.append(concept)
+    if len(kinds) > 1:
+        raise UsageError("erase objects and styles in separate requests: UnlearnCanvas scores each kind apart")
+    return normalised, kinds.pop()

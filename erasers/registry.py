@@ -1,11 +1,13 @@
-"""The eraser interface and the registry of methods (name -> eraser class and its default config); the Registry
-class serves the VLM erasers too (vlm.registry)."""
+"""The eraser interface and the registry of methods: the one list of methods. Each entry is a method's data (its
+eraser class, defaults, toy defaults, families, and what the benchmarks and tests need to run it), filled by the
+@register decorators of every module in `erasers/methods/` (found by scanning the package; nothing lists them).
+The Registry class serves the VLM erasers too (vlm.registry, `vlm/methods/`)."""
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
-from collections.abc import Callable
+import pkgutil
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -22,10 +24,6 @@ class Eraser:
     by name ("unet", "text_encoder"), ready for `save_edit`."""
 
     config_class: ClassVar[type]
-    # The pipeline families (erasers.models.FAMILIES) it edits, and why not the others: its erase refuses them with
-    # this reason, and gpu_check and the families tests skip them.
-    families: ClassVar[tuple[str, ...]] = ("sd", "sdxl", "flux")
-    other_families_why: ClassVar[str] = ""
 
     def __init__(self, config):
         self.config = config
@@ -39,31 +37,62 @@ class Eraser:
         raise NotImplementedError
 
 
+ALL_FAMILIES = ("sd", "sdxl", "flux")
+
+
 @dataclasses.dataclass(frozen=True)
 class MethodEntry:
+    """A registered method. Beyond the eraser and its defaults, what every harness reads instead of keeping its own
+    list: the families matrix and tests, `benchmarks.method_table`, `step_cost`, `gpu_check`, `erasure bench
+    --methods all` and the app."""
+
+    name: str
     eraser: type
-    defaults: dict[str, Any]
+    summary: str
+    defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
     # Overrides for the toy models, whose tiny sizes and short schedules need other step sizes than the real
     # models'; the README's tables are measured with them.
-    toy_defaults: dict[str, Any]
-    summary: str
+    toy_defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # The pipeline families (erasers.models.FAMILIES) it edits; the erase refuses the others.
+    families: tuple[str, ...] = ALL_FAMILIES
+    # Options for a run of a few steps on tiny random pipelines (the families tests; gpu_check and step_cost add
+    # their own step counts).
+    quick: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Resources beyond the pipeline that a harness must provide: "ip_adapter" (an IP-Adapter and a refinement CLIP).
+    needs: tuple[str, ...] = ()
+    # Whether a preservation term keeps prompts it is told to retain (the families test holds it to 3x selectivity).
+    preserves: bool = False
+    # Ablation rows of the method table: row suffix -> option overrides ("noadv": {"adversarial": False}).
+    variants: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    # The models `benchmarks.step_cost` times it on by default (toy, sd15, sdxl: what fits in 24 GiB).
+    step_cost_models: tuple[str, ...] = ("toy",)
 
 
 class Registry:
-    """Method name -> its eraser class and defaults, filled by the @register decorators of the modules that
-    `load` imports (on first lookup). One for diffusion erasers (here), one for VLM erasers (vlm.registry)."""
+    """Method name -> its MethodEntry, filled by the @register decorators of the modules of `package` (every one is
+    imported on first lookup). One for diffusion erasers (here), one for VLM erasers (vlm.registry)."""
 
-    def __init__(self, kind: str, load: Callable[[], None]):
+    def __init__(self, kind: str, package: str):
         self.kind = kind  # how errors name a method: "method", "VLM method"
+        self.package = package
         self.entries: dict[str, MethodEntry] = {}
-        self._load = load
+        self._loaded = False
 
-    def register(self, name: str, summary: str, toy_defaults: dict[str, Any] | None = None, **defaults):
+    def register(self, name: str, summary: str, **entry_fields):
+        """A class decorator: `entry_fields` are MethodEntry's (defaults, toy_defaults, families, quick, ...)."""
         def wrap(cls: type) -> type:
-            self.entries[name] = MethodEntry(cls, defaults, toy_defaults or {}, summary)
+            self.entries[name] = MethodEntry(name, cls, summary, **entry_fields)
             return cls
 
         return wrap
+
+    def _load(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        package = importlib.import_module(self.package)
+        for module in sorted(m.name for m in pkgutil.iter_modules(package.__path__)):
+            importlib.import_module(f"{self.package}.{module}")
 
     def available(self) -> dict[str, MethodEntry]:
         self._load()
@@ -88,20 +117,17 @@ class Registry:
         return validate_config(entry.eraser.config_class(**values), name)
 
 
-# The modules whose import fills the registry (their @register decorators).
-METHOD_MODULES = ("advunlearn", "coerasing", "doco", "esd", "hirm", "uce")
-
-
-def _load_methods() -> None:
-    for module in METHOD_MODULES:
-        importlib.import_module(f"{__package__}.{module}")
-
-
-REGISTRY = Registry("method", _load_methods)
+REGISTRY = Registry("method", "erasers.methods")
 register = REGISTRY.register
 available_methods = REGISTRY.available
 get_method = REGISTRY.get
 build_config = REGISTRY.build_config
+
+
+def families_matrix() -> dict[str, dict[str, bool]]:
+    """method -> family -> whether it edits that family: the README's families x methods table."""
+    return {name: {family: family in entry.families for family in ALL_FAMILIES}
+            for name, entry in sorted(available_methods().items())}
 
 
 def _coerce(value: Any, field: dataclasses.Field, method: str) -> Any:

@@ -13,11 +13,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+from benchmarks.compare import compare
 from benchmarks.figures import labelled_grid
 from benchmarks.toycanvas.render import sample_image
 from benchmarks.toycanvas.world import OBJECTS, STYLES, caption
 from erasers.models import load_pipeline
-from erasers.run import compare, erase
+from erasers.run import erase
 
 ROOT = Path(__file__).resolve().parents[1]
 FIGURES = ROOT / "benchmarks" / "toycanvas" / "figures"

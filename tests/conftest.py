@@ -9,6 +9,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny_pipelines import BUILDERS, RESOLUTION, build_tokenizer, text_sensitive  # noqa: E402
 
+import benchmarks  # noqa: E402,F401  (registers "toy" and the toy VLM world, as the `erasure` command does)
 from erasers import load_pipeline  # noqa: E402
 
 # Tiny models run many small operations: on two cores one thread per process is several times faster than two

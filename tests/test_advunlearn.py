@@ -18,7 +18,8 @@ def run_advunlearn(concept: str, options: dict):
     before = {k: v.clone() for k, v in loaded.text_encoder.state_dict().items()}
     unet_before = {k: v.clone() for k, v in loaded.denoiser.state_dict().items()}
     config = build_config("advunlearn", True, options)
-    edited = get_method("advunlearn").eraser(config).erase(loaded, make_request([concept], loaded.tokenizer, True))
+    request = make_request([concept], loaded.tokenizer, loaded.vocabulary)
+    edited = get_method("advunlearn").eraser(config).erase(loaded, request)
     assert set(edited) == {"text_encoder"}
     assert all(torch.equal(v, unet_before[k]) for k, v in loaded.denoiser.state_dict().items()), "UNet untouched"
     changed = {k for k, v in edited["text_encoder"].state_dict().items() if not torch.equal(v, before[k])}
@@ -57,8 +58,8 @@ def test_bad_retain_latents_is_a_usage_error():
 def test_cached_retain_latents_hold_every_retain_prompts_trajectory_at_every_level():
     """retain_latents=cached: entry s holds each retain prompt's latent after s steps of the frozen model's
     sampling, at the timestep a step drawing s samples at; chunking does not mix prompts up."""
-    from erasers.advunlearn import cached_trajectories
     from erasers.losses import sample_partially
+    from erasers.methods.advunlearn import cached_trajectories
 
     loaded = load_pipeline("toy", device="cpu")
     config = build_config("advunlearn", True, {"ddim_steps": 5})
@@ -80,7 +81,7 @@ def test_cached_retain_latents_hold_every_retain_prompts_trajectory_at_every_lev
 def test_advunlearn_resists_the_attack_better_than_esd_x(tmp_path):
     """AdvUnlearn's point: the attack brings the concept back less often than after ESD-x. Minutes of CPU (two
     default erasures, 20 attacks each), so it runs with -m slow; benchmarks/method_table.py reports the figures."""
-    from erasers.attack import attack_success_rate
+    from benchmarks.attack import attack_success_rate
     from erasers.run import erase
 
     asr = {}

@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
+from apps.cli import main
+from benchmarks.attack import AttackConfig, attack_success_rate
 from erasers.adversarial import prefixed_ids, project_onto_simplex
-from erasers.attack import AttackConfig, attack_success_rate
-from erasers.cli import main
 from erasers.conditioning import replaced_token_embeddings
 from erasers.models import load_pipeline
 from erasers.run import erase

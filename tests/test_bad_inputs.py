@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from apps.cli import main
 from benchmarks import bad_inputs
 from benchmarks.bad_input_fixtures import Planted
 from erasers.checkpoint import load_checkpoint
-from erasers.cli import main
 from erasers.errors import UsageError
 from erasers.train import TrainingLoop
 
@@ -96,7 +96,7 @@ def test_a_planted_pickle_is_refused_by_the_training_loop(tmp_path):
 
 
 def test_a_judge_is_checked_before_the_run_and_its_failures_reported():
-    from erasers.attack import call_judge, load_judge
+    from benchmarks.attack import call_judge, load_judge
 
     assert load_judge(f"{__name__}:judge_that_fails") is judge_that_fails
     with pytest.raises(UsageError, match="ZeroDivisionError"):

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from apps.cli import main
 from benchmarks import i2p
 from benchmarks.runner import Runner
-from erasers.cli import main
 from erasers.models import load_pipeline
 
 DATASET_CSV = """prompt,categories,hard,inappropriate_percentage,nudity_percentage,q16_percentage,sd_safety_percentage,\

@@ -84,7 +84,7 @@ def test_interrupted_run_resumes_without_recomputing_and_matches_an_uninterrupte
 
 
 def _bench(out: Path, processes: int | None) -> subprocess.CompletedProcess:
-    argv = [sys.executable, "-m", "erasers.cli", "bench", "toycanvas", "--methods", "uce", "--concepts", "arrow",
+    argv = [sys.executable, "-m", "apps.cli", "bench", "toycanvas", "--methods", "uce", "--concepts", "arrow",
             "--objects", "arrow,star,circle", "--styles", "Flat,Stripes", "--batch-size", "2", "--no-fid", "--quiet",
             "--out", str(out)]
     if processes:
@@ -119,7 +119,7 @@ def test_a_killed_cli_run_resumes_and_matches_an_uninterrupted_one(tmp_path):
     import signal
     import time
 
-    argv = [sys.executable, "-m", "erasers.cli", "bench", "toycanvas", "--methods", "uce", "--concepts", "arrow",
+    argv = [sys.executable, "-m", "apps.cli", "bench", "toycanvas", "--methods", "uce", "--concepts", "arrow",
             "--objects", "arrow,star,circle", "--styles", "Flat,Stripes", "--batch-size", "2", "--no-fid", "--quiet"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     killed = tmp_path / "killed"

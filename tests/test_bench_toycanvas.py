@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from erasers.cli import main
+from apps.cli import main
 
 
 def test_toycanvas_bench_reports_and_a_rerun_recomputes_nothing(tmp_path, capsys):

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
+from apps.cli import main
 from benchmarks.unlearncanvas_data import STYLE_CLASSES_50, STYLE_CLASSES_60, VitClassifier, read_dataset
-from erasers.cli import main
 
 STYLES, OBJECTS = ("Abstractionism", "Bricks"), ("Architectures", "Bears")
 

@@ -48,7 +48,7 @@ def test_classifier_stage_exports_atomically(tmp_path):
 
 
 def test_unknown_stage_is_a_usage_error(capsys):
-    from erasers.cli import main
+    from apps.cli import main
 
     assert main(["toy", "build", "paint"]) == 2
     assert "unknown stage 'paint'" in capsys.readouterr().err

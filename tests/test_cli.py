@@ -1,7 +1,7 @@
 import pytest
 from PIL import Image
 
-from erasers.cli import main
+from apps.cli import main
 
 
 def run(capsys, *argv):

@@ -12,15 +12,15 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tiny_pipelines import IMAGE_DIM, TINY_IMAGE_ENCODER, TINY_REFINE_CLIP, clip_text_config, random_ip_adapter_options
 
+from apps.cli import main
 from benchmarks.toycanvas import CLASSIFIER_DIR, CLIP_DIR, IP_ADAPTER_DIR
 from benchmarks.toycanvas.build.train_ip_adapter import conditioning_images
 from benchmarks.toycanvas.classifier import ToyClassifier
 from benchmarks.toycanvas.render import sample_image
-from benchmarks.toycanvas.world import OBJECTS
+from benchmarks.toycanvas.world import OBJECTS, VOCABULARY
 from erasers import UsageError, ip_adapter, load_pipeline
-from erasers.cli import main
-from erasers.coerasing import concept_direction, image_files, read_images, refine_embeddings
 from erasers.edits import apply_edits, read_edit
+from erasers.methods.coerasing import concept_direction, image_files, read_images, refine_embeddings
 from erasers.prompts import make_request
 from erasers.registry import build_config
 from erasers.run import erase
@@ -194,7 +194,8 @@ def test_refinement_moves_image_embeddings_toward_the_concept_text():
         with torch.no_grad():
             return vision(processor(images=images, return_tensors="pt").pixel_values).image_embeds
 
-    request = make_request(["arrow"], load_pipeline("toy", device="cpu").tokenizer, toy=True)
+    request = make_request(["arrow"], load_pipeline("toy", device="cpu").tokenizer,
+                           VOCABULARY)
     direction = concept_direction(CLIPTextModelWithProjection.from_pretrained(CLIP_DIR),
                                   AutoTokenizer.from_pretrained(CLIP_DIR), request, request.erase_prompts())
     arrows = encode([sample_image("arrow", None, seed)[0] for seed in range(8)])
@@ -249,7 +250,7 @@ def test_flux_ip_adapter_saves_loads_and_conditions_the_transformer(tiny_pipelin
     images = [Image.fromarray(np.random.default_rng(i).integers(0, 255, (16, 16, 3), dtype=np.uint8))
               for i in range(2)]
     embeds = ip_adapter.encode_images(loaded, images)
-    latents = torch.randn(loaded.latent_shape(2), generator=torch.Generator().manual_seed(0))
+    latents = torch.randn(loaded.adapter.latent_shape(2), generator=torch.Generator().manual_seed(0))
     text = loaded.encode_text(["a star", "a star"])
     with torch.no_grad():
         with_image = ip_adapter.predict_noise_with_images(loaded.denoiser, latents, 500, text, embeds)
@@ -264,7 +265,7 @@ def test_image_embeddings_join_each_familys_call_and_the_unconditional_half_gets
     from types import SimpleNamespace
 
     from erasers.families import UNetAdapter
-    from erasers.family_flux import FluxAdapter
+    from erasers.families.flux import FluxAdapter
 
     calls = []
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from erasers import UsageError, load_pipeline
-from erasers.doco import DoCo, PatchDiscriminator, discriminator_step, project_conflicting
 from erasers.edits import apply_edits, read_edit
+from erasers.methods.doco import DoCo, PatchDiscriminator, discriminator_step, project_conflicting
 from erasers.prompts import make_request
 from erasers.registry import build_config
 from erasers.run import erase
@@ -75,7 +75,7 @@ def test_anchor_overshoot_aims_past_the_anchor_away_from_the_concept(tiny_pipeli
         loaded = load_pipeline(str(tiny_pipeline_dirs[family]), device="cpu")
         options = {**FAST, "iterations": 1, "adversarial": "false", "surgery": "false", "anchor_overshoot": str(eta)}
         eraser = DoCo(build_config("doco", toy=False, overrides=options))
-        eraser.erase(loaded, make_request(["a star"], loaded.tokenizer, toy=False))
+        eraser.erase(loaded, make_request(["a star"], loaded.tokenizer))
         first_losses[eta] = eraser.history[0]["loss"]
     assert first_losses[0.0] > 0
     assert first_losses[1.0] == pytest.approx(4 * first_losses[0.0], rel=1e-3), first_losses
@@ -85,8 +85,8 @@ def test_doco_trains_cross_attention_and_its_discriminator(tiny_pipeline_dirs):
     loaded = load_pipeline(str(tiny_pipeline_dirs["sd"]), device="cpu")
     before = {k: v.clone() for k, v in loaded.denoiser.state_dict().items()}
     eraser = DoCo(build_config("doco", toy=False, overrides={**FAST, "lr": 1e-3}))
-    eraser.erase(loaded, make_request(["a star"], loaded.tokenizer, toy=False))
-    text_attention = tuple(f"{name}." for name in loaded.text_attention_names())
+    eraser.erase(loaded, make_request(["a star"], loaded.tokenizer))
+    text_attention = tuple(f"{name}." for name in loaded.adapter.text_attention_names())
     changed = {k for k, v in loaded.denoiser.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and all(k.startswith(text_attention) for k in changed), changed
     logged = [h["d_acc"] for h in eraser.history]
@@ -124,7 +124,7 @@ def test_an_interrupted_run_resumes_to_the_same_edit(tiny_pipeline_dirs, tmp_pat
     def run(iterations, work_dir):
         loaded = load_pipeline(sd, device="cpu")
         config = build_config("doco", toy=False, overrides={**FAST, "iterations": iterations, "lr": 1e-3})
-        DoCo(config).erase(loaded, make_request(["a star"], loaded.tokenizer, toy=False), work_dir)
+        DoCo(config).erase(loaded, make_request(["a star"], loaded.tokenizer), work_dir)
         return loaded.denoiser.state_dict()
 
     run(2, tmp_path / "work")
@@ -136,7 +136,7 @@ def test_an_interrupted_run_resumes_to_the_same_edit(tiny_pipeline_dirs, tmp_pat
 def test_a_run_interrupted_mid_schedule_resumes_to_the_same_edit(tiny_pipeline_dirs, tmp_path, monkeypatch):
     """With a decaying lr and concept images among the training images, a run stopped by an interrupt after a
     checkpoint at step 2 of 4 (same config) resumes to the uninterrupted edit: the lr schedule is checkpointed."""
-    import erasers.doco as doco
+    import erasers.methods.doco as doco
 
     sd = str(tiny_pipeline_dirs["sd"])
     options = {**FAST, "lr": 1e-3, "lr_schedule": "cosine", "training_images": "both"}
@@ -155,7 +155,7 @@ def test_a_run_interrupted_mid_schedule_resumes_to_the_same_edit(tiny_pipeline_d
     def run(work_dir):
         loaded = load_pipeline(sd, device="cpu")
         DoCo(build_config("doco", toy=False, overrides=options)).erase(
-            loaded, make_request(["a star"], loaded.tokenizer, toy=False), work_dir)
+            loaded, make_request(["a star"], loaded.tokenizer), work_dir)
         return loaded.denoiser.state_dict()
 
     monkeypatch.setattr(doco, "TrainingLoop", StopsAtTwo)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks.toycanvas.world import VOCABULARY
 from erasers import UsageError, load_pipeline
 from erasers.edits import apply_edits, read_edit
 from erasers.prompts import make_request
@@ -33,18 +34,18 @@ def test_toy_concepts_are_validated(clip_tokenizer_dir):
     from transformers import CLIPTokenizer
 
     tokenizer = CLIPTokenizer.from_pretrained(clip_tokenizer_dir)
-    request = make_request(["Star"], tokenizer, toy=True)
+    request = make_request(["Star"], tokenizer, VOCABULARY)
     assert (request.concepts, request.kind) == (["star"], "object")
     assert "A star image in Dots style." in request.erase_prompts()
     assert all("star" not in p for p in request.retain_prompts())
-    assert make_request(["stripes"], tokenizer, toy=True).concepts == ["Stripes"]
-    assert make_request(["unsafe"], tokenizer, toy=True).kind == "unsafe"
+    assert make_request(["stripes"], tokenizer, VOCABULARY).concepts == ["Stripes"]
+    assert make_request(["unsafe"], tokenizer, VOCABULARY).kind == "unsafe"
     with pytest.raises(UsageError, match="does not know the concept 'dog'"):
-        make_request(["dog"], tokenizer, toy=True)
+        make_request(["dog"], tokenizer, VOCABULARY)
     with pytest.raises(UsageError, match="separate requests"):
-        make_request(["star", "Dots"], tokenizer, toy=True)
+        make_request(["star", "Dots"], tokenizer, VOCABULARY)
     with pytest.raises(UsageError, match="no concept"):
-        make_request([" "], tokenizer, toy=False)
+        make_request([" "], tokenizer)
 
 
 @pytest.mark.parametrize("method, component", [("esd-x", "unet"), ("esd-u", "unet"), ("esd-te", "text_encoder"),
@@ -101,14 +102,14 @@ def test_bad_erase_requests(tiny_pipeline_dirs, tmp_path):
 
 def test_uce_maps_the_concept_to_its_guide_and_keeps_preserved_prompts(tiny_pipeline_dirs):
     """The closed form's defining property: W c_concept ~ W0 c_guide and W p ~ W0 p for preserved prompts."""
-    from erasers.uce import UCE, UCEConfig, token_columns
+    from erasers.methods.uce import UCE, UCEConfig, token_columns
 
     loaded = load_pipeline(str(tiny_pipeline_dirs["sd"]), device="cpu")
-    request = make_request(["star"], loaded.tokenizer, toy=False, preserve=["circle", "square"])
+    request = make_request(["star"], loaded.tokenizer, preserve=["circle", "square"])
     concept = token_columns(loaded, ["star"])
     guide = token_columns(loaded, [""], lengths=[concept.shape[1] + 1])  # the default guide: the empty prompt
     preserved = token_columns(loaded, ["circle", "square"])
-    name, _, to_v = loaded.cross_attention_kv()[0]
+    name, _, to_v = loaded.adapter.cross_attention_kv()[0]
     w0 = to_v.weight.detach().double().clone()
     UCE(UCEConfig(lamb=1e-3)).erase(loaded, request)
     w = to_v.weight.detach().double()
@@ -128,24 +129,24 @@ def test_text_reading_attention_is_found_by_what_it_reads_not_by_its_name(tiny_p
     edit it and ESD-x must train it, or the concept keeps a path through it."""
     from diffusers import UNet2DConditionModel
 
-    from erasers.esd import trainable_parameters
+    from erasers.parameters import trainable_parameters
 
     loaded = load_pipeline(str(tiny_pipeline_dirs["sd"]), device="cpu")
     config = dict(loaded.denoiser.config)
     config["only_cross_attention"] = [True, False]
     loaded.pipeline.unet = UNet2DConditionModel.from_config(config)
-    names = loaded.text_attention_names()
+    names = loaded.adapter.text_attention_names()
     assert {n.rsplit(".", 1)[-1] for n in names} == {"attn1", "attn2"}
     assert all(loaded.denoiser.get_submodule(n).is_cross_attention for n in names)
     text_reading = {id(p) for n in names for p in loaded.denoiser.get_submodule(n).parameters()}
     assert {id(p) for p in trainable_parameters(loaded, "xattn")} == text_reading
     assert not text_reading & {id(p) for p in trainable_parameters(loaded, "noxattn")}
 
-    from erasers.uce import UCE, UCEConfig
+    from erasers.methods.uce import UCE, UCEConfig
 
     attn1 = next(n for n in names if n.endswith("attn1"))
     before = loaded.denoiser.get_submodule(attn1).to_v.weight.detach().clone()
-    UCE(UCEConfig()).erase(loaded, make_request(["star"], loaded.tokenizer, toy=False))
+    UCE(UCEConfig()).erase(loaded, make_request(["star"], loaded.tokenizer))
     assert not torch.allclose(loaded.denoiser.get_submodule(attn1).to_v.weight, before)
 
 
@@ -160,7 +161,7 @@ def test_neutral_contrast_replaces_only_the_concept():
     from erasers.losses import contrast_states
 
     loaded = load_pipeline("toy", device="cpu")
-    request = make_request(["arrow"], loaded.tokenizer, toy=True)
+    request = make_request(["arrow"], loaded.tokenizer, VOCABULARY)
     prompts = request.erase_prompts()[:3]
     assert request.neutral_prompts(prompts) == [p.replace("arrow", "object") for p in prompts]
     neutral = contrast_states(loaded, request, prompts, "neutral")

@@ -3,12 +3,13 @@ objects and styles hold. Fast configs on one seed; the full table is benchmarks/
 
 import pytest
 
+from benchmarks.compare import compare
 from benchmarks.toycanvas import CLASSIFIER_DIR
 from benchmarks.toycanvas.classifier import ToyClassifier
 from benchmarks.unlearncanvas import AnswerSet, classify_answer_set, score
 from erasers.edits import apply_edits
 from erasers.models import load_pipeline
-from erasers.run import compare, erase
+from erasers.run import erase
 
 SEEDS = (188,)
 

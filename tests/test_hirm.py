@@ -10,7 +10,7 @@ import torch
 
 from erasers.edits import apply_edits, read_edit
 from erasers.errors import UsageError
-from erasers.hirm import parse_layers
+from erasers.methods.hirm import parse_layers
 from erasers.models import load_pipeline, resolve_source
 from erasers.prompts import make_request
 from erasers.registry import build_config, get_method
@@ -23,7 +23,7 @@ def run_hirm(concept: str, options: dict):
     loaded = load_pipeline("toy", device="cpu")
     teacher = type(loaded.text_encoder).from_pretrained(Path(resolve_source("toy")) / "text_encoder").eval()
     config = build_config("hirm", True, options)
-    request = make_request([concept], loaded.tokenizer, True)
+    request = make_request([concept], loaded.tokenizer, loaded.vocabulary)
     edited = get_method("hirm").eraser(config).erase(loaded, request)
     return loaded, teacher, edited["text_encoder"], request
 

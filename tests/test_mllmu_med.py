@@ -10,9 +10,9 @@ from test_vlm_models import build_llava
 
 from benchmarks import mllmu_med
 from benchmarks.mllmu_med import EvalConfig, evaluate_set, score_answer, summarise, unlearning_efficiency
+from benchmarks.toyvlm.world import WorldConfig, build_world
 from vlm.forward import Item
 from vlm.mllmu import QA
-from vlm.toyworld import WorldConfig, build_world
 
 
 def _qa(task, answer, row="P001"):

@@ -18,7 +18,7 @@ def test_each_family_loads_and_generates(tiny_pipeline_dirs, family):
     assert set(loaded.text_encoders) == set(loaded.family.text_encoders)
     assert set(loaded.tokenizers) == set(loaded.family.tokenizers)
     assert loaded.denoiser is getattr(loaded.pipeline, "transformer" if family == "flux" else "unet")
-    assert loaded.cross_attention_kv(), "every family has linears that read the text"
+    assert loaded.adapter.cross_attention_kv(), "every family has linears that read the text"
     images = loaded.generate(["A star image in Flat style."], seeds=0, steps=2, progress=False,
                              height=SIZES[family], width=SIZES[family])
     again = loaded.generate(["A star image in Flat style."], seeds=0, steps=2, progress=False,

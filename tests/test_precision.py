@@ -11,7 +11,7 @@ import torch
 from erasers import UsageError, load_pipeline
 from erasers.edits import apply_edits, read_edit
 from erasers.losses import predict_noise
-from erasers.precision import TrainingOptions
+from erasers.precision import TrainingOptions, autocast, build_optimizer, make_trainable
 from erasers.prompts import make_request
 from erasers.registry import build_config, get_method
 from erasers.run import erase
@@ -26,14 +26,14 @@ def test_bf16_frozen_weights_train_fp32_parameters(bases):
     loaded = bases("sd")
     loaded.pipeline.to(dtype=torch.bfloat16)
     loaded.training = TrainingOptions("bf16")
-    from erasers.esd import trainable_parameters
+    from erasers.parameters import trainable_parameters
 
     trained_names = {id(p) for p in trainable_parameters(loaded, "xattn")}
     start = {name: p.detach().float().clone() for name, p in loaded.denoiser.named_parameters()
              if id(p) in trained_names}
     eraser = get_method("esd-x").eraser(build_config("esd-x", False, {"iterations": 3, "ddim_steps": 4, "lr": 1e-3}))
-    with loaded.autocast():
-        unet = eraser.erase(loaded, make_request([CONCEPT], loaded.tokenizer, False))["unet"]
+    with autocast(loaded):
+        unet = eraser.erase(loaded, make_request([CONCEPT], loaded.tokenizer, None))["unet"]
     assert all(np.isfinite(row["loss"]) for row in eraser.history)
     assert unet.dtype == torch.float32, "the edit is saved in float32"
     moved = [name for name, p in unet.named_parameters() if name in start and not torch.equal(p, start[name])]
@@ -45,11 +45,11 @@ def test_trained_parameters_stay_fp32_through_the_optimiser_steps(bases):
     loaded = bases("sd")
     loaded.pipeline.to(dtype=torch.bfloat16)
     loaded.training = TrainingOptions("bf16")
-    parameters = loaded.make_trainable(list(loaded.denoiser.conv_in.parameters()), loaded.denoiser)
-    optimizer = loaded.optimizer(parameters, 1e-2)
-    latents = torch.randn(loaded.latent_shape(1))
+    parameters = make_trainable(loaded, list(loaded.denoiser.conv_in.parameters()), loaded.denoiser)
+    optimizer = build_optimizer(loaded, parameters, 1e-2)
+    latents = torch.randn(loaded.adapter.latent_shape(1))
     for _ in range(2):
-        with loaded.autocast():
+        with autocast(loaded):
             loss = predict_noise(loaded.denoiser, latents, 10, loaded.encode_text(["a star"])).float().pow(2).mean()
         loss.backward()
         optimizer.step()
@@ -57,7 +57,7 @@ def test_trained_parameters_stay_fp32_through_the_optimiser_steps(bases):
     assert all(p.dtype == torch.float32 and p.grad is None for p in parameters)
     assert loaded.denoiser.conv_out.weight.dtype == torch.bfloat16
     with pytest.raises(UsageError, match="not float32"):
-        loaded.optimizer([loaded.denoiser.conv_out.weight], 1e-2)
+        build_optimizer(loaded, [loaded.denoiser.conv_out.weight], 1e-2)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -67,19 +67,19 @@ def test_frozen_teacher_is_the_untrained_denoiser_without_a_second_copy(bases, f
     swapped in: it predicts what the untrained denoiser did after the student has moved, and it keeps only the
     trained tensors (a fraction of the denoiser, in the frozen weights' dtype), leaving the module's mode and gradients
     as they were."""
-    from erasers.esd import trainable_parameters
     from erasers.losses import FrozenOriginal
+    from erasers.parameters import trainable_parameters
 
     loaded = bases(family)
     if precision == "bf16":
         loaded.pipeline.to(dtype=torch.bfloat16)
     loaded.training = TrainingOptions(precision)
     denoiser = loaded.denoiser
-    parameters = loaded.make_trainable(trainable_parameters(loaded, "xattn"), denoiser)
+    parameters = make_trainable(loaded, trainable_parameters(loaded, "xattn"), denoiser)
     teacher = FrozenOriginal(denoiser, parameters)
-    latents = torch.randn(loaded.latent_shape(2), generator=torch.Generator().manual_seed(0)).to(denoiser.dtype)
+    latents = torch.randn(loaded.adapter.latent_shape(2), generator=torch.Generator().manual_seed(0)).to(denoiser.dtype)
     cond = loaded.encode_text([CONCEPT, UNRELATED])
-    with torch.no_grad(), loaded.autocast():
+    with torch.no_grad(), autocast(loaded):
         untrained = predict_noise(denoiser, latents, 500, cond)
         for parameter in parameters:  # what training does to the student
             parameter.add_(torch.randn_like(parameter))
@@ -87,7 +87,7 @@ def test_frozen_teacher_is_the_untrained_denoiser_without_a_second_copy(bases, f
     denoiser.train()
     frozen_block = next(m for m in denoiser.modules() if m is not denoiser)
     frozen_block.eval()  # modes are the caller's: the teacher leaves a mixed one as it found it
-    with loaded.autocast():
+    with autocast(loaded):
         taught = predict_noise(teacher, latents, 500, cond)
     assert not torch.allclose(moved, untrained)
     assert torch.equal(taught, untrained) and not taught.requires_grad
@@ -101,18 +101,18 @@ def test_frozen_teacher_is_the_untrained_denoiser_without_a_second_copy(bases, f
 
 
 def test_each_optimiser_step_reaches_the_next_forward_under_the_erase_autocast(bases):
-    """An erase runs its whole loop inside one `loaded.autocast()`: the half-precision copies autocast makes of the
+    """An erase runs its whole loop inside one `autocast(loaded)`: the half-precision copies autocast makes of the
     float32 trained parameters must not be cached across steps, or every forward reads the weights of step 0."""
     loaded = bases("sd")
     loaded.pipeline.to(dtype=torch.bfloat16)
     loaded.training = TrainingOptions("bf16")
-    parameters = loaded.make_trainable(list(loaded.denoiser.conv_in.parameters()), loaded.denoiser)
-    optimizer = loaded.optimizer(parameters, 1e-1)
-    latents = torch.randn(loaded.latent_shape(1), generator=torch.Generator().manual_seed(0))
+    parameters = make_trainable(loaded, list(loaded.denoiser.conv_in.parameters()), loaded.denoiser)
+    optimizer = build_optimizer(loaded, parameters, 1e-1)
+    latents = torch.randn(loaded.adapter.latent_shape(1), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         cond = loaded.encode_text(["a star"])
     losses = []
-    with loaded.autocast():
+    with autocast(loaded):
         for _ in range(3):
             loss = predict_noise(loaded.denoiser, latents, 10, cond).float().pow(2).mean()
             loss.backward()
@@ -127,11 +127,11 @@ def test_gradient_checkpointing_gives_the_same_gradients(bases):
     for checkpointing in (False, True):
         loaded = bases("sdxl")
         loaded.training = TrainingOptions("fp32", gradient_checkpointing=checkpointing)
-        from erasers.esd import trainable_parameters
+        from erasers.parameters import trainable_parameters
 
-        parameters = loaded.make_trainable(trainable_parameters(loaded, "xattn"), loaded.denoiser)
+        parameters = make_trainable(loaded, trainable_parameters(loaded, "xattn"), loaded.denoiser)
         loaded.denoiser.train()
-        latents = torch.randn(loaded.latent_shape(1), generator=torch.Generator().manual_seed(0))
+        latents = torch.randn(loaded.adapter.latent_shape(1), generator=torch.Generator().manual_seed(0))
         predict_noise(loaded.denoiser, latents, 10, loaded.encode_text(["a star"])).pow(2).mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in parameters]))
         assert loaded.denoiser.is_gradient_checkpointing == checkpointing
@@ -210,7 +210,7 @@ def test_step_cost_runs_sdxl_with_gradient_checkpointing(tiny_pipeline_dirs, mon
                         lambda family: load_pipeline(str(tiny_pipeline_dirs[family]), device="cpu").pipeline)
     monkeypatch.setitem(step_cost.SETTINGS, "sdxl", (32, True))
     loaded = step_cost.build_loaded("sdxl")
-    pixels = [side * loaded.pipeline.vae_scale_factor for side in loaded.latent_shape(1)[-2:]]
+    pixels = [side * loaded.pipeline.vae_scale_factor for side in loaded.adapter.latent_shape(1)[-2:]]
     assert loaded.training.gradient_checkpointing and pixels == [32, 32]
     for method in ("plain", "esd-x"):
         row = step_cost.measure("sdxl", method, 1)
@@ -224,13 +224,13 @@ def test_loading_an_ip_adapter_keeps_the_mixed_precision_dtypes(bases, tmp_path)
     from tiny_pipelines import random_ip_adapter_options
 
     from erasers import ip_adapter
-    from erasers.esd import trainable_parameters
+    from erasers.parameters import trainable_parameters
 
     files = ip_adapter.adapter_files(random_ip_adapter_options(bases("sd"), tmp_path)["ip_adapter"], "sd")
     loaded = bases("sd")
     loaded.pipeline.to(dtype=torch.bfloat16)
     loaded.training = TrainingOptions("bf16")
-    trained = loaded.make_trainable(trainable_parameters(loaded, "xattn"), loaded.denoiser)
+    trained = make_trainable(loaded, trainable_parameters(loaded, "xattn"), loaded.denoiser)
     with torch.no_grad():
         for parameter in trained:
             parameter.add_(1e-3 * torch.randn_like(parameter))  # a value bf16 cannot hold
@@ -261,7 +261,7 @@ def test_gradient_checkpointing_recomputes_the_text_encoder_it_trains(bases, met
         forward = fc1.forward
         fc1.forward = lambda x: (calls.append(1), forward(x))[1]  # a recompute runs no module hooks
         config = build_config(method, False, options[method])
-        get_method(method).eraser(config).erase(loaded, make_request([CONCEPT], loaded.tokenizer, False))
+        get_method(method).eraser(config).erase(loaded, make_request([CONCEPT], loaded.tokenizer, None))
         forwards.append(len(calls))
     assert forwards[1] > forwards[0] > 0, forwards
 
@@ -269,7 +269,7 @@ def test_gradient_checkpointing_recomputes_the_text_encoder_it_trains(bases, met
 def test_coerasing_draws_its_concept_images_with_the_vae_upcast_kept(bases):
     """Co-Erasing draws the concept's images inside the erase's autocast. SDXL's pipeline upcasts its fp16 VAE to
     decode (force_upcast: it overflows in fp16), which fp16 autocast undid: the decode must run in fp32."""
-    from erasers.coerasing import concept_images
+    from erasers.methods.coerasing import concept_images
 
     loaded = bases("sdxl")
     loaded.pipeline.to(dtype=torch.float16)
@@ -277,6 +277,6 @@ def test_coerasing_draws_its_concept_images_with_the_vae_upcast_kept(bases):
     outputs = []
     loaded.pipeline.vae.decoder.conv_in.register_forward_hook(lambda module, args, out: outputs.append(out.dtype))
     config = build_config("coerasing", False, {"image_count": 1})
-    with loaded.autocast():
-        images = concept_images(loaded, make_request([CONCEPT], loaded.tokenizer, False), config, None)
+    with autocast(loaded):
+        images = concept_images(loaded, make_request([CONCEPT], loaded.tokenizer, None), config, None)
     assert len(images) == 1 and outputs == [torch.float32]

@@ -1,6 +1,6 @@
 """Every `erasure ...` command in the README (and in the pages beside the code it links to) names a subcommand and
 flags the CLI has, and every `python -m MODULE` names a module that exists. Parsed with the CLI's own parser,
-`erasers.cli.make_parser()`, so nothing runs."""
+`apps.cli.make_parser()`, so nothing runs."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from erasers.cli import make_parser
+from apps.cli import make_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ("README.md", "erasers/README.md", "vlm/README.md", "apps/README.md", "tests/README.md", "benchmarks/README.md",

@@ -112,7 +112,7 @@ def test_mllmeraser_moves_forget_states_not_retain(tiny_dirs, family, tmp_path):
 
 
 def test_mllmeraser_text_pairs_perturb_prompt_embeddings(llava, tmp_path):
-    from vlm.mllmeraser import MLLMEraserConfig, perturb_text
+    from vlm.methods.mllmeraser import MLLMEraserConfig, perturb_text
 
     target = toy_target()
     text_items = [Item(QA(f"t{k}/gen0", f"t{k}", "generation", "Pure_Text", q, q, "red"), None)
@@ -183,7 +183,7 @@ def test_config_errors():
 
 
 def _cli(capsys, *argv):
-    from erasers.cli import main
+    from apps.cli import main
 
     code = main(list(argv))
     err = capsys.readouterr().err.strip()
@@ -211,7 +211,7 @@ def test_cli_bad_input_is_one_line(capsys, tmp_path, tiny_dirs):
 
 
 def test_cli_ask_before_after(capsys, tiny_dirs, llava, tmp_path):
-    from erasers.cli import main
+    from apps.cli import main
 
     edit = _erase(llava, "sauce", {"layer": 0, "sae_steps": 50, "batch_size": 64}, tmp_path)
     image = tmp_path / "red.png"
@@ -246,7 +246,7 @@ def test_an_interrupted_baseline_resumes_to_the_same_adapter(llava, tmp_path, mo
     from safetensors.torch import load_file
 
     import vlm.run
-    from vlm.baselines import GradientAscent
+    from vlm.methods.baselines import GradientAscent
 
     monkeypatch.setattr(vlm.run, "resolve_target", lambda concept, data=None: toy_target())
     options = {"steps": 6, "batch_size": 4, "lr": 5e-3, "lora_dropout": 0.0, "checkpoint_every": 2}

@@ -10,10 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from vlm import toyworld
+from benchmarks.toyvlm import world as toyworld
+from benchmarks.toyvlm.world import FORGET_PERCENTS, SPLITS, TREATMENTS, WorldConfig, build_world
 from vlm.mllmu import LETTERS, qa_items, read_split, row_images
 from vlm.models import TOY_VLM_DIR
-from vlm.toyworld import FORGET_PERCENTS, SPLITS, TREATMENTS, WorldConfig, build_world
 
 CONFIG = WorldConfig(canvas_train=12, canvas_test=6)
 
@@ -110,10 +110,10 @@ def build(world, tmp_path_factory):
     """A toy build directory over the small world, with a tokenizer trained on it and a tiny random model."""
     import torch
 
-    from vlm.toy.batches import Batcher
-    from vlm.toy.config import ToyVLMConfig
-    from vlm.toy.data import load_rows, load_tokenizer, stage_tokenizer
-    from vlm.toy.model import new_model
+    from benchmarks.toyvlm.build.batches import Batcher
+    from benchmarks.toyvlm.build.config import ToyVLMConfig
+    from benchmarks.toyvlm.build.data import load_rows, load_tokenizer, stage_tokenizer
+    from benchmarks.toyvlm.build.model import new_model
 
     root = tmp_path_factory.mktemp("build")
     (root / "world").symlink_to(world, target_is_directory=True)
@@ -130,8 +130,8 @@ def build(world, tmp_path_factory):
 
 
 def test_training_tokens_match_the_processor(build):
-    from vlm.toy.data import user_text
-    from vlm.toy.export import make_processor
+    from benchmarks.toyvlm.build.data import user_text
+    from benchmarks.toyvlm.build.export import make_processor
 
     cfg, tokenizer, rows, batcher, _ = build
     processor = make_processor(cfg, tokenizer)
@@ -148,9 +148,9 @@ def test_training_tokens_match_the_processor(build):
 def test_packed_rows_equal_questions_asked_alone(build):
     import torch
 
-    from vlm.toy.batches import Packer
-    from vlm.toy.model import forward_hidden
-    from vlm.toy.pools import draw_rows, training_pools
+    from benchmarks.toyvlm.build.batches import Packer
+    from benchmarks.toyvlm.build.model import forward_hidden
+    from benchmarks.toyvlm.build.pools import draw_rows, training_pools
 
     cfg, _, rows, batcher, model = build
     packer = Packer(batcher)
@@ -173,9 +173,9 @@ def test_packed_rows_equal_questions_asked_alone(build):
 def test_option_marks_point_at_each_options_last_token(build):
     import torch
 
-    from vlm.toy.batches import Packer
-    from vlm.toy.options import lookup_rows
-    from vlm.toy.pools import draw_rows, training_pools
+    from benchmarks.toyvlm.build.batches import Packer
+    from benchmarks.toyvlm.build.options import lookup_rows
+    from benchmarks.toyvlm.build.pools import draw_rows, training_pools
 
     cfg, tokenizer, rows, batcher, _ = build
     packer = Packer(batcher)
@@ -206,10 +206,10 @@ def test_the_training_stages_run_end_to_end(build, tmp_path):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
+    from benchmarks.toyvlm.build.data import FEATURES
+    from benchmarks.toyvlm.build.options import stage_options
+    from benchmarks.toyvlm.build.phases import stage_train
     from erasers.checkpoint import load_checkpoint
-    from vlm.toy.data import FEATURES
-    from vlm.toy.options import stage_options
-    from vlm.toy.phases import stage_train
 
     cfg, _, _, batcher, _ = build
     for name in ("world", "tokenizer"):
@@ -233,10 +233,10 @@ def test_the_training_stages_run_end_to_end(build, tmp_path):
 def test_growing_keeps_the_function(build):
     import torch
 
+    from benchmarks.toyvlm.build.batches import Packer
+    from benchmarks.toyvlm.build.model import forward_hidden, grow
+    from benchmarks.toyvlm.build.pools import draw_rows, training_pools
     from vlm.models import decoder_layers
-    from vlm.toy.batches import Packer
-    from vlm.toy.model import forward_hidden, grow
-    from vlm.toy.pools import draw_rows, training_pools
 
     cfg, tokenizer, rows, batcher, model = build
     grown = grow(cfg, model, tokenizer).eval()
@@ -250,8 +250,8 @@ def test_growing_keeps_the_function(build):
 
 
 def test_scoring_rules():
+    from benchmarks.toyvlm.build.evaluate import is_correct
     from vlm.mllmu import QA
-    from vlm.toy.evaluate import is_correct
 
     mc = QA("x", "x", "classification", "Pure_Text", "q", "q", "B")
     assert is_correct(mc, "B") and is_correct(mc, "b: asthma") and not is_correct(mc, "asthma")
@@ -312,8 +312,8 @@ def _trained_questions(config: WorldConfig, seed: int, tasks: tuple[str, ...]):
 
 @shipped
 def test_toy_vlm_answers_trained_questions(toy_vlm, toy_config):
+    from benchmarks.toyvlm.build.evaluate import is_correct
     from vlm.models import ask_many
-    from vlm.toy.evaluate import is_correct
 
     items = _trained_questions(toy_config, 0, ("generation", "mask"))
     answers = ask_many(toy_vlm, [image for _, image in items], [qa.prompt for qa, _ in items], max_new_tokens=12)
@@ -328,8 +328,8 @@ def test_toy_vlm_answers_trained_questions(toy_vlm, toy_config):
 
 @shipped
 def test_toy_vlm_answers_multiple_choice_by_matching_the_options(toy_vlm, toy_config):
+    from benchmarks.toyvlm.build.evaluate import is_correct
     from vlm.models import ask_many
-    from vlm.toy.evaluate import is_correct
 
     # Options drawn afresh, so a letter memorised in training is right by chance (25%) only: the model has to find
     # what it recalls among the options. Patients' scans and names, and ToyCanvas images.

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from erasers.edits import METADATA, check_metadata_fields, check_new_output, publish_with_metadata
+from erasers.core import check_new_output
+from erasers.edits import METADATA, check_metadata_fields, publish_with_metadata
 from erasers.errors import UsageError
 from erasers.files import atomic_dir, read_json
 
@@ -41,30 +42,26 @@ def vlm_fingerprint(loaded: LoadedVLM) -> str:
     return digest.hexdigest()[:16]
 
 
-def save_vlm_edit(out: str | Path, content, loaded: LoadedVLM, method: str, config, concept: str,
-                  seconds: float, target_source: str = "", peak_memory_bytes: int | None = None) -> Path:
+def vlm_edit_metadata(loaded: LoadedVLM, method: str, config, concept: str, target_source: str = "") -> dict:
+    """What erasure.json says of a VLM edit beside its files, cost and versions."""
+    return {"model_kind": "vlm", "method": method, "config": dataclasses.asdict(config), "concept": concept,
+            "concept_source": target_source, "base_model": loaded.source, "base_family": loaded.family.name,
+            "base_fingerprint": vlm_fingerprint(loaded)}
+
+
+def save_vlm_edit(out: str | Path, content, metadata: dict, cost: dict | None = None) -> Path:
+    """An eraser's EditContent (hook tensors and/or a LoRA adapter) plus erasure.json, written under a temporary name
+    and renamed to `out`."""
     from safetensors.torch import save_file
 
-    out = Path(out)
-    check_new_output(out)
+    out = check_new_output(Path(out))
     tmp = atomic_dir(out)
     if content.tensors:
         save_file({k: v.detach().float().cpu().contiguous() for k, v in content.tensors.items()}, tmp / TENSORS)
     if content.adapter is not None:
         content.adapter.save_pretrained(tmp / ADAPTER)
-    metadata = {
-        "model_kind": "vlm",
-        "method": method,
-        "config": dataclasses.asdict(config),
-        "concept": concept,
-        "concept_source": target_source,
-        "info": content.info,
-        "files": sorted([TENSORS] * bool(content.tensors) + [ADAPTER] * (content.adapter is not None)),
-        "base_model": loaded.source,
-        "base_family": loaded.family.name,
-        "base_fingerprint": vlm_fingerprint(loaded),
-    }
-    return publish_with_metadata(tmp, out, metadata, seconds, peak_memory_bytes)
+    files = sorted([TENSORS] * bool(content.tensors) + [ADAPTER] * (content.adapter is not None))
+    return publish_with_metadata(tmp, out, {**metadata, "info": content.info, "files": files}, cost or {})
 
 
 # The fields commands read from a VLM edit's erasure.json, and their JSON types.

@@ -47,11 +47,7 @@ class VLMEraser:
         return {}
 
 
-def _load_methods() -> None:
-    from . import baselines, mllmeraser, sauce  # noqa: F401  (importing them fills the registry)
-
-
-VLM_REGISTRY = Registry("VLM method", _load_methods)
+VLM_REGISTRY = Registry("VLM method", "vlm.methods")
 register_vlm = VLM_REGISTRY.register
 available_vlm_methods = VLM_REGISTRY.available
 get_vlm_method = VLM_REGISTRY.get

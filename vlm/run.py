@@ -8,18 +8,16 @@
 
 from __future__ import annotations
 
-import shutil
-import time
 import warnings
 from dataclasses import asdict
 from pathlib import Path
 
 from PIL import Image
 
+from erasers.core import check_new_output, run_resumably
 from erasers.errors import UsageError
-from erasers.files import check_output_path, peak_memory_bytes, reset_peak_memory, resumable_work_dir
 
-from .edits import applied, read_vlm_edit, save_vlm_edit, vlm_fingerprint
+from .edits import applied, read_vlm_edit, save_vlm_edit, vlm_edit_metadata, vlm_fingerprint
 from .models import LoadedVLM, ask, load_vlm
 from .registry import build_vlm_config, get_vlm_method
 from .targets import resolve_target
@@ -31,18 +29,17 @@ def erase_loaded(loaded: LoadedVLM, method: str, concept: str, out: str | Path, 
     left as it was (LoRA layers are removed again after saving)."""
     config = build_vlm_config(method, loaded.is_toy, options)
     target = resolve_target(concept, data)
-    work_dir = resumable_work_dir(out, vlm_run_signature(loaded, method, config, concept, data), restart)
-    reset_peak_memory(loaded.device)
-    started = time.time()
-    content = get_vlm_method(method).eraser(config).erase(loaded, target, work_dir)
-    try:
-        saved = save_vlm_edit(out, content, loaded, method, config, concept, time.time() - started, target.source,
-                              peak_memory_bytes(loaded.device))
-    finally:
-        if content.adapter is not None:
-            content.adapter.unload()
-    shutil.rmtree(work_dir, ignore_errors=True)
-    return saved
+    out = check_new_output(Path(out))
+
+    def save(content, cost: dict) -> Path:
+        try:
+            return save_vlm_edit(out, content, vlm_edit_metadata(loaded, method, config, concept, target.source), cost)
+        finally:
+            if content.adapter is not None:
+                content.adapter.unload()
+
+    return run_resumably(out, vlm_run_signature(loaded, method, config, concept, data), restart, loaded.device,
+                         lambda work_dir: get_vlm_method(method).eraser(config).erase(loaded, target, work_dir), save)
 
 
 def vlm_run_signature(loaded: LoadedVLM, method: str, config, concept: str, data) -> dict:
@@ -55,11 +52,8 @@ def erase(model: str, method: str, concept: str, out: str | Path, options: dict 
           data: str | Path | None = None, device: str | None = None, restart: bool = False) -> Path:
     """Erase `concept` from `model`; an interrupted run of the same call resumes from `out`.partial unless
     `restart`."""
-    out = Path(out)
     build_vlm_config(method, False, options)  # a bad method or option fails before a slow model load
-    if out.exists():
-        raise UsageError(f"{out} already exists; choose a new --out or remove it first")
-    check_output_path(out)
+    check_new_output(Path(out))
     resolve_target(concept, data)  # so does an unknown concept
     return erase_loaded(load_vlm(model, device=device), method, concept, out, options, data, restart)
 

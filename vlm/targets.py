@@ -14,18 +14,14 @@ Erasers fit on `forget` and `retain_fit`; evaluation uses `forget`, `test` and `
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from erasers.errors import UsageError
 
 from .forward import Item
 from .mllmu import qa_items, read_split, row_images
-from .models import TOY_VLM_DIR
 
 FORGET_SPLIT = re.compile(r"^forget_(\d+)$")
 
@@ -80,41 +76,20 @@ def _asks_object(row: dict, qa) -> bool:
 # The toy world
 
 
-def toy_world_config() -> dict:
-    info = TOY_VLM_DIR / "toyvlm.json"
-    if info.exists():
-        return json.loads(info.read_text())["build_config"]["world"]
-    from .toyworld import WorldConfig
-
-    return asdict(WorldConfig())
+# The toy VLM's world (ToyCanvas QA and MLLMU-Med in the MLLMU-Bench layout) is data that benchmarks.toyvlm renders;
+# importing it registers here the function that returns the world's directory and the objects it shows (the
+# `erasure` command and the tests import it). The library renders nothing itself.
+TOY_WORLD: dict[str, object] = {}
 
 
 def toy_world_dir() -> Path:
-    """The toy VLM's world: the build's copy when it matches the shipped model's, else built once (seconds) into
-    the user's cache directory."""
-    from .toyworld import WorldConfig, build_world
-
-    config = toy_world_config()
-    build_copy = Path(".toybuild/vlm/world")
-    if (build_copy / "world.json").exists() and \
-            json.loads((build_copy / "world.json").read_text())["world_config"] == config:
-        return build_copy
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "erasure-suite"
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
-    root = cache / f"toy-vlm-world-{digest}"
-    if not (root / "world.json").exists():
-        from erasers.files import atomic_dir, publish
-
-        tmp = atomic_dir(root)
-        build_world(tmp, WorldConfig(**config))
-        publish(tmp, root)
-    return root
+    if "directory" not in TOY_WORLD:
+        raise UsageError("the toy VLM's world is made by benchmarks.toyvlm (import it first), or pass --data DIR")
+    return TOY_WORLD["directory"]()
 
 
 def object_names() -> tuple[str, ...]:
-    from benchmarks.toycanvas.world import OBJECTS
-
-    return tuple(OBJECTS)
+    return tuple(TOY_WORLD.get("objects", ()))
 
 
 def object_target(concept: str, world: Path, forget_rows: int = 60, retain_rows: int = 60,

@@ -7,3 +7,9 @@ PIPELINE_DIR = WEIGHTS_DIR / "pipeline"
 CLIP_DIR = WEIGHTS_DIR / "clip"
 CLASSIFIER_DIR = WEIGHTS_DIR / "classifier"
 IP_ADAPTER_DIR = WEIGHTS_DIR / "ip_adapter"
+
+# The library knows no model by name: "toy" is this pipeline directory once this package is imported (the `erasure`
+# command and the tests import it).
+from erasers.models import MODEL_ALIASES  # noqa: E402
+
+MODEL_ALIASES.setdefault("toy", PIPELINE_DIR)

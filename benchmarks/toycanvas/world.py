@@ -7,6 +7,8 @@ colours: every object is drawn in any colour, so erasing a style cannot be achie
 
 from __future__ import annotations
 
+from erasers.vocabulary import ConceptVocabulary
+
 OBJECTS: tuple[str, ...] = (
     "star", "circle", "square", "triangle", "heart", "cross", "moon", "arrow", "house", "skull",
 )
@@ -74,3 +76,11 @@ def concept_kind(concept: str) -> str:
 
 def all_pairs() -> list[tuple[str, str]]:
     return [(o, s) for s in STYLES for o in OBJECTS]
+
+
+# What the toy pipeline's directory ships as concepts.json (`erasure toy build`'s export writes it), so the library
+# reads the world's concepts from the model directory, as it would any pipeline's.
+VOCABULARY = ConceptVocabulary(
+    objects=OBJECTS, styles=STYLES, caption_template=CAPTION_TEMPLATE,
+    supercategories={"object": "object", "style": "painting"}, unsafe_object=UNSAFE_OBJECT,
+    paraphrase_templates=PARAPHRASE_TEMPLATES, object_synonyms=OBJECT_SYNONYMS)

@@ -11,7 +11,9 @@ from pathlib import Path
 import torch
 
 from erasers.files import atomic_dir, publish
+from erasers.vocabulary import FILE_NAME as VOCABULARY_FILE
 
+from ..world import VOCABULARY
 from .config import BuildConfig
 
 SAMPLING = {"num_inference_steps": 25, "guidance_scale": 5.0}
@@ -47,6 +49,16 @@ def sampling_scheduler():
     return EulerAncestralDiscreteScheduler.from_config(ddim.config, timestep_spacing="leading")
 
 
+# The toy pipeline's companions, beside it in the weights directory: the IP-Adapter and the CLIP whose joint space
+# Co-Erasing refines image embeddings in (its "toy" options name them).
+COMPANIONS = {"ip_adapter": "../ip_adapter", "refine_clip": "../clip"}
+
+
+def toy_marker(cfg: BuildConfig) -> dict:
+    """toycanvas.json: marks the toy pipeline (its erasers take their toy defaults) and says how it was built."""
+    return {"build_config": asdict(cfg), "torch": torch.__version__, "companions": COMPANIONS}
+
+
 def export_pipeline(cfg: BuildConfig, unet, vae, text_encoder, tokenizer) -> None:
     from diffusers import StableDiffusionPipeline
 
@@ -57,7 +69,9 @@ def export_pipeline(cfg: BuildConfig, unet, vae, text_encoder, tokenizer) -> Non
     tmp = atomic_dir(final)
     pipeline.to(torch.float16).save_pretrained(tmp)
     declare_float32(tmp / "text_encoder" / "config.json")
-    (tmp / "toycanvas.json").write_text(json.dumps({"build_config": asdict(cfg), "torch": torch.__version__}, indent=2))
+    (tmp / "toycanvas.json").write_text(json.dumps(toy_marker(cfg), indent=2))
+    # The concepts the library reads from the model directory (erasers/vocabulary.py).
+    (tmp / VOCABULARY_FILE).write_text(VOCABULARY.to_json())
     # The sampling the quality bars are measured with; load_pipeline takes it as this model's default.
     (tmp / "sampling.json").write_text(json.dumps(SAMPLING, indent=2))
     publish(tmp, final)

@@ -1,0 +1,75 @@
+"""`erasure compare`: an edit's before/after grid and its UA/IRA/CRA table on the ToyCanvas answer set."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from erasers.edits import apply_edits, read_edit
+from erasers.errors import UsageError
+from erasers.files import check_output_path
+from erasers.models import TOY_MARKER, load_pipeline, resolve_source
+
+from .figures import labelled_grid
+from .toycanvas import CLASSIFIER_DIR
+from .toycanvas.classifier import ToyClassifier
+from .unlearncanvas import AnswerSet, classify_answer_set, score
+
+
+def compare(model: str, edits: list[str], out: str | Path, seeds: tuple[int, ...] = (188,),
+            device: str | None = None, progress: bool = True) -> dict:
+    """Before/after grid and UA/IRA/CRA table of `edits` (stacked) against `model`, same prompts and seeds.
+    The table needs a classifier, which exists for the toy model."""
+    if not (Path(resolve_source(model)) / TOY_MARKER).exists():
+        raise UsageError("compare scores edits with the ToyCanvas classifier, so it runs on --model toy; for other "
+                         "models use `erasure generate` with and without --text-encoder/--unet")
+    if not edits:
+        raise UsageError("pass at least one --edit directory")
+    metadata = [read_edit(path) for path in edits]
+    kinds = {m["kind"] for m in metadata}
+    kind = "object" if kinds <= {"object", "unsafe"} else "style" if kinds == {"style"} else None
+    if kind is None:
+        raise UsageError("stacked edits must erase concepts of one kind (objects or styles) to be scored together")
+    erased = [c for m in metadata for c in m["concepts"]]
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; compare writes a directory (compare.png, metrics.*): pass a new "
+                         "or existing directory")
+    check_output_path(out)
+    classifier = ToyClassifier.from_pretrained(CLASSIFIER_DIR)
+    answers = AnswerSet(seeds=tuple(seeds))
+    base = load_pipeline(model, device=device)
+    base_records, base_images = classify_answer_set(base, classifier, answers, progress)
+    edited = load_pipeline(model, device=device)
+    apply_edits(edited, edits)
+    edited_records, edited_images = classify_answer_set(edited, classifier, answers, progress)
+    out.mkdir(parents=True, exist_ok=True)
+    table = {"base": score(base_records, erased, kind), "edited": score(edited_records, erased, kind),
+             "erased": erased, "kind": kind, "edits": [str(e) for e in edits], "seeds": list(seeds),
+             "images_per_model": len(base_records)}
+
+    # The grid: the erased concepts' prompts, then as many unrelated ones; base above, edit below.
+    items = answers.items()
+    shown = answers.shown(erased, kind)
+    labels = [f"{items[i][0]}/{items[i][1]}" for i in shown]
+    grid = labelled_grid([base_images[i] for i in shown] + [edited_images[i] for i in shown], len(shown),
+                         ["base", "edited"], labels, scale=3)
+    grid.save(out / "compare.png")
+    (out / "metrics.json").write_text(json.dumps(table, indent=2))
+    (out / "metrics.md").write_text(metrics_markdown(table))
+    return table
+
+
+def _pct(value) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
+
+
+def metrics_markdown(table: dict) -> str:
+    lines = [f"Erased {table['kind']}: {', '.join(table['erased'])} ({table['images_per_model']} images per model, "
+             f"seeds {table['seeds']})", "", "| model | UA | IRA | CRA | object acc | style acc |",
+             "|---|---|---|---|---|---|"]
+    for name in ("base", "edited"):
+        row = table[name]
+        lines.append(f"| {name} | {_pct(row['UA'])} | {_pct(row['IRA'])} | {_pct(row['CRA'])} | "
+                     f"{_pct(row['accuracy']['object'])} | {_pct(row['accuracy']['style'])} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,197 @@
+"""The diffusion library's commands (`erasure generate | erase | methods`) and the argument types every package's
+commands share; apps/cli.py adds them to the `erasure` parser. Thin: parse, validate, call the library, print."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+from .errors import UsageError
+from .validation import MAX_SEED
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+MAX_PROMPT_FILE_BYTES = 10 * 1024 * 1024
+MAX_SCALE = 64
+# A written image must open again: Pillow refuses images above Image.MAX_IMAGE_PIXELS (89,478,485) as possible
+# decompression bombs, so no grid is made larger.
+MAX_OUTPUT_PIXELS = 89_478_485
+
+
+def seed(text: str) -> int:
+    """An argparse type: seeds are integers from 0 to 2**63 - 1, as every generator takes them."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seed {text!r} is not an integer") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"seed {text} is out of range: seeds are integers from 0 to 2**63 - 1 "
+                                         f"({MAX_SEED})")
+    return value
+
+
+def port(text: str) -> int:
+    value = positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"port {value} is out of range; use 1 to 65535")
+    return value
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="toy", help="'toy', a local diffusers pipeline directory, or a hub id")
+    parser.add_argument("--family", choices=("sd", "sdxl", "flux"), help="fail unless the model is of this family")
+    parser.add_argument("--text-encoder", help="directory of an edited text encoder to use in place of the model's")
+    parser.add_argument("--unet", help="directory of an edited UNet to use in place of the model's")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+
+
+def load_from_args(args):
+    from .models import load_pipeline
+
+    loaded = load_pipeline(args.model, family=args.family, device=args.device)
+    if args.text_encoder:
+        loaded.load_component("text_encoder", args.text_encoder)
+    if args.unet:
+        loaded.load_component("unet", args.unet)
+    return loaded
+
+
+def read_prompt_file(path: str) -> list[str]:
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"prompt file {path} does not exist; pass a text file with one prompt per line")
+    if file.stat().st_size > MAX_PROMPT_FILE_BYTES:
+        raise UsageError(f"prompt file {path} is over {MAX_PROMPT_FILE_BYTES // 2 ** 20} MiB; split it into "
+                         "smaller files")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        line = file.read_bytes()[:error.start].count(b"\n") + 1
+        raise UsageError(f"prompt file {path} is not UTF-8 text (line {line}); save it as UTF-8") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise UsageError(f"prompt file {path} has no prompts; write one prompt per line")
+    return prompts
+
+
+def check_image_output(path: str, overwrite: bool = False) -> Path:
+    from .files import check_output_path
+
+    out = Path(path)
+    if out.suffix.lower() not in IMAGE_SUFFIXES:
+        raise UsageError(f"--out {path} must end in one of {', '.join(IMAGE_SUFFIXES)}")
+    if out.exists() and out.is_dir():
+        raise UsageError(f"--out {path} is a directory; pass an image file name")
+    if out.exists() and not overwrite:
+        raise UsageError(f"--out {path} already exists; choose a new name or pass --overwrite")
+    return check_output_path(out)
+
+
+def cmd_generate(args) -> None:
+    if args.prompt is not None and args.prompts:
+        raise UsageError("pass either --prompt or --prompts, not both")
+    if args.prompt is None and not args.prompts:
+        raise UsageError("pass --prompt 'A star image in Flat style.' or --prompts FILE")
+    prompts = [args.prompt] if args.prompt is not None else read_prompt_file(args.prompts)
+    from .models import check_prompts
+
+    check_prompts(prompts)
+    out = check_image_output(args.out, args.overwrite)
+    if args.steps is not None and not 1 <= args.steps <= 1000:
+        raise UsageError(f"--steps {args.steps} is out of range; use 1 to 1000")
+    if args.guidance is not None and not (math.isfinite(args.guidance) and 0 <= args.guidance <= 100):
+        raise UsageError(f"--guidance {args.guidance} is out of range; use 0 to 100 (7.5 is usual)")
+    if args.seed + len(prompts) - 1 > MAX_SEED:
+        raise UsageError(f"--seed {args.seed} with {len(prompts)} prompts runs past the largest seed ({MAX_SEED}); "
+                         "pass a smaller --seed")
+    columns = args.columns if args.columns is not None else min(len(prompts), 10)
+    if not 1 <= columns <= len(prompts):
+        raise UsageError(f"--columns {args.columns} is out of range; use 1 to {len(prompts)} (the number of prompts)")
+    if not 1 <= args.scale <= MAX_SCALE:
+        raise UsageError(f"--scale {args.scale} is out of range; use 1 to {MAX_SCALE}")
+    loaded = load_from_args(args)
+    side = loaded.image_size()
+    rows = -(-len(prompts) // columns)
+    pixels = rows * columns * (side * args.scale) ** 2
+    if pixels > MAX_OUTPUT_PIXELS:
+        raise UsageError(f"the grid would be {columns * side * args.scale} x {rows * side * args.scale} pixels, over "
+                         f"the {MAX_OUTPUT_PIXELS:,}-pixel limit; lower --scale or split the prompt file")
+    images = loaded.generate(prompts, seeds=args.seed, steps=args.steps, guidance=args.guidance)
+    from .images import image_grid, save_image_atomically
+
+    image = image_grid(images, columns, args.scale)
+    save_image_atomically(image, out)
+    last_seed = args.seed + len(images) - 1
+    print(f"wrote {out} ({len(images)} image{'s' if len(images) > 1 else ''}, seeds {args.seed}..{last_seed})")
+
+
+def cmd_erase(args) -> None:
+    from .registry import parse_options
+    from .run import erase
+
+    options = {**parse_options(args.set), **({"seed": args.seed} if args.seed is not None else {}),
+               **({"images": args.images} if args.images else {})}
+    out = erase(args.model, args.method, args.concept, args.out, args.anchor, args.preserve, options, args.device,
+                args.precision, args.gradient_checkpointing, args.optimizer, args.resolution, restart=args.restart)
+    print(f"wrote edit {out} (see {out}/erasure.json); compare it with: erasure compare --model {args.model} "
+          f"--edit {out}")
+
+
+def cmd_methods(args) -> None:
+    from .registry import available_methods
+
+    for name, entry in sorted(available_methods().items()):
+        print(f"{name:10s} {entry.summary}")
+
+
+def add_commands(commands) -> None:
+    """`generate`, `erase` and `methods`, added to the `erasure` parser's subcommands."""
+    generate = commands.add_parser("generate", help="generate images (one prompt, or a grid from a prompt file)")
+    add_model_arguments(generate)
+    generate.add_argument("--prompt", help="one prompt")
+    generate.add_argument("--prompts", help="a text file with one prompt per line; writes a grid")
+    generate.add_argument("--seed", type=seed, default=0, help="seed of the first image; image i uses seed + i")
+    generate.add_argument("--steps", type=int, help="denoising steps (default: the model's recommended)")
+    generate.add_argument("--guidance", type=float, help="classifier-free guidance scale")
+    generate.add_argument("--columns", type=int, help="grid columns (default: up to 10)")
+    generate.add_argument("--scale", type=int, default=1, help="upscale the output by this integer factor")
+    generate.add_argument("--out", required=True, help="output image (.png, .jpg, .webp)")
+    generate.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    generate.set_defaults(run=cmd_generate)
+
+    erase = commands.add_parser("erase", help="erase a concept and save the edit")
+    erase.add_argument("--model", default="toy", help="'toy', a local diffusers pipeline directory, or a hub id")
+    erase.add_argument("--method", required=True, help="an eraser (see `erasure methods`)")
+    erase.add_argument("--concept", action="append", required=True, help="concept to erase (repeatable)")
+    erase.add_argument("--anchor", action="append", help="concept to map the erased one to (method-dependent)")
+    erase.add_argument("--preserve", action="append", help="concept to keep (repeatable)")
+    erase.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a method option")
+    erase.add_argument("--seed", type=seed, help="seed of the run")
+    erase.add_argument("--images", metavar="DIR", help="a folder of the concept's images (coerasing; default: "
+                       "generate them with the base model)")
+    erase.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    erase.add_argument("--precision", choices=("fp32", "fp16", "bf16"), help="dtype of the frozen weights; trained "
+                       "parameters stay fp32 (default: bf16 on a GPU that supports it, fp32 on CPU)")
+    erase.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward "
+                       "pass (less memory for SDXL/Flux, slower steps)")
+    erase.add_argument("--optimizer", choices=("adam", "adam8bit"), default="adam",
+                       help="adam8bit: bitsandbytes' 8-bit Adam (pip install 'erasure-suite[gpu]')")
+    erase.add_argument("--resolution", type=int, help="training resolution in pixels (default: the model's native "
+                       "one; 512 halves SDXL's and quarters Flux's latent)")
+    erase.add_argument("--out", required=True, help="new directory for the edit")
+    erase.add_argument("--restart", action="store_true", help="discard the checkpoints of an interrupted run in "
+                       "OUT.partial/ and start from scratch (default: resume)")
+    erase.set_defaults(run=cmd_erase)
+
+    methods = commands.add_parser("methods", help="list the erasers")
+    methods.set_defaults(run=cmd_methods)

@@ -1,0 +1,30 @@
+"""Image grids and atomic image writes, shared by `erasure generate`, compare and the benchmarks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image
+
+
+def image_grid(images: list[Image.Image], columns: int, scale: int = 1) -> Image.Image:
+    from diffusers.utils import make_image_grid
+
+    rows = -(-len(images) // columns)
+    padded = list(images) + [Image.new("RGB", images[0].size, "white")] * (rows * columns - len(images))
+    grid = make_image_grid(padded, rows=rows, cols=columns)
+    return grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST) if scale > 1 else grid
+
+
+def save_image_atomically(image: Image.Image, path: Path) -> None:
+    """`image` to `path` (format by its suffix) under a temporary name, renamed into place once complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    import os
+
+    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
+    try:
+        image.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,1 @@
+"""The VLM erasers, one file each; vlm.registry finds every module here."""
