@@ -72,9 +72,8 @@ class AppState:
     def describe(self, edit_name: str) -> str:
         meta = read_edit(self.edits()[edit_name])
         method = meta.get("method", "an edit")
-        summary = available_methods().get(method)
-        how = f" ({summary.summary})" if summary else ""
-        return f"{edit_name}: {method}{how} erasing {', '.join(meta['concepts'])}"
+        entry = available_methods().get(method)  # the registry's summary says what the method edits
+        return f"{edit_name}: {method} erasing {', '.join(meta['concepts'])}" + (f" ({entry.summary})" if entry else "")
 
 
 def _check_inputs(prompt: str, seed, steps, guidance) -> tuple[int, int, float]:

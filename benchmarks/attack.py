@@ -29,10 +29,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from erasers.adversarial import new_adversary, optimise_tokens, prompt_ids, slot_start
+from erasers.adversarial import TokenSearch, new_adversary, optimise_tokens, prompt_ids, slot_start
 from erasers.edits import apply_edits, read_edit
 from erasers.errors import UsageError
-from erasers.files import atomic_dir, check_output_path, publish
+from erasers.files import check_output_path, writing_into
 from erasers.losses import predict_noise
 from erasers.models import TOY_MARKER, LoadedPipeline, load_pipeline, resolve_source
 from erasers.prompts import make_request
@@ -171,8 +171,8 @@ def unlearn_diff_attack(loaded: LoadedPipeline, prompt: str, seed: int, target_l
         return outcome["attack_success"]
 
     loaded.freeze()
-    losses = optimise_tokens(adversary, loaded, input_ids, loss_fn, config.iterations, optimizer, generator,
-                             check=check)
+    search = TokenSearch(optimizer, config.iterations, check=check)
+    losses = optimise_tokens(adversary, loaded, input_ids, loss_fn, search, generator)
     decoded = {name: _decode(loaded, name, ids[0].tolist(), config.tokens) for name, ids in outcome["ids"].items()}
     # The prompt reported is the one the token states are read from (CLIP on SD/SDXL, T5 on Flux).
     tokens, final_prompt = decoded[loaded.adapter.token_states_encoder]
@@ -203,18 +203,29 @@ def attack_prompts(prompts: list[str], count: int | None, seed: int) -> list[tup
     return [(prompts[i % len(prompts)], seed + i // len(prompts)) for i in range(count)]
 
 
+@dataclass
+class AttackRun:
+    """Where an attack runs and what it writes: the device, the images' resolution (None: the model's own),
+    progress bars, and `out` for attack.json and attack.png (None: nothing written)."""
+
+    device: str | None = None
+    out: str | Path | None = None
+    progress: bool = True
+    resolution: int | None = None
+
+
 def attack_success_rate(model: str, edits: list[str | Path], concept: str | None = None, *,
                         prompts: list[str] | None = None, count: int | None = None, seed: int = 188,
-                        config: AttackConfig | dict | None = None, judge: Judge | None = None,
-                        device: str | None = None, out: str | Path | None = None, progress: bool = True,
-                        resolution: int | None = None) -> dict:
+                        config: AttackConfig | dict | None = None, judge: Judge | None = None, **run) -> dict:
     """UnlearnDiffAtk against `edits` (stacked) on `model`: Pre-ASR and ASR of `count` prompts of `concept`.
 
     On the toy model the concept defaults to the edit's, the prompts to its training captions and the judge to
     the ToyCanvas classifier; elsewhere pass `judge` (images, concept) -> bools and `prompts` (default: the
     concept itself). `config` is an AttackConfig or a dict of overrides on the defaults (the toy model's are
     lighter). Writes `out`/attack.json and `out`/attack.png (original / erased / attacked) when `out` is given,
-    and returns the results."""
+    and returns the results; `run` holds AttackRun's fields (device, out, progress, resolution)."""
+    settings = AttackRun(**run)
+    device, out, progress, resolution = settings.device, settings.out, settings.progress, settings.resolution
     if not edits:
         raise UsageError("pass at least one --edit directory to attack")
     metadata = [read_edit(path) for path in edits]
@@ -281,12 +292,15 @@ def attack_success_rate(model: str, edits: list[str | Path], concept: str | None
 
 
 def _write_results(out: Path, summary: dict, originals, erased, attacked) -> None:
+    with writing_into(out) as tmp:
+        _write_into(tmp, summary, originals, erased, attacked)
+
+
+def _write_into(tmp: Path, summary: dict, originals, erased, attacked) -> None:
     from benchmarks.figures import labelled_grid
 
-    tmp = atomic_dir(out)
     (tmp / "attack.json").write_text(json.dumps(summary, indent=2))
     shown = slice(0, 10)
     grid = labelled_grid(originals[shown] + erased[shown] + attacked[shown], len(originals[shown]),
                          ["original", "erased", "attacked"], scale=3)
     grid.save(tmp / "attack.png")
-    publish(tmp, out)

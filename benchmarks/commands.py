@@ -9,6 +9,9 @@ import os
 from pathlib import Path
 
 from erasers.errors import UsageError
+from erasers.outputs import claim_output_dir
+
+MANIFEST = "manifest.jsonl"  # the runner's (benchmarks.runner.MANIFEST): a folder holding one is a run to resume
 
 
 def _csv(text: str | None) -> list[str]:
@@ -65,7 +68,12 @@ def _check_out(args) -> Path:
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise UsageError(f"--out {out} is a file; pass a directory (new, or a previous run's to resume it)")
-    return path
+    return claim_output_dir(path, MANIFEST, create=False)  # a user's own folder is refused before any work
+
+
+def _claim_out(out: Path) -> None:
+    """The run's folder, made now that every input is checked (a rerun's own is taken as it is)."""
+    claim_output_dir(out, MANIFEST)
 
 
 def _print_result(results: dict | None, out: Path) -> None:
@@ -88,6 +96,7 @@ def cmd_bench_toycanvas(args) -> None:
                                 args.device)
     concepts = [bench.canonical(c) for c in _csv(args.concepts)]
     plan_edits(bench, methods, concepts, args.edit or [], out)  # every check before anything is written
+    _claim_out(out)
     if _maybe_relaunch(args, ["bench", "toycanvas"]):
         return
     results = run(bench, methods, concepts, args.edit or [], out, Runner(out, progress=not args.quiet),
@@ -98,7 +107,7 @@ def cmd_bench_toycanvas(args) -> None:
 def cmd_bench_unlearncanvas(args) -> None:
     from benchmarks.erasure_bench import parse_methods, plan_edits, run
     from benchmarks.runner import Processes, Runner
-    from benchmarks.unlearncanvas_data import unlearncanvas_benchmark
+    from benchmarks.unlearncanvas_data import Protocol, unlearncanvas_benchmark
     from erasers.models import resolve_source
 
     out = _check_out(args)
@@ -115,11 +124,12 @@ def cmd_bench_unlearncanvas(args) -> None:
     # Validated in the launching process on the CPU; each launched process loads the classifiers on its own GPU.
     device = args.device or processes.device or (
         "cpu" if (args.processes or 1) > 1 and not _launched() else None)
-    bench = unlearncanvas_benchmark(args.data, style_path, object_path, args.model, tuple(args.seeds), args.steps,
-                                    args.guidance, args.size, args.inception, not args.no_fid,
-                                    args.fid_reference_per_pair, device)
+    protocol = Protocol(tuple(args.seeds), args.steps, args.guidance, args.size, not args.no_fid, args.inception,
+                        args.fid_reference_per_pair)
+    bench = unlearncanvas_benchmark(args.data, style_path, object_path, args.model, protocol, device)
     concepts = [bench.canonical(c) for c in _csv(args.concepts)]
     plan_edits(bench, methods, concepts, args.edit or [], out)
+    _claim_out(out)
     if _maybe_relaunch(args, ["bench", "unlearncanvas"]):
         return
     results = run(bench, methods, concepts, args.edit or [], out,
@@ -145,10 +155,11 @@ def cmd_bench_i2p(args) -> None:
     detector_name = args.detector or ("toy" if args.model == "toy" else "nudenet")
     detector = i2p.toy_detector() if detector_name == "toy" else i2p.nudenet_detector()
     q16 = i2p.q16_scorer(args.q16_clip, args.q16_prompts) if args.q16_clip else None
+    _claim_out(out)
     if _maybe_relaunch(args, ["bench", "i2p"]):
         return
-    results = i2p.run(args.model, jobs, sets, detector, out, Runner(out, progress=not args.quiet), args.threshold,
-                      q16, args.batch_size, args.device)
+    results = i2p.run(args.model, jobs, sets, i2p.Scoring(detector, args.threshold, q16), out,
+                      Runner(out, progress=not args.quiet), args.batch_size, args.device)
     if results is not None:
         print(i2p.markdown(results))
         print(f"wrote {out}/results.json, {out}/report.md, {out}/report.html and {out}/plots/")

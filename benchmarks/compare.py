@@ -7,13 +7,17 @@ from pathlib import Path
 
 from erasers.edits import apply_edits, read_edit
 from erasers.errors import UsageError
-from erasers.files import check_output_path
+from erasers.files import write_atomically
+from erasers.images import save_image_atomically
 from erasers.models import TOY_MARKER, load_pipeline, resolve_source
+from erasers.outputs import claim_output_dir
 
 from .figures import labelled_grid
 from .toycanvas import CLASSIFIER_DIR
 from .toycanvas.classifier import ToyClassifier
 from .unlearncanvas import AnswerSet, classify_answer_set, score
+
+METRICS = "metrics.json"
 
 
 def compare(model: str, edits: list[str], out: str | Path, seeds: tuple[int, ...] = (188,),
@@ -34,8 +38,8 @@ def compare(model: str, edits: list[str], out: str | Path, seeds: tuple[int, ...
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; compare writes a directory (compare.png, metrics.*): pass a new "
-                         "or existing directory")
-    check_output_path(out)
+                         "directory, or a previous compare's to refresh it")
+    claim_output_dir(out, METRICS, create=False)  # a folder compare did not make is refused before any work
     classifier = ToyClassifier.from_pretrained(CLASSIFIER_DIR)
     answers = AnswerSet(seeds=tuple(seeds))
     base = load_pipeline(model, device=device)
@@ -43,7 +47,7 @@ def compare(model: str, edits: list[str], out: str | Path, seeds: tuple[int, ...
     edited = load_pipeline(model, device=device)
     apply_edits(edited, edits)
     edited_records, edited_images = classify_answer_set(edited, classifier, answers, progress)
-    out.mkdir(parents=True, exist_ok=True)
+    claim_output_dir(out, METRICS)
     table = {"base": score(base_records, erased, kind), "edited": score(edited_records, erased, kind),
              "erased": erased, "kind": kind, "edits": [str(e) for e in edits], "seeds": list(seeds),
              "images_per_model": len(base_records)}
@@ -54,9 +58,9 @@ def compare(model: str, edits: list[str], out: str | Path, seeds: tuple[int, ...
     labels = [f"{items[i][0]}/{items[i][1]}" for i in shown]
     grid = labelled_grid([base_images[i] for i in shown] + [edited_images[i] for i in shown], len(shown),
                          ["base", "edited"], labels, scale=3)
-    grid.save(out / "compare.png")
-    (out / "metrics.json").write_text(json.dumps(table, indent=2))
-    (out / "metrics.md").write_text(metrics_markdown(table))
+    save_image_atomically(grid, out / "compare.png")
+    write_atomically(out / "metrics.md", metrics_markdown(table))
+    write_atomically(out / METRICS, json.dumps(table, indent=2))  # last: it marks a finished compare
     return table
 
 

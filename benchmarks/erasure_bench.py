@@ -10,7 +10,6 @@ Resumable and split across processes by benchmarks.runner; erases are split acro
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from benchmarks.metrics import Record, accuracy_scores, unlearncanvas_scores
 from benchmarks.runner import ImageJob, Runner
 from erasers.edits import apply_edits, read_edit
 from erasers.errors import UsageError
+from erasers.files import save_atomically, write_atomically
 from erasers.registry import REGISTRY, available_methods, get_method
 
 
@@ -232,8 +232,7 @@ def run(bench: Benchmark, methods: list[str], concepts: list[str], given_edits: 
     if not processes.is_main:
         return None
     results = collect(bench, runner, sets, jobs)
-    (out / "results.json.tmp").write_text(json.dumps(results, indent=2))
-    (out / "results.json.tmp").replace(out / "results.json")
+    write_atomically(out / "results.json", json.dumps(results, indent=2))
     from benchmarks.report import write_report
 
     done = runner.manifest.read()  # once: a grid looks up hundreds of images (re-reading it took 80 s)
@@ -288,10 +287,8 @@ def reference_features(bench: Benchmark, out: Path, excluded: set[str]) -> torch
         for start in range(0, len(items), 64):
             features.append(bench.features.extract([load() for _, load in items[start:start + 64]]))
         stored = {"keys": [key for key, _ in items], "features": torch.cat(features)}
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".{os.getpid()}.tmp")  # processes computing it at once each write their own
-        torch.save(stored, tmp)
-        tmp.replace(cache)
+        # Processes computing it at once each write their own unique temporary file.
+        save_atomically(cache, lambda tmp: torch.save(stored, tmp))
     keep = {key for key, _ in bench.reference(excluded)}
     rows = [i for i, key in enumerate(stored["keys"]) if key in keep]
     return stored["features"][rows]

@@ -101,7 +101,7 @@ def method_step(family: str, method: str, args) -> dict:
     options = ip_adapter_files(loaded, args) if "ip_adapter" in get_method(method).needs else {}
     config = short_run_config(method, args.steps, False, attack_steps=2, retain_batch=1, **options)
     eraser = get_method(method).eraser(config)
-    request = make_request(["a photo of a cat"], loaded.tokenizer, False, preserve=["a photo of a dog"])
+    request = make_request(["a photo of a cat"], loaded.tokenizer, None, preserve=["a photo of a dog"])
     before = _sums(loaded)
     _reset_memory(args.device)
     synchronize(args.device)

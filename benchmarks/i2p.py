@@ -24,6 +24,7 @@ import torch
 
 from benchmarks.runner import ImageJob, Runner
 from erasers.errors import UsageError
+from erasers.files import write_atomically
 
 DEFAULT_GUIDANCE = 7.5
 THRESHOLD = 0.6
@@ -201,9 +202,18 @@ def plan_sets(model: str, methods: list[str], concepts: list[str], edits: list[s
     return sets
 
 
-def run(model: str, jobs: list[ImageJob], sets: list[tuple], detector: Detector, out: Path,
-        runner: Runner | None = None, threshold: float = THRESHOLD, q16: Callable | None = None,
-        batch_size: int = 16, device: str | None = None) -> dict | None:
+@dataclass
+class Scoring:
+    """What scores the images: the nudity `detector` at `threshold`, and Q16 when given."""
+
+    detector: Detector
+    threshold: float = THRESHOLD
+    q16: Callable | None = None
+
+
+def run(model: str, jobs: list[ImageJob], sets: list[tuple], scoring: Scoring, out: Path,
+        runner: Runner | None = None, batch_size: int = 16, device: str | None = None) -> dict | None:
+    detector, threshold, q16 = scoring.detector, scoring.threshold, scoring.q16
     from benchmarks.erasure_bench import Benchmark, Edit, erase_isolated, load_for_benchmark
 
     runner = runner or Runner(out)
@@ -230,8 +240,7 @@ def run(model: str, jobs: list[ImageJob], sets: list[tuple], detector: Detector,
     if not processes.is_main:
         return None
     results = collect(runner, jobs, sets, detector, threshold, q16 is not None, model)
-    (out / "results.json.tmp").write_text(json.dumps(results, indent=2))
-    (out / "results.json.tmp").replace(out / "results.json")
+    write_atomically(out / "results.json", json.dumps(results, indent=2))
     write_report(results, out)
     return results
 

@@ -25,6 +25,7 @@ from benchmarks.toycanvas import CLASSIFIER_DIR, world
 from benchmarks.toycanvas.classifier import ToyClassifier
 from benchmarks.unlearncanvas import AnswerSet, classify_answer_set, score
 from erasers.edits import apply_edits, read_edit
+from erasers.files import write_atomically
 from erasers.models import load_pipeline
 from erasers.registry import available_methods
 
@@ -130,10 +131,7 @@ def _erase_in_fresh_process(method: str, concept: str, out: Path, options: dict 
 
 
 def _save(results: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=2))
-    tmp.replace(path)
+    write_atomically(path, json.dumps(results, indent=2))
 
 
 def markdown(table: dict, methods: list[str], concepts: list[str]) -> str:

@@ -28,13 +28,12 @@ It is reported with its parts beside it.
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from erasers.errors import UsageError
-from erasers.files import check_output_path
+from erasers.files import check_output_path, write_atomically
 from erasers.validation import validate_config
 
 SHOTS = 0
@@ -213,6 +212,4 @@ def report_markdown(result: dict) -> str:
 def write_report(result: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for name, text in (("results.json", json.dumps(result, indent=2)), ("report.md", report_markdown(result))):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
+        write_atomically(out / name, text)

@@ -12,6 +12,7 @@ from pathlib import Path
 from PIL import Image
 
 from benchmarks.figures import labelled_grid
+from erasers.files import write_atomically
 
 METRICS = ("UA", "IRA", "CRA")
 
@@ -186,6 +187,4 @@ def _save(figure, path: Path) -> Path:
 
 
 def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    write_atomically(path, text)

@@ -10,6 +10,7 @@ checkpoints' own format), its sampling, and FID's features, for `erasure bench u
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -170,13 +171,28 @@ def _array(image: Image.Image):
     return np.asarray(image, dtype=np.uint8).copy()
 
 
+@dataclass(frozen=True)
+class Protocol:
+    """UnlearnCanvas' sampling (the published seeds, DDIM 100 steps, guidance 9.0, 512 px) and FID's options: FID
+    on `inception`'s features (None: the style classifier's), against at most `reference_per_pair` dataset images
+    per style x object (None: all)."""
+
+    seeds: tuple[int, ...] = SEEDS
+    steps: int = STEPS
+    guidance: float = GUIDANCE
+    size: int = SIZE
+    fid: bool = True
+    inception: str | None = None
+    reference_per_pair: int | None = None
+
+
 def unlearncanvas_benchmark(data_path: str, style_classifier: str, object_classifier: str, model: str,
-                            seeds: tuple[int, ...] = SEEDS, steps: int = STEPS, guidance: float = GUIDANCE,
-                            size: int = SIZE, inception: str | None = None, fid: bool = True,
-                            reference_per_pair: int | None = None, device: str | None = None) -> Benchmark:
+                            protocol: Protocol = Protocol(), device: str | None = None) -> Benchmark:
     """Answer set: every style x object of the data folder (restricted to the styles the style classifier knows:
-    the 50-style experiments use the 50-style classes) at the published seeds, DDIM 100 steps, guidance 9.0,
-    512 px, saved as {style}_{object}_seed{seed}.jpg."""
+    the 50-style experiments use the 50-style classes) at the protocol's seeds and sampling, saved as
+    {style}_{object}_seed{seed}.jpg."""
+    seeds, steps, guidance, size = protocol.seeds, protocol.steps, protocol.guidance, protocol.size
+    inception, fid, reference_per_pair = protocol.inception, protocol.fid, protocol.reference_per_pair
     data = read_dataset(data_path)
     style_model, object_model = load_classifiers(style_classifier, object_classifier, device)
     styles = tuple(s for s in style_model.classes if s in data and s != SEED_IMAGES)

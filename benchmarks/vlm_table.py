@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.mllmu_med import EvalConfig, evaluate_target, unlearning_efficiency
+from erasers.files import write_atomically
 
 # (row label, method, option overrides)
 RUNS = (
@@ -72,9 +72,7 @@ def markdown(results: dict) -> str:
 
 
 def save_json(data: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    write_atomically(path, json.dumps(data, indent=2))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -116,9 +114,7 @@ def main(argv: list[str] | None = None) -> None:
                                        "unlearning_efficiency": unlearning_efficiency(entry["base"], edited)}
             save_json(results, results_file)
             print(label, concept, {k: edited[k]["score"] for k in ("forget", "test", "retain")}, flush=True)
-    tmp = TABLE.with_name(f".{TABLE.name}.tmp")
-    tmp.write_text(markdown(results))
-    os.replace(tmp, TABLE)
+    write_atomically(TABLE, markdown(results))
     save_json(results, TABLE.with_suffix(".json"))  # every figure, with example answers, beside the table
     print(TABLE.read_text())
 

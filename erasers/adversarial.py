@@ -154,19 +154,30 @@ def _encoders(loaded: LoadedPipeline, text_encoders: dict[str, nn.Module] | None
     return {name: (text_encoders or {}).get(name) or loaded.text_encoders[name] for name in loaded.family.text_encoders}
 
 
+@dataclass
+class TokenSearch:
+    """How `optimise_tokens` steps: `steps` of `optimizer` (on the gradient, or its sign), with `check(step)` called
+    after each step (True stops early)."""
+
+    optimizer: torch.optim.Optimizer
+    steps: int
+    sign_gradient: bool = False
+    check: Callable[[int], bool] | None = None
+
+
 def optimise_tokens(adversary: nn.ModuleDict, loaded: LoadedPipeline, input_ids: dict[str, torch.Tensor],
-                    loss_fn: Callable, steps: int, optimizer: torch.optim.Optimizer, generator: torch.Generator,
-                    sign_gradient: bool = False, check: Callable[[int], bool] | None = None,
+                    loss_fn: Callable, search: TokenSearch, generator: torch.Generator,
                     text_encoders: dict[str, nn.Module] | None = None) -> list[float]:
     """Minimise `loss_fn(conditioning, generator)` over the adversary's tokens (in each encoder's slots of
     `input_ids`). Only the adversary is updated: gradients are taken for its parameters alone, so a text encoder in
-    training keeps no stray gradients. `check(step)` is called after each step; returning True stops early."""
+    training keeps no stray gradients."""
+    optimizer, check = search.optimizer, search.check
     encoders = _encoders(loaded, text_encoders)
     words = {name: encoder.get_input_embeddings().weight.detach() for name, encoder in encoders.items()}
     base = {name: words[name][input_ids[name]] for name in encoders}
     parameters = list(adversary.parameters())
     losses = []
-    for step in range(steps):
+    for step in range(search.steps):
         drawn = {}
         embeds = {}
         for name in encoders:
@@ -180,7 +191,7 @@ def optimise_tokens(adversary: nn.ModuleDict, loaded: LoadedPipeline, input_ids:
         loss = loss_fn(loaded.adapter.encode_ids(input_ids, embeds, encoders), generator)
         gradients = torch.autograd.grad(loss, parameters)
         for parameter, gradient in zip(parameters, gradients):
-            parameter.grad = gradient.sign() if sign_gradient else gradient
+            parameter.grad = gradient.sign() if search.sign_gradient else gradient
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         for part in {id(p): p for p in adversary.values()}.values():
@@ -223,34 +234,47 @@ def adversarial_prompt(loaded: LoadedPipeline, prompt: str, adversary: nn.Module
     return AdversarialPrompt(input_ids, embeds, adversary)
 
 
-def soft_prompt_attack(loaded: LoadedPipeline, prompt: str, concept_states, empty_states,
-                       generator: torch.Generator, *, text_encoders: dict[str, nn.Module] | None = None,
-                       unet: nn.Module | None = None, teacher: nn.Module | None = None,
-                       adversary: nn.ModuleDict | None = None, tokens: int = 1, steps: int = 30, lr: float = 1e-3,
-                       method: str = "pgd", variant: str = "soft", ddim_steps: int = 50,
-                       guidance: float = 3.0) -> AdversarialPrompt:
-    """Find `tokens` adversarial tokens that, prepended to `prompt`, make `unet` (reading `text_encoders`) predict
-    what the frozen `teacher` predicts for the concept: minimise MSE(eps_theta(x_t, c_adv), eps*(x_t, c)).
+@dataclass(frozen=True)
+class SoftPromptAttack:
+    """AdvUnlearn's inner attack: `tokens` adversarial tokens, `steps` steps at `lr` (`method` "pgd": Adam on the
+    gradient, "sign": on its sign), `variant` "soft" (free word embeddings) or "discrete" (vocabulary
+    distributions); x_t from a `ddim_steps` trajectory the teacher samples at `guidance`."""
 
-    `concept_states` is the frozen text encoders' conditioning of `prompt`. x_t comes from one trajectory the
-    teacher samples for the concept (guidance `guidance`), at a random step per attack step (the reference samples
-    a trajectory per attack step: `steps` times the denoiser calls). `method` "pgd" takes Adam steps on the
-    gradient, "sign" on its sign (the fast variant). `variant` "soft" optimises free word embeddings (AdvUnlearn),
-    "discrete" vocabulary distributions (UnlearnDiffAtk's parametrisation). Pass the previous round's `adversary`
-    to warm-start (AdvUnlearn's "latest" initialisation)."""
-    if method not in ("pgd", "sign"):
-        raise UsageError(f"attack method must be pgd or sign, not {method!r}")
-    if variant not in ("soft", "discrete"):
-        raise UsageError(f"attack variant must be soft or discrete, not {variant!r}")
+    tokens: int = 1
+    steps: int = 30
+    lr: float = 1e-3
+    method: str = "pgd"
+    variant: str = "soft"
+    ddim_steps: int = 50
+    guidance: float = 3.0
+
+
+def soft_prompt_attack(loaded: LoadedPipeline, prompt: str, states: tuple, generator: torch.Generator,
+                       attack: SoftPromptAttack = SoftPromptAttack(), *,
+                       text_encoders: dict[str, nn.Module] | None = None, unet: nn.Module | None = None,
+                       teacher: nn.Module | None = None,
+                       adversary: nn.ModuleDict | None = None) -> AdversarialPrompt:
+    """Find adversarial tokens that, prepended to `prompt`, make `unet` (reading `text_encoders`) predict what the
+    frozen `teacher` predicts for the concept: minimise MSE(eps_theta(x_t, c_adv), eps*(x_t, c)).
+
+    `states` is (the frozen text encoders' conditioning of `prompt`, the empty prompt's). x_t comes from one
+    trajectory the teacher samples for the concept (at the attack's guidance), at a random step per attack step (the
+    reference samples a trajectory per attack step: `steps` times the denoiser calls). Pass the previous round's
+    `adversary` to warm-start (AdvUnlearn's "latest" initialisation)."""
+    if attack.method not in ("pgd", "sign"):
+        raise UsageError(f"attack method must be pgd or sign, not {attack.method!r}")
+    if attack.variant not in ("soft", "discrete"):
+        raise UsageError(f"attack variant must be soft or discrete, not {attack.variant!r}")
+    concept_states, empty_states = states
     encoders = _encoders(loaded, text_encoders)
     unet = unet or loaded.denoiser
     teacher = teacher or unet
-    input_ids = prompt_ids(loaded, prompt, tokens)
+    input_ids = prompt_ids(loaded, prompt, attack.tokens)
     if adversary is None:
-        adversary = new_adversary(variant, tokens, loaded, generator, encoders)
-    optimizer = torch.optim.Adam(adversary.parameters(), lr=lr)
-    path = sample_trajectory(loaded, teacher, concept_states, empty_states, ddim_steps - 1, ddim_steps, guidance,
-                             generator)
+        adversary = new_adversary(attack.variant, attack.tokens, loaded, generator, encoders)
+    optimizer = torch.optim.Adam(adversary.parameters(), lr=attack.lr)
+    path = sample_trajectory(loaded, teacher, concept_states, empty_states, attack.ddim_steps - 1, attack.ddim_steps,
+                             attack.guidance, generator)
 
     def loss_fn(states, gen):
         x_t, t = path[int(torch.randint(len(path), (1,), generator=gen))]
@@ -261,8 +285,8 @@ def soft_prompt_attack(loaded: LoadedPipeline, prompt: str, concept_states, empt
     was_training = {name: encoder.training for name, encoder in encoders.items()}
     for encoder in encoders.values():
         encoder.eval()
-    optimise_tokens(adversary, loaded, input_ids, loss_fn, steps, optimizer, generator, method == "sign",
-                    text_encoders=encoders)
+    search = TokenSearch(optimizer, attack.steps, attack.method == "sign")
+    optimise_tokens(adversary, loaded, input_ids, loss_fn, search, generator, text_encoders=encoders)
     for name, encoder in encoders.items():
         encoder.train(was_training[name])
     return adversarial_prompt(loaded, prompt, adversary, encoders)

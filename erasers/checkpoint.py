@@ -13,13 +13,13 @@ The structure is JSON with three tagged forms besides plain lists, string-keyed 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .errors import UsageError
+from .files import save_atomically
 
 FORMAT = "erasure-suite-checkpoint/1"
 
@@ -85,9 +85,7 @@ def save_checkpoint(path: Path, step: int, states: dict[str, Any]) -> None:
         tensors[key] = tensor.clone() if pointer in seen and tensor.numel() else tensor
         seen.add(pointer)
     metadata = {"format": FORMAT, "step": str(step), "structure": json.dumps(structure)}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, tmp, metadata=metadata)
-    os.replace(tmp, path)
+    save_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def load_checkpoint(path: Path) -> tuple[int, dict[str, Any], dict[str, torch.Tensor]]:

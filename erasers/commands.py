@@ -137,12 +137,15 @@ def cmd_generate(args) -> None:
 
 def cmd_erase(args) -> None:
     from .registry import parse_options
-    from .run import erase
+    from .run import EraseSpec, erase_spec
 
     options = {**parse_options(args.set), **({"seed": args.seed} if args.seed is not None else {}),
                **({"images": args.images} if args.images else {})}
-    out = erase(args.model, args.method, args.concept, args.out, args.anchor, args.preserve, options, args.device,
-                args.precision, args.gradient_checkpointing, args.optimizer, args.resolution, restart=args.restart)
+    spec = EraseSpec(args.model, args.method, args.concept, Path(args.out), anchors=args.anchor or [],
+                     preserve=args.preserve or [], options=options, device=args.device, precision=args.precision,
+                     gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer,
+                     resolution=args.resolution, restart=args.restart)
+    out = erase_spec(spec)
     print(f"wrote edit {out} (see {out}/erasure.json); compare it with: erasure compare --model {args.model} "
           f"--edit {out}")
 

@@ -1,10 +1,15 @@
 """The erase skeleton both sides share (diffusion: erasers.run; VLMs: vlm.run): refuse an existing output, work in
-the resumable `OUT.partial/`, measure time and peak memory, save, and remove the work directory once the edit is
-in place. What differs (loading, the eraser, what is saved) comes in as two functions."""
+the locked, resumable `OUT.partial/` (erasers.outputs.RunDirectory), measure time and peak memory, save, and remove
+the work directory once the edit is in place. What differs (loading, the eraser, what is saved) comes in as two
+functions.
+
+    with RunDirectory(out) as run:           # a second run on the same --out refuses here, before any model loads
+        loaded = ...
+        return run_resumably(run, signature, restart, loaded.device, erase, save)
+"""
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +18,8 @@ from typing import Any
 import torch
 
 from .errors import UsageError
-from .files import check_output_path, peak_memory_bytes, reset_peak_memory, resumable_work_dir
+from .files import check_output_path, peak_memory_bytes, reset_peak_memory
+from .outputs import RunDirectory
 
 
 def check_new_output(out: Path) -> Path:
@@ -24,15 +30,14 @@ def check_new_output(out: Path) -> Path:
     return check_output_path(out)
 
 
-def run_resumably(out: Path, signature: dict, restart: bool, device: torch.device,
+def run_resumably(run: RunDirectory, signature: dict, restart: bool, device: torch.device,
                   erase: Callable[[Path], Any], save: Callable[[Any, dict], Path]) -> Path:
-    """`erase(work_dir)` in `out`.partial (resuming the checkpoints of an interrupted run with the same
-    `signature`, unless `restart`), then `save(content, cost)` with cost = {"seconds", "peak_memory_bytes"}."""
-    work_dir = resumable_work_dir(out, signature, restart)
+    """`erase(work_dir)` in the locked `run` directory (resuming the checkpoints of an interrupted run with the
+    same `signature`, unless `restart`), then `save(content, cost)` with cost = {"seconds", "peak_memory_bytes"}.
+    The work directory goes when `run`'s block ends well; it stays, resumable, when it fails."""
+    work_dir = run.prepare(signature, restart)
     reset_peak_memory(device)
     started = time.time()
     content = erase(work_dir)
     cost = {"seconds": time.time() - started, "peak_memory_bytes": peak_memory_bytes(device)}
-    saved = save(content, cost)
-    shutil.rmtree(work_dir, ignore_errors=True)
-    return saved
+    return save(content, cost)

@@ -19,7 +19,7 @@ from torch import nn
 from . import __version__
 from .core import check_new_output
 from .errors import UsageError
-from .files import atomic_dir, publish, read_json
+from .files import publish, read_json, writing_into
 from .models import LoadedPipeline
 from .prompts import EraseRequest
 
@@ -58,10 +58,10 @@ def save_edit(out: str | Path, components: dict[str, nn.Module], metadata: dict,
     """The edited `components` in diffusers/transformers format plus erasure.json (`metadata`, the components and
     `cost`: seconds and peak memory), written under a temporary name and renamed to `out`."""
     out = check_new_output(Path(out))
-    tmp = atomic_dir(out)
-    for name, module in components.items():
-        module.save_pretrained(tmp / name)
-    return publish_with_metadata(tmp, out, {**metadata, "components": sorted(components)}, cost or {})
+    with writing_into(out) as tmp:  # a full disk: one line, nothing left beside `out`
+        for name, module in components.items():
+            module.save_pretrained(tmp / name)
+        return publish_with_metadata(tmp, out, {**metadata, "components": sorted(components)}, cost or {})
 
 
 def publish_with_metadata(tmp: Path, out: Path, metadata: dict, cost: dict) -> Path:

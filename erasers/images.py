@@ -6,6 +6,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from .files import save_atomically
+
 
 def image_grid(images: list[Image.Image], columns: int, scale: int = 1) -> Image.Image:
     from diffusers.utils import make_image_grid
@@ -20,11 +22,4 @@ def save_image_atomically(image: Image.Image, path: Path) -> None:
     """`image` to `path` (format by its suffix) under a temporary name, renamed into place once complete."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    import os
-
-    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
-    try:
-        image.save(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    save_atomically(path, image.save)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -91,17 +90,14 @@ class RunDirectory:
             _lock(fd)
         except BlockingIOError:
             os.close(fd)
-            pid = _marker_fields(self.path).get("pid", "unknown")
-            raise UsageError(f"another erasure run is using {self.path} (pid {pid}); wait for it or choose another "
-                             "--out") from None
+            raise UsageError(f"another erasure run is using {self.path} (pid {_lock_holder(marker)}); wait for it "
+                             "or choose another --out") from None
         if not _same_file(fd, marker):  # removed by its finished run between open and flock
             _unlock(fd)
             return None
         if _marker_fields(self.path).get("made_by") != _MADE_BY:
             _unlock(fd)
             raise self._foreign("holds a .erasure-run file erasure did not write")
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, _run_marker().encode(), 0)
         return fd
 
     def prepare(self, signature: dict, restart: bool = False) -> Path:
@@ -122,15 +118,12 @@ class RunDirectory:
             self._fd = fd if fd is not None else self._lock_existing(self.path / MARKER)
             if self._fd is None:
                 raise UsageError(f"another erasure run is using {self.path}; wait for it or choose another --out")
-        if restart:
-            self._clear()
-        elif run_file.exists() or run_file.is_symlink():
-            if read_json(run_file, "pass --restart to start from scratch") != signature:
-                self._clear()
-        else:
-            self._clear()  # a run that died before writing run.json left nothing to resume
-        write_atomically(run_file, json.dumps(signature))
         self._prepared = True
+        if not restart and (run_file.exists() or run_file.is_symlink()):
+            if read_json(run_file, "pass --restart to start from scratch") == signature:
+                return self.path  # resumed untouched: a run refused later leaves it byte for byte
+        self._clear()  # restarted, another run's, or one that died before writing run.json
+        write_atomically(run_file, json.dumps(signature))
         return self.path
 
     def _clear(self) -> None:
@@ -183,12 +176,14 @@ def mark_run_dir(directory: Path) -> None:
     (Path(directory) / MARKER).write_text(_run_marker())
 
 
-def claim_output_dir(out: str | Path, manifest: str, flag: str = "--out") -> Path:
+def claim_output_dir(out: str | Path, manifest: str, flag: str = "--out", create: bool = True) -> Path:
     """The folder a command writes its results into (compare, bench): one it makes now, or one that already
     holds its `manifest` file or its marker (a rerun resumes or refreshes it). Any other existing folder is the
-    user's and refused."""
+    user's and refused. With `create` False it only checks (bad input found later must leave nothing behind)."""
     out = check_output_path(out, flag)
     for _ in range(20):
+        if not create and not out.exists():
+            return out
         if out.exists():
             if not out.is_dir():
                 raise UsageError(f"{flag} {out} is a file; this command writes a folder: choose a new {flag}")
@@ -203,6 +198,23 @@ def claim_output_dir(out: str | Path, manifest: str, flag: str = "--out") -> Pat
 
 
 def _run_marker() -> str:
-    return json.dumps({"made_by": _MADE_BY, "pid": os.getpid(), "host": socket.gethostname()})
+    # Never rewritten while the folder lives: a refused or failed run must leave OUT.partial/ byte for byte.
+    return json.dumps({"made_by": _MADE_BY})
+
+
+def _lock_holder(marker: Path) -> str:
+    """The pid holding `marker`'s flock, from Linux's /proc/locks ("unknown" elsewhere); the lock itself, not a
+    pid written in a file, decides, so a dead run never blocks the next."""
+    try:
+        inode = os.stat(marker).st_ino
+        with open("/proc/locks") as locks:
+            for line in locks:
+                fields = line.split()
+                if "->" not in fields and len(fields) > 5 and fields[1] == "FLOCK" and \
+                        fields[5].rsplit(":", 1)[-1] == str(inode):
+                    return fields[4]
+    except (OSError, ValueError):
+        pass
+    return "unknown"
 
 

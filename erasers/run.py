@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from .core import check_new_output, run_resumably
 from .edits import base_fingerprint, edit_metadata, save_edit
 from .errors import UsageError
 from .models import TOY_MARKER, load_pipeline, resolve_device, resolve_source
+from .outputs import RunDirectory
 from .precision import TrainingOptions, autocast, check_precision, default_precision
 from .prompts import make_request
 from .registry import build_config, get_method
@@ -52,7 +54,6 @@ def erase_spec(spec: EraseSpec) -> Path:
     resolution), load, let the eraser check its own resources, then erase resumably and save."""
     is_toy = (Path(resolve_source(spec.model)) / TOY_MARKER).exists()
     config = build_config(spec.method, is_toy, spec.options)
-    entry = get_method(spec.method)
     out = check_new_output(spec.out)
     device = resolve_device(spec.device)
     training = TrainingOptions(spec.precision or default_precision(device), spec.gradient_checkpointing,
@@ -60,6 +61,12 @@ def erase_spec(spec: EraseSpec) -> Path:
     check_precision(training.precision, device)
     if spec.resolution is not None and (spec.resolution < 16 or spec.resolution % 16):
         raise UsageError(f"--resolution {spec.resolution} must be a multiple of 16 (pixels), at least 16")
+    with RunDirectory(out) as run:  # a second run on the same --out refuses before loading a model
+        return _erase_loaded(spec, run, config, training, device)
+
+
+def _erase_loaded(spec: EraseSpec, run: RunDirectory, config, training: TrainingOptions, device: str) -> Path:
+    entry = get_method(spec.method)
     loaded = load_pipeline(spec.model, device=device, dtype=training.dtype)
     if loaded.family.name not in entry.families:
         raise UsageError(f"{spec.method} does not apply to {loaded.family.name} pipelines ({loaded.source}); it "
@@ -76,13 +83,16 @@ def erase_spec(spec: EraseSpec) -> Path:
             return eraser.erase(loaded, request, work_dir)
 
     def save(components, cost: dict) -> Path:
-        return save_edit(out, components, edit_metadata(loaded, spec.method, config, request, fingerprint), cost)
+        return save_edit(spec.out, components, edit_metadata(loaded, spec.method, config, request, fingerprint),
+                         cost)
 
-    return run_resumably(out, signature, spec.restart, loaded.device, work, save)
+    return run_resumably(run, signature, spec.restart, loaded.device, work, save)
 
 
 def run_signature(method: str, config, request, fingerprint: str, training: TrainingOptions | None = None,
                   resolution: int | None = None) -> dict:
-    """What makes two erase runs the same run: an interrupted one resumes only from its own checkpoints."""
-    return {"method": method, "config": asdict(config), "request": asdict(request), "base": fingerprint,
-            "training": asdict(training or TrainingOptions()), "resolution": resolution}
+    """What makes two erase runs the same run: an interrupted one resumes only from its own checkpoints. As JSON
+    values (tuples as lists), so it compares equal to the run.json an interrupted run left."""
+    return json.loads(json.dumps({"method": method, "config": asdict(config), "request": asdict(request),
+                                  "base": fingerprint, "training": asdict(training or TrainingOptions()),
+                                  "resolution": resolution}))

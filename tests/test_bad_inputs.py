@@ -1,4 +1,4 @@
-"""Bad and hostile inputs (the table in benchmarks/bad_inputs.py): exit code 2, one `erasure: error:` line, no
+"""Bad and hostile inputs (the table in apps/bad_inputs.py): exit code 2, one `erasure: error:` line, no
 traceback, nothing written. Plus what the table cannot say: --restart recovers, checkpoints resume exactly without
 pickle, a failing judge is reported, --overwrite, an interrupted generate writes nothing."""
 
@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from apps import bad_inputs
+from apps.bad_input_fixtures import Planted
 from apps.cli import main
-from benchmarks import bad_inputs
-from benchmarks.bad_input_fixtures import Planted
 from erasers.checkpoint import load_checkpoint
 from erasers.errors import UsageError
 from erasers.train import TrainingLoop

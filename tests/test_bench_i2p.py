@@ -62,7 +62,8 @@ def test_rows_use_their_own_seed_guidance_and_size_and_real_nudenet_reads_them(t
     jobs = [j.__class__(j.key, j.prompt, j.seed, 2, j.guidance, j.height, j.width, j.labels) for j in jobs]
     out = tmp_path / "run"
     detector = i2p.nudenet_detector()
-    results = i2p.run(model, jobs, i2p.plan_sets(model, [], [], [], out), detector, out, Runner(out, progress=False))
+    results = i2p.run(model, jobs, i2p.plan_sets(model, [], [], [], out), i2p.Scoring(detector), out,
+                      Runner(out, progress=False))
     loaded = load_pipeline(model, device="cpu")
     runner = Runner(out)
     done = runner.manifest.read()

@@ -321,7 +321,7 @@ def test_a_missing_adapter_or_mismatched_refinement_clip_fails_before_any_traini
                                                                                      monkeypatch):
     """The adapter and the refinement CLIP are first used after stage 1 (1000 steps by default): they are checked
     before it and before anything is written, with one line that says what to pass."""
-    from erasers import coerasing
+    from erasers.methods import coerasing
 
     def no_training(*args, **kwargs):
         raise AssertionError("training started before the IP-Adapter and refinement CLIP were checked")

@@ -2,6 +2,7 @@
 teacher without a second denoiser, gradient checkpointing, the precision options), and the scripts that measure
 them: benchmarks/gpu_check.py's CPU mode and benchmarks/step_cost.py's SDXL rows."""
 
+import dataclasses
 import sys
 
 import numpy as np
@@ -13,7 +14,7 @@ from erasers.edits import apply_edits, read_edit
 from erasers.losses import predict_noise
 from erasers.precision import TrainingOptions, autocast, build_optimizer, make_trainable
 from erasers.prompts import make_request
-from erasers.registry import build_config, get_method
+from erasers.registry import REGISTRY, build_config, get_method
 from erasers.run import erase
 
 FAMILIES = ("sd", "sdxl", "flux")
@@ -192,7 +193,7 @@ def test_gpu_check_runs_doco_and_coerasing_on_every_family(capsys, monkeypatch):
     assert [line.split("|")[1:3] for line in rows] == expected, rows
     assert all(line.endswith("| yes | yes |") for line in rows), captured.out
 
-    monkeypatch.setattr(get_method("coerasing").eraser, "families", ("sd",))
+    monkeypatch.setitem(REGISTRY.entries, "coerasing", dataclasses.replace(get_method("coerasing"), families=("sd",)))
     code = main(["--tiny", "--steps", "1", "--families", "flux", "--methods", "coerasing"])
     captured = capsys.readouterr()
     assert code == 0 and not [line for line in captured.out.splitlines() if line.startswith("| flux")], captured.out

@@ -121,6 +121,10 @@ def test_an_erasure_runs_own_partial_folder_resumes_or_is_replaced(tmp_path):
         raise RuntimeError("interrupted")
     assert (tmp_path / "X.partial" / "ckpt" / "step-4.safetensors").read_bytes() == b"checkpoint", "kept to resume"
 
+    before = snapshot(tmp_path)
+    with pytest.raises(UsageError), resumable_run(out, SIGNATURE):
+        raise UsageError("a bad input found after resuming")
+    assert snapshot(tmp_path) == before, "a refused run leaves OUT.partial byte for byte"
     with resumable_run(out, SIGNATURE) as work_dir:
         assert (work_dir / "ckpt" / "step-4.safetensors").exists(), "the same run resumes"
     assert not (tmp_path / "X.partial").exists(), "a finished run removes its work directory"

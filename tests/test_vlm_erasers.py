@@ -56,13 +56,13 @@ def toy_target() -> Target:
 
 
 def _erase(loaded, method, options, tmp_path, name=None):
-    from vlm.edits import save_vlm_edit
+    from vlm.edits import save_vlm_edit, vlm_edit_metadata
 
     config = build_vlm_config(method, False, options)
     content = get_vlm_method(method).eraser(config).erase(loaded, toy_target())
     out = tmp_path / (name or method)
     try:
-        save_vlm_edit(out, content, loaded, method, config, "red", 0.0)
+        save_vlm_edit(out, content, vlm_edit_metadata(loaded, method, config, "red"))
     finally:
         if content.adapter is not None:
             content.adapter.unload()

@@ -23,7 +23,7 @@ import torch
 from erasers.core import check_new_output
 from erasers.edits import METADATA, check_metadata_fields, publish_with_metadata
 from erasers.errors import UsageError
-from erasers.files import atomic_dir, read_json
+from erasers.files import read_json, writing_into
 
 from .hooks import hook_layers
 from .models import LoadedVLM
@@ -52,10 +52,14 @@ def vlm_edit_metadata(loaded: LoadedVLM, method: str, config, concept: str, targ
 def save_vlm_edit(out: str | Path, content, metadata: dict, cost: dict | None = None) -> Path:
     """An eraser's EditContent (hook tensors and/or a LoRA adapter) plus erasure.json, written under a temporary name
     and renamed to `out`."""
+    out = check_new_output(Path(out))
+    with writing_into(out) as tmp:  # a full disk: one line, nothing left beside `out`
+        return _write_vlm_edit(tmp, out, content, metadata, cost)
+
+
+def _write_vlm_edit(tmp: Path, out: Path, content, metadata: dict, cost: dict | None) -> Path:
     from safetensors.torch import save_file
 
-    out = check_new_output(Path(out))
-    tmp = atomic_dir(out)
     if content.tensors:
         save_file({k: v.detach().float().cpu().contiguous() for k, v in content.tensors.items()}, tmp / TENSORS)
     if content.adapter is not None:

@@ -18,13 +18,13 @@ training the toy VLM and evaluating any VLM both go through it, so both see the 
 from __future__ import annotations
 
 import io
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
 
 from erasers.errors import UsageError
+from erasers.files import save_atomically
 
 LETTERS = ("A", "B", "C", "D")
 IMAGE_TEXTUAL, PURE_TEXT = "Image_Textual", "Pure_Text"
@@ -179,7 +179,4 @@ def write_split(rows: list[dict], directory: str | Path, extra: dict | None = No
     many = bool(rows) and "images" in rows[0]
     table = pa.Table.from_pylist(rows, schema=_schema(extra or {}, many))
     final = directory / PARQUET_NAME
-    tmp = final.with_suffix(".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, final)
-    return final
+    return save_atomically(final, lambda tmp: pq.write_table(table, tmp))

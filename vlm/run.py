@@ -16,6 +16,7 @@ from PIL import Image
 
 from erasers.core import check_new_output, run_resumably
 from erasers.errors import UsageError
+from erasers.outputs import RunDirectory
 
 from .edits import applied, read_vlm_edit, save_vlm_edit, vlm_edit_metadata, vlm_fingerprint
 from .models import LoadedVLM, ask, load_vlm
@@ -38,8 +39,10 @@ def erase_loaded(loaded: LoadedVLM, method: str, concept: str, out: str | Path, 
             if content.adapter is not None:
                 content.adapter.unload()
 
-    return run_resumably(out, vlm_run_signature(loaded, method, config, concept, data), restart, loaded.device,
-                         lambda work_dir: get_vlm_method(method).eraser(config).erase(loaded, target, work_dir), save)
+    with RunDirectory(out) as run:
+        return run_resumably(run, vlm_run_signature(loaded, method, config, concept, data), restart, loaded.device,
+                             lambda work_dir: get_vlm_method(method).eraser(config).erase(loaded, target, work_dir),
+                             save)
 
 
 def vlm_run_signature(loaded: LoadedVLM, method: str, config, concept: str, data) -> dict:

@@ -39,11 +39,10 @@ def toy_world_dir() -> Path:
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
     root = cache / f"toy-vlm-world-{digest}"
     if not (root / "world.json").exists():
-        from erasers.files import atomic_dir, publish
+        from erasers.files import writing_into
 
-        tmp = atomic_dir(root)
-        build_world(tmp, WorldConfig(**config))
-        publish(tmp, root)
+        with writing_into(root, replace=True) as tmp:  # a cache: a broken one is rebuilt
+            build_world(tmp, WorldConfig(**config))
     return root
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..adversarial import adversarial_prompt, new_adversary, soft_prompt_attack
+from ..adversarial import SoftPromptAttack, adversarial_prompt, new_adversary, soft_prompt_attack
 from ..errors import UsageError
 from ..losses import check_contrast, contrast_states, esd_target, predict_noise, sample_partially, sample_trajectory
 from ..models import LoadedPipeline
@@ -174,11 +174,10 @@ class AdvUnlearn(Eraser):
                     if cfg.attack_init == "random" and i > cfg.warmup:
                         adversary.load_state_dict(
                             new_adversary(cfg.attack, cfg.attack_tokens, loaded, generator).state_dict())
-                    adversarial = soft_prompt_attack(
-                        loaded, prompts[k], concept_states[k:k + 1], empty, generator, adversary=adversary,
-                        tokens=cfg.attack_tokens, steps=cfg.attack_steps, lr=cfg.attack_lr,
-                        method=cfg.attack_method, variant=cfg.attack, ddim_steps=cfg.ddim_steps,
-                        guidance=cfg.sample_guidance)
+                    search = SoftPromptAttack(cfg.attack_tokens, cfg.attack_steps, cfg.attack_lr,
+                                              cfg.attack_method, cfg.attack, cfg.ddim_steps, cfg.sample_guidance)
+                    adversarial = soft_prompt_attack(loaded, prompts[k], (concept_states[k:k + 1], empty),
+                                                     generator, search, adversary=adversary)
                 else:
                     adversarial = adversarial_prompt(loaded, prompts[k], adversary)
             teacher_states = concept_states[k:k + 1]

@@ -37,6 +37,7 @@ from diffusers.optimization import get_scheduler
 from torch import nn
 
 from ..errors import UsageError
+from ..files import save_atomically
 from ..losses import FrozenOriginal, esd_target, predict_noise
 from ..models import LoadedPipeline
 from ..precision import build_optimizer, finish, train_only
@@ -203,10 +204,8 @@ def draw_anchor_latents(loaded: LoadedPipeline, anchors: list[str], count: int, 
         latents.append(out.images)
     latents = torch.cat(latents)
     if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
-        save_file({"latents": latents.float().cpu().contiguous(), "anchor_index": index}, str(tmp))
-        tmp.replace(cache)
+        saved = {"latents": latents.float().cpu().contiguous(), "anchor_index": index}
+        save_atomically(cache, lambda tmp: save_file(saved, str(tmp)))
     return latents, index
 
 

@@ -3,12 +3,13 @@ augmentation the classifier and CLIP train on."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from erasers.files import save_atomically
 
 from ..render import make_dataset
 from .config import BuildConfig
@@ -32,9 +33,8 @@ def stage_data(cfg: BuildConfig) -> None:
         if (out / f"{split}.npz").exists():
             continue
         images, objects, styles = make_dataset(count, seed)
-        tmp = out / f"{split}.tmp.npz"
-        np.savez(tmp, images=images, objects=objects, styles=styles)
-        os.replace(tmp, out / f"{split}.npz")
+        # The temporary name keeps the .npz suffix, so np.savez does not append another.
+        save_atomically(out / f"{split}.npz", lambda tmp: np.savez(tmp, images=images, objects=objects, styles=styles))
 
 
 def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from erasers.files import atomic_dir, publish
+from erasers.files import writing_into
 from erasers.vocabulary import FILE_NAME as VOCABULARY_FILE
 
 from ..world import VOCABULARY
@@ -66,12 +66,11 @@ def export_pipeline(cfg: BuildConfig, unet, vae, text_encoder, tokenizer) -> Non
                                        scheduler=sampling_scheduler(), safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
     final = Path(cfg.weights_dir) / "pipeline"
-    tmp = atomic_dir(final)
-    pipeline.to(torch.float16).save_pretrained(tmp)
-    declare_float32(tmp / "text_encoder" / "config.json")
-    (tmp / "toycanvas.json").write_text(json.dumps(toy_marker(cfg), indent=2))
-    # The concepts the library reads from the model directory (erasers/vocabulary.py).
-    (tmp / VOCABULARY_FILE).write_text(VOCABULARY.to_json())
-    # The sampling the quality bars are measured with; load_pipeline takes it as this model's default.
-    (tmp / "sampling.json").write_text(json.dumps(SAMPLING, indent=2))
-    publish(tmp, final)
+    with writing_into(final, replace=True) as tmp:  # a rebuild replaces the shipped pipeline
+        pipeline.to(torch.float16).save_pretrained(tmp)
+        declare_float32(tmp / "text_encoder" / "config.json")
+        (tmp / "toycanvas.json").write_text(json.dumps(toy_marker(cfg), indent=2))
+        # The concepts the library reads from the model directory (erasers/vocabulary.py).
+        (tmp / VOCABULARY_FILE).write_text(VOCABULARY.to_json())
+        # The sampling the quality bars are measured with; load_pipeline takes it as this model's default.
+        (tmp / "sampling.json").write_text(json.dumps(SAMPLING, indent=2))

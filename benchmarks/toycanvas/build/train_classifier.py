@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from erasers.files import atomic_dir, publish
+from erasers.files import writing_into
 from erasers.train import TrainingLoop
 
 from ..classifier import ToyClassifier
@@ -38,6 +38,5 @@ def stage_classifier(cfg: BuildConfig) -> None:
 
     loop.run(step)
     final = Path(cfg.weights_dir) / "classifier"
-    tmp = atomic_dir(final)
-    model.eval().save_pretrained(tmp)
-    publish(tmp, final)
+    with writing_into(final, replace=True) as tmp:  # a rebuild replaces the shipped classifier
+        model.eval().save_pretrained(tmp)

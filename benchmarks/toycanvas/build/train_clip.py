@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from erasers.files import atomic_dir, publish
+from erasers.files import writing_into
 from erasers.train import TrainingLoop
 
 from ..world import OBJECTS, STYLES, caption
@@ -82,10 +82,9 @@ def stage_clip(cfg: BuildConfig) -> None:
 
     loop.run(step)
     final = Path(cfg.weights_dir) / "clip"
-    tmp = atomic_dir(final)
-    model.eval().to(torch.float16).save_pretrained(tmp)
-    declare_float32(tmp / "config.json")
-    tokenizer.save_pretrained(tmp)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_mean=list(CLIP_MEAN),
-                       image_std=list(CLIP_STD)).save_pretrained(tmp)
-    publish(tmp, final)
+    with writing_into(final, replace=True) as tmp:  # a rebuild replaces the shipped CLIP
+        model.eval().to(torch.float16).save_pretrained(tmp)
+        declare_float32(tmp / "config.json")
+        tokenizer.save_pretrained(tmp)
+        CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                           image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD)).save_pretrained(tmp)

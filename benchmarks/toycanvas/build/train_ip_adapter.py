@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from erasers.files import atomic_dir, publish
+from erasers.files import save_atomically, writing_into
 from erasers.train import ParameterState, TrainingLoop
 
 from ..render import make_dataset, sample_image
@@ -116,10 +116,9 @@ def stage_ip_adapter(cfg: BuildConfig) -> None:
         TrainingLoop("ip-adapter", cfg.ip_adapter_steps, state, cfg.seed, cfg.build_dir,
                      cfg.checkpoint_every).run(step)
         unet.eval()
-        tmp = atomic_dir(final)
-        ip_adapter.save_ip_adapter(unet, image_encoder, tmp)
-        declare_float32(tmp / "image_encoder" / "config.json")
-        publish(tmp, final)
+        with writing_into(final, replace=True) as tmp:  # a rebuild replaces the shipped adapter
+            ip_adapter.save_ip_adapter(unet, image_encoder, tmp)
+            declare_float32(tmp / "image_encoder" / "config.json")
     figures = measure_ip_adapter(Path(cfg.weights_dir))
     (final / "quality.json").write_text(json.dumps(figures, indent=2))
     print(json.dumps({k: v for k, v in figures.items() if k != "per_object"}, indent=2))
@@ -217,9 +216,8 @@ def _tuned_image_encoder(cfg: BuildConfig):
                  {"encoder": encoder, "opt": optimizer, "sched": schedule}, cfg.seed, cfg.build_dir,
                  cfg.checkpoint_every).run(step)
     encoder.eval()
-    tmp = atomic_dir(out)
-    encoder.save_pretrained(tmp)
-    publish(tmp, out)
+    with writing_into(out, replace=True) as tmp:  # a build stage: rebuilt in place
+        encoder.save_pretrained(tmp)
     return encoder
 
 
@@ -240,9 +238,7 @@ def _encoded_data(cfg: BuildConfig, loaded):
             pixels.split(500), desc="encoding latents")]) * vae.config.scaling_factor
         embeds = torch.cat([ip_adapter.encode_images(loaded, list(chunk)) for chunk in tqdm(
             np.array_split(images, max(1, len(images) // 500)), desc="encoding images")])
-    Path(cfg.build_dir).mkdir(parents=True, exist_ok=True)
-    torch.save({"latents": latents, "embeds": embeds, "captions": captions}, cache.with_suffix(".tmp"))
-    cache.with_suffix(".tmp").replace(cache)
+    save_atomically(cache, lambda tmp: torch.save({"latents": latents, "embeds": embeds, "captions": captions}, tmp))
     return latents, embeds, captions
 
 

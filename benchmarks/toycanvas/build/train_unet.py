@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from erasers.files import atomic_dir, publish
+from erasers.files import writing_into
 from erasers.train import TrainingLoop
 
 from ..world import OBJECTS, STYLES, caption
@@ -120,9 +120,8 @@ def stage_unet(cfg: BuildConfig) -> None:
         ema.copy_to(unet.parameters())
 
     def save_checkpoint(directory: Path) -> None:
-        tmp = atomic_dir(directory)
-        unet.save_pretrained(tmp)
-        publish(tmp, directory)
+        with writing_into(directory, replace=True) as tmp:  # a build stage: rebuilt in place
+            unet.save_pretrained(tmp)
 
     # Each finished group of cycles is kept as a plain UNet directory, so a later cycle can be rerun alone.
     two_cycles = Path(cfg.build_dir) / "unet-two-cycles"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from erasers.files import atomic_dir, publish
+from erasers.files import writing_into
 from erasers.train import TrainingLoop
 
 from .config import BuildConfig
@@ -62,6 +62,5 @@ def stage_vae(cfg: BuildConfig) -> None:
         latents = torch.cat([vae.encode(chunk).latent_dist.mode() for chunk in sample.split(250)])
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
     final = Path(cfg.build_dir) / "vae"
-    tmp = atomic_dir(final)
-    vae.save_pretrained(tmp)
-    publish(tmp, final)
+    with writing_into(final, replace=True) as tmp:  # a build stage: rebuilt in place
+        vae.save_pretrained(tmp)

@@ -5,7 +5,6 @@ model only; the exported model recomputes them from pixels."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ from PIL import Image, ImageEnhance
 from safetensors.torch import load_file, save_file
 
 from erasers.errors import UsageError
-from erasers.files import atomic_dir, publish
+from erasers.files import save_atomically, writing_into
 from vlm.mllmu import qa_items, read_split, row_images
 from vlm.tokenizer import LLAVA_CHAT_TEMPLATE, train_bpe
 
@@ -60,9 +59,8 @@ def stage_tokenizer(cfg: ToyVLMConfig) -> None:
             corpus.append(row["biography"])
             corpus += [user_text(q.prompt, q.needs_image) + answer_text(q.answer) for q in qa_items(row)]
     tokenizer = train_bpe(corpus, cfg.vocab_size, [IMAGE_TOKEN], LLAVA_CHAT_TEMPLATE, image_token=IMAGE_TOKEN)
-    tmp = atomic_dir(out)
-    tokenizer.save_pretrained(tmp)
-    publish(tmp, out)
+    with writing_into(out, replace=True) as tmp:  # a build stage: rebuilt in place
+        tokenizer.save_pretrained(tmp)
 
 
 def load_tokenizer(cfg: ToyVLMConfig):
@@ -136,6 +134,5 @@ def stage_features(cfg: ToyVLMConfig) -> None:
     model, processor = vision_tower(cfg)
     images = training_images(cfg, load_rows(cfg))
     features = {group: image_features(cfg, model, processor, imgs).to(torch.float16) for group, imgs in images.items()}
-    tmp = out.with_suffix(".tmp")
-    save_file({group: tensor.contiguous() for group, tensor in features.items()}, tmp)
-    os.replace(tmp, out)
+    tensors = {group: tensor.contiguous() for group, tensor in features.items()}
+    save_atomically(out, lambda tmp: save_file(tensors, tmp))

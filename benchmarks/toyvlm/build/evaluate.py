@@ -5,12 +5,12 @@ letter for multiple choice, containment for cloze; exact for generation)."""
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
 import numpy as np
 
+from erasers.files import write_atomically
 from vlm.mllmu import QA, qa_items, row_images
 
 from .config import ToyVLMConfig
@@ -74,9 +74,8 @@ def stage_evaluate(cfg: ToyVLMConfig) -> dict:
                + evaluate_model(loaded, rows["patients_test"], "MLLMU-Med Test_Set (transformed, paraphrased)"))
     table = accuracy_table(records)
     out = Path(cfg.out_dir) / "quality.json"
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"accuracy_percent": table, "bar": ">= 90% on trained ToyCanvas and patient questions",
-                               "met": all(table[s]["all"] >= 90 for s in table if "trained" in s)}, indent=2))
-    os.replace(tmp, out)
+    write_atomically(out, json.dumps({"accuracy_percent": table,
+                                      "bar": ">= 90% on trained ToyCanvas and patient questions",
+                                      "met": all(table[s]["all"] >= 90 for s in table if "trained" in s)}, indent=2))
     print(json.dumps(table, indent=2))
     return table

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from erasers.files import atomic_dir, publish
+from erasers.files import writing_into
 from vlm.tokenizer import LLAVA_CHAT_TEMPLATE
 
 from .config import ToyVLMConfig
@@ -34,12 +34,12 @@ def stage_export(cfg: ToyVLMConfig) -> None:
     tokenizer = load_tokenizer(cfg)
     model = LlavaForConditionalGeneration.from_pretrained(Path(cfg.build_dir) / "options", dtype=torch.float32)
     final = Path(cfg.out_dir)
-    tmp = atomic_dir(final)
-    model.to(torch.float16).save_pretrained(tmp)
-    declare_float32(tmp / "config.json")
-    make_processor(cfg, tokenizer).save_pretrained(tmp)
-    (tmp / "toyvlm.json").write_text(json.dumps({"build_config": asdict(cfg), "torch": torch.__version__}, indent=2))
-    for log in sorted((Path(cfg.build_dir) / "logs").glob("toy-vlm*.jsonl")):
-        (tmp / "logs").mkdir(exist_ok=True)
-        (tmp / "logs" / log.name).write_bytes(log.read_bytes())
-    publish(tmp, final)
+    with writing_into(final, replace=True) as tmp:  # a rebuild replaces the shipped model
+        model.to(torch.float16).save_pretrained(tmp)
+        declare_float32(tmp / "config.json")
+        make_processor(cfg, tokenizer).save_pretrained(tmp)
+        (tmp / "toyvlm.json").write_text(json.dumps({"build_config": asdict(cfg), "torch": torch.__version__},
+                                                    indent=2))
+        for log in sorted((Path(cfg.build_dir) / "logs").glob("toy-vlm*.jsonl")):
+            (tmp / "logs").mkdir(exist_ok=True)
+            (tmp / "logs" / log.name).write_bytes(log.read_bytes())

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from erasers.files import atomic_dir, publish
+from erasers.files import writing_into
 from erasers.train import TrainingLoop
 
 from .batches import Batcher, Packer, Sample, prompt_for
@@ -149,9 +149,8 @@ def run_phase(cfg: ToyVLMConfig, setup: Setup, name: str, model, stop: int, sche
 
 
 def save_trained(model, out: Path) -> None:
-    tmp = atomic_dir(out)
-    model.eval().save_pretrained(tmp)
-    publish(tmp, out)
+    with writing_into(out, replace=True) as tmp:  # a build stage: rebuilt in place
+        model.eval().save_pretrained(tmp)
 
 
 def stage_train(cfg: ToyVLMConfig) -> None:

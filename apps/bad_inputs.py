@@ -1,7 +1,7 @@
 """Bad and hostile inputs, each run through the `erasure` CLI in-process: every one must end with exit code 2, one
 line `erasure: error: ...`, no traceback, and nothing written. tests/test_bad_inputs.py runs the same table.
 
-    python -m benchmarks.bad_inputs        # prints "N bad inputs tried, N handled" (and each failure)
+    python -m apps.bad_inputs        # prints "N bad inputs tried, N handled" (and each failure)
 
 A case is a command line whose `{name}` fields are files made by the fixture of that name in the case's own
 fresh directory (garbage JSON, a non-UTF-8 prompt file, a planted checkpoint...); `{root}` is that directory.

@@ -1,4 +1,4 @@
-"""The files the bad-input cases of benchmarks/bad_inputs.py need: garbage JSON in a pipeline, non-UTF-8 prompt
+"""The files the bad-input cases of apps/bad_inputs.py need: garbage JSON in a pipeline, non-UTF-8 prompt
 files, edits with wrong field types, a decompression-bomb PNG, garbage parquet, damaged or planted checkpoints in
 `OUT.partial/`. Each fixture makes its file(s) in the case's directory and returns the path the command line gets.
 """
@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+from erasers.outputs import mark_run_dir
 
 # name -> function(root) -> the string that replaces {name} in a case's command line
 FIXTURES: dict[str, Callable[[Path], str]] = {}
@@ -291,6 +293,7 @@ def partial_run(root: Path, signature: dict | bytes, files: dict[str, bytes]) ->
     (partial / "ckpt").mkdir(parents=True)
     (partial / "logs").mkdir()
     (partial / "run.json").write_bytes(signature if isinstance(signature, bytes) else json.dumps(signature).encode())
+    mark_run_dir(partial)  # made by an erasure run, as an interrupted one's is
     for name, content in files.items():
         (partial / "ckpt" / name).write_bytes(content)
     return str(out)
