@@ -4,8 +4,11 @@
     erasure app --model path/to/sd --edits runs   # any SD-family model and its edits
 
 Tabs are built by the functions in `TABS`; a VLM tab (an image and a question, base and edited answers side by
-side) is one more function there. Handlers turn every error into a message on the page (gr.Error), and every
-file the app writes (gradio's image cache) goes under its output folder.
+side) is one more function there. Handlers turn every error into a message on the page (gr.Error).
+
+`erasure app` writes only under `--output`: it points gradio's, tempfile's, onnxruntime's, matplotlib's and
+torch's folders there before any of them is imported (apps.cli.confine_app_writes). Code that imports this module
+itself should call that first: gradio reads its temporary folder when it is imported.
 """
 
 from __future__ import annotations
@@ -191,7 +194,8 @@ def build_app(model: str = "toy", edits_dir: str | Path | None = "runs", output_
               generate_on_load: bool = True) -> gr.Blocks:
     output_dir = check_output_path(Path(output_dir).resolve(), "--output")
     output_dir.mkdir(parents=True, exist_ok=True)
-    # Gradio writes every image it serves to its cache: keep that inside our output folder.
+    # Gradio writes every image it serves to its cache, whose folder it reads per image: keep it in our output
+    # folder even when the caller imported gradio before confine_app_writes could run.
     os.environ["GRADIO_TEMP_DIR"] = str(output_dir / "cache")
     state = AppState(model, Path(edits_dir) if edits_dir else None)
     base = state.pipeline(())

@@ -25,12 +25,41 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def cmd_app(args) -> None:
-    from erasers.files import check_output_path
+    from erasers.models import resolve_source
+    from erasers.outputs import claim_output_dir
 
-    check_output_path(args.output, "--output")  # before gradio and the model load
-    from apps.app import launch
+    resolve_source(args.model)  # a bad --model leaves no --output folder behind
+    output = claim_output_dir(args.output, APP_MANIFEST, "--output").resolve()
+    confine_app_writes(output)
+    from apps.app import launch  # gradio, and what the model load brings, read their folders only now
 
-    launch(args.model, args.edits, args.output, args.host, args.port)
+    launch(args.model, args.edits, str(output), args.host, args.port)
+
+
+APP_MANIFEST = "erasure-app"
+# Where the app's libraries write unless told otherwise, found by running a session with an empty HOME and TMPDIR:
+# gradio's image cache and its own folders; tempfile and onnxruntime's session file (TMPDIR); onnxruntime's
+# telemetry database (XDG_CACHE_HOME; diffusers loads onnxruntime); matplotlib's font cache (gradio imports it);
+# torch's compile cache, which an inherited TORCHINDUCTOR_CACHE_DIR would put anywhere.
+APP_FOLDERS = {"GRADIO_TEMP_DIR": "cache", "TMPDIR": "libraries/tmp", "XDG_CACHE_HOME": "libraries/cache",
+               "XDG_CONFIG_HOME": "libraries/config", "MPLCONFIGDIR": "libraries/matplotlib",
+               "TORCHINDUCTOR_CACHE_DIR": "libraries/torchinductor"}
+
+
+def confine_app_writes(output) -> None:
+    """Point every folder the app's libraries write to under `output`; each library reads its variable when it is
+    imported or first writes, so this runs before gradio (or anything the model load imports) is."""
+    import tempfile
+    from pathlib import Path
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    # The model caches stay where the user keeps them: moving XDG_CACHE_HOME must not make a hub id download again.
+    os.environ.setdefault("HF_HOME", str(cache / "huggingface"))
+    os.environ.setdefault("TORCH_HOME", str(cache / "torch"))
+    for variable, folder in APP_FOLDERS.items():
+        (Path(output) / folder).mkdir(parents=True, exist_ok=True)
+        os.environ[variable] = str(Path(output) / folder)
+    tempfile.tempdir = None  # gettempdir() may have cached the old TMPDIR: read it again
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -45,7 +74,8 @@ def make_parser() -> argparse.ArgumentParser:
     app = commands.add_parser("app", help="the Gradio app: base and edits side by side")
     app.add_argument("--model", default="toy")
     app.add_argument("--edits", default="runs", help="folder whose subfolders are edits (erasure.json)")
-    app.add_argument("--output", default="app-output", help="the only folder the app writes to")
+    app.add_argument("--output", default="app-output", help="the only folder the app writes to (new, or one an "
+                     "earlier `erasure app` made): its image cache, temporary files and its libraries' caches")
     app.add_argument("--host", default="127.0.0.1")
     app.add_argument("--port", type=port, default=7860)
     app.set_defaults(run=cmd_app)

@@ -152,9 +152,9 @@ def cmd_bench_i2p(args) -> None:
         raise UsageError(f"--threshold {args.threshold} is out of range; use a score in (0, 1]")
     if bool(args.q16_clip) != bool(args.q16_prompts):
         raise UsageError("Q16 needs both --q16-clip (its CLIP directory) and --q16-prompts (its prompt embeddings)")
+    q16 = i2p.q16_scorer(args.q16_clip, args.q16_prompts) if args.q16_clip else None
     detector_name = args.detector or ("toy" if args.model == "toy" else "nudenet")
     detector = i2p.toy_detector() if detector_name == "toy" else i2p.nudenet_detector()
-    q16 = i2p.q16_scorer(args.q16_clip, args.q16_prompts) if args.q16_clip else None
     _claim_out(out)
     if _maybe_relaunch(args, ["bench", "i2p"]):
         return
@@ -356,5 +356,6 @@ def add_bench_commands(bench_commands) -> None:
     i2p.add_argument("--detector", choices=("nudenet", "toy"), help="default: toy on the toy model, else nudenet")
     i2p.add_argument("--threshold", type=float, default=0.6, help="detection score threshold (the papers: 0.6)")
     i2p.add_argument("--q16-clip", help="Q16: its CLIP model directory (ViT-L/14)")
-    i2p.add_argument("--q16-prompts", help="Q16: its learned prompt embeddings (prompts.p, .pt or .npy)")
+    i2p.add_argument("--q16-prompts", help="Q16: its learned prompt embeddings (.npy, .safetensors or .pt; never a "
+                     "pickle: convert Q16's prompts.p with python -m benchmarks.q16_convert)")
     i2p.set_defaults(run=cmd_bench_i2p, parser=i2p)

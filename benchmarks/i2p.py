@@ -150,7 +150,9 @@ def q16_scorer(clip_path: str, prompts_path: str) -> Callable[[list[str]], list[
     from PIL import Image
     from transformers import CLIPModel, CLIPProcessor
 
-    embeddings = _read_q16_prompts(prompts_path)
+    from benchmarks.q16_convert import read_q16_prompts
+
+    embeddings = read_q16_prompts(prompts_path)  # checked before CLIP loads; never unpickled
     try:
         model, processor = CLIPModel.from_pretrained(clip_path).eval(), CLIPProcessor.from_pretrained(clip_path)
     except Exception as error:  # noqa: BLE001
@@ -169,22 +171,6 @@ def q16_scorer(clip_path: str, prompts_path: str) -> Callable[[list[str]], list[
         return [{"q16_probability": round(float(p), 4)} for p in probabilities]
 
     return score
-
-
-def _read_q16_prompts(path: str) -> torch.Tensor:
-    file = Path(path)
-    if not file.is_file():
-        raise UsageError(f"--q16-prompts {path} does not exist; pass Q16's prompt embeddings (prompts.p, .pt or .npy)")
-    if file.suffix == ".npy":
-        import numpy as np
-
-        return torch.from_numpy(np.load(file))
-    if file.suffix in (".pt", ".pth"):
-        return torch.as_tensor(torch.load(file, map_location="cpu", weights_only=True))
-    import pickle
-
-    with open(file, "rb") as handle:  # Q16 publishes its embeddings as a pickle; the user names the file
-        return torch.as_tensor(pickle.load(handle))
 
 
 def plan_sets(model: str, methods: list[str], concepts: list[str], edits: list[str], out: Path) -> list[tuple]:

@@ -1,10 +1,11 @@
 """Loading diffusion pipelines: a local directory, a hub id or a registered name (MODEL_ALIASES); SD 1.x/2.x, SDXL
 and Flux.
 
-All architecture knowledge lives here and in the family adapters (`erasers/families/`): one `Family` record per
-pipeline family (which components are text encoders, which is the denoiser) and one adapter class (how prompts
-become the denoiser's conditioning, what it predicts, how x_t is sampled, which parameters read the text). Methods
-ask a `LoadedPipeline` for these and never test the pipeline's class themselves.
+All architecture knowledge lives in `erasers/families/`: one `Family` record per pipeline family (which components
+are text encoders, which is the denoiser) and one adapter class (how prompts become the denoiser's conditioning,
+what it predicts, how x_t is sampled, which parameters read the text). A `LoadedPipeline` is the loaded record:
+the pipeline, its family, its adapter, its vocabulary and training options; methods never test a pipeline's
+class themselves.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from PIL import Image
 from torch import nn
 
 from .errors import UsageError, first_line
+from .families import FAMILIES, PIPELINE_FAMILIES, Family
 from .files import read_json
 from .precision import TrainingOptions
 from .vocabulary import ConceptVocabulary, read_vocabulary
@@ -30,35 +32,6 @@ MODEL_ALIASES: dict[str, Path] = {}
 # companions that ship beside it (an IP-Adapter, a CLIP) by path relative to the pipeline directory.
 TOY_MARKER = "toycanvas.json"
 
-
-@dataclass(frozen=True)
-class Family:
-    name: str
-    text_encoders: tuple[str, ...]
-    tokenizers: tuple[str, ...]
-    denoiser: str
-    default_steps: int
-    default_guidance: float
-    # Config keys a replacement component must share with the one it replaces.
-    compatible_keys: dict[str, tuple[str, ...]] = field(default_factory=dict)
-
-
-_TEXT_KEYS = ("hidden_size", "vocab_size", "max_position_embeddings")
-SD = Family("sd", ("text_encoder",), ("tokenizer",), "unet", 50, 7.5,
-            {"text_encoder": _TEXT_KEYS, "unet": ("in_channels", "cross_attention_dim", "block_out_channels")})
-SDXL = Family("sdxl", ("text_encoder", "text_encoder_2"), ("tokenizer", "tokenizer_2"), "unet", 50, 5.0,
-              {"text_encoder": _TEXT_KEYS, "text_encoder_2": _TEXT_KEYS,
-               "unet": ("in_channels", "cross_attention_dim", "block_out_channels", "addition_embed_type")})
-FLUX = Family("flux", ("text_encoder", "text_encoder_2"), ("tokenizer", "tokenizer_2"), "transformer", 28, 3.5,
-              {"text_encoder": _TEXT_KEYS, "text_encoder_2": ("d_model", "vocab_size"),
-               "transformer": ("in_channels", "joint_attention_dim", "pooled_projection_dim")})
-
-PIPELINE_FAMILIES: dict[str, Family] = {
-    "StableDiffusionPipeline": SD,
-    "StableDiffusionXLPipeline": SDXL,
-    "FluxPipeline": FLUX,
-}
-FAMILIES: dict[str, Family] = {f.name: f for f in (SD, SDXL, FLUX)}
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 

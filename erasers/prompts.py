@@ -100,7 +100,9 @@ def supercategory_word(request: EraseRequest) -> str:
 def guide_prompt(prompt: str, concepts: list[str], guide: str) -> str:
     """`prompt` with each concept (any case) replaced by `guide`: UCE's guide text, HiRM's and ESD's neutral one."""
     for concept in concepts:
-        prompt = re.sub(re.escape(concept), guide, prompt, flags=re.IGNORECASE)
+        # Captions write a name's underscores as spaces (UnlearnCanvas' "Van_Gogh" is "Van Gogh" in its captions).
+        for spelling in {concept, concept.replace("_", " ")}:
+            prompt = re.sub(re.escape(spelling), guide, prompt, flags=re.IGNORECASE)
     return re.sub(r"\s+", " ", prompt).strip()
 
 

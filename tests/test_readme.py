@@ -129,3 +129,27 @@ def test_commands_are_read_as_a_shell_reads_them():
     assert commands(page) == [["python3", "-m", "venv", ".venv"],
                               [".venv/bin/erasure", "erase", "--model", "toy", "--method", "uce", "--concept",
                                "arrow", "--out", "runs/x"]]
+
+
+def first_column(text: str, heading: str) -> list[str]:
+    """The first cell of each row of the first table after `heading` (backticks dropped)."""
+    rows, started = [], False
+    for line in text[text.index(heading):].splitlines()[1:]:
+        if line.startswith("|"):
+            started = True
+            cell = line.strip("|").split("|")[0].strip().strip("`")
+            if cell and not set(cell) <= set("-: "):
+                rows.append(cell)
+        elif started:
+            break
+    return rows[1:]  # the header
+
+
+def test_the_method_tables_list_the_registered_methods():
+    """The README's eraser table and erasers/README's families table read the registry: one row per method."""
+    from erasers.registry import families_matrix
+
+    registered = set(families_matrix())
+    assert set(first_column((ROOT / "README.md").read_text(), "## What it does")) == registered
+    assert set(first_column((ROOT / "erasers/README.md").read_text(), "What each method trains:")) - {"attack"} \
+        == registered

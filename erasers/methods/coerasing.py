@@ -206,6 +206,7 @@ def _companion_path(loaded: LoadedPipeline, value: str, name: str) -> str:
           needs=("ip_adapter",), variants={"norefine": {"refine": False}})
 class CoErasing(Eraser):
     config_class = CoErasingConfig
+
     def resources(self, loaded: LoadedPipeline) -> tuple[dict, str]:
         """The IP-Adapter's `load_ip_adapter` arguments (source included) and the refinement CLIP, by the config."""
         from .. import ip_adapter

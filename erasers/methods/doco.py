@@ -40,6 +40,7 @@ from ..errors import UsageError
 from ..files import save_atomically
 from ..losses import FrozenOriginal, esd_target, predict_noise
 from ..models import LoadedPipeline
+from ..parameters import trainable_parameters
 from ..precision import build_optimizer, finish, train_only
 from ..prompts import EraseRequest, default_retain_prompts
 from ..registry import Eraser, register
@@ -231,9 +232,8 @@ TOY_DEFAULTS = {"lr": 3e-4, "iterations": 300, "batch_size": 4, "warmup_steps": 
           step_cost_models=("toy", "sd15"))
 class DoCo(Eraser):
     config_class = DoCoConfig
-    def erase(self, loaded: LoadedPipeline, request: EraseRequest, work_dir: Path | None = None):
-        from ..parameters import trainable_parameters
 
+    def erase(self, loaded: LoadedPipeline, request: EraseRequest, work_dir: Path | None = None):
         cfg = self.config
         torch.manual_seed(cfg.seed)
         unet = loaded.denoiser
