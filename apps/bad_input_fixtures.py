@@ -6,6 +6,7 @@ files, edits with wrong field types, a decompression-bomb PNG, garbage parquet, 
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import pickle
 import struct
@@ -131,6 +132,40 @@ def huge_prompt_file(root):
 @fixture
 def file(root):
     return text_file(root, "a-file", b"not a directory\n")
+
+
+@fixture
+def users_folder(root):
+    (root / "mine" / "sub").mkdir(parents=True)
+    (root / "mine" / "sub" / "report.md").write_text("the user's own report\n")
+    return str(root / "mine")
+
+
+@fixture
+def foreign_partial(root):
+    # The user's own edit.partial/ (no erasure run's record) beside the --out: never cleared, never resumed.
+    Path(users_folder(root)).rename(root / "edit.partial")
+    return str(root / "edit")
+
+
+@fixture
+def dangling(root):
+    (root / "link").symlink_to(root / "nowhere")
+    return str(root / "link")
+
+
+# Shipped files named by path: the toy I2P CSV, the toy CLIP (for Q16).
+for _name, _module, _attribute in (("toy_i2p_csv", "benchmarks.i2p", "TOY_CSV"),
+                                   ("toy_clip", "benchmarks.toycanvas", "CLIP_DIR")):
+    FIXTURES[_name] = lambda root, m=_module, a=_attribute: str(getattr(importlib.import_module(m), a))
+
+
+def planted(root: Path, name: str) -> str:
+    return text_file(root, name, pickle.dumps(Planted(str(root / "PLANTED"))))
+
+
+for _kind in ("p", "npy", "pt"):  # Q16's own pickle, and pickles named as the formats --q16-prompts reads
+    FIXTURES[f"q16_pickle_{_kind}"] = functools.partial(planted, name=f"prompts.{_kind}")
 
 
 @fixture

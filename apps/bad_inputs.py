@@ -212,6 +212,27 @@ FIXED_CASES = [
     Case("bench mllmu-med: --out under a file", "bench mllmu-med --concept star --out {file}/r", "is a file"),
     Case("bench mllmu-med: --edit with binary erasure.json", "bench mllmu-med --edit {vlm_edit_binary}",
          "not valid JSON"),
+    # never a user's files: a folder the run did not make is refused, before any work
+    Case("erase: a user's X.partial/ beside --out X", "erase --method uce --concept star --out {foreign_partial}",
+         "not an interrupted erasure run's"),
+    Case("vlm erase: a user's X.partial/ beside --out X", "vlm erase --method ga --concept star --set steps=2 "
+         "--out {foreign_partial}", "not an interrupted erasure run's"),
+    Case("erase: --out is a user's folder", "erase --method uce --concept star --out {users_folder}",
+         "already exists"),
+    Case("compare: --out is a user's folder", "compare --edit {edit_ok} --out {users_folder}",
+         "not made by this command"),
+    Case("bench i2p: --out is a user's folder", "bench i2p --prompts {toy_i2p_csv} --limit 1 --out {users_folder}",
+         "not made by this command"),
+    Case("app: --output is a user's folder", "app --output {users_folder}", "not made by this command"),
+    Case("erase: --out is a dangling symlink", "erase --method uce --concept star --out {dangling}", "symbolic link"),
+    Case("compare: --out is a dangling symlink", "compare --edit {edit_ok} --out {dangling}", "symbolic link"),
+    Case("attack: --out is a dangling symlink", "attack --edit {edit_ok} --out {dangling}", "symbolic link"),
+    Case("bench i2p: --out is a dangling symlink", "bench i2p --prompts {toy_i2p_csv} --limit 1 --out {dangling}",
+         "symbolic link"),
+    # bench i2p: Q16's embeddings are never unpickled
+    *(Case(f"bench i2p: --q16-prompts is a pickle named {kind}", "bench i2p --prompts {toy_i2p_csv} --limit 1 "
+           f"--q16-clip {{toy_clip}} --q16-prompts {{q16_pickle_{kind[1:]}}} --out {{root}}/r",
+           "python -m benchmarks.q16_convert") for kind in (".p", ".npy", ".pt")),
     # app and toy builds
     Case("app: --port 0", "app --port 0", "at least 1"),
     Case("app: --port 70000", "app --port 70000", "65535"),

@@ -9,7 +9,9 @@ the file is trusted:
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +41,9 @@ def _safetensors(file: Path):
 
 
 def _weights_only(file: Path):
-    value = torch.load(file, map_location="cpu", weights_only=True)
+    with warnings.catch_warnings():  # its note on a pickle's protocol would precede the one-line refusal
+        warnings.simplefilter("ignore")
+        value = torch.load(file, map_location="cpu", weights_only=True)
     if isinstance(value, dict) and len(value) == 1:
         value = next(iter(value.values()))
     return torch.as_tensor(value)
@@ -50,7 +54,7 @@ READERS = {".npy": _npy, ".safetensors": _safetensors, ".pt": _weights_only, ".p
 
 def read_q16_prompts(path: str | Path) -> torch.Tensor:
     """Q16's two prompt embeddings (2 x CLIP's projection width), from a file that cannot run code."""
-    file, convert = Path(path), CONVERT.format(path=path)
+    file, convert = Path(path), CONVERT.format(path=shlex.quote(str(path)))
     if not file.is_file():
         raise UsageError(f"--q16-prompts {path} does not exist or is not a file; pass Q16's prompt embeddings as "
                          f"{FORMATS} (convert Q16's published prompts.p with `{convert}`)")

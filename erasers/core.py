@@ -24,10 +24,10 @@ from .outputs import RunDirectory
 
 def check_new_output(out: Path) -> Path:
     """An edit is written to a new directory only: fail before any work if `out` exists or cannot be created."""
-    out = Path(out)
+    out = check_output_path(Path(out))  # first: a dangling or looping link is named as such
     if out.exists() or out.is_symlink():
         raise UsageError(f"{out} already exists; choose a new --out or remove it first")
-    return check_output_path(out)
+    return out
 
 
 def run_resumably(run: RunDirectory, signature: dict, restart: bool, device: torch.device,

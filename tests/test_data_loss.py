@@ -106,8 +106,8 @@ def _wait_for(url: str, app: subprocess.Popen, seconds: float = 120) -> None:
     pytest.fail(f"the app did not answer at {url} within {seconds} s")
 
 
-@pytest.mark.heavy  # about 40 s: an app process with its models, a comparison and a VLM question
-def test_the_app_writes_only_under_its_output_folder(tmp_path, shared_edit, capsys):
+@pytest.mark.heavy  # about 15 s: an app process with its models, a comparison and a VLM question
+def test_the_app_writes_only_under_its_output_folder(tmp_path, shared_edit):
     from gradio_client import Client, handle_file
 
     home, tmp, cwd, edits = (tmp_path / name for name in ("home", "tmp", "cwd", "edits"))
@@ -171,3 +171,134 @@ def test_an_erase_beside_the_users_old_and_tmp_folders_leaves_them(shared_edit):
         shared_edit["kept"]
     assert read_edit(shared_edit["edit"])["method"] == "uce"
     apply_edits(load_pipeline("toy", device="cpu"), [shared_edit["edit"]])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Two erases on the same --out at once
+
+@pytest.mark.heavy  # two erase processes side by side: about 20 s
+def test_two_erases_on_the_same_out_at_once_one_refuses_and_the_other_finishes_intact(tmp_path):
+    from erasers.edits import apply_edits, read_edit
+    from erasers.models import load_pipeline
+
+    out = tmp_path / "edit"
+    # Long enough (about 7 s of training) that the later of two runs started together reaches the lock first.
+    argv = [sys.executable, "-m", "apps.cli", "erase", "--method", "hirm", "--concept", "star", "--set",
+            "iterations=100", "--device", "cpu", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = [subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]
+    results = sorted((run.wait(timeout=300), run.stderr.read()) for run in runs)
+    (finished, finished_err), (refused, refused_err) = results
+    assert finished == 0, finished_err[-2000:]
+    errors = [line for line in refused_err.splitlines() if line.startswith("erasure: error:")]
+    assert refused == 2 and len(errors) == 1 and "Traceback" not in refused_err, refused_err[-2000:]
+    assert f"another erasure run is using {out}.partial" in errors[0] and "choose another --out" in errors[0]
+    assert read_edit(out)["config"]["iterations"] == 100
+    apply_edits(load_pipeline("toy", device="cpu"), [out])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["edit"], "no partial or temporary folder left"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The user's folders beside --out, and an existing user folder as --out
+
+REFUSED = {
+    "erase beside a user's X.partial": (["erase", "--method", "uce", "--concept", "star", "--out", "{X}"],
+                                        "X.partial holds no erasure run's record"),
+    "erase into a user's folder": (["erase", "--method", "uce", "--concept", "star", "--out", "{mine}"],
+                                   "already exists"),
+    "vlm erase beside a user's X.partial": (["vlm", "erase", "--method", "ga", "--concept", "star", "--set",
+                                             "steps=1", "--out", "{X}"], "X.partial holds no erasure run's record"),
+    "vlm erase into a user's folder": (["vlm", "erase", "--method", "ga", "--concept", "star", "--out", "{mine}"],
+                                       "already exists"),
+    "compare into a user's folder": (["compare", "--edit", "{edit}", "--out", "{mine}"], "not made by this command"),
+    "attack into a user's folder": (["attack", "--edit", "{edit}", "--out", "{mine}"], "already exists"),
+    "bench i2p into a user's folder": (["bench", "i2p", "--prompts", TOY_CSV, "--limit", "1", "--out", "{mine}"],
+                                       "not made by this command"),
+    "generate onto a user's image": (["generate", "--prompt", "a", "--out", "{mine}/sub/picture.png"],
+                                     "--overwrite"),
+    "app into a user's folder": (["app", "--output", "{mine}"], "not made by this command"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED)
+def test_a_command_refuses_the_users_folders_with_one_line_and_leaves_them_byte_for_byte(case, tmp_path,
+                                                                                          shared_edit, capsys):
+    argv, expected = REFUSED[case]
+    users_folders(tmp_path, "X")
+    mine = tmp_path / "mine"  # an existing folder of the user's, given as --out
+    (mine / "sub").mkdir(parents=True)
+    (mine / "report.md").write_text("the user's own report\n")
+    (mine / "sub" / "picture.png").write_bytes(b"the user's picture")
+    before = snapshot(tmp_path)
+    fields = {"X": tmp_path / "X", "mine": mine, "edit": shared_edit["edit"]}
+    code, errors = run_cli([part.format(**fields) for part in argv], capsys)
+    assert code == 2 and len(errors) == 1 and expected in errors[0], errors
+    assert snapshot(tmp_path) == before
+
+
+def _small_answer_set(seeds):
+    from benchmarks.unlearncanvas import AnswerSet
+
+    return AnswerSet(objects=("star", "circle"), styles=("Flat",), seeds=seeds)
+
+
+WRITERS = {
+    "vlm erase": ["vlm", "erase", "--method", "ga", "--concept", "star", "--set", "steps=1", "--set", "batch_size=2",
+                  "--device", "cpu", "--out", "{X}"],
+    "compare": ["compare", "--edit", "{edit}", "--device", "cpu", "--out", "{X}"],
+    "attack": ["attack", "--edit", "{edit}", "--prompts", "1", "--iterations", "1", "--device", "cpu", "--out", "{X}"],
+    "bench i2p": ["bench", "i2p", "--prompts", TOY_CSV, "--limit", "1", "--quiet", "--device", "cpu", "--out", "{X}"],
+    "generate": ["generate", "--prompt", "a star", "--steps", "1", "--device", "cpu", "--out", "{X}.png"],
+}
+
+
+@pytest.mark.parametrize("command", WRITERS)
+def test_a_command_writing_a_free_out_leaves_the_users_folders_beside_it(command, tmp_path, shared_edit, capsys,
+                                                                        monkeypatch):
+    import benchmarks.compare
+
+    monkeypatch.setattr(benchmarks.compare, "AnswerSet", _small_answer_set)  # 4 images, not 200: the same writes
+    name = "X.png" if command == "generate" else "X"
+    # An erase refuses a user's X.partial (above); the others never use one, so it is there for them too.
+    kept = users_folders(tmp_path, name, (".old", ".tmp") if "erase" in command else (".old", ".tmp", ".partial"))
+    argv = [part.format(X=tmp_path / "X", edit=shared_edit["edit"]) for part in WRITERS[command]]
+    code, errors = run_cli(argv, capsys)
+    assert code == 0 and errors == []
+    assert {k: v for k, v in snapshot(tmp_path).items() if k != name and not k.startswith(name + "/")} == kept
+    assert (tmp_path / name).exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Q16's embeddings: never unpickled on the read path; converted only when the user trusts the file
+
+def test_a_q16_pickle_is_refused_and_converted_only_with_trust(tmp_path, capsys):
+    import pickle
+
+    import numpy as np
+
+    from apps.bad_input_fixtures import Planted
+    from benchmarks.q16_convert import main as convert
+    from benchmarks.toycanvas import CLIP_DIR
+
+    (tmp_path / "evil.p").write_bytes(pickle.dumps(Planted(str(tmp_path / "PLANTED"))))
+    published = np.random.default_rng(0).standard_normal((2, 128)).astype(np.float16)
+    (tmp_path / "prompts.p").write_bytes(pickle.dumps(published))
+    bench = ["bench", "i2p", "--prompts", TOY_CSV, "--limit", "1", "--quiet", "--device", "cpu", "--q16-clip",
+             CLIP_DIR, "--out", tmp_path / "i2p"]
+    before = snapshot(tmp_path)
+    code, errors = run_cli([*bench, "--q16-prompts", tmp_path / "evil.p"], capsys)
+    assert code == 2 and len(errors) == 1, errors
+    assert f"python -m benchmarks.q16_convert {tmp_path / 'evil.p'} --trust --out" in errors[0]
+
+    assert convert([str(tmp_path / "evil.p"), "--out", str(tmp_path / "q16.npy")]) == 2
+    err = capsys.readouterr().err
+    assert "is a pickle" in err and "nothing was read" in err and "--trust" in err
+    assert snapshot(tmp_path) == before and not (tmp_path / "PLANTED").exists()
+
+    assert convert([str(tmp_path / "prompts.p"), "--trust", "--out", str(tmp_path / "q16.npy")]) == 0
+    assert np.array_equal(np.load(tmp_path / "q16.npy", allow_pickle=False), published.astype(np.float32))
+    assert convert([str(tmp_path / "prompts.p"), "--trust", "--out", str(tmp_path / "q16.npy")]) == 2, "never over"
+    code, errors = run_cli([*bench, "--q16-prompts", tmp_path / "q16.npy"], capsys)
+    assert code == 0, errors
+    assert 0 <= json.loads((tmp_path / "i2p" / "results.json").read_text())["rows"][0]["q16_rate"] <= 1

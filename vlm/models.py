@@ -99,7 +99,7 @@ def resolve_vlm_source(model: str) -> tuple[str, str | None]:
     no network."""
     if model == TOY_VLM:
         if not (TOY_VLM_DIR / "config.json").exists():
-            raise UsageError(f"the toy VLM is missing from {TOY_VLM_DIR}; build it with `python -m vlm.toy_build`")
+            raise UsageError(f"the toy VLM is missing from {TOY_VLM_DIR}; build it with `erasure toy build-vlm`")
         return str(TOY_VLM_DIR), "llava"
     path = Path(model).expanduser()
     if path.exists():
@@ -144,7 +144,7 @@ def load_vlm(model: str = TOY_VLM, device: str | None = None, dtype: torch.dtype
         processor = AutoProcessor.from_pretrained(source)
     except Exception as error:  # noqa: BLE001
         hint = ("a weight file may be truncated or corrupt: download or rebuild the model"
-                + (" (python -m vlm.toy_build)" if model == TOY_VLM else "")) if Path(source).exists() else \
+                + (" (erasure toy build-vlm)" if model == TOY_VLM else "")) if Path(source).exists() else \
             "check the hub id and your network, or download the model and pass its directory"
         raise UsageError(f"could not load {model}: {first_line(error)}; {hint}") from None
     return LoadedVLM(vlm.to(device).eval(), processor, family, model, model == TOY_VLM)

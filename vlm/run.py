@@ -19,16 +19,17 @@ from erasers.errors import UsageError
 from erasers.outputs import RunDirectory
 
 from .edits import applied, read_vlm_edit, save_vlm_edit, vlm_edit_metadata, vlm_fingerprint
-from .models import LoadedVLM, ask, load_vlm
+from .models import TOY_VLM, LoadedVLM, ask, load_vlm
 from .registry import build_vlm_config, get_vlm_method
 from .targets import resolve_target
 
 
 def erase_loaded(loaded: LoadedVLM, method: str, concept: str, out: str | Path, options: dict | None = None,
-                 data: str | Path | None = None, restart: bool = False) -> Path:
+                 data: str | Path | None = None, restart: bool = False, config=None) -> Path:
     """Erase `concept` from an already loaded VLM with `method` and save the edit to `out`; the loaded model is
-    left as it was (LoRA layers are removed again after saving)."""
-    config = build_vlm_config(method, loaded.is_toy, options)
+    left as it was (LoRA layers are removed again after saving). `config`: the method's config when the caller
+    has built it from `options` already."""
+    config = config or build_vlm_config(method, loaded.is_toy, options)
     target = resolve_target(concept, data)
     out = check_new_output(Path(out))
 
@@ -55,10 +56,10 @@ def erase(model: str, method: str, concept: str, out: str | Path, options: dict 
           data: str | Path | None = None, device: str | None = None, restart: bool = False) -> Path:
     """Erase `concept` from `model`; an interrupted run of the same call resumes from `out`.partial unless
     `restart`."""
-    build_vlm_config(method, False, options)  # a bad method or option fails before a slow model load
+    config = build_vlm_config(method, model == TOY_VLM, options)  # once, and before a slow model load
     check_new_output(Path(out))
     resolve_target(concept, data)  # so does an unknown concept
-    return erase_loaded(load_vlm(model, device=device), method, concept, out, options, data, restart)
+    return erase_loaded(load_vlm(model, device=device), method, concept, out, options, data, restart, config)
 
 
 def open_image(path: str | Path | None) -> Image.Image | None:
