@@ -133,7 +133,7 @@ def plan_edits(bench: Benchmark, methods: list[str], concepts: list[str], given:
 
 # What every erase imports, loaded once by the fork server rather than once per erase (about 7 s on a CPU).
 def _erase_preload() -> list[str]:
-    return ["torch", "diffusers", "transformers", "erasers.run",
+    return ["torch", "diffusers", "transformers", "benchmarks", "erasers.run",
             *sorted({entry.eraser.__module__ for entry in REGISTRY.available().values()})]
 
 
@@ -153,9 +153,15 @@ def run_in_fresh_process(function: Callable, *args, **kwargs):
 
 def erase_in_fresh_process(model: str, method: str, concepts: list[str], out: Path, options: dict | None = None,
                            device: str | None = None) -> Path:
+    return run_in_fresh_process(_erase, model, method, concepts, out, options=options, device=device)
+
+
+def _erase(*args, **settings) -> Path:
+    """erasers.run.erase, run from this module: a fresh process unpickling it imports `benchmarks`, which registers
+    the model name "toy" there too."""
     from erasers.run import erase
 
-    return run_in_fresh_process(erase, model, method, concepts, out, options=options, device=device)
+    return erase(*args, **settings)
 
 
 def erase_isolated(model: str, method: str, concepts: list[str], out: Path, options: dict | None,
