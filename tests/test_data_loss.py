@@ -16,25 +16,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from test_user_files import snapshot  # tests/ is on the path (conftest.py), as for tiny_pipelines
 
 from apps.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY_CSV = str(ROOT / "benchmarks" / "toycanvas" / "prompts" / "i2p_skull.csv")
-
-
-def snapshot(folder: Path) -> dict:
-    """Every entry under `folder` with its bytes (files), target (links) or None (folders)."""
-    entries = {}
-    for path in sorted(Path(folder).rglob("*")):
-        key = str(path.relative_to(folder))
-        if path.is_symlink():
-            entries[key] = ("link", os.readlink(path))
-        elif path.is_file():
-            entries[key] = path.read_bytes()
-        else:
-            entries[key] = None
-    return entries
 
 
 def users_folders(root: Path, name: str, suffixes=(".old", ".tmp", ".partial")) -> dict:
