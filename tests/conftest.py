@@ -22,17 +22,17 @@ def pytest_collection_modifyitems(config, items):
     """Deal the tests marked heavy out to the workers, each share first in its worker's queue. pytest-xdist's
     worksteal gives worker k the k-th contiguous slice of the collection and an idle worker steals from the end of
     another's queue: collected where they are, the heavy tests sat together in one slice, and one worker ran the
-    last of them while the other idled. A module's heavy tests stay on one worker, so its module-scoped fixtures
-    are built once (the toy erasure tests' base scoring, 40 s); modules go, largest first, to the worker with the
+    last of them while the other idled. Heavy tests that share a module-scoped fixture stay on one worker, so it
+    is built once (the toy erasure tests' base scoring, 40 s); groups go, largest first, to the worker with the
     fewest heavy tests. Every worker collects, and so orders, the same way."""
     workers = getattr(config, "workerinput", {}).get("workercount", 1)
     light = [item for item in items if not item.get_closest_marker("heavy")]
-    by_module: dict[str, list] = {}
+    groups: dict[tuple, list] = {}
     for item in items:
         if item.get_closest_marker("heavy"):
-            by_module.setdefault(item.nodeid.split("::")[0], []).append(item)
+            groups.setdefault(_shared_fixtures(item) or (item.nodeid,), []).append(item)
     shares: list[list] = [[] for _ in range(workers)]
-    for group in sorted(by_module.values(), key=len, reverse=True):
+    for group in sorted(groups.values(), key=len, reverse=True):
         min(shares, key=len).extend(group)
     ordered, remaining = [], len(items)
     for worker in range(workers):
@@ -42,6 +42,13 @@ def pytest_collection_modifyitems(config, items):
         ordered += shares[worker] + light[:fill]
         light = light[fill:]
     items[:] = ordered + light
+
+
+def _shared_fixtures(item) -> tuple:
+    """The module-scoped fixtures `item` uses, with its module: what it shares with the module's other tests."""
+    definitions = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+    shared = sorted(name for name, defs in definitions.items() if defs and defs[-1].scope == "module")
+    return (item.nodeid.split("::")[0], *shared) if shared else ()
 
 
 @pytest.fixture(scope="session")
