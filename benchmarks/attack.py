@@ -13,7 +13,7 @@ concept, and the attack stops at its first success:
 The tokens and their optimisation live in erasers/adversarial.py (shared with AdvUnlearn's inner attack). On SDXL
 one set of vocabulary tokens goes into both CLIP encoders (they share a vocabulary); on Flux the CLIP encoder
 (pooled) and T5 (token states) each get their own, and the prompt reported is T5's. The denoising loss is the
-family's: noise prediction on SD/SDXL, flow-matching velocity on Flux (erasers/families.py).
+family's: noise prediction on SD/SDXL, flow-matching velocity on Flux (erasers/families/).
 """
 
 from __future__ import annotations

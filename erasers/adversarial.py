@@ -1,4 +1,4 @@
-"""Adversarial prompt tokens, shared by the attack (erasers/attack.py) and AdvUnlearn's inner maximisation.
+"""Adversarial prompt tokens, shared by the attack (benchmarks/attack.py) and AdvUnlearn's inner maximisation.
 
 A few adversarial tokens sit right after each text encoder's start token (T5 has none: at the front). They are
 parametrised per text encoder the denoiser reads (SD: CLIP; SDXL: both CLIP encoders; Flux: CLIP, read pooled, and

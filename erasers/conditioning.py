@@ -1,4 +1,4 @@
-"""The text conditioning a denoiser reads, one object for every family (built by erasers/families.py)."""
+"""The text conditioning a denoiser reads, one object for every family (built by erasers/families/)."""
 
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ text-encoder edits. `adversarial=false` and `surgery=false` give the paper's abl
 On Flux (not in the paper) the same three parts act on the transformer's flow-matching velocity instead of the
 noise: eps above reads v, x_t = (1 - sigma) x_0 + sigma noise at uniform sigma, D reads x_0 = x_t - sigma v (or v)
 with the packed 2x2 patches laid out as their image grid, and "xattn" trains the joint blocks' text projections
-(add_q/k/v_proj), as ESD-x does there. The family adapter (erasers/families.py) supplies all of it.
+(add_q/k/v_proj), as ESD-x does there. The family adapter (erasers/families/) supplies all of it.
 """
 
 from __future__ import annotations

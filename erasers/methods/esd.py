@@ -10,7 +10,7 @@ away* from the concept (negative guidance). Which part is trained names the vari
           step)
 The latent x_t is drawn by denoising noise with the model being edited, for a random number of steps. On Flux the
 predictions are flow-matching velocities and the same negative-guidance target is taken on them
-(erasers/families.py: the guidance embedding of guidance-distilled Flux).
+(erasers/families/: the guidance embedding of guidance-distilled Flux).
 """
 
 from __future__ import annotations
