@@ -42,10 +42,10 @@ def compare(model: str, edits: list[str], out: str | Path, seeds: tuple[int, ...
     claim_output_dir(out, METRICS, create=False)  # a folder compare did not make is refused before any work
     classifier = ToyClassifier.from_pretrained(CLASSIFIER_DIR)
     answers = AnswerSet(seeds=tuple(seeds))
+    edited = load_pipeline(model, device=device)
+    apply_edits(edited, edits)  # first: an edit that cannot load, or a diverged one, fails before any image is drawn
     base = load_pipeline(model, device=device)
     base_records, base_images = classify_answer_set(base, classifier, answers, progress)
-    edited = load_pipeline(model, device=device)
-    apply_edits(edited, edits)
     edited_records, edited_images = classify_answer_set(edited, classifier, answers, progress)
     claim_output_dir(out, METRICS)
     table = {"base": score(base_records, erased, kind), "edited": score(edited_records, erased, kind),

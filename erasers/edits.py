@@ -58,6 +58,8 @@ def save_edit(out: str | Path, components: dict[str, nn.Module], metadata: dict,
     """The edited `components` in diffusers/transformers format plus erasure.json (`metadata`, the components and
     `cost`: seconds and peak memory), written under a temporary name and renamed to `out`."""
     out = check_new_output(Path(out))
+    for name, module in components.items():  # a diverged erase is a failure, never an edit that "erases" all
+        check_finite(module, f"the erased {name}", "nothing was saved; lower the method's lr and run it again")
     with writing_into(out) as tmp:  # a full disk: one line, nothing left beside `out`
         for name, module in components.items():
             module.save_pretrained(tmp / name)
@@ -79,6 +81,15 @@ def publish_with_metadata(tmp: Path, out: Path, metadata: dict, cost: dict) -> P
     (tmp / METADATA).write_text(json.dumps(metadata, indent=2))
     publish(tmp, out)
     return out
+
+
+def check_finite(module: nn.Module, what: str, remedy: str) -> None:
+    """A UsageError when `module` holds a NaN or infinite weight: its images would be black or noise, which a
+    classifier scores as the concept erased."""
+    for name, parameter in module.named_parameters():
+        if not torch.isfinite(parameter).all():
+            raise UsageError(f"{what} holds non-finite weights (NaN or inf, first in {name}): a failed erase, not an "
+                             f"erasure; {remedy}")
 
 
 def edit_kind(path: str | Path) -> str | None:
@@ -151,7 +162,8 @@ def apply_edits(loaded: LoadedPipeline, paths: list[str | Path]) -> list[dict]:
             if component in applied:
                 raise UsageError(f"{path} and {applied[component]} both edit the {component}; stack edits of "
                                  "different components (for example a text-encoder edit with a UNet edit)")
-            loaded.load_component(component, path, subfolder=component)
+            module = loaded.load_component(component, path, subfolder=component)
+            check_finite(module, f"edit {path}'s {component}", "re-run the erase that made it (a smaller lr)")
             applied[component] = str(path)
         metadata.append(meta)
     return metadata
