@@ -8,8 +8,7 @@ import argparse
 import os
 import sys
 
-import benchmarks  # noqa: F401  (registers the toy model and the toy VLM world)
-from benchmarks import commands as benchmark_commands
+from benchmarks import commands as benchmark_commands  # importing benchmarks registers "toy" and its VLM world
 from erasers import commands as eraser_commands
 from erasers.errors import UsageError
 from vlm import commands as vlm_commands
@@ -63,8 +62,6 @@ def confine_app_writes(output) -> None:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    from erasers.commands import port
-
     parser = ArgumentParser(prog="erasure", description="Concept erasure for diffusion models and VLMs.")
     commands = parser.add_subparsers(dest="command", required=True)
     eraser_commands.add_commands(commands)
@@ -77,7 +74,7 @@ def make_parser() -> argparse.ArgumentParser:
     app.add_argument("--output", default="app-output", help="the only folder the app writes to (new, or one an "
                      "earlier `erasure app` made): its image cache, temporary files and its libraries' caches")
     app.add_argument("--host", default="127.0.0.1")
-    app.add_argument("--port", type=port, default=7860)
+    app.add_argument("--port", type=eraser_commands.port, default=7860)
     app.set_defaults(run=cmd_app)
 
     return parser

@@ -30,11 +30,12 @@ import torch
 import torch.nn.functional as F
 
 from erasers.adversarial import TokenSearch, new_adversary, optimise_tokens, prompt_ids, slot_start
+from erasers.core import check_new_output
 from erasers.edits import apply_edits, read_edit
 from erasers.errors import UsageError
-from erasers.files import check_output_path, writing_into
+from erasers.files import writing_into
 from erasers.losses import predict_noise
-from erasers.models import TOY_MARKER, LoadedPipeline, load_pipeline, resolve_source
+from erasers.models import LoadedPipeline, is_toy_model, load_pipeline
 from erasers.prompts import make_request
 from erasers.validation import MAX_SEED, validate_config
 
@@ -230,7 +231,7 @@ def attack_success_rate(model: str, edits: list[str | Path], concept: str | None
         raise UsageError("pass at least one --edit directory to attack")
     metadata = [read_edit(path) for path in edits]
     concept = concept or metadata[0]["concepts"][0]
-    is_toy = (Path(resolve_source(model)) / TOY_MARKER).exists()
+    is_toy = is_toy_model(model)
     if judge is None and not is_toy:
         raise UsageError("only the toy model has a built-in judge; pass --judge MODULE:FUNCTION (a function "
                          "(images, concept) -> list of bools, for example wrapping NudeNet or an image classifier)")
@@ -241,10 +242,8 @@ def attack_success_rate(model: str, edits: list[str | Path], concept: str | None
     validate_config(config, "attack")
     if seed + ((count or 1) - 1) // max(len(prompts or ()), 1) > MAX_SEED:  # the seed rises by one per round
         raise UsageError(f"--seed {seed} runs past the largest seed ({MAX_SEED}) over the prompts; pass a smaller one")
-    if out is not None and Path(out).exists():
-        raise UsageError(f"{out} already exists; choose a new --out or remove it first")
     if out is not None:
-        check_output_path(out)
+        check_new_output(out)
 
     loaded = load_pipeline(model, device=device)
     loaded.resolution = resolution  # images and latents at this size (default: the model's own)

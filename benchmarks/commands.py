@@ -8,10 +8,9 @@ import argparse
 import os
 from pathlib import Path
 
+from benchmarks.runner import MANIFEST  # a folder holding the runner's manifest is a run to resume
 from erasers.errors import UsageError
 from erasers.outputs import claim_output_dir
-
-MANIFEST = "manifest.jsonl"  # the runner's (benchmarks.runner.MANIFEST): a folder holding one is a run to resume
 
 
 def _csv(text: str | None) -> list[str]:

@@ -9,7 +9,7 @@ from erasers.edits import apply_edits, read_edit
 from erasers.errors import UsageError
 from erasers.files import write_atomically
 from erasers.images import save_image_atomically
-from erasers.models import TOY_MARKER, load_pipeline, resolve_source
+from erasers.models import is_toy_model, load_pipeline
 from erasers.outputs import claim_output_dir
 
 from .figures import labelled_grid
@@ -24,7 +24,7 @@ def compare(model: str, edits: list[str], out: str | Path, seeds: tuple[int, ...
             device: str | None = None, progress: bool = True) -> dict:
     """Before/after grid and UA/IRA/CRA table of `edits` (stacked) against `model`, same prompts and seeds.
     The table needs a classifier, which exists for the toy model."""
-    if not (Path(resolve_source(model)) / TOY_MARKER).exists():
+    if not is_toy_model(model):
         raise UsageError("compare scores edits with the ToyCanvas classifier, so it runs on --model toy; for other "
                          "models use `erasure generate` with and without --text-encoder/--unet")
     if not edits:

@@ -166,13 +166,6 @@ def _disk_is_full(error: BaseException, directory: Path) -> bool:
     return False
 
 
-def resumable_work_dir(out: Path, signature: dict, restart: bool = False) -> Path:
-    """For callers of the old API: erasers.outputs.resumable_work_dir (prefer its `resumable_run`)."""
-    from .outputs import resumable_work_dir as locked
-
-    return locked(out, signature, restart)
-
-
 def _marker_fields(directory: Path) -> dict:
     marker = Path(directory) / MARKER
     if Path(directory).is_symlink() or marker.is_symlink():

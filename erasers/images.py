@@ -20,6 +20,4 @@ def image_grid(images: list[Image.Image], columns: int, scale: int = 1) -> Image
 
 def save_image_atomically(image: Image.Image, path: Path) -> None:
     """`image` to `path` (format by its suffix) under a temporary name, renamed into place once complete."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_atomically(path, image.save)
+    save_atomically(path, image.save)  # makes the parent folder too

@@ -113,8 +113,9 @@ class LoadedPipeline:
 
     def companion(self, name: str) -> Path:
         """A file or directory a toy pipeline names in its marker as shipping beside it (e.g. "ip_adapter")."""
-        marker = self.directory / TOY_MARKER if self.directory is not None else None
-        companions = read_json(marker, "rebuild the toy pipeline").get("companions", {}) if self.is_toy else {}
+        companions = {}
+        if self.is_toy:  # a toy pipeline is always a local directory
+            companions = read_json(self.directory / TOY_MARKER, "rebuild the toy pipeline").get("companions", {})
         if name not in companions:
             raise UsageError(f"{self.source} ships no {name}; pass its location with --set {name}=PATH")
         return (self.directory / companions[name]).resolve()
@@ -235,6 +236,11 @@ def resolve_source(model: str) -> str:
         return model
     raise UsageError(f"unknown model {model!r}: pass 'toy', a local pipeline directory, or a hub id such as "
                      "stable-diffusion-v1-5/stable-diffusion-v1-5")
+
+
+def is_toy_model(model: str) -> bool:
+    """Whether `model` names a toy pipeline (its directory carries TOY_MARKER), known before it loads."""
+    return (Path(resolve_source(model)) / TOY_MARKER).exists()
 
 
 def resolve_device(device: str | None) -> str:

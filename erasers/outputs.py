@@ -54,12 +54,6 @@ class RunDirectory:
     def lock(self) -> None:
         """Take the lock, making `OUT.partial/` if absent; refuse a folder that is not an erasure run's or that a
         live run holds. A previous version's folder (run.json, no marker) is judged by `prepare`."""
-        held = _HELD.pop(self.path, None)
-        if held is not None and held._fd is not None and _same_file(held._fd, self.path / MARKER):
-            self._fd = held._fd
-            return
-        if held is not None:
-            _unlock(held._fd)
         for _ in range(20):  # each turn loses a race with another run making or removing the folder
             path = self.path
             if path.is_symlink() or (path.exists() and not path.is_dir()):
@@ -142,25 +136,6 @@ class RunDirectory:
     def _foreign(self, why: str) -> UsageError:
         return UsageError(f"{self.path} {why}, so it is not an interrupted erasure run's; move it away or choose "
                           "another --out")
-
-
-# Runs started with resumable_work_dir, which returns a bare path: their lock lasts until the process ends or
-# the same process opens the same OUT.partial again (resuming after a failure caught in the same process).
-_HELD: dict[Path, RunDirectory] = {}
-
-
-def resumable_work_dir(out: Path, signature: dict, restart: bool = False) -> Path:
-    """`RunDirectory(out)`'s prepared work directory, its lock held until the process ends. Prefer
-    `resumable_run`, which releases the lock and removes the directory when the run finishes."""
-    run = RunDirectory(out)
-    run.lock()
-    try:
-        work_dir = run.prepare(signature, restart)
-    except BaseException:
-        run.close(finished=False)
-        raise
-    _HELD[run.path] = run
-    return work_dir
 
 
 @contextmanager

@@ -13,7 +13,7 @@ from pathlib import Path
 from .core import check_new_output, run_resumably
 from .edits import base_fingerprint, edit_metadata, save_edit
 from .errors import UsageError
-from .models import TOY_MARKER, load_pipeline, resolve_device, resolve_source
+from .models import is_toy_model, load_pipeline, resolve_device
 from .outputs import RunDirectory
 from .precision import TrainingOptions, autocast, check_precision, default_precision
 from .prompts import make_request
@@ -52,8 +52,7 @@ def erase(model: str, method: str, concepts: list[str], out: str | Path, **setti
 def erase_spec(spec: EraseSpec) -> Path:
     """Validate everything that can be checked before the model loads (config, output, device, precision,
     resolution), load, let the eraser check its own resources, then erase resumably and save."""
-    is_toy = (Path(resolve_source(spec.model)) / TOY_MARKER).exists()
-    config = build_config(spec.method, is_toy, spec.options)
+    config = build_config(spec.method, is_toy_model(spec.model), spec.options)
     out = check_new_output(spec.out)
     device = resolve_device(spec.device)
     training = TrainingOptions(spec.precision or default_precision(device), spec.gradient_checkpointing,

@@ -27,7 +27,7 @@ from erasers.files import (
     write_atomically,
     writing_into,
 )
-from erasers.outputs import RunDirectory, claim_output_dir, mark_run_dir, resumable_run, resumable_work_dir
+from erasers.outputs import RunDirectory, claim_output_dir, mark_run_dir, resumable_run
 
 SIGNATURE = {"method": "esd-x", "concept": "arrow"}
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,8 +104,8 @@ def test_a_users_partial_folder_is_refused_and_kept(tmp_path, content, restart):
             (partial / "run.json").unlink()
     before = snapshot(tmp_path)
     with pytest.raises(UsageError, match=r"X\.partial .*not an interrupted erasure run's; move it away or choose "
-                                         "another --out") as error:
-        resumable_work_dir(tmp_path / "X", SIGNATURE, restart)
+                                         "another --out") as error, resumable_run(tmp_path / "X", SIGNATURE, restart):
+        pass
     assert "\n" not in str(error.value)
     with pytest.raises(UsageError, match="move it away"), resumable_run(tmp_path / "X", SIGNATURE, restart):
         pass
@@ -156,10 +156,11 @@ def test_restart_and_a_previous_versions_partial_folder(tmp_path):
 
     # An erasure run's folder with an unreadable run.json: reported with the remedy that works.
     (partial / "run.json").write_bytes(b"\x00\xff garbage")
-    with pytest.raises(UsageError, match="corrupt.*pass --restart"):
-        resumable_work_dir(tmp_path / "X", SIGNATURE)
-    assert resumable_work_dir(tmp_path / "X", SIGNATURE, restart=True) == partial
-    assert json.loads((partial / "run.json").read_text()) == SIGNATURE
+    with pytest.raises(UsageError, match="corrupt.*pass --restart"), resumable_run(tmp_path / "X", SIGNATURE):
+        pass
+    with resumable_run(tmp_path / "X", SIGNATURE, restart=True) as work_dir:
+        assert work_dir == partial
+        assert json.loads((partial / "run.json").read_text()) == SIGNATURE
 
 
 def test_mark_run_dir_makes_a_hand_built_partial_folder_an_erasure_runs(tmp_path):
@@ -167,20 +168,20 @@ def test_mark_run_dir_makes_a_hand_built_partial_folder_an_erasure_runs(tmp_path
     (partial / "ckpt").mkdir(parents=True)
     (partial / "run.json").write_bytes(b"binary \x00")
     mark_run_dir(partial)
-    with pytest.raises(UsageError, match="pass --restart"):
-        resumable_work_dir(tmp_path / "X", SIGNATURE)
+    with pytest.raises(UsageError, match="pass --restart"), resumable_run(tmp_path / "X", SIGNATURE):
+        pass
 
 
 HOLDER = textwrap.dedent("""
     import sys
     from erasers.files import atomic_dir
-    from erasers.outputs import resumable_work_dir
-    work_dir = resumable_work_dir(sys.argv[1], {"method": "esd-x", "concept": "arrow"})
-    (work_dir / "ckpt").mkdir(exist_ok=True)
-    (work_dir / "ckpt" / "step-2.safetensors").write_bytes(b"live checkpoint")
-    atomic_dir(sys.argv[2])
-    print("locked", flush=True)
-    sys.stdin.read()
+    from erasers.outputs import resumable_run
+    with resumable_run(sys.argv[1], {"method": "esd-x", "concept": "arrow"}) as work_dir:
+        (work_dir / "ckpt").mkdir(exist_ok=True)
+        (work_dir / "ckpt" / "step-2.safetensors").write_bytes(b"live checkpoint")
+        atomic_dir(sys.argv[2])
+        print("locked", flush=True)
+        sys.stdin.read()  # killed here: the lock goes with the process, the work directory stays
 """)
 
 
@@ -193,8 +194,9 @@ def test_a_second_run_on_the_same_out_refuses_while_the_first_works(tmp_path):
         live = snapshot(tmp_path)
         for restart in (False, True):
             with pytest.raises(UsageError, match=rf"another erasure run is using .*X\.partial \(pid {first.pid}\); "
-                                                 "wait for it or choose another --out"):
-                resumable_work_dir(out, {**SIGNATURE, "concept": "star"}, restart)
+                                                 "wait for it or choose another --out"), \
+                    resumable_run(out, {**SIGNATURE, "concept": "star"}, restart):
+                pass
         with pytest.raises(UsageError, match="another erasure run"), resumable_run(out, SIGNATURE):
             pass
         discard(atomic_dir(other))  # sweeps only abandoned temporary folders: the live run's stays
