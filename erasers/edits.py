@@ -114,9 +114,9 @@ def read_edit(path: str | Path) -> dict:
         raise UsageError(f"{path} is a VLM edit; pass it to `erasure vlm ask` or `erasure bench mllmu-med`")
     check_metadata_fields(metadata_file, metadata, EDIT_FIELDS, EDIT_OPTIONAL_FIELDS)
     for component in metadata["components"]:
-        if component not in COMPONENTS:
-            raise UsageError(f"{metadata_file} lists a component {component!r}; edits hold {', '.join(COMPONENTS)}: "
-                             "re-run the erase that made it")
+        if component not in (*COMPONENTS, ADAPTER):
+            raise UsageError(f"{metadata_file} lists a component {component!r}; edits hold {', '.join(COMPONENTS)} "
+                             f"or {ADAPTER}: re-run the erase that made it")
         if not (path / component).is_dir():
             raise UsageError(f"edit {path} lists {component} but has no {component}/ directory; re-run the erase")
     return metadata
@@ -125,8 +125,10 @@ def read_edit(path: str | Path) -> dict:
 # The fields commands read from erasure.json, by kind (see check_metadata_fields); more are allowed.
 EDIT_FIELDS = {"concepts": "names+", "kind": "text", "components": "names"}
 EDIT_OPTIONAL_FIELDS = {"method": "text", "config": "object"}
-# Components an edit may hold: every family's text encoders and denoisers (also keeps paths inside the edit).
+# Components an edit may hold: every family's text encoders and denoisers (also keeps paths inside the edit), and
+# an "adapter" directory that the method's own loader (its registry entry's `apply`) installs.
 COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
+ADAPTER = "adapter"
 _KINDS = {"text": "a non-empty string", "object": "a JSON object", "names": "a list of strings",
           "names+": "a non-empty list of strings"}
 
@@ -153,17 +155,31 @@ def check_metadata_fields(metadata_file: Path, metadata: dict, required: dict, o
 
 def apply_edits(loaded: LoadedPipeline, paths: list[str | Path]) -> list[dict]:
     """Load one or more edits onto a base pipeline. Edits stack when they touch different components (a
-    text-encoder edit with a UNet edit); two edits of the same component are refused."""
+    text-encoder edit with a UNet edit); two edits of the same component are refused. Weights load first; then the
+    edits whose method loads them itself (an SPM adapter, SLD's guidance: the registry entry's `apply`), in the
+    order given, so that they act on the edited weights."""
+    from .registry import get_method
+
     applied: dict[str, str] = {}
     metadata = []
+    installers = []
     for path in paths:
         meta = read_edit(path)
+        apply = get_method(meta["method"]).apply if meta.get("method") else None
+        if apply is None and ADAPTER in meta["components"]:
+            raise UsageError(f"{path} holds an adapter but names no method that loads one; re-run the erase")
         for component in meta["components"]:
+            if component == ADAPTER:
+                continue
             if component in applied:
                 raise UsageError(f"{path} and {applied[component]} both edit the {component}; stack edits of "
                                  "different components (for example a text-encoder edit with a UNet edit)")
             module = loaded.load_component(component, path, subfolder=component)
             check_finite(module, f"edit {path}'s {component}", "re-run the erase that made it (a smaller lr)")
             applied[component] = str(path)
+        if apply is not None:
+            installers.append((apply, Path(path), meta))
         metadata.append(meta)
+    for apply, path, meta in installers:
+        apply(loaded, path, meta)
     return metadata

@@ -9,7 +9,7 @@ import dataclasses
 import importlib
 import pkgutil
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 from torch import nn
 
@@ -55,6 +55,8 @@ class MethodEntry:
     toy_defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
     # The pipeline families (erasers.models.FAMILIES) it edits; the erase refuses the others.
     families: tuple[str, ...] = ALL_FAMILIES
+    # Why it does not edit each family it leaves out (family -> reason): the families matrix prints it.
+    why_not: dict[str, str] = dataclasses.field(default_factory=dict)
     # Options for a run of a few steps on tiny random pipelines (the families tests; gpu_check and step_cost add
     # their own step counts).
     quick: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -66,6 +68,12 @@ class MethodEntry:
     variants: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     # The models `benchmarks.step_cost` times it on by default (toy, sd15, sdxl: what fits in 24 GiB).
     step_cost_models: tuple[str, ...] = ("toy",)
+    # Whether it trains: a training-free method (SLD, negative prompts) refuses training options.
+    trains: bool = True
+    # How an edit of it loads when it is not (only) weights in diffusers format: apply(loaded, edit_dir, metadata)
+    # installs its "adapter" component (SPM's LoRA) or its guidance (SLD) on a loaded pipeline. None: the edit's
+    # components load with `from_pretrained` in place of the pipeline's.
+    apply: Callable | None = None
 
 
 class Registry:

@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from diffusers.optimization import get_scheduler
 from torch import nn
 
+from ..anchors import anchor_prompts, draw_anchor_latents
 from ..errors import UsageError
-from ..files import save_atomically
 from ..losses import FrozenOriginal, esd_target, predict_noise
 from ..models import LoadedPipeline
 from ..parameters import trainable_parameters
@@ -172,42 +172,6 @@ def project_conflicting(unlearn: torch.Tensor, preserve: torch.Tensor) -> torch.
     if dot >= 0:
         return unlearn
     return unlearn - dot / preserve.pow(2).sum().clamp_min(1e-20) * preserve
-
-
-def anchor_prompts(request: EraseRequest, prompts: list[str], anchor: str) -> list[str]:
-    """One anchor prompt per sensitive prompt: --anchor texts (in turn) when given, else by the config."""
-    if request.anchors:
-        return [request.anchors[i % len(request.anchors)] for i in range(len(prompts))]
-    if anchor == "empty":
-        return [""] * len(prompts)
-    return request.neutral_prompts(prompts)
-
-
-@torch.no_grad()
-def draw_anchor_latents(loaded: LoadedPipeline, anchors: list[str], count: int, steps: int, guidance: float,
-                        seed: int, cache: Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """`count` latents x_0 the base model draws for the anchor prompts in turn (image i: anchor i mod n, seed
-    seed + i), and the anchor index of each. Kept in `cache` so a resumed run trains on the same images."""
-    from safetensors.torch import load_file, save_file
-
-    if cache is not None and cache.exists():
-        saved = load_file(cache)
-        return saved["latents"].to(loaded.device, loaded.dtype), saved["anchor_index"]
-    index = torch.arange(count) % len(anchors)
-    loaded.pipeline.set_progress_bar_config(disable=True)
-    latents = []
-    for start in range(0, count, 16):
-        chunk = list(range(start, min(count, start + 16)))
-        generators = [torch.Generator("cpu").manual_seed(seed + i) for i in chunk]
-        out = loaded.pipeline(prompt=[anchors[int(index[i])] for i in chunk], generator=generators,
-                              num_inference_steps=steps, guidance_scale=guidance, output_type="latent",
-                              **loaded.adapter.size())
-        latents.append(out.images)
-    latents = torch.cat(latents)
-    if cache is not None:
-        saved = {"latents": latents.float().cpu().contiguous(), "anchor_index": index}
-        save_atomically(cache, lambda tmp: save_file(saved, str(tmp)))
-    return latents, index
 
 
 # Toy defaults, measured on ToyCanvas (benchmarks/results/NOTES.md, DoCo, has every tuning run). The tiny UNet needs

@@ -1,0 +1,49 @@
+"""Anchor prompts and the images the base model draws for them: the training data of Concept Ablation and the
+methods built on it (DoCo, SalUn's retain set). Drawn once, seeded, and cached in the run's work directory so that a
+resumed run trains on the same images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .files import save_atomically
+from .models import LoadedPipeline
+from .prompts import EraseRequest
+
+
+def anchor_prompts(request: EraseRequest, prompts: list[str], anchor: str) -> list[str]:
+    """One anchor prompt per sensitive prompt: --anchor texts (in turn) when given, else by the config."""
+    if request.anchors:
+        return [request.anchors[i % len(request.anchors)] for i in range(len(prompts))]
+    if anchor == "empty":
+        return [""] * len(prompts)
+    return request.neutral_prompts(prompts)
+
+
+@torch.no_grad()
+def draw_anchor_latents(loaded: LoadedPipeline, anchors: list[str], count: int, steps: int, guidance: float,
+                        seed: int, cache: Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`count` latents x_0 the base model draws for the anchor prompts in turn (image i: anchor i mod n, seed
+    seed + i), and the anchor index of each. Kept in `cache` so a resumed run trains on the same images."""
+    from safetensors.torch import load_file, save_file
+
+    if cache is not None and cache.exists():
+        saved = load_file(cache)
+        return saved["latents"].to(loaded.device, loaded.dtype), saved["anchor_index"]
+    index = torch.arange(count) % len(anchors)
+    loaded.pipeline.set_progress_bar_config(disable=True)
+    latents = []
+    for start in range(0, count, 16):
+        chunk = list(range(start, min(count, start + 16)))
+        generators = [torch.Generator("cpu").manual_seed(seed + i) for i in chunk]
+        out = loaded.pipeline(prompt=[anchors[int(index[i])] for i in chunk], generator=generators,
+                              num_inference_steps=steps, guidance_scale=guidance, output_type="latent",
+                              **loaded.adapter.size())
+        latents.append(out.images)
+    latents = torch.cat(latents)
+    if cache is not None:
+        saved = {"latents": latents.float().cpu().contiguous(), "anchor_index": index}
+        save_atomically(cache, lambda tmp: save_file(saved, str(tmp)))
+    return latents, index
