@@ -158,14 +158,15 @@ def apply_edits(loaded: LoadedPipeline, paths: list[str | Path]) -> list[dict]:
     text-encoder edit with a UNet edit); two edits of the same component are refused. Weights load first; then the
     edits whose method loads them itself (an SPM adapter, SLD's guidance: the registry entry's `apply`), in the
     order given, so that they act on the edited weights."""
-    from .registry import get_method
+    from .registry import available_methods
 
     applied: dict[str, str] = {}
     metadata = []
     installers = []
     for path in paths:
         meta = read_edit(path)
-        apply = get_method(meta["method"]).apply if meta.get("method") else None
+        entry = available_methods().get(meta.get("method"))  # an edit of a since-renamed method loads its weights
+        apply = entry.apply if entry is not None else None
         if apply is None and ADAPTER in meta["components"]:
             raise UsageError(f"{path} holds an adapter but names no method that loads one; re-run the erase")
         for component in meta["components"]:
