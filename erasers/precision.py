@@ -97,8 +97,9 @@ def make_trainable(loaded, parameters: list[torch.nn.Parameter], *modules: torch
     return parameters
 
 
-def build_optimizer(loaded, parameters: list[torch.nn.Parameter], lr: float):
-    """Adam (or bitsandbytes' 8-bit Adam, --optimizer adam8bit) on float32 parameters."""
+def build_optimizer(loaded, parameters: list[torch.nn.Parameter], lr: float, weight_decay: float = 0.0):
+    """Adam (or bitsandbytes' 8-bit Adam, --optimizer adam8bit) on float32 parameters; AdamW when `weight_decay`
+    is set (Concept Ablation, Forget-Me-Not and SalUn train with AdamW, decay 1e-2)."""
     options = loaded.training
     half = [p for p in parameters if p.dtype != torch.float32]
     if half:
@@ -109,7 +110,11 @@ def build_optimizer(loaded, parameters: list[torch.nn.Parameter], lr: float):
         except ImportError:
             raise UsageError("--optimizer adam8bit needs bitsandbytes, which is not installed: "
                              "pip install 'erasure-suite[gpu]' (or bitsandbytes), or use --optimizer adam") from None
+        if weight_decay:
+            return bitsandbytes.optim.AdamW8bit(parameters, lr=lr, weight_decay=weight_decay)
         return bitsandbytes.optim.Adam8bit(parameters, lr=lr)
+    if weight_decay:
+        return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
     return torch.optim.Adam(parameters, lr=lr)
 
 
