@@ -1,7 +1,6 @@
 """The files the bad-input cases of apps/bad_inputs.py need: garbage JSON in a pipeline, non-UTF-8 prompt
 files, edits with wrong field types, a decompression-bomb PNG, garbage parquet, damaged or planted checkpoints in
-`OUT.partial/`. Each fixture makes its file(s) in the case's directory and returns the path the command line gets.
-"""
+`OUT.partial/`. Each fixture makes its file(s) in the case's directory and returns the path the command line gets."""
 
 from __future__ import annotations
 
@@ -198,6 +197,11 @@ GOOD_EDIT = {"method": "uce", "concepts": ["star"], "kind": "object", "component
 @fixture
 def edit_ok(root):
     return edit_dir(root, GOOD_EDIT)
+
+
+@fixture
+def negprompt_edit(root):
+    return edit_dir(root, {**GOOD_EDIT, "method": "negprompt", "components": []}, components=())
 
 
 @fixture

@@ -120,6 +120,12 @@ FIXED_CASES = [
     Case("generate: --out exists", "generate --prompt a --out {existing_png}", "--overwrite"),
     Case("generate: --out is a directory", "generate --prompt a --out {root}", "must end in"),
     Case("generate: --out is .txt", "generate --prompt a --out {root}/a.txt", "must end in"),
+    Case("generate: a negative-prompt edit without guidance", "generate --edit {negprompt_edit} --prompt a "
+         "--guidance 1 --out {root}/a.png", "classifier-free guidance"),
+    Case("erase: a training-free method asked to train", "erase --method sld --concept star --set iterations=10 "
+         "--out {root}/e", "training-free"),
+    Case("erase: a training-free method with --gradient-checkpointing", "erase --method negprompt --concept star "
+         "--gradient-checkpointing --out {root}/e", "training-free"),
     Case("generate: unknown argument", "generate --prompt a --out {root}/a.png --colour red", "unrecognized"),
     # erase
     Case("erase: --out under a file", "erase --method uce --concept star --out {file}/edit", "is a file"),

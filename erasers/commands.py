@@ -120,6 +120,10 @@ def cmd_generate(args) -> None:
     if not 1 <= args.scale <= MAX_SCALE:
         raise UsageError(f"--scale {args.scale} is out of range; use 1 to {MAX_SCALE}")
     loaded = load_from_args(args)
+    if args.edit:
+        from .edits import apply_edits
+
+        apply_edits(loaded, args.edit)
     side = loaded.image_size()
     rows = -(-len(prompts) // columns)
     pixels = rows * columns * (side * args.scale) ** 2
@@ -161,6 +165,8 @@ def add_commands(commands) -> None:
     """`generate`, `erase` and `methods`, added to the `erasure` parser's subcommands."""
     generate = commands.add_parser("generate", help="generate images (one prompt, or a grid from a prompt file)")
     add_model_arguments(generate)
+    generate.add_argument("--edit", action="append", default=[],
+                          help="an edit directory from `erasure erase` to generate with (repeat to stack edits)")
     generate.add_argument("--prompt", help="one prompt")
     generate.add_argument("--prompts", help="a text file with one prompt per line; writes a grid")
     generate.add_argument("--seed", type=seed, default=0, help="seed of the first image; image i uses seed + i")

@@ -120,7 +120,8 @@ class Registry:
         values = {**entry.defaults, **(entry.toy_defaults if toy else {})}
         for key, value in (overrides or {}).items():
             if key not in fields:
-                raise UsageError(f"{name} has no option {key!r}; its options: {', '.join(fields)}")
+                trains = "" if entry.trains else " (it is training-free: it trains nothing at erase time)"
+                raise UsageError(f"{name} has no option {key!r}{trains}; its options: {', '.join(fields)}")
             values[key] = _coerce(value, fields[key], name)
         return validate_config(entry.eraser.config_class(**values), name)
 

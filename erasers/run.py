@@ -53,6 +53,7 @@ def erase_spec(spec: EraseSpec) -> Path:
     """Validate everything that can be checked before the model loads (config, output, device, precision,
     resolution), load, let the eraser check its own resources, then erase resumably and save."""
     config = build_config(spec.method, is_toy_model(spec.model), spec.options)
+    check_training_options(spec)
     out = check_new_output(spec.out)
     device = resolve_device(spec.device)
     training = TrainingOptions(spec.precision or default_precision(device), spec.gradient_checkpointing,
@@ -62,6 +63,18 @@ def erase_spec(spec: EraseSpec) -> Path:
         raise UsageError(f"--resolution {spec.resolution} must be a multiple of 16 (pixels), at least 16")
     with RunDirectory(out) as run:  # a second run on the same --out refuses before loading a model
         return _erase_loaded(spec, run, config, training, device)
+
+
+def check_training_options(spec: EraseSpec) -> None:
+    """A training-free method (SLD, negative prompts) asked for training options is a mistake, not a no-op."""
+    if get_method(spec.method).trains:
+        return
+    asked = [flag for flag, given in (("--gradient-checkpointing", spec.gradient_checkpointing),
+                                      ("--optimizer", spec.optimizer != "adam"),
+                                      ("--resolution", spec.resolution is not None)) if given]
+    if asked:
+        raise UsageError(f"{spec.method} is training-free: it trains nothing, so {', '.join(asked)} does not apply; "
+                         "drop it (the edit acts when images are generated)")
 
 
 def _erase_loaded(spec: EraseSpec, run: RunDirectory, config, training: TrainingOptions, device: str) -> Path:

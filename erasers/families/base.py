@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from ..conditioning import Conditioning, replaced_token_embeddings
+from ..errors import UsageError
 
 
 class UNetAdapter:
@@ -212,6 +213,53 @@ class UNetAdapter:
             return {}
         return {"height": self.loaded.resolution, "width": self.loaded.resolution}
 
+    # ---- generation-time guidance (the training-free edits, erasers/guidance.py) -------------------------------
+
+    def classifier_free(self, guidance_scale) -> bool:
+        """Whether the pipeline's call at this guidance scale runs an unconditional (negative) branch: not at scale
+        <= 1, nor on a guidance-distilled UNet (time_cond_proj_dim: LCM, whose scale is an input)."""
+        return guidance_scale is not None and guidance_scale > 1 and \
+            self.loaded.denoiser.config.get("time_cond_proj_dim") is None
+
+    def negative_prompt_call(self, guidance_scale, true_cfg_scale: float, method: str) -> dict:
+        """Arguments to add to a pipeline call so that it guides away from its negative prompt; a UsageError where
+        the call has no negative branch. SD and SDXL guide from it whenever classifier-free guidance is on."""
+        if not self.classifier_free(guidance_scale):
+            raise UsageError(f"{method} needs classifier-free guidance, but this {self.loaded.family.name} pipeline "
+                             f"draws at guidance scale {guidance_scale} without a negative branch; generate with "
+                             "--guidance above 1")
+        return {}
+
+    def with_extra_rows(self, args: tuple, kwargs: dict, text: Conditioning) -> tuple[tuple, dict]:
+        """A classifier-free-guidance denoiser call ([negative, conditional] rows) extended by one more row per
+        prompt: the conditional row's latent, timestep and size conditioning with `text` in place of the prompt's
+        (SLD's safety-concept prediction, in the same batch as diffusers' safe pipeline computes it)."""
+        args, kwargs = list(args), dict(kwargs)
+        sample = args[0] if args else kwargs["sample"]
+        half = sample.shape[0] // 2
+
+        def extended(tensor, replacement=None):
+            extra = tensor[half:] if replacement is None else replacement.to(tensor).expand(half, *tensor.shape[1:])
+            return torch.cat([tensor, extra])
+
+        if args:
+            args[0] = extended(sample)
+        else:
+            kwargs["sample"] = extended(sample)
+        timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
+        if torch.is_tensor(timestep) and timestep.ndim and timestep.shape[0] == 2 * half:
+            if len(args) > 1:
+                args[1] = extended(timestep)
+            else:
+                kwargs["timestep"] = extended(timestep)
+        kwargs["encoder_hidden_states"] = extended(kwargs["encoder_hidden_states"], text.states)
+        added = kwargs.get("added_cond_kwargs")
+        if added:
+            kwargs["added_cond_kwargs"] = {
+                key: extended(value, text.pooled if key == "text_embeds" else None) if torch.is_tensor(value)
+                else value for key, value in added.items()}
+        return tuple(args), kwargs
+
     # ---- which parameters read the text -------------------------------------------------------------------------
 
     def text_attention_names(self) -> list[str]:
@@ -231,6 +279,19 @@ class UNetAdapter:
         if not parameter_name.startswith(prefixes):
             return False
         return not strict or ".to_k." in parameter_name or ".to_v." in parameter_name
+
+    def attention_names(self) -> list[str]:
+        """Every attention module of the denoiser: SD's and SDXL's attn1 and attn2 (self- and cross-attention),
+        Flux's joint and single blocks' attentions (their norms and text projections included)."""
+        from diffusers.models.attention import AttentionModuleMixin
+        from diffusers.models.attention_processor import Attention
+
+        return [name for name, module in self.loaded.denoiser.named_modules()
+                if isinstance(module, (Attention, AttentionModuleMixin))]
+
+    def in_attention(self, parameter_name: str) -> bool:
+        """The parameters of Concept Ablation's "attn" set: those of every attention module."""
+        return parameter_name.startswith(tuple(f"{name}." for name in self.attention_names()))
 
     def conditioning_path(self, parameter_name: str) -> bool:
         """Parameters ESD-u leaves alone: the text-reading attentions, the time embedding, and SDXL's added

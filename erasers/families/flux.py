@@ -133,6 +133,14 @@ class FluxAdapter(UNetAdapter):
         size = self.latent_size() * self.pipeline.vae_scale_factor
         return {"prompt_embeds": cond.states, "pooled_prompt_embeds": cond.pooled, "height": size, "width": size}
 
+    def negative_prompt_call(self, guidance_scale, true_cfg_scale: float, method: str) -> dict:
+        """Flux has no negative branch by default (FLUX.1-dev's guidance is an input embedding): a negative prompt
+        acts through the pipeline's true classifier-free guidance, a second pass per step at `true_cfg_scale`."""
+        return {"true_cfg_scale": true_cfg_scale}
+
+    def with_extra_rows(self, args, kwargs, text):
+        raise NotImplementedError("Flux's pipeline runs no classifier-free-guidance batch to extend")
+
     def text_attention_names(self) -> list[str]:
         """The joint blocks' attentions: their add_q/k/v projections carry the text stream into joint attention."""
         return [name for name, module in self.loaded.denoiser.named_modules()
