@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.architectures import FAMILIES, as_loaded, build_architecture, pipeline_family
-from benchmarks.step_timing import seconds_per_step, short_run_config, synchronize, time_plain_step
+from benchmarks.step_timing import (seconds_per_step, short_run_config, synchronize, time_guided_sampling,
+                                    time_plain_step)
 from erasers.precision import autocast
 
 
@@ -98,6 +99,11 @@ def method_step(family: str, method: str, args) -> dict:
     from erasers.registry import get_method
 
     loaded = load(family, args)
+    if not get_method(method).trains:  # its cost is a sampling step's, against a plain sampling step's
+        _reset_memory(args.device)
+        timed = time_guided_sampling(loaded, method, max(args.steps, 2), "a photo of a cat")
+        return {"family": family, "method": method, **timed, "peak_bytes": _peak_memory(args.device),
+                "components": []}
     options = ip_adapter_files(loaded, args) if "ip_adapter" in get_method(method).needs else {}
     config = short_run_config(method, args.steps, False, attack_steps=2, retain_batch=1, **options)
     eraser = get_method(method).eraser(config)
@@ -153,7 +159,10 @@ def table(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         plain = next((r for r in rows if r["family"] == row["family"] and r["method"] == "plain"), None)
-        time_ratio = f"{row['seconds_per_step'] / plain['seconds_per_step']:.2f}" if plain else "-"
+        if "plain_seconds_per_step" in row:  # a training-free method: a sampling step against a plain one
+            time_ratio = f"{row['seconds_per_step'] / row['plain_seconds_per_step']:.2f} (sampling)"
+        else:
+            time_ratio = f"{row['seconds_per_step'] / plain['seconds_per_step']:.2f}" if plain else "-"
         peak = row["peak_bytes"]
         peak_text = "-" if peak is None else f"{peak / 2**30:.1f}"
         peak_ratio = f"{peak / plain['peak_bytes']:.2f}" if peak and plain and plain["peak_bytes"] else "-"

@@ -72,3 +72,33 @@ def time_plain_step(loaded, steps: int, prompt: str, release_text_encoders: bool
         synchronize(loaded.device)
         times.append(time.perf_counter() - started)
     return sum(times[1:]) / steps, loss.detach()  # the first step pays one-off allocation
+
+
+def time_guided_sampling(loaded, method: str, steps: int, prompt: str) -> dict:
+    """A training-free method's cost is at generation: seconds per sampling step (classifier-free guidance at the
+    family's default scale) with its edit installed and without, in one process, and whether the edit moved the
+    result. Its edit is installed as loading it would (the registry entry's `apply`) with its default config."""
+    from erasers.registry import build_config, get_method
+
+    entry = get_method(method)
+    config = build_config(method, loaded.is_toy, entry.quick)
+    metadata = {"method": method, "concepts": ["cat"], "kind": "concept", "config": dataclasses.asdict(config)}
+    loaded.pipeline.set_progress_bar_config(disable=True)
+
+    def sample():
+        synchronize(loaded.device)
+        started = time.perf_counter()
+        with torch.no_grad():
+            out = loaded.pipeline(prompt=[prompt], num_inference_steps=steps, output_type="latent",
+                                  guidance_scale=loaded.default_guidance,
+                                  generator=[torch.Generator("cpu").manual_seed(0)], **loaded.adapter.size())
+        synchronize(loaded.device)
+        return (time.perf_counter() - started) / steps, out.images
+
+    sample()  # warm-up: one-off allocation
+    plain_seconds, plain = sample()
+    entry.apply(loaded, None, metadata)
+    sample()
+    seconds, guided = sample()
+    return {"seconds_per_step": seconds, "plain_seconds_per_step": plain_seconds,
+            "finite": bool(torch.isfinite(guided).all()), "moved": not torch.equal(plain, guided)}

@@ -178,6 +178,21 @@ def test_gpu_check_runs_every_method_on_the_tiny_pipelines(capsys):
     assert len(rows) == 3 and all(line.endswith("| yes | yes |") for line in rows), out
 
 
+def test_gpu_check_times_training_free_methods_as_sampling_steps(capsys):
+    """SLD and negative prompts train nothing: the GPU check times a sampling step with the edit installed against a
+    plain one (SLD adds a third of the guidance batch), and checks the result moved."""
+    from benchmarks.gpu_check import main
+
+    code = main(["--tiny", "--steps", "2", "--families", "sd15,flux", "--methods", "sld,negprompt"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    rows = [line for line in out.splitlines() if line.startswith(("| sd15", "| flux"))]
+    assert [line.split("|")[1:3] for line in rows] == [[" sd15 ", " plain "], [" sd15 ", " sld "],
+                                                       [" sd15 ", " negprompt "], [" flux ", " plain "],
+                                                       [" flux ", " negprompt "]], out
+    assert all(line.endswith("| yes | yes |") for line in rows) and "(sampling)" in rows[1], out
+
+
 def test_gpu_check_runs_doco_and_coerasing_on_every_family(capsys, monkeypatch):
     """DoCo and Co-Erasing in the GPU check, Co-Erasing with a random IP-Adapter (published layout) and refinement
     CLIP written for each family's denoiser. A method whose eraser does not take a family is skipped there, not
