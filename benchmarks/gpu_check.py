@@ -29,8 +29,13 @@ from pathlib import Path
 import torch
 
 from benchmarks.architectures import FAMILIES, as_loaded, build_architecture, pipeline_family
-from benchmarks.step_timing import (seconds_per_step, short_run_config, synchronize, time_guided_sampling,
-                                    time_plain_step)
+from benchmarks.step_timing import (
+    seconds_per_step,
+    short_run_config,
+    synchronize,
+    time_guided_sampling,
+    time_plain_step,
+)
 from erasers.precision import autocast
 
 

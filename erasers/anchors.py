@@ -1,6 +1,6 @@
 """Anchor prompts and the images the base model draws for them: the training data of Concept Ablation and the
 methods built on it (DoCo, SalUn's retain set). Drawn once, seeded, and cached in the run's work directory so that a
-resumed run trains on the same images."""
+resumed run trains on the same images; each step noises a random batch of them (`noised_anchors`)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,10 @@ import torch
 from .files import save_atomically
 from .models import LoadedPipeline
 from .prompts import EraseRequest
+
+# The anchor a sensitive prompt is mapped to, by config: "supercategory", the prompt with the concept replaced by its
+# supercategory word ("A object image in Flat style."); "empty", the empty prompt. --anchor TEXT replaces both.
+ANCHORS = ("supercategory", "empty")
 
 
 def anchor_prompts(request: EraseRequest, prompts: list[str], anchor: str) -> list[str]:
@@ -47,3 +51,16 @@ def draw_anchor_latents(loaded: LoadedPipeline, anchors: list[str], count: int, 
         saved = {"latents": latents.float().cpu().contiguous(), "anchor_index": index}
         save_atomically(cache, lambda tmp: save_file(saved, str(tmp)))
     return latents, index
+
+
+def noised_anchors(loaded: LoadedPipeline, images: torch.Tensor, batch: int, generator: torch.Generator):
+    """A training batch of cached anchor images: `batch` of them picked at random, noised at uniformly drawn
+    timesteps. Returns x_t, t, the picked indices and what the denoiser should predict at x_t (the noise; v; Flux's
+    velocity): Concept Ablation's noise-based target."""
+    adapter = loaded.adapter
+    picked = torch.randint(len(images), (batch,), generator=generator)
+    x_0 = images[picked]
+    noise = torch.randn(x_0.shape, generator=generator).to(x_0)
+    t = adapter.training_timesteps(batch, generator)
+    target = adapter.prediction_target(x_0, noise, t)
+    return adapter.add_noise(x_0, noise, t).to(loaded.dtype), t.to(loaded.device), picked, target

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from diffusers.optimization import get_scheduler
 from torch import nn
 
-from ..anchors import anchor_prompts, draw_anchor_latents
+from ..anchors import ANCHORS, anchor_prompts, draw_anchor_latents, noised_anchors
 from ..errors import UsageError
 from ..losses import FrozenOriginal, esd_target, predict_noise
 from ..models import LoadedPipeline
@@ -47,7 +47,6 @@ from ..registry import Eraser, register
 from ..train import ParameterState, TrainingLoop
 
 UNET_PARAMETER_SETS = ("xattn", "xattn-strict", "noxattn", "full")  # erasers.esd.trainable_parameters' UNet sets
-ANCHORS = ("supercategory", "empty")
 DISCRIMINATOR_INPUTS = ("x0", "noise")
 TRAINING_IMAGES = ("anchor", "both")
 
@@ -229,11 +228,8 @@ class DoCo(Eraser):
 
         def noisy(generator, batch):
             """x_t from cached anchor images at uniform timesteps; the images' anchor indices."""
-            picked = torch.randint(len(images), (batch,), generator=generator)
-            x_0 = images[picked]
-            noise = torch.randn(x_0.shape, generator=generator).to(x_0)
-            t = adapter.training_timesteps(batch, generator)
-            return adapter.add_noise(x_0, noise, t).to(loaded.dtype), t.to(loaded.device), picked
+            x_t, t, picked, _ = noised_anchors(loaded, images, batch, generator)
+            return x_t, t, picked
 
         def domain(prediction, x_t, t):
             """What the discriminator reads of a prediction at (x_t, t), laid out as an image."""
