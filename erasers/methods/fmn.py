@@ -1,0 +1,313 @@
+"""Forget-Me-Not: Learning to Forget in Text-to-Image Diffusion Models (Zhang et al., 2023).
+
+Attention re-steering: the denoiser is fine-tuned so that its text-reading attention stops looking at the concept.
+On noised latents of a few images of the concept (the base model draws them, seeded and cached in OUT.partial/),
+conditioned on the concept's prompts ("a photo of {c}" / "a photo in the style of {c}"; on ToyCanvas the concept's
+captions), the loss is the L2 norm (not squared) of the cross-attention softmax probabilities at the concept's
+token positions, over every head, pixel (query) and text-reading attention layer:
+    L = || concat_{layers} A_l[:, :, concept positions] ||_2
+The probabilities are read by an attention processor set on the text-reading attentions for the run, which computes
+the softmax explicitly (attn.get_attention_scores) and keeps the squared probabilities at the positions found by
+tokenizing each prompt (the concept's own tokens; `positions=concept+end` also the end token, as the reference
+configuration's `use_pooler`). The whole UNet trains by default (`parameters=xattn`: the text-reading attentions).
+
+Optional first stage (`inversion`, off by default): textual inversion of `inversion_tokens` vectors that stand for
+the concept, learnt with the plain denoising loss on the same images with the concept's words replaced by them;
+the re-steering then acts on their positions. No tokenizer is saved: the vectors are training-time inputs only,
+given to the text encoders as token embeddings (the family adapter's encode_ids).
+
+Families: SD and SDXL (both encoders' states share the 77 token positions). Flux is left out: its joint attention
+runs one softmax over text and image tokens in every double and single block (with rotary embeddings), and no
+text-reading attention of the kind FMN re-steers exists there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..anchors import draw_anchor_latents
+from ..errors import UsageError
+from ..losses import predict_noise
+from ..models import LoadedPipeline
+from ..parameters import trainable_parameters
+from ..precision import build_optimizer, finish, train_only
+from ..prompts import EraseRequest
+from ..registry import Eraser, register
+from ..train import ParameterState, TrainingLoop
+
+PARAMETER_SETS = ("full", "xattn")
+POSITIONS = ("concept", "concept+end")
+TEMPLATES = {"object": "a photo of {}", "style": "a photo in the style of {}"}
+
+
+@dataclass
+class FMNConfig:
+    """Defaults are the paper's (the reference configuration for SD 2.1: whole UNet, lr 2e-6, 35 steps, batch 1,
+    AdamW decay 1e-2, gradients clipped to norm 1, ~10 images of the concept)."""
+
+    parameters: str = "full"           # "full": the whole UNet; "xattn": its text-reading attentions
+    iterations: int = 35
+    batch_size: int = 1
+    lr: float = 2e-6
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0         # 0: no clipping
+    concept_images: int = 10           # images of the concept the base model draws (spread over its prompts)
+    # Off a concept vocabulary, which template prompts the concept: "object" ("a photo of {c}") or "style".
+    concept_type: str = "object"
+    positions: str = "concept"         # the key positions re-steered: the concept's tokens ("concept+end": and EOS)
+    inversion: bool = False            # learn vectors that stand for the concept first, and re-steer those
+    inversion_tokens: int = 4
+    inversion_steps: int = 500
+    inversion_lr: float = 1e-3
+    sample_steps: int = 50             # the concept images' sampling steps and guidance
+    sample_guidance: float = 7.5
+    seed: int = 0
+
+    def __post_init__(self):
+        # Checked when the config is built, before the pipeline loads or OUT.partial/ is made.
+        if self.parameters not in PARAMETER_SETS:
+            raise UsageError(f"fmn parameters must be one of {', '.join(PARAMETER_SETS)}, not {self.parameters!r}")
+        if self.concept_type not in TEMPLATES:
+            raise UsageError(f"fmn concept_type must be object or style, not {self.concept_type!r}")
+        if self.positions not in POSITIONS:
+            raise UsageError(f"fmn positions must be one of {', '.join(POSITIONS)}, not {self.positions!r}")
+
+
+def fmn_prompts(request: EraseRequest, concept_type: str) -> list[str]:
+    """The prompts the re-steering reads: the concept's captions with a vocabulary, else the paper's template."""
+    if request.vocabulary is not None:
+        return request.erase_prompts()
+    return [TEMPLATES[concept_type].format(concept) for concept in request.concepts]
+
+
+def spellings(request: EraseRequest) -> list[str]:
+    # Captions write a name's underscores as spaces (UnlearnCanvas' "Van_Gogh").
+    return sorted({s for concept in request.concepts for s in (concept, concept.replace("_", " "))}, key=len)
+
+
+def concept_positions(tokenizer, ids: torch.Tensor, phrases: list[str]) -> torch.Tensor:
+    """(prompts, tokens) booleans: where each row of `ids` holds the tokens of one of `phrases` (every occurrence).
+    A prompt without the concept is a UsageError (nothing to re-steer)."""
+    found = torch.zeros(ids.shape, dtype=torch.bool)
+    wanted = [tokenizer(phrase, add_special_tokens=False).input_ids for phrase in phrases]
+    for row, prompt in enumerate(ids.tolist()):
+        for phrase in wanted:
+            for start in range(len(prompt) - len(phrase) + 1):
+                if phrase and prompt[start:start + len(phrase)] == phrase:
+                    found[row, start:start + len(phrase)] = True
+        if not found[row].any():
+            text = tokenizer.decode(prompt, skip_special_tokens=True)
+            raise UsageError(f"fmn: the prompt {text!r} does not contain the concept's tokens ({', '.join(phrases)})")
+    return found.to(ids.device)
+
+
+def end_positions(tokenizer, ids: torch.Tensor) -> torch.Tensor:
+    """(prompts, tokens) booleans: each row's first end token (the one CLIP pools)."""
+    ends = ids == tokenizer.eos_token_id
+    return ends & (ends.cumsum(dim=1) == 1)
+
+
+class ConceptAttention:
+    """While active (a context), every text-reading attention of the denoiser runs an explicit-softmax processor
+    that adds the squared probabilities at `positions` (one boolean row of key positions per example) to a running
+    sum; `norm()` takes its square root (the loss) and starts a new sum. The original processors come back on
+    exit, so the edited UNet saves and runs as any other."""
+
+    def __init__(self, denoiser: nn.Module, names: list[str]):
+        self.modules = [denoiser.get_submodule(name) for name in names]
+        self.positions: torch.Tensor | None = None
+        self.squares: list[torch.Tensor] = []
+
+    def __enter__(self):
+        self.originals = [module.processor for module in self.modules]
+        for module in self.modules:
+            module.set_processor(ConceptAttentionProcessor(self))
+        return self
+
+    def __exit__(self, *exc):
+        for module, original in zip(self.modules, self.originals):
+            module.set_processor(original)
+
+    def keep(self, probabilities: torch.Tensor) -> None:
+        """probabilities: (batch x heads, queries, keys), batch-major as Attention.head_to_batch_dim lays it out."""
+        heads = probabilities.shape[0] // len(self.positions)
+        mask = self.positions.repeat_interleave(heads, dim=0)[:, None, :]
+        self.squares.append((probabilities.float() * mask).pow(2).sum())
+
+    def norm(self) -> torch.Tensor:
+        total, self.squares = torch.stack(self.squares).sum(), []
+        return total.sqrt()
+
+
+class ConceptAttentionProcessor:
+    """diffusers' attention (AttnProcessor's computation) with the softmax explicit, so its probabilities can be
+    read; only the cross-attention case (3-d hidden states reading the text states) arises here."""
+
+    def __init__(self, recorder: ConceptAttention):
+        self.recorder = recorder
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        residual = hidden_states
+        batch, keys = hidden_states.shape[0], (encoder_hidden_states if encoder_hidden_states is not None
+                                               else hidden_states).shape[1]
+        attention_mask = attn.prepare_attention_mask(attention_mask, keys, batch)
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        query = attn.head_to_batch_dim(query)
+        key = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
+        value = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
+        probabilities = attn.get_attention_scores(query, key, attention_mask)
+        self.recorder.keep(probabilities)
+        hidden_states = attn.batch_to_head_dim(torch.bmm(probabilities, value))
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+def slotted_ids(tokenizer, prompt: str, phrases: list[str], slots: int, length: int) -> tuple[list[int], int]:
+    """`prompt`'s token ids with its first occurrence of the concept's tokens replaced by `slots` placeholder slots
+    (the concept's first token id: the slots' embeddings are replaced anyway), at `length`; and the first slot."""
+    ids = tokenizer(prompt, padding="max_length", max_length=length, truncation=True).input_ids
+    for phrase in reversed(phrases):  # the longest spelling first
+        words = tokenizer(phrase, add_special_tokens=False).input_ids
+        start = next((i for i in range(len(ids) - len(words) + 1) if words and ids[i:i + len(words)] == words), None)
+        if start is not None:
+            break
+    else:
+        raise UsageError(f"fmn: the prompt {prompt!r} does not contain the concept ({', '.join(phrases)})")
+    ids = (ids[:start] + words[:1] * slots + ids[start + len(words):] + [tokenizer.pad_token_id] * length)[:length]
+    if tokenizer.eos_token_id not in ids[start + slots:]:  # the encoder pools at the end token: never cut it
+        ids[-1] = tokenizer.eos_token_id
+    return ids, start
+
+
+class ConceptVectors(nn.Module):
+    """Textual inversion without a new tokenizer: `tokens` learnt word embeddings per text encoder, put in every
+    prompt's slots (where the concept's words were) through the adapter's encode_ids(token_embeddings=...)."""
+
+    def __init__(self, loaded: LoadedPipeline, request: EraseRequest, prompts: list[str], tokens: int,
+                 generator: torch.Generator):
+        super().__init__()
+        self.ids, self.starts, vectors = {}, {}, {}
+        phrases = spellings(request)
+        for name in loaded.family.text_encoders:
+            tokenizer = loaded.tokenizers[name.replace("text_encoder", "tokenizer")]
+            rows = [slotted_ids(tokenizer, p, phrases, tokens, loaded.adapter.text_length(name)) for p in prompts]
+            self.ids[name] = torch.tensor([ids for ids, _ in rows], device=loaded.device)
+            self.starts[name] = torch.tensor([start for _, start in rows])
+            # Initialised as the concept's own word embeddings, then random ones of the table's scale (the
+            # reference initialises from the concept's words and random tokens).
+            table = loaded.text_encoders[name].get_input_embeddings().weight.detach().float().cpu()
+            words = tokenizer(phrases[-1], add_special_tokens=False).input_ids
+            start = [table[word] for word in words[:tokens]]
+            random = torch.randn(tokens - len(start), table.shape[1], generator=generator) * table.std()
+            vectors[name] = nn.Parameter(torch.cat([torch.stack(start), random]).to(loaded.device))
+        self.vectors = nn.ParameterDict(vectors)
+
+    def slot_positions(self, name: str, length: int) -> torch.Tensor:
+        slots = self.starts[name][:, None] + torch.arange(len(self.vectors[name]))
+        return torch.zeros(len(slots), length, dtype=torch.bool).scatter_(1, slots, True)
+
+    def conditioning(self, loaded: LoadedPipeline, rows: torch.Tensor):
+        embeddings = {}
+        for name, vectors in self.vectors.items():
+            ids = self.ids[name][rows]
+            base = loaded.text_encoders[name].get_input_embeddings().weight.detach()[ids]
+            where = self.slot_positions(name, ids.shape[1])[rows].to(ids.device)
+            embeddings[name] = base.masked_scatter(where[..., None], vectors.to(base.dtype).repeat(len(rows), 1))
+        return loaded.adapter.encode_ids({name: self.ids[name][rows] for name in self.vectors}, embeddings)
+
+
+# Toy defaults, measured on ToyCanvas (benchmarks/results/NOTES.md, Forget-Me-Not, has every tuning run).
+TOY_DEFAULTS = {"parameters": "xattn", "lr": 1e-4, "iterations": 100, "sample_steps": 25, "sample_guidance": 5.0}
+
+
+@register("fmn", "Forget-Me-Not: fine-tune the UNet so its cross-attention stops looking at the concept's tokens",
+          toy_defaults=TOY_DEFAULTS,
+          quick={"iterations": 6, "concept_images": 2, "sample_steps": 2, "lr": 1e-3},
+          families=("sd", "sdxl"),
+          why_not={"flux": "Flux has no cross-attention: its joint attention takes one softmax over the text and "
+                           "image tokens together (rotary positions, double and single blocks), so there are no "
+                           "text-reading attention maps to re-steer as the paper does on SD's attn2"},
+          step_cost_models=("toy", "sd15"))
+class ForgetMeNot(Eraser):
+    config_class = FMNConfig
+
+    def erase(self, loaded: LoadedPipeline, request: EraseRequest, work_dir: Path | None = None):
+        cfg = self.config
+        torch.manual_seed(cfg.seed)
+        unet, adapter = loaded.denoiser, loaded.adapter
+        prompts = fmn_prompts(request, cfg.concept_type)
+        images, image_prompt = draw_anchor_latents(
+            loaded, prompts, cfg.concept_images, cfg.sample_steps, cfg.sample_guidance, cfg.seed,
+            Path(work_dir) / "concept_latents.safetensors" if work_dir is not None else None)
+        loaded.freeze()
+        name = adapter.token_states_encoder
+        tokenizer = loaded.tokenizers[name.replace("text_encoder", "tokenizer")]
+        self.history = []
+        if cfg.inversion:
+            vectors = ConceptVectors(loaded, request, prompts, cfg.inversion_tokens,
+                                     torch.Generator().manual_seed(cfg.seed))
+            self.history += self.invert(loaded, vectors, images, image_prompt, work_dir)
+            with torch.no_grad():
+                states = vectors.conditioning(loaded, torch.arange(len(prompts)))
+            ids = vectors.ids[name]
+            positions = vectors.slot_positions(name, ids.shape[1]).to(ids.device)
+        else:
+            ids = adapter.tokenize(prompts)[name]
+            positions = concept_positions(tokenizer, ids, spellings(request))
+            with torch.no_grad():
+                states = loaded.encode_text(prompts)
+        if cfg.positions == "concept+end":
+            positions = positions | end_positions(tokenizer, ids)
+
+        parameters = train_only(loaded, trainable_parameters(loaded, cfg.parameters), unet)
+        optimizer = build_optimizer(loaded, parameters, cfg.lr, cfg.weight_decay)
+
+        def step(_, generator):
+            picked = torch.randint(len(images), (cfg.batch_size,), generator=generator)
+            k = image_prompt[picked]
+            x_t, t, _ = adapter.noised(images[picked], generator)
+            attention.positions = positions[k]
+            predict_noise(unet, x_t, t, states[k])  # the processors add up the concept's attention
+            loss = attention.norm()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(parameters, cfg.max_grad_norm)
+            optimizer.step()
+            return {"loss": loss.item()}
+
+        unet.train()
+        with ConceptAttention(unet, adapter.text_attention_names()) as attention:
+            self.history += TrainingLoop("fmn", cfg.iterations, {"params": ParameterState(parameters),
+                                                                 "opt": optimizer}, cfg.seed, work_dir,
+                                         checkpoint_every=50).run(step)
+        return {loaded.family.denoiser: finish(loaded, unet.eval())}
+
+    def invert(self, loaded: LoadedPipeline, vectors: ConceptVectors, images, image_prompt, work_dir) -> list[dict]:
+        """Textual inversion: the vectors learn to reproduce the concept's images under the plain denoising loss,
+        the denoiser and text encoders frozen."""
+        cfg = self.config
+        optimizer = build_optimizer(loaded, list(vectors.parameters()), cfg.inversion_lr)
+
+        def step(_, generator):
+            picked = torch.randint(len(images), (cfg.batch_size,), generator=generator)
+            x_t, t, target = loaded.adapter.noised(images[picked], generator)
+            prediction = predict_noise(loaded.denoiser, x_t, t, vectors.conditioning(loaded, image_prompt[picked]))
+            loss = torch.nn.functional.mse_loss(prediction.float(), target.float())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            return {"inversion_loss": loss.item()}
+
+        return TrainingLoop("fmn-inversion", cfg.inversion_steps, {"vectors": vectors, "opt": optimizer}, cfg.seed,
+                            work_dir, checkpoint_every=100).run(step)

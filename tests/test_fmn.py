@@ -1,0 +1,151 @@
+"""Forget-Me-Not: the attention processor's loss against a hand-computed softmax, the concept's token positions,
+textual inversion without a tokenizer, resuming, the saved edit, and erasure on the toy world."""
+
+import pytest
+import torch
+from toy_scores import arrow_scores_before_and_after
+
+from erasers import UsageError, load_pipeline
+from erasers.edits import apply_edits, read_edit
+from erasers.methods.fmn import (
+    ConceptAttention,
+    ConceptVectors,
+    ForgetMeNot,
+    concept_positions,
+    end_positions,
+    slotted_ids,
+)
+from erasers.prompts import make_request
+from erasers.registry import build_config, families_matrix, get_method
+from erasers.run import erase
+
+FAST = {"iterations": 4, "concept_images": 2, "sample_steps": 2, "lr": 1e-3}
+
+
+def test_config_is_validated_before_anything_loads():
+    config = build_config("fmn", toy=False)
+    assert (config.lr, config.iterations, config.batch_size, config.weight_decay) == (2e-6, 35, 1, 0.01)
+    assert (config.parameters, config.inversion, config.inversion_tokens, config.inversion_steps) == (
+        "full", False, 4, 500)
+    with pytest.raises(UsageError, match="parameters must be one of"):
+        build_config("fmn", toy=False, overrides={"parameters": "noxattn"})
+    with pytest.raises(UsageError, match="positions must be one of"):
+        build_config("fmn", toy=False, overrides={"positions": "everything"})
+    with pytest.raises(UsageError, match="concept_type must be object or style"):
+        build_config("fmn", toy=False, overrides={"concept_type": "person"})
+    with pytest.raises(UsageError, match="inversion_tokens=0 is out of range"):
+        build_config("fmn", toy=False, overrides={"inversion_tokens": "0"})
+    assert not families_matrix()["fmn"]["flux"] and "flux" in get_method("fmn").why_not
+
+
+def test_the_loss_is_the_l2_norm_of_the_softmax_at_the_concept_positions():
+    """The processor's output is the attention's own, and its loss the norm (not squared) of the explicitly
+    computed probabilities at the chosen keys, over heads and queries."""
+    from diffusers.models.attention_processor import Attention
+
+    torch.manual_seed(0)
+    holder = torch.nn.Module()
+    holder.attn = Attention(query_dim=16, cross_attention_dim=12, heads=2, dim_head=8)
+    pixels, text = torch.randn(2, 5, 16), torch.randn(2, 7, 12)
+    positions = torch.zeros(2, 7, dtype=torch.bool)
+    positions[0, 3] = positions[1, 2:4] = True
+    plain = holder.attn(pixels, encoder_hidden_states=text)
+    with ConceptAttention(holder, ["attn"]) as attention:
+        attention.positions = positions
+        steered = holder.attn(pixels, encoder_hidden_states=text)
+        loss = attention.norm()
+    assert torch.allclose(plain, steered, atol=1e-6)
+    assert type(holder.attn.processor).__name__ != "ConceptAttentionProcessor", "the processor is restored"
+    q = holder.attn.to_q(pixels).view(2, 5, 2, 8).transpose(1, 2)
+    k = holder.attn.to_k(text).view(2, 7, 2, 8).transpose(1, 2)
+    probabilities = torch.softmax(q @ k.transpose(-1, -2) / 8 ** 0.5, dim=-1)  # (batch, heads, queries, keys)
+    expected = torch.cat([probabilities[0, :, :, 3].flatten(), probabilities[1, :, :, 2:4].flatten()]).norm()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_positions_are_the_concepts_tokens_in_each_prompt():
+    toy = load_pipeline("toy", device="cpu")
+    tokenizer = toy.tokenizer
+    prompts = ["A arrow image in Stripes style.", "a photo of Van Gogh, by Van Gogh"]
+    ids = toy.adapter.tokenize(prompts)["text_encoder"]
+    found = concept_positions(tokenizer, ids, ["arrow", "Van Gogh"])
+    assert found[0].nonzero().flatten().tolist() == [2]
+    assert found[1].nonzero().flatten().tolist() == [4, 5, 8, 9]
+    ends = end_positions(tokenizer, ids)
+    assert ends.sum(dim=1).tolist() == [1, 1] and ends[0, 8] and ids[0, 9] == tokenizer.eos_token_id
+    with pytest.raises(UsageError, match="does not contain the concept"):
+        concept_positions(tokenizer, ids, ["arrow"])
+
+
+def test_inversion_slots_replace_the_concept_and_start_as_its_embedding():
+    """With one slot initialised to the concept's own word embedding the conditioning is the plain prompt's; with
+    four the slots sit where the concept was and the end token is kept."""
+    toy = load_pipeline("toy", device="cpu")
+    request = make_request(["arrow"], toy.tokenizer, toy.vocabulary)
+    prompts = ["A arrow image in Stripes style.", "arrow"]
+    one = ConceptVectors(toy, request, prompts, 1, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(one.conditioning(toy, torch.arange(2)).states, toy.encode_text(prompts).states,
+                              atol=1e-6)
+    ids, start = slotted_ids(toy.tokenizer, prompts[0], ["arrow"], 4, 77)
+    plain = toy.tokenizer(prompts[0]).input_ids
+    assert start == 2 and len(ids) == 77 and ids[:2] == plain[:2] and ids[6:12] == plain[3:]
+    four = ConceptVectors(toy, request, prompts, 4, torch.Generator().manual_seed(0))
+    assert four.slot_positions("text_encoder", 77)[0].nonzero().flatten().tolist() == [2, 3, 4, 5]
+
+
+def test_training_lowers_the_concepts_attention_and_keeps_the_processors(tiny_pipeline_dirs):
+    loaded = load_pipeline(str(tiny_pipeline_dirs["sd"]), device="cpu")
+    processors = {name: type(p) for name, p in loaded.denoiser.attn_processors.items()}
+    before = {k: v.clone() for k, v in loaded.denoiser.state_dict().items()}
+    eraser = ForgetMeNot(build_config("fmn", toy=False, overrides={**FAST, "iterations": 30, "batch_size": 2,
+                                                                   "parameters": "xattn"}))
+    eraser.erase(loaded, make_request(["a star"], loaded.tokenizer))
+    losses = [row["loss"] for row in eraser.history]
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert {name: type(p) for name, p in loaded.denoiser.attn_processors.items()} == processors
+    text_attention = tuple(f"{name}." for name in loaded.adapter.text_attention_names())
+    changed = {k for k, v in loaded.denoiser.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith(text_attention) for k in changed), changed
+
+
+def test_an_interrupted_run_resumes_to_the_same_edit(tiny_pipeline_dirs, tmp_path):
+    """Both stages resume: the inversion's vectors and the re-steering's weights and AdamW state are checkpointed,
+    the concept images cached."""
+    sd = str(tiny_pipeline_dirs["sd"])
+    options = {**FAST, "inversion": True, "inversion_steps": 3}
+
+    def run(iterations, work_dir):
+        loaded = load_pipeline(sd, device="cpu")
+        config = build_config("fmn", toy=False, overrides={**options, "iterations": iterations})
+        eraser = ForgetMeNot(config)
+        eraser.erase(loaded, make_request(["a star"], loaded.tokenizer), work_dir)
+        return loaded.denoiser.state_dict(), eraser.history
+
+    run(2, tmp_path / "work")
+    resumed, _ = run(4, tmp_path / "work")
+    straight, history = run(4, None)
+    assert "inversion_loss" in history[0]
+    assert all(torch.allclose(resumed[k], straight[k], atol=1e-7) for k in straight)
+
+
+def test_the_edit_loads_with_from_pretrained_and_holds_no_tokenizer(tiny_pipeline_dirs, tmp_path):
+    sdxl = str(tiny_pipeline_dirs["sdxl"])
+    out = erase(sdxl, "fmn", ["a star"], tmp_path / "fmn", options={**FAST, "inversion": True, "inversion_steps": 2},
+                device="cpu")
+    meta = read_edit(out)
+    assert meta["method"] == "fmn" and meta["components"] == ["unet"]
+    assert sorted(p.name for p in out.iterdir()) == ["erasure.json", "unet"]
+    base = load_pipeline(sdxl, device="cpu")
+    before = {k: v.clone() for k, v in base.denoiser.state_dict().items()}
+    apply_edits(base, [out])
+    assert any(not torch.equal(v, before[k]) for k, v in base.denoiser.state_dict().items())
+
+
+@pytest.mark.heavy  # about 20 s of one core
+def test_quick_fmn_erase_removes_arrows_and_keeps_other_objects(tmp_path):
+    """The toy default: the classifier finds far fewer arrows, and the unrelated objects and their styles are still
+    drawn far above chance (10%)."""
+    base, edited = arrow_scores_before_and_after(tmp_path, "fmn", ("circle", "square", "moon"), {})
+    assert edited["UA"] >= base["UA"] + 0.4, (base, edited)
+    assert edited["IRA"] >= 0.5 and edited["CRA"] >= 0.6, (base, edited)
