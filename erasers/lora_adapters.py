@@ -301,7 +301,8 @@ class PromptScaling:
                 continue
             flat = query[..., :shape[-1]].flatten(1).float().to(keys.device)
             distance, nearest = (torch.cdist(flat, keys) / norms).min(dim=1)
-            for row in torch.nonzero(distance.cpu() < best).flatten().tolist():
+            distance, nearest = distance.cpu(), nearest.cpu()
+            for row in torch.nonzero(distance < best).flatten().tolist():
                 best[row], found[row] = distance[row], indices[int(nearest[row])]
         return found
 

@@ -91,6 +91,13 @@ def test_embedding_trains_only_the_rows_of_the_concepts_tokens(bases, family):
     assert all(torch.equal(value, denoiser[key]) for key, value in loaded.denoiser.state_dict().items())
 
 
+def test_embedding_rows_are_the_concepts_words_as_captions_spell_them(tiny_pipeline_dirs):
+    loaded = load_pipeline(str(tiny_pipeline_dirs["sd"]), device="cpu")
+    ids = concept_token_ids(loaded, make_request(["Van_Gogh"], loaded.tokenizer))["text_encoder"].tolist()
+    assert ids == sorted(loaded.tokenizer("van gogh", add_special_tokens=False).input_ids) and len(ids) >= 2
+    assert not set(loaded.tokenizer("_", add_special_tokens=False).input_ids) & set(ids)
+
+
 def changed_keys(loaded, options: dict) -> set[str]:
     before = {key: value.clone() for key, value in loaded.denoiser.state_dict().items()}
     erase_with(loaded, options)
@@ -172,5 +179,6 @@ def test_quick_ca_erase_removes_arrows_and_keeps_other_objects(tmp_path):
 
     base, edited = arrow_scores_before_and_after(tmp_path, "ca", ("circle", "square", "moon"),
                                                  {"iterations": 60, "anchor_images": 6, "sample_steps": 8})
+    # Measured (2-core CPU, one thread): UA 0.0 -> 1.0, IRA 1.0 -> 1.0, CRA 1.0 -> 1.0; 34 s.
     assert edited["UA"] >= base["UA"] + 0.4, (base, edited)
     assert edited["IRA"] >= 0.5 and edited["CRA"] >= 0.6, (base, edited)

@@ -79,11 +79,13 @@ class CAConfig:
 
 def concept_token_ids(loaded: LoadedPipeline, request: EraseRequest) -> dict[str, torch.Tensor]:
     """Text encoder name -> the ids of the concepts' tokens in its tokenizer's vocabulary (no start, end or padding
-    tokens): the rows of its token embedding that the "embedding" group trains."""
+    tokens): the rows of its token embedding that the "embedding" group trains. A name's underscores are read as the
+    spaces captions write ("Van_Gogh": "van", "gogh"), so the underscore's own row is not trained."""
     ids = {}
     for name in loaded.trained_text_encoders:
         tokenizer = loaded.tokenizers[name.replace("text_encoder", "tokenizer")]
-        found = {i for concept in request.concepts for i in tokenizer(concept, add_special_tokens=False).input_ids}
+        found = {i for concept in request.concepts
+                 for i in tokenizer(concept.replace("_", " "), add_special_tokens=False).input_ids}
         ids[name] = torch.tensor(sorted(found), dtype=torch.long)
     return ids
 

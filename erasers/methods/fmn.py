@@ -40,7 +40,7 @@ from ..registry import Eraser, register
 from ..train import ParameterState, TrainingLoop
 
 PARAMETER_SETS = ("full", "xattn")
-POSITIONS = ("concept", "concept+end")
+POSITIONS = ("concept", "concept+end", "concept+after")
 TEMPLATES = {"object": "a photo of {}", "style": "a photo in the style of {}"}
 
 
@@ -58,7 +58,9 @@ class FMNConfig:
     concept_images: int = 10           # images of the concept the base model draws (spread over its prompts)
     # Off a concept vocabulary, which template prompts the concept: "object" ("a photo of {c}") or "style".
     concept_type: str = "object"
-    positions: str = "concept"         # the key positions re-steered: the concept's tokens ("concept+end": and EOS)
+    # The key positions re-steered: "concept", its tokens (the paper); "concept+end", and the end token (the
+    # reference configuration's use_pooler); "concept+after", and every later position (end token and padding).
+    positions: str = "concept"
     inversion: bool = False            # learn vectors that stand for the concept first, and re-steer those
     inversion_tokens: int = 4
     inversion_steps: int = 500
@@ -268,6 +270,8 @@ class ForgetMeNot(Eraser):
                 states = loaded.encode_text(prompts)
         if cfg.positions == "concept+end":
             positions = positions | end_positions(tokenizer, ids)
+        elif cfg.positions == "concept+after":  # a causal text encoder carries the concept into every later state
+            positions = positions.cumsum(dim=1) > 0
 
         parameters = train_only(loaded, trainable_parameters(loaded, cfg.parameters), unet)
         optimizer = build_optimizer(loaded, parameters, cfg.lr, cfg.weight_decay)
