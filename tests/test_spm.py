@@ -238,12 +238,13 @@ def test_an_interrupted_run_resumes_to_the_same_adapter(bases, tmp_path, monkeyp
     assert all(torch.allclose(resumed[k], straight[k], atol=1e-6) for k in straight)
 
 
-@pytest.mark.heavy  # about 40 s of one core: SPM's default-suite check on the toy world
+@pytest.mark.heavy  # about 40 s of one core (41 s on the loaded 2-core machine): SPM's default-suite check
 def test_quick_spm_erase_removes_arrows_and_keeps_other_objects(tmp_path):
     """A shortened toy default (fewer iterations, x_t drawn in fewer steps) with facilitated transport on (the
     edit loads through apply_edits): the classifier finds far fewer arrows, and the unrelated objects, whose
     prompts share no token with "arrow", are still drawn far above chance (10%)."""
     base, edited = arrow_scores_before_and_after(tmp_path, "spm", ("circle", "square", "moon"),
                                                  {"iterations": 80, "ddim_steps": 6})
-    assert edited["UA"] >= base["UA"] + 0.5, (base, edited)
+    # Measured (2-core CPU, 41 s): UA 0.0 -> 0.7, IRA 1.0 -> 1.0, CRA 1.0 -> 1.0 (training seed 1: UA 1.0).
+    assert edited["UA"] >= base["UA"] + 0.4, (base, edited)
     assert edited["IRA"] >= 0.5 and edited["CRA"] >= 0.6, (base, edited)

@@ -254,11 +254,10 @@ class ForgetMeNot(Eraser):
         loaded.freeze()
         name = adapter.token_states_encoder
         tokenizer = loaded.tokenizers[name.replace("text_encoder", "tokenizer")]
-        self.history = []
         if cfg.inversion:
             vectors = ConceptVectors(loaded, request, prompts, cfg.inversion_tokens,
                                      torch.Generator().manual_seed(cfg.seed))
-            self.history += self.invert(loaded, vectors, images, image_prompt, work_dir)
+            self.inversion_history = self.invert(loaded, vectors, images, image_prompt, work_dir)
             with torch.no_grad():
                 states = vectors.conditioning(loaded, torch.arange(len(prompts)))
             ids = vectors.ids[name]
@@ -292,7 +291,7 @@ class ForgetMeNot(Eraser):
 
         unet.train()
         with ConceptAttention(unet, adapter.text_attention_names()) as attention:
-            self.history += TrainingLoop("fmn", cfg.iterations, {"params": ParameterState(parameters),
+            self.history = TrainingLoop("fmn", cfg.iterations, {"params": ParameterState(parameters),
                                                                  "opt": optimizer}, cfg.seed, work_dir,
                                          checkpoint_every=50).run(step)
         return {loaded.family.denoiser: finish(loaded, unet.eval())}

@@ -240,5 +240,6 @@ class SalUn(Eraser):
         steps = cfg.iterations or cfg.epochs * steps_per_epoch
         loop = TrainingLoop("salun", steps, {"params": ParameterState(parameters), "opt": optimizer}, cfg.seed,
                             work_dir, checkpoint_every=50)
-        self.history = [{"mask_share": share, "mask_threshold": threshold}, *loop.run(step)]
+        self.history = loop.run(step) or [{"step": loop.start, "seconds": 0.0}]
+        self.history[0].update(mask_share=share, mask_threshold=threshold)
         return {loaded.family.denoiser: finish(loaded, unet.eval())}
