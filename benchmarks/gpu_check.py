@@ -125,6 +125,9 @@ def method_step(family: str, method: str, args) -> dict:
     losses = [v for row in history or [] for k, v in row.items() if k not in ("step", "seconds")]
     after = _sums(loaded)
     moved = any(after[key] != before[key] for key in before if key.split(".", 1)[0] in components)
+    adapter = components.get("adapter")
+    if adapter is not None:  # an adapter edit (SPM) leaves the weights as loaded: it moved if its up-projections did
+        moved = any(bool(w.abs().sum() > 0) for key, w in zip(adapter.keys, adapter.weights) if "lora_B" in key)
     result = {"family": family, "method": method, "seconds_per_step": per_step, "peak_bytes": _peak_memory(args.device),
               "finite": all(map(lambda v: v == v and abs(v) != float("inf"), losses)), "moved": moved,
               "components": sorted(components)}
