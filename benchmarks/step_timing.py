@@ -17,7 +17,7 @@ from erasers.precision import autocast
 # anchor images few and quick (drawn before the timed steps); Co-Erasing: one text step, then the image-conditioned
 # steps it adds to ESD (the ones timed), from two generated images. Only the fields a method has apply to it.
 SHORT_RUN = {"ddim_steps": 4, "warmup": 0, "warmup_steps": 0, "batch_size": 1, "anchor_images": 2, "sample_steps": 2,
-             "text_iterations": 1, "image_count": 2}
+             "text_iterations": 1, "image_count": 2, "forget_images": 2, "retain_images": 2, "concept_images": 2}
 
 
 def short_run_config(method: str, steps: int, toy: bool, **options):
