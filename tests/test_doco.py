@@ -6,6 +6,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from interrupted import StopsAtTwo
 
 from erasers import UsageError, load_pipeline
 from erasers.edits import apply_edits, read_edit
@@ -141,17 +142,6 @@ def test_a_run_interrupted_mid_schedule_resumes_to_the_same_edit(tiny_pipeline_d
 
     sd = str(tiny_pipeline_dirs["sd"])
     options = {**FAST, "lr": 1e-3, "lr_schedule": "cosine", "training_images": "both"}
-
-    class StopsAtTwo(doco.TrainingLoop):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **{**kwargs, "checkpoint_every": 2})
-
-        def run(self, step_fn):
-            def stopping(step, generator):
-                if step == 2 and self.start == 0 and self.path is not None:  # the checkpointed run only
-                    raise KeyboardInterrupt
-                return step_fn(step, generator)
-            return super().run(stopping)
 
     def run(work_dir):
         loaded = load_pipeline(sd, device="cpu")

@@ -5,6 +5,7 @@ format, and erasure behaviour on the toy world."""
 import pytest
 import torch
 import torch.nn.functional as F
+from interrupted import StopsAtTwo
 from toy_scores import arrow_scores_before_and_after
 
 from erasers import UsageError, load_pipeline
@@ -211,17 +212,6 @@ def test_an_interrupted_run_resumes_to_the_same_adapter(bases, tmp_path, monkeyp
     import erasers.methods.spm as spm
 
     options = {**FAST, "iterations": 4, "warmup_steps": 1, "lr_cycles": 2}
-
-    class StopsAtTwo(spm.TrainingLoop):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **{**kwargs, "checkpoint_every": 2})
-
-        def run(self, step_fn):
-            def stopping(step, generator):
-                if step == 2 and self.start == 0 and self.path is not None:  # the checkpointed run only
-                    raise KeyboardInterrupt
-                return step_fn(step, generator)
-            return super().run(stopping)
 
     def run(work_dir):
         loaded = bases("sd")
