@@ -53,14 +53,19 @@ def draw_anchor_latents(loaded: LoadedPipeline, anchors: list[str], count: int, 
     return latents, index
 
 
-def noised_anchors(loaded: LoadedPipeline, images: torch.Tensor, batch: int, generator: torch.Generator):
-    """A training batch of cached anchor images: `batch` of them picked at random, noised at uniformly drawn
-    timesteps. Returns x_t, t, the picked indices and what the denoiser should predict at x_t (the noise; v; Flux's
-    velocity): Concept Ablation's noise-based target."""
+def noised(loaded: LoadedPipeline, x_0: torch.Tensor, generator: torch.Generator):
+    """x_t at one uniformly drawn timestep per example, the timesteps, and what the denoiser should predict there
+    (the noise; v; Flux's velocity)."""
     adapter = loaded.adapter
-    picked = torch.randint(len(images), (batch,), generator=generator)
-    x_0 = images[picked]
     noise = torch.randn(x_0.shape, generator=generator).to(x_0)
-    t = adapter.training_timesteps(batch, generator)
-    target = adapter.prediction_target(x_0, noise, t)
-    return adapter.add_noise(x_0, noise, t).to(loaded.dtype), t.to(loaded.device), picked, target
+    t = adapter.training_timesteps(len(x_0), generator)
+    target = adapter.prediction_target(x_0, noise, t.to(x_0.device))
+    return adapter.add_noise(x_0, noise, t).to(loaded.dtype), t.to(loaded.device), target
+
+
+def noised_anchors(loaded: LoadedPipeline, images: torch.Tensor, batch: int, generator: torch.Generator):
+    """A training batch of cached anchor images: `batch` of them picked at random and `noised`. Returns x_t, t, the
+    picked indices and what the denoiser should predict at x_t (Concept Ablation's noise-based target)."""
+    picked = torch.randint(len(images), (batch,), generator=generator)
+    x_t, t, target = noised(loaded, images[picked], generator)
+    return x_t, t, picked, target

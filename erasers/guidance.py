@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import inspect
 
+from .prompts import EraseRequest
+
 
 class CallEdit:
     """A generation-time edit: `rewrite` changes the pipeline call's keyword arguments (it may refuse them with a
@@ -60,4 +62,9 @@ def call_argument(pipeline, arguments: dict, name: str):
     parameter = inspect.signature(original.__call__).parameters.get(name)
     return None if parameter is None else parameter.default
 
+
+def concept_text(metadata: dict) -> str:
+    """The erased concepts' own text ("arrow", "Stripes style"), comma-joined: what a training-free edit steers away
+    from unless its config names other text."""
+    return ", ".join(EraseRequest(metadata["concepts"], metadata.get("kind", "concept")).concept_prompts())
 

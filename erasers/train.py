@@ -95,3 +95,17 @@ class ParameterState:
         with torch.no_grad():
             for i, p in enumerate(self.parameters):
                 p.copy_(state[str(i)])
+
+
+@torch.no_grad()
+def masked_update(parameters, masks, decay: float = 1.0) -> None:
+    """Before the optimiser step of a run that trains only the `masks`' elements of `parameters` (SalUn's salient
+    weights, Concept Ablation's token-embedding rows; a mask broadcasts against its parameter): the other elements'
+    gradients are zeroed, so Adam leaves them bit-identical, and AdamW's decoupled decay, `decay` = 1 - lr x
+    weight_decay, shrinks the trained elements alone (torch's AdamW would shrink every element)."""
+    for parameter, mask in zip(parameters, masks):
+        if parameter.grad is not None:
+            parameter.grad.mul_(mask)
+        if decay != 1:  # x * 1.0 is x, bit for bit
+            parameter.mul_(torch.where(mask, decay, 1.0))
+

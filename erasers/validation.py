@@ -97,3 +97,14 @@ def describe(limits) -> str:
     if high is not None:
         parts.append(f"{'below' if high_open else 'at most'} {high}")
     return " and ".join(parts)
+
+
+def check_lr_schedule(owner: str, schedule: str) -> None:
+    """`schedule` must be one of diffusers' get_scheduler names ("constant", "cosine", ...)."""
+    from diffusers.optimization import SchedulerType
+
+    names = [kind.value for kind in SchedulerType]
+    if schedule not in names:
+        raise UsageError(f"{owner} lr_schedule must be one of diffusers' schedulers ({', '.join(names)}), "
+                         f"not {schedule!r}")
+

@@ -38,7 +38,7 @@ from ..parameters import trainable_parameters
 from ..precision import build_optimizer, finish, train_only
 from ..prompts import EraseRequest
 from ..registry import Eraser, register
-from ..train import ParameterState, TrainingLoop
+from ..train import ParameterState, TrainingLoop, masked_update
 
 TARGETS = ("model", "noise")
 PARAMETER_GROUPS = ("xattn-strict", "attn", "full", "embedding")
@@ -90,24 +90,12 @@ def concept_token_ids(loaded: LoadedPipeline, request: EraseRequest) -> dict[str
     return ids
 
 
-class TokenRows:
-    """Trains only some rows of a token-embedding matrix: a gradient hook zeroes the other rows' gradient (so
-    clipping and Adam's moments see the trained rows alone), and `restore` puts their values back after each step,
-    undoing AdamW's weight decay, which shrinks every row. The other rows end exactly as they were."""
-
-    def __init__(self, embedding: nn.Embedding, rows: torch.Tensor):
-        self.weight = embedding.weight
-        self.trained = torch.zeros(self.weight.shape[0], 1, dtype=torch.bool, device=self.weight.device)
-        self.trained[rows.to(self.weight.device)] = True
-        self.original = self.weight.detach().clone()
-        self.handle = self.weight.register_hook(lambda grad: grad * self.trained)
-
-    @torch.no_grad()
-    def restore(self) -> None:
-        self.weight.copy_(torch.where(self.trained, self.weight, self.original))
-
-    def remove(self) -> None:
-        self.handle.remove()
+def token_row_mask(embedding: nn.Embedding, rows: torch.Tensor) -> torch.Tensor:
+    """A (vocabulary, 1) mask of the token-embedding rows that train (erasers.train.masked_update keeps every other
+    row exactly as it was, under AdamW's weight decay too)."""
+    mask = torch.zeros(embedding.weight.shape[0], 1, dtype=torch.bool, device=embedding.weight.device)
+    mask[rows.to(mask.device)] = True
+    return mask
 
 
 # Toy defaults, measured on ToyCanvas (benchmarks/results/NOTES.md, Concept Ablation, has every tuning run). The
@@ -136,13 +124,13 @@ class ConceptAblation(Eraser):
         denoiser = loaded.denoiser
         on_embedding = cfg.parameters == "embedding"
         encoders = loaded.trained_text_encoders
-        rows = []
+        masks = []
         if on_embedding:
             token_ids = concept_token_ids(loaded, request)
             embeddings = {name: encoder.get_input_embeddings() for name, encoder in encoders.items()}
             parameters = train_only(loaded, [embedding.weight for embedding in embeddings.values()],
                                     *encoders.values())
-            rows = [TokenRows(embeddings[name], token_ids[name]) for name in encoders]
+            masks = [token_row_mask(embeddings[name], token_ids[name]) for name in encoders]
             teacher = denoiser  # frozen; the anchor states below are the frozen encoders'
         else:
             parameters = train_only(loaded, trainable_parameters(loaded, cfg.parameters), denoiser)
@@ -156,7 +144,8 @@ class ConceptAblation(Eraser):
         images, image_anchor = draw_anchor_latents(
             loaded, anchors, cfg.anchor_images, cfg.sample_steps, cfg.sample_guidance, cfg.seed,
             Path(work_dir) / "ca_anchor_latents.safetensors" if work_dir is not None else None)
-        optimizer = build_optimizer(loaded, parameters, cfg.lr, weight_decay=cfg.weight_decay)
+        # On the embedding rows the decay is masked_update's, which spares the rows that do not train.
+        optimizer = build_optimizer(loaded, parameters, cfg.lr, weight_decay=0 if on_embedding else cfg.weight_decay)
 
         def conditioning(texts, states, k):
             """What the trained model reads for prompts k: through the trained embedding rows, or the frozen
@@ -186,22 +175,18 @@ class ConceptAblation(Eraser):
                 metrics["prior"] = prior.item()
             optimizer.zero_grad()
             loss.backward()
+            if on_embedding:
+                masked_update(parameters, masks, 1 - cfg.lr * cfg.weight_decay)
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(parameters, cfg.max_grad_norm)
             optimizer.step()
-            for trained_rows in rows:
-                trained_rows.restore()
             return metrics
 
         denoiser.train(not on_embedding)
         for encoder in encoders.values():  # transformers checkpoints only a model in training mode
             encoder.train(on_embedding)
         state = {"params": ParameterState(parameters), "opt": optimizer}
-        try:
-            self.history = TrainingLoop("ca", cfg.iterations, state, cfg.seed, work_dir, checkpoint_every=50).run(step)
-        finally:
-            for trained_rows in rows:
-                trained_rows.remove()
+        self.history = TrainingLoop("ca", cfg.iterations, state, cfg.seed, work_dir, checkpoint_every=50).run(step)
         denoiser.eval()
         for encoder in encoders.values():
             encoder.eval()

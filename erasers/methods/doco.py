@@ -45,6 +45,7 @@ from ..precision import build_optimizer, finish, train_only
 from ..prompts import EraseRequest, default_retain_prompts
 from ..registry import Eraser, register
 from ..train import ParameterState, TrainingLoop
+from ..validation import check_lr_schedule
 
 UNET_PARAMETER_SETS = ("xattn", "xattn-strict", "noxattn", "full")  # erasers.esd.trainable_parameters' UNet sets
 DISCRIMINATOR_INPUTS = ("x0", "noise")
@@ -101,10 +102,7 @@ class DoCoConfig:
         if self.anchor not in ANCHORS:
             raise UsageError(f"doco anchor must be supercategory or empty, not {self.anchor!r}; for another anchor "
                              "text pass --anchor TEXT")
-        from diffusers.optimization import SchedulerType
-        if self.lr_schedule not in {kind.value for kind in SchedulerType}:
-            raise UsageError(f"doco lr_schedule must be one of diffusers' schedulers "
-                             f"({', '.join(kind.value for kind in SchedulerType)}), not {self.lr_schedule!r}")
+        check_lr_schedule("doco", self.lr_schedule)
         for name in ("iterations", "batch_size", "discriminator_width", "discriminator_layers", "anchor_images",
                      "sample_steps"):
             if getattr(self, name) < 1:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..guidance import CallEdit, call_argument, install_call_edit
+from ..guidance import CallEdit, call_argument, concept_text, install_call_edit
 from ..models import LoadedPipeline
 from ..prompts import EraseRequest
 from ..registry import Eraser, register
@@ -34,7 +34,7 @@ def negative_text(metadata: dict) -> str:
     configured = metadata.get("config", {}).get("negative_prompt", "")
     if configured:
         return configured
-    return ", ".join(EraseRequest(metadata["concepts"], metadata.get("kind", "concept")).concept_prompts())
+    return concept_text(metadata)
 
 
 class NegativePrompt(CallEdit):

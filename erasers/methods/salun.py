@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..anchors import anchor_prompts, draw_anchor_latents
+from ..anchors import anchor_prompts, draw_anchor_latents, noised
 from ..errors import UsageError
 from ..files import save_atomically
 from ..losses import predict_noise
@@ -41,7 +41,7 @@ from ..parameters import trainable_parameters
 from ..precision import build_optimizer, finish, train_only
 from ..prompts import EraseRequest, default_retain_prompts
 from ..registry import Eraser, register
-from ..train import ParameterState, TrainingLoop
+from ..train import ParameterState, TrainingLoop, masked_update
 
 PARAMETER_SETS = ("full", "xattn", "noxattn")
 TARGETS = ("other", "supercategory", "empty")
@@ -118,16 +118,6 @@ def concept_targets(request: EraseRequest, prompts: list[str], target: str) -> l
         others = [name for name in pool if name.lower() not in erased]
         return [[request.neutral_prompts([prompt], other)[0] for other in others] for prompt in prompts]
     return [[anchor] for anchor in anchor_prompts(request, prompts, "empty" if target == "empty" else "supercategory")]
-
-
-def noised(loaded: LoadedPipeline, x_0: torch.Tensor, generator: torch.Generator):
-    """x_t at one uniformly drawn timestep per example, the timesteps, and what the denoiser should predict there
-    (the noise; Flux: the velocity)."""
-    adapter = loaded.adapter
-    noise = torch.randn(x_0.shape, generator=generator).to(x_0)
-    t = adapter.training_timesteps(len(x_0), generator)
-    x_t = adapter.add_noise(x_0, noise, t).to(loaded.dtype)
-    return x_t, t.to(loaded.device), adapter.prediction_target(x_0, noise, t.to(x_0.device))
 
 
 def forgetting_gradients(loaded: LoadedPipeline, parameters: list[torch.nn.Parameter], images: torch.Tensor,
@@ -227,12 +217,7 @@ class SalUn(Eraser):
                                      target_r.float())
             optimizer.zero_grad(set_to_none=True)
             (forget_loss + cfg.alpha * retain_loss).backward()
-            with torch.no_grad():
-                for parameter, mask in zip(parameters, masks):
-                    if parameter.grad is not None:
-                        parameter.grad.mul_(mask)
-                    if decay != 1:  # AdamW's decoupled decay, on the salient weights only (x * 1.0 is x, bit for bit)
-                        parameter.mul_(torch.where(mask, decay, 1.0))
+            masked_update(parameters, masks, decay)
             optimizer.step()
             return {"loss": forget_loss.item(), "retain": retain_loss.item()}
 

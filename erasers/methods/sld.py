@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UsageError
-from ..guidance import CallEdit, call_argument, install_call_edit
+from ..guidance import CallEdit, call_argument, concept_text, install_call_edit
 from ..models import LoadedPipeline
 from ..prompts import EraseRequest
 from ..registry import Eraser, register
@@ -74,7 +74,7 @@ def safety_text(metadata: dict) -> str:
     text = metadata.get("config", {}).get("safety_concept", "")
     if text == "i2p":
         return I2P_CONCEPT
-    return text or ", ".join(EraseRequest(metadata["concepts"], metadata.get("kind", "concept")).concept_prompts())
+    return text or concept_text(metadata)
 
 
 def safety_guidance(eps_empty, eps_prompt, eps_safety, momentum, config: SLDConfig):

@@ -55,6 +55,7 @@ from ..precision import build_optimizer, train_only
 from ..prompts import EraseRequest
 from ..registry import Eraser, register
 from ..train import ParameterState, TrainingLoop
+from ..validation import check_lr_schedule
 
 
 @dataclass
@@ -82,11 +83,7 @@ class SPMConfig:
 
     def __post_init__(self):
         # Checked when the config is built, before the pipeline loads or OUT.partial/ is made.
-        from diffusers.optimization import SchedulerType
-
-        if self.lr_schedule not in {kind.value for kind in SchedulerType}:
-            raise UsageError(f"spm lr_schedule must be one of diffusers' schedulers "
-                             f"({', '.join(kind.value for kind in SchedulerType)}), not {self.lr_schedule!r}")
+        check_lr_schedule("spm", self.lr_schedule)
         if self.prompts not in ("captions", "concept"):
             raise UsageError(f"spm prompts must be captions or concept, not {self.prompts!r}")
         check_contrast("spm", self.contrast)
@@ -236,7 +233,6 @@ class SPM(Eraser):
         try:
             self.history = TrainingLoop("spm", cfg.iterations, state, cfg.seed, work_dir,
                                         checkpoint_every=50).run(step)
-            unet.eval()
             info = {"method": "spm", "concepts": request.concepts, "adapter_name": name, "rank": cfg.rank,
                     "targets": targets, "base": base}
             edit = LoraEdit(loaded, name, info)
