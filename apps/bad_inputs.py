@@ -282,7 +282,9 @@ def config_cases() -> list[Case]:
 
 
 def all_cases() -> list[Case]:
-    return FIXED_CASES + config_cases()
+    from .bad_input_cases import topic_cases
+
+    return FIXED_CASES + topic_cases() + config_cases()
 
 
 # ----------------------------------------------------------------------------------------------------------------
