@@ -10,7 +10,7 @@ from pathlib import Path
 
 from benchmarks.runner import MANIFEST  # a folder holding the runner's manifest is a run to resume
 from erasers.errors import UsageError
-from erasers.outputs import claim_output_dir
+from erasers.outputs import claim_output_dir, claimed_output_dir
 
 
 def _csv(text: str | None) -> list[str]:
@@ -70,9 +70,10 @@ def _check_out(args) -> Path:
     return claim_output_dir(path, MANIFEST, create=False)  # a user's own folder is refused before any work
 
 
-def _claim_out(out: Path) -> None:
-    """The run's folder, made now that every input is checked (a rerun's own is taken as it is)."""
-    claim_output_dir(out, MANIFEST)
+def _claim_out(out: Path):
+    """`with _claim_out(out):` the run's folder, made now that every input is checked (a rerun's own is taken as
+    it is); removed again if the run fails before writing anything into it."""
+    return claimed_output_dir(out, MANIFEST)
 
 
 def _print_result(results: dict | None, out: Path) -> None:
@@ -95,11 +96,11 @@ def cmd_bench_toycanvas(args) -> None:
                                 args.device)
     concepts = [bench.canonical(c) for c in _csv(args.concepts)]
     plan_edits(bench, methods, concepts, args.edit or [], out)  # every check before anything is written
-    _claim_out(out)
-    if _maybe_relaunch(args, ["bench", "toycanvas"]):
-        return
-    results = run(bench, methods, concepts, args.edit or [], out, Runner(out, progress=not args.quiet),
-                  args.batch_size)
+    with _claim_out(out):
+        if _maybe_relaunch(args, ["bench", "toycanvas"]):
+            return
+        results = run(bench, methods, concepts, args.edit or [], out, Runner(out, progress=not args.quiet),
+                      args.batch_size)
     _print_result(results, out)
 
 
@@ -128,11 +129,11 @@ def cmd_bench_unlearncanvas(args) -> None:
     bench = unlearncanvas_benchmark(args.data, style_path, object_path, args.model, protocol, device)
     concepts = [bench.canonical(c) for c in _csv(args.concepts)]
     plan_edits(bench, methods, concepts, args.edit or [], out)
-    _claim_out(out)
-    if _maybe_relaunch(args, ["bench", "unlearncanvas"]):
-        return
-    results = run(bench, methods, concepts, args.edit or [], out,
-                  Runner(out, processes, progress=not args.quiet), args.batch_size)
+    with _claim_out(out):
+        if _maybe_relaunch(args, ["bench", "unlearncanvas"]):
+            return
+        results = run(bench, methods, concepts, args.edit or [], out,
+                      Runner(out, processes, progress=not args.quiet), args.batch_size)
     _print_result(results, out)
 
 
@@ -154,11 +155,11 @@ def cmd_bench_i2p(args) -> None:
     q16 = i2p.q16_scorer(args.q16_clip, args.q16_prompts) if args.q16_clip else None
     detector_name = args.detector or ("toy" if args.model == "toy" else "nudenet")
     detector = i2p.toy_detector() if detector_name == "toy" else i2p.nudenet_detector()
-    _claim_out(out)
-    if _maybe_relaunch(args, ["bench", "i2p"]):
-        return
-    results = i2p.run(args.model, jobs, sets, i2p.Scoring(detector, args.threshold, q16), out,
-                      Runner(out, progress=not args.quiet), args.batch_size, args.device)
+    with _claim_out(out):
+        if _maybe_relaunch(args, ["bench", "i2p"]):
+            return
+        results = i2p.run(args.model, jobs, sets, i2p.Scoring(detector, args.threshold, q16), out,
+                          Runner(out, progress=not args.quiet), args.batch_size, args.device)
     if results is not None:
         print(i2p.markdown(results))
         print(f"wrote {out}/results.json, {out}/report.md, {out}/report.html and {out}/plots/")

@@ -155,20 +155,38 @@ def claim_output_dir(out: str | Path, manifest: str, flag: str = "--out", create
     """The folder a command writes its results into (compare, bench): one it makes now, or one that already
     holds its `manifest` file or its marker (a rerun resumes or refreshes it). Any other existing folder is the
     user's and refused. With `create` False it only checks (bad input found later must leave nothing behind)."""
+    return _claim(out, manifest, flag, create)[0]
+
+
+@contextmanager
+def claimed_output_dir(out: str | Path, manifest: str, flag: str = "--out") -> Iterator[Path]:
+    """`claim_output_dir` for the block: a folder made by this call is removed again when the block fails before
+    writing anything into it, so bad input found late still leaves nothing behind; one holding work is kept."""
+    out, made = _claim(out, manifest, flag, True)
+    try:
+        yield out
+    except BaseException:
+        if made and [entry.name for entry in out.iterdir()] == [MARKER]:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _claim(out: str | Path, manifest: str, flag: str, create: bool) -> tuple[Path, bool]:
+    """(the folder, whether this call made it)."""
     out = check_output_path(out, flag)
     for _ in range(20):
         if not create and not out.exists():
-            return out
+            return out, False
         if out.exists():
             if not out.is_dir():
                 raise UsageError(f"{flag} {out} is a file; this command writes a folder: choose a new {flag}")
             if (out / manifest).is_file() or _marker_fields(out).get("manifest") == manifest:
-                return out
+                return out, False
             raise UsageError(f"{flag} {out} already exists and was not made by this command; choose a new {flag}")
         fd = _create_marked(out, json.dumps({"made_by": _MADE_BY, "manifest": manifest}))
         if fd is not None:
             _unlock(fd)
-            return out
+            return out, True
     raise UsageError(f"{flag} {out} keeps changing under this command; choose a new {flag}")
 
 

@@ -19,6 +19,10 @@ A field can state its own bounds instead, in its metadata (they replace the name
 
     ddim_steps: int = field(default=50, metadata={"min": 3})
     margin: float = field(default=0.1, metadata={"min": 0, "max": 1, "min_exclusive": True})
+    width: int | None = field(default=None, metadata={"min": 8, "multiple": 8})    # None: not given
+
+The same rules check values read from files (an I2P CSV row, an edit's metadata): `check_field` with the name
+the file gives the value and a `noun` ("column", "field") in place of "option".
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ def bounds(field: dataclasses.Field) -> tuple[float | None, float | None, bool, 
     meta = field.metadata
     if "min" in meta or "max" in meta:
         return meta.get("min"), meta.get("max"), meta.get("min_exclusive", False), meta.get("max_exclusive", False)
-    kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", "")
+    kind = field_kind(field)[0]
     if kind not in ("int", "float"):
         return None
     for patterns, low, high, low_open, high_open in RULES:
@@ -65,28 +69,49 @@ def bounds(field: dataclasses.Field) -> tuple[float | None, float | None, bool, 
 def validate_config(config: Any, owner: str) -> Any:
     """Check every field of the dataclass `config` (of method `owner`) by the rules above; returns it."""
     for field in dataclasses.fields(config):
-        value = getattr(config, field.name)
-        kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", "")
-        check_value(owner, field.name, value, kind, bounds(field), field.default)
+        check_field(owner, field, getattr(config, field.name))
     return config
 
 
-def check_value(owner: str, name: str, value: Any, kind: str, limits, default: Any = dataclasses.MISSING) -> None:
-    example = "" if default is dataclasses.MISSING else f" (default {default})"
+def field_kind(field: dataclasses.Field) -> tuple[str, bool]:
+    """The field's type name ("int", "float", ...) and whether it may be None ("int | None")."""
+    kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", "")
+    parts = [part.strip() for part in kind.split("|")]
+    optional = "None" in parts and len(parts) == 2
+    return (next(p for p in parts if p != "None") if optional else kind), optional
+
+
+def check_field(owner: str, field: dataclasses.Field, value: Any, name: str | None = None,
+                noun: str = "option") -> None:
+    """`value` checked by `field`'s rules; the error names it `name` (default: the field's name) as `owner`'s
+    `noun`: "--prompts x.csv line 3 column sd_seed=-1 is out of range ..."."""
+    kind, optional = field_kind(field)
+    if optional and value is None:
+        return
+    name = name or field.name
+    check_value(owner, name, value, kind, bounds(field), field.default, noun)
+    multiple = field.metadata.get("multiple")
+    if multiple and isinstance(value, int) and value % multiple:
+        raise UsageError(f"{owner} {noun} {name}={value} must be a multiple of {multiple}")
+
+
+def check_value(owner: str, name: str, value: Any, kind: str, limits, default: Any = dataclasses.MISSING,
+                noun: str = "option") -> None:
+    example = "" if default in (dataclasses.MISSING, None) else f" (default {default})"
     allowed = _TYPES.get(kind)
     if allowed is not None and (not isinstance(value, allowed) or (kind != "bool" and isinstance(value, bool))):
-        raise UsageError(f"{owner} option {name} wants a {kind}, got {value!r}{example}")
+        raise UsageError(f"{owner} {noun} {name} wants a {kind}, got {value!r}{example}")
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return
     if isinstance(value, float) and not math.isfinite(value):
-        raise UsageError(f"{owner} option {name}={value} must be a finite number{example}")
+        raise UsageError(f"{owner} {noun} {name}={value} must be a finite number{example}")
     if limits is None:
         return
     low, high, low_open, high_open = limits
     too_low = low is not None and (value <= low if low_open else value < low)
     too_high = high is not None and (value >= high if high_open else value > high)
     if too_low or too_high:
-        raise UsageError(f"{owner} option {name}={value} is out of range: it must be {describe(limits)}{example}")
+        raise UsageError(f"{owner} {noun} {name}={value} is out of range: it must be {describe(limits)}{example}")
 
 
 def describe(limits) -> str:

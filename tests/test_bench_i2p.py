@@ -38,6 +38,9 @@ def test_both_csv_layouts_are_read_row_by_row(tmp_path):
     copy = i2p.read_prompts(write(tmp_path, "copy.csv", COPY_CSV))
     assert [(j.key, j.prompt, j.seed, j.guidance, j.height) for j in copy] == [
         ("10", "a star on a beach", 1234, 7.5, None), ("11", "a moon", 99, 6.0, None)]
+    pandas_floats = i2p.read_prompts(write(tmp_path, "floats.csv", "prompt,sd_seed,sd_image_width,sd_image_height\n"
+                                                                    "a star,1234.0,16.0,16\na moon,,,\n"))
+    assert [(j.seed, j.width) for j in pandas_floats] == [(1234, 16), (1, None)], "empty cells fall back"
 
 
 def test_nudenet_output_parsing_and_threshold():
@@ -108,6 +111,11 @@ def test_toy_i2p_with_the_toy_detector_and_q16(tmp_path, capsys):
     ("text,categories\na star,sexual\n", [], "has no 'prompt' column"),
     ("prompt,categories\na star,hate\n", ["--category", "sexual"], "has no prompts of category 'sexual'"),
     (None, [], "does not exist"),
+    ("prompt,sd_seed\na star,1e30\n", [], "line 2 column sd_seed=1000000000000000019884624838656 is out of range"),
+    ("prompt,sd_seed\na star,one\n", [], "line 2 column sd_seed is 'one', not a number"),
+    ("prompt,sd_guidance_scale\na star,7\na moon,-inf\n", [], "line 3 column sd_guidance_scale=-inf must be a finite"),
+    ("prompt,sd_image_width,sd_image_height\na star,30,32\n", [], "sd_image_width=30 must be a multiple of 8"),
+    ("prompt,sd_image_width,sd_image_height\na star,32,\n", [], "only one of sd_image_width and sd_image_height"),
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, csv, extra, message):
     path = write(tmp_path, "p.csv", csv) if csv is not None else tmp_path / "missing.csv"

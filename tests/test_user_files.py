@@ -27,7 +27,7 @@ from erasers.files import (
     write_atomically,
     writing_into,
 )
-from erasers.outputs import RunDirectory, claim_output_dir, mark_run_dir, resumable_run
+from erasers.outputs import RunDirectory, claim_output_dir, claimed_output_dir, mark_run_dir, resumable_run
 
 SIGNATURE = {"method": "esd-x", "concept": "arrow"}
 ROOT = Path(__file__).resolve().parents[1]
@@ -300,3 +300,17 @@ def test_a_results_folder_is_one_the_command_made_or_holds_its_manifest(tmp_path
     with pytest.raises(UsageError, match="is a file"):
         claim_output_dir(tmp_path / "report.md", "results.json")
     assert hidden_leftovers(tmp_path) == []
+
+
+def test_a_run_that_fails_before_writing_removes_only_the_folder_it_made(tmp_path):
+    with pytest.raises(UsageError), claimed_output_dir(tmp_path / "new", "results.json"):
+        raise UsageError("bad input found late")
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(KeyboardInterrupt), claimed_output_dir(tmp_path / "worked", "results.json") as out:
+        (out / "manifest.jsonl").write_text("{}\n")
+        raise KeyboardInterrupt
+    assert (tmp_path / "worked" / "manifest.jsonl").is_file(), "work done before the failure is kept to resume"
+    made = claim_output_dir(tmp_path / "rerun", "results.json")
+    with pytest.raises(UsageError), claimed_output_dir(made, "results.json"):
+        raise UsageError("a rerun's failure")
+    assert made.is_dir(), "a folder an earlier run made is not this run's to remove"
