@@ -235,7 +235,7 @@ def edit_json_list(root):
 
 
 VLM_EDIT = {"model_kind": "vlm", "method": "sauce", "concept": "star", "files": ["edit.safetensors"], "config": {},
-            "info": {}, "base_family": "llava", "base_fingerprint": "0"}
+            "info": {}, "base_model": "toy-vlm", "base_family": "llava", "base_fingerprint": "0"}
 
 
 @fixture

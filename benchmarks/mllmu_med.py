@@ -33,12 +33,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from erasers.errors import UsageError
-from erasers.files import check_output_path, write_atomically
+from erasers.files import write_atomically
+from erasers.outputs import claim_output_dir
 from erasers.validation import validate_config
 
 SHOTS = 0
 MAX_NEW_TOKENS = 50
 TASKS = {"classification": "mc", "mask": "cloze", "generation": "rouge_l"}
+RESULTS = "results.json"  # a folder holding it is an earlier run's, which a rerun refreshes
 
 
 @dataclass(frozen=True)
@@ -162,14 +164,12 @@ def run(model: str, concept: str | None = None, edit: str | Path | None = None, 
         progress: bool = True) -> dict:
     """Evaluate the base model and, with `edit`, the edited one on `concept`'s sets; writes results.json and
     report.md under `out` when given."""
-    from vlm.edits import read_vlm_edit
+    from vlm.edits import check_applies, read_vlm_edit
     from vlm.models import load_vlm
     from vlm.targets import resolve_target
 
-    if out is not None:
-        if Path(out).exists() and not Path(out).is_dir():
-            raise UsageError(f"--out {out} is a file; pass a directory for results.json and report.md")
-        check_output_path(out)
+    if out is not None:  # a folder this command did not make is refused before any work
+        claim_output_dir(out, RESULTS, create=False)
     metadata = read_vlm_edit(edit) if edit is not None else None
     concept = concept or (metadata or {}).get("concept")
     if not concept:
@@ -178,6 +178,7 @@ def run(model: str, concept: str | None = None, edit: str | Path | None = None, 
         raise UsageError(f"the edit erased {metadata['concept']!r}, not {concept!r}; leave out --concept")
     target = resolve_target(concept, data)
     loaded = load_vlm(model, device=device)
+    check_applies(loaded, edit)  # an edit that does not fit fails now, not after the base model's evaluation
     result = {"model": model, "concept": concept, "data": target.source, "edit": str(edit) if edit else None,
               "protocol": asdict(cfg), "base": evaluate_target(loaded, target, None, cfg, progress)}
     if edit is not None:
@@ -210,6 +211,7 @@ def report_markdown(result: dict) -> str:
 
 
 def write_report(result: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    for name, text in (("results.json", json.dumps(result, indent=2)), ("report.md", report_markdown(result))):
+    """results.json and report.md in `out`: a folder made now, or one an earlier run of this command made."""
+    out = claim_output_dir(out, RESULTS)
+    for name, text in ((RESULTS, json.dumps(result, indent=2)), ("report.md", report_markdown(result))):
         write_atomically(out / name, text)

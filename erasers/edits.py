@@ -110,7 +110,7 @@ def read_edit(path: str | Path) -> dict:
     if not metadata_file.exists():
         raise UsageError(f"{path} is not an edit (no {METADATA}); pass the --out directory of `erasure erase`")
     metadata = read_json(metadata_file, "re-run the erase that made it")
-    if metadata.get("model_kind", "diffusion") != "diffusion":
+    if model_kind(metadata, metadata_file) != "diffusion":
         raise UsageError(f"{path} is a VLM edit; pass it to `erasure vlm ask` or `erasure bench mllmu-med`")
     check_metadata_fields(metadata_file, metadata, EDIT_FIELDS, EDIT_OPTIONAL_FIELDS)
     for component in metadata["components"]:
@@ -124,7 +124,18 @@ def read_edit(path: str | Path) -> dict:
 
 # The fields commands read from erasure.json, by kind (see check_metadata_fields); more are allowed.
 EDIT_FIELDS = {"concepts": "names+", "kind": "text", "components": "names"}
-EDIT_OPTIONAL_FIELDS = {"method": "text", "config": "object"}
+EDIT_OPTIONAL_FIELDS = {"method": "text", "config": "object", "anchors": "names", "preserve": "names",
+                        "training": "object", "cost": "object"}
+MODEL_KINDS = ("diffusion", "vlm")
+
+
+def model_kind(metadata: dict, metadata_file: Path) -> str:
+    """The edit's model_kind (edits from before the field are diffusion edits), one of MODEL_KINDS."""
+    kind = metadata.get("model_kind", "diffusion")
+    if kind not in MODEL_KINDS:
+        raise UsageError(f"{metadata_file}: field 'model_kind' should be one of {', '.join(MODEL_KINDS)}, not "
+                         f"{json.dumps(kind)[:40]}; the file is corrupt or was edited by hand: re-run the erase")
+    return kind
 # Components an edit may hold: every family's text encoders and denoisers (also keeps paths inside the edit), and
 # an "adapter" directory that the method's own loader (its registry entry's `apply`) installs.
 COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")

@@ -1,12 +1,38 @@
-"""Image grids and atomic image writes, shared by `erasure generate`, compare and the benchmarks."""
+"""Reading a user's images (one check for every command that takes them), image grids and atomic image writes,
+shared by `erasure generate`, compare, the benchmarks and the VLM commands."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from PIL import Image
 
+from .errors import UsageError
 from .files import save_atomically
+
+
+def open_image(path: str | Path | None, remedy: str = "pass a .png or .jpg file",
+               header_only: bool = False) -> Image.Image | None:
+    """The image at `path` in RGB (None for None). A missing file, one over Pillow's decompression-bomb limit or
+    one that is not an image is one line ending in `remedy`. `header_only`: check the file without decoding
+    its pixels (Pillow reads the size from the header) and return None."""
+    if path is None:
+        return None
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"image {path} does not exist; {remedy}")
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns above MAX_IMAGE_PIXELS and refuses twice that: both are refused here.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(file) as image:
+                return None if header_only else image.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise UsageError(f"image {path} is over {Image.MAX_IMAGE_PIXELS:,} pixels (Pillow's decompression-bomb "
+                         f"limit); resize it first or {remedy}") from None
+    except (OSError, ValueError):
+        raise UsageError(f"{path} is not a readable image; {remedy}") from None
 
 
 def image_grid(images: list[Image.Image], columns: int, scale: int = 1) -> Image.Image:

@@ -170,7 +170,7 @@ class LoadedPipeline:
         if not (location / "config.json").exists():
             raise UsageError(f"{location} holds no {name} (no config.json); pass the directory the edit was saved to")
         config = read_json(location / "config.json", f"save or download the {name} again")
-        saved_class = config.get("_class_name") or (config.get("architectures") or ["?"])[0]
+        saved_class = saved_class_name(config, location / "config.json")
         if saved_class != type(current).__name__ and not _same_family_of_class(saved_class, type(current).__name__):
             raise UsageError(f"{location} holds a {saved_class}, but this pipeline's {name} is a "
                              f"{type(current).__name__}; pass the {name} directory of an edit")
@@ -227,7 +227,7 @@ def resolve_source(model: str) -> str:
             config = path / "config.json"
             if config.exists():
                 values = read_json(config, "download the model again, or pass a pipeline directory")
-                kind = (values.get("architectures") or [values.get("_class_name")])[0]
+                kind = saved_class_name(values, config)
                 raise UsageError(f"{model} holds a single model ({kind}), not a diffusers pipeline; pass the "
                                  "pipeline directory, or load this component with --text-encoder/--unet")
             raise UsageError(f"{model} is not a diffusers pipeline directory (no model_index.json)")
@@ -276,7 +276,22 @@ def check_component_configs(source: Path, index: dict) -> None:
                             "tokenizer_config.json", "special_tokens_map.json"):
             config = source / name / config_name
             if config.exists():
-                read_json(config, f"download or rebuild the pipeline's {name}")
+                values = read_json(config, f"download or rebuild the pipeline's {name}")
+                if config_name == "config.json":
+                    saved_class_name(values, config)
+
+
+def saved_class_name(config: dict, path: Path) -> str:
+    """The class a component's config.json names (diffusers' `_class_name`, else transformers' first
+    `architectures`), which must be text."""
+    name = config.get("_class_name")
+    if name is None:
+        architectures = config.get("architectures") or ["?"]
+        name = architectures[0] if isinstance(architectures, list) else architectures
+    if not isinstance(name, str) or not name.strip():
+        raise UsageError(f"{path} names its class {name!r}, not a class name: the file is corrupt; save or "
+                         "download it again")
+    return name
 
 
 def _family_of(class_name: str, source: str) -> Family:

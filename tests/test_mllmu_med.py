@@ -77,3 +77,17 @@ def test_run_reads_the_mllmu_bench_layout(small_world, tmp_path):
     assert "privacy" in base["retain"] or "incorrectness" in base["retain"]
     saved = json.loads((out / "results.json").read_text())
     assert saved["concept"] == "forget_10" and (out / "report.md").read_text().count("| base |") == 3
+
+
+def test_a_damaged_edit_fails_before_the_base_model_is_evaluated(tmp_path, monkeypatch):
+    from apps.bad_input_cases.content import sauce_edit
+    from erasers.errors import UsageError
+
+    def evaluated(*args, **kwargs):
+        raise AssertionError("the base model was evaluated before the edit was checked")
+
+    monkeypatch.setattr(mllmu_med, "evaluate_target", evaluated)
+    edit = sauce_edit(tmp_path, info={"layer": 60})
+    with pytest.raises(UsageError, match="layer is 60, not a decoder layer of this model"):
+        mllmu_med.run("toy-vlm", edit=edit, out=tmp_path / "report", device="cpu", progress=False)
+    assert not (tmp_path / "report").exists()

@@ -8,6 +8,7 @@ load and refuse the wrong model; the CLI turns bad input into one line and exit 
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -274,3 +275,54 @@ def test_an_interrupted_baseline_resumes_to_the_same_adapter(llava, tmp_path, mo
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert not (tmp_path / "resumed.partial").exists()
     assert json.loads((resumed / "erasure.json").read_text())["cost"]["peak_memory_bytes"] > 0
+
+
+def _damaged(edit, tmp_path, name, metadata=None, tensors=None):
+    """A copy of `edit` with erasure.json changed by `metadata` (dict -> dict) and its tensors by `tensors`."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    copy = tmp_path / name
+    shutil.copytree(edit, copy)
+    meta = json.loads((copy / "erasure.json").read_text())
+    (copy / "erasure.json").write_text(json.dumps(metadata(meta) if metadata else meta))
+    if tensors:
+        save_file(tensors(load_file(copy / TENSORS)), copy / TENSORS)
+    return copy
+
+
+@pytest.mark.parametrize("method, damage, message", [
+    ("sauce", {"info": {"layer": "one"}}, "info's layer is \"one\", not a decoder layer"),
+    ("sauce", {"info": {"layer": 40}}, "info's layer is 40, not a decoder layer of this model (0 to 1)"),
+    ("sauce", {"config": {"k": "many"}}, "config field k wants a int"),
+    ("sauce", {"config": {"k": 10 ** 6}}, "not a count of 1 to"),
+    ("sauce", "narrow decoder", "sae.decoder has shape"),
+    ("sauce", "features past the autoencoder", "not indices of the autoencoder's"),
+    ("mllmeraser", {"info": {"layers": [0], "strengths": ["strong"]}}, "not a finite number"),
+    ("mllmeraser", "NaN steering", "non-finite values"),
+    ("mllmeraser", {"base_model": None}, "'base_model' should be a non-empty string, not missing"),
+])
+def test_a_damaged_edit_is_one_line_before_any_hook_runs(llava, tmp_path, method, damage, message):
+    options = {"sae_steps": 20, "batch_size": 64, "features": 4, "layer": 0} if method == "sauce" else \
+        {"pgd_steps": 1}
+    edit = _erase(llava, method, options, tmp_path)
+    if isinstance(damage, dict):
+        def metadata(meta):
+            for key, value in damage.items():
+                if value is None:
+                    meta.pop(key)
+                elif isinstance(meta.get(key), dict):
+                    meta[key].update(value)
+            return meta
+        broken = _damaged(edit, tmp_path, "broken", metadata=metadata)
+    else:
+        changes = {"narrow decoder": lambda t: {**t, "sae.decoder": t["sae.decoder"][:, :8].contiguous()},
+                   "features past the autoencoder": lambda t: {**t, "features": t["features"] + 1000},
+                   "NaN steering": lambda t: {k: v * float("nan") for k, v in t.items()}}
+        broken = _damaged(edit, tmp_path, "broken", tensors=changes[damage])
+    with applied(llava, edit):  # the undamaged edit applies
+        pass
+    with pytest.raises(UsageError, match=re.escape(message)):
+        with applied(llava, broken):
+            pytest.fail("the damaged edit was applied")

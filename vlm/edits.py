@@ -15,15 +15,17 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from erasers.core import check_new_output
-from erasers.edits import METADATA, check_metadata_fields, publish_with_metadata
+from erasers.edits import METADATA, check_metadata_fields, model_kind, publish_with_metadata
 from erasers.errors import UsageError
 from erasers.files import read_json, writing_into
+from erasers.validation import check_field
 
 from .hooks import hook_layers
 from .models import LoadedVLM
@@ -32,10 +34,14 @@ TENSORS = "edit.safetensors"
 ADAPTER = "adapter"
 
 
+def text_config(loaded: LoadedVLM):
+    return getattr(loaded.model.config, "text_config", loaded.model.config)
+
+
 def vlm_fingerprint(loaded: LoadedVLM) -> str:
     """A cheap fingerprint of the base model: its text config's sizes and its token embedding's sum, enough to
     tell an edit made for another model."""
-    text = getattr(loaded.model.config, "text_config", loaded.model.config)
+    text = text_config(loaded)
     embedding = loaded.model.get_input_embeddings().weight.detach()
     digest = hashlib.sha256(f"{loaded.family.name}{text.hidden_size}{text.num_hidden_layers}{text.vocab_size}"
                             f"{float(embedding.double().sum()):.6e}".encode())
@@ -70,7 +76,7 @@ def _write_vlm_edit(tmp: Path, out: Path, content, metadata: dict, cost: dict | 
 
 # The fields commands read from a VLM edit's erasure.json, and their JSON types.
 VLM_EDIT_FIELDS = {"method": "text", "concept": "text", "files": "names+", "config": "object", "info": "object",
-                   "base_family": "text", "base_fingerprint": "text"}
+                   "base_model": "text", "base_family": "text", "base_fingerprint": "text"}
 
 
 def read_vlm_edit(path: str | Path) -> dict:
@@ -81,7 +87,7 @@ def read_vlm_edit(path: str | Path) -> dict:
     if not metadata_file.exists():
         raise UsageError(f"{path} is not an edit (no {METADATA}); pass the --out directory of `erasure vlm erase`")
     metadata = read_json(metadata_file, "re-run the erase that made it")
-    if metadata.get("model_kind") != "vlm":
+    if model_kind(metadata, metadata_file) != "vlm":
         raise UsageError(f"{path} is a diffusion-model edit; VLM commands take edits of `erasure vlm erase`")
     check_metadata_fields(metadata_file, metadata, VLM_EDIT_FIELDS)
     method = metadata["method"]
@@ -93,8 +99,42 @@ def read_vlm_edit(path: str | Path) -> dict:
             raise UsageError(f"edit {path} lists {name} but lacks it; re-run the erase that made it")
     from .registry import get_vlm_method
 
-    get_vlm_method(method)
+    check_edit_config(get_vlm_method(method).eraser.config_class, metadata["config"], metadata_file)
     return metadata
+
+
+def check_edit_config(config_class: type, config: dict, metadata_file: Path) -> None:
+    """The recorded config's values of the method's fields, by the rules its options are checked by (a `k` that is
+    text, a negative count); fields a later version dropped are let through."""
+    try:
+        for field in dataclasses.fields(config_class):
+            if field.name in config:
+                check_field("its config", field, config[field.name], noun="field")
+    except UsageError as error:
+        raise UsageError(f"{metadata_file}: {error}; the file is corrupt or was edited by hand: re-run the erase "
+                         "that made it") from None
+
+
+def edit_layer(loaded: LoadedVLM, value, name: str) -> int:
+    """`value` (an edit's recorded layer) if it is a decoder layer of `loaded` (negative: from the last)."""
+    count = len(loaded.layers)
+    if not isinstance(value, int) or isinstance(value, bool) or not -count <= value < count:
+        raise UsageError(f"its info's {name} is {json.dumps(value)[:40]}, not a decoder layer of this model "
+                         f"(0 to {count - 1})")
+    return value
+
+
+def edit_tensor(tensors: dict[str, torch.Tensor], name: str, shape: tuple[int | None, ...]) -> torch.Tensor:
+    """The edit's tensor `name`, which must have `shape` (None: any size) and finite values."""
+    tensor = tensors.get(name)
+    if tensor is None:
+        raise UsageError(f"its {TENSORS} lacks {name}")
+    if tensor.dim() != len(shape) or any(want not in (None, got) for want, got in zip(shape, tensor.shape)):
+        wanted = "(" + ", ".join("any" if n is None else str(n) for n in shape) + ")"
+        raise UsageError(f"its {name} has shape {tuple(tensor.shape)}, but this model needs {wanted}")
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        raise UsageError(f"its {name} holds non-finite values (NaN or inf)")
+    return tensor
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -144,9 +184,21 @@ def applied(loaded: LoadedVLM, path: str | Path | None):
     tensors = load_tensors(path)
     eraser = get_vlm_method(metadata["method"]).eraser
     try:
+        eraser.check_edit(loaded, tensors, metadata["config"], metadata["info"])
+    except UsageError as error:
+        raise UsageError(f"edit {path} does not fit this model or is damaged: {error}; re-run the erase that made "
+                         "it") from None
+    try:
         edits = eraser.layer_edits(loaded, tensors, metadata["config"], metadata["info"])
-    except (KeyError, RuntimeError) as error:
+    except (KeyError, RuntimeError, ValueError, TypeError, IndexError) as error:
         raise UsageError(f"{path / TENSORS} does not fit this model ({type(error).__name__}: "
                          f"{str(error).splitlines()[0]}); re-run the erase") from None
     with hook_layers(loaded.model, edit=edits):
         yield metadata
+
+
+def check_applies(loaded: LoadedVLM, path: str | Path | None) -> None:
+    """Apply the edit at `path` to `loaded` and take it off again, so that an edit that does not fit (another
+    model, damaged tensors or info) fails before a long evaluation of the base model rather than after it."""
+    with applied(loaded, path):
+        pass

@@ -40,6 +40,12 @@ class VLMEraser:
         raise NotImplementedError
 
     @staticmethod
+    def check_edit(loaded: LoadedVLM, tensors: dict[str, torch.Tensor], config: dict, info: dict) -> None:
+        """A UsageError when a saved edit's tensors or info do not fit `loaded` (a layer past the model, a shape of
+        another hidden size, an index past its tensors), before any hook runs; vlm.edits.edit_layer and
+        edit_tensor say it in one line. Adapter methods have nothing to check here (peft loads the adapter)."""
+
+    @staticmethod
     def layer_edits(loaded: LoadedVLM, tensors: dict[str, torch.Tensor], config: dict,
                     info: dict) -> dict[int, Edit]:
         """Hook functions (decoder layer -> edit of its output) that apply a saved edit; adapter methods have

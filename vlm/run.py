@@ -8,17 +8,16 @@
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import asdict
 from pathlib import Path
 
 from PIL import Image
 
 from erasers.core import check_new_output, run_resumably
-from erasers.errors import UsageError
+from erasers.images import open_image as open_image  # vlm.commands and the app read images through it
 from erasers.outputs import RunDirectory
 
-from .edits import applied, read_vlm_edit, save_vlm_edit, vlm_edit_metadata, vlm_fingerprint
+from .edits import applied, check_applies, save_vlm_edit, vlm_edit_metadata, vlm_fingerprint
 from .models import TOY_VLM, LoadedVLM, ask, load_vlm
 from .registry import build_vlm_config, get_vlm_method
 from .targets import resolve_target
@@ -62,30 +61,10 @@ def erase(model: str, method: str, concept: str, out: str | Path, options: dict 
     return erase_loaded(load_vlm(model, device=device), method, concept, out, options, data, restart, config)
 
 
-def open_image(path: str | Path | None) -> Image.Image | None:
-    if path is None:
-        return None
-    file = Path(path)
-    if not file.is_file():
-        raise UsageError(f"image {path} does not exist; pass an image file (.png, .jpg)")
-    try:
-        with warnings.catch_warnings():
-            # Pillow warns above MAX_IMAGE_PIXELS and refuses twice that: both are refused here.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(file) as image:
-                return image.convert("RGB")
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise UsageError(f"image {path} is over {Image.MAX_IMAGE_PIXELS:,} pixels (Pillow's decompression-bomb "
-                         "limit); resize it first") from None
-    except (OSError, ValueError):
-        raise UsageError(f"{path} is not a readable image; pass a .png or .jpg file") from None
-
-
 def ask_before_after(loaded: LoadedVLM, edit: str | Path | None, image: Image.Image | None, question: str,
                      max_new_tokens: int = 50) -> tuple[str, str | None]:
     """The base model's answer and, with `edit`, the edited model's."""
-    if edit is not None:
-        read_vlm_edit(edit)  # a bad edit fails before the base answer is computed
+    check_applies(loaded, edit)  # an edit that does not fit fails before the base answer is computed
     before = ask(loaded, image, question, max_new_tokens)
     if edit is None:
         return before, None

@@ -4,9 +4,13 @@ a benchmark run folder resumed with other sampling settings."""
 
 from __future__ import annotations
 
+import functools
+import json
 from pathlib import Path
 
-from apps.bad_input_fixtures import fixture, text_file
+import torch
+
+from apps.bad_input_fixtures import GOOD_EDIT, VLM_EDIT, edit_dir, fixture, mirror_pipeline, text_file
 from apps.bad_inputs import Case
 
 I2P_HEADER = "case_number,prompt,categories,evaluation_seed,evaluation_guidance,sd_image_width,sd_image_height\n"
@@ -63,4 +67,151 @@ CASES = [
     _i2p("guidance -1e9 in the CSV", "i2p_negative_guidance", "evaluation_guidance=-1000000000.0 is out of range"),
     _i2p("a width without a height in the CSV", "i2p_width_without_height", "give both or neither"),
     _i2p("a case number that is text", "i2p_text_case_number", "column case_number"),
+]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Component configs and edit metadata of the wrong type
+
+@fixture
+def unet_class_number(root):
+    unet = root / "unet"
+    unet.mkdir()
+    (unet / "config.json").write_text(json.dumps({"_class_name": 5, "sample_size": 16}))
+    return str(unet)
+
+
+@fixture
+def pipe_text_encoder_architectures_number(root):
+    return mirror_pipeline(root, {"text_encoder/config.json": json.dumps({"architectures": [7]}).encode()})
+
+
+@fixture
+def edit_model_kind_list(root):
+    return edit_dir(root, {**GOOD_EDIT, "model_kind": ["diffusion"]})
+
+
+@fixture
+def edit_model_kind_unknown(root):
+    return edit_dir(root, {**GOOD_EDIT, "model_kind": "audio"})
+
+
+@fixture
+def edit_anchors_string(root):
+    return edit_dir(root, {**GOOD_EDIT, "anchors": "circle"})
+
+
+@fixture
+def edit_cost_list(root):
+    return edit_dir(root, {**GOOD_EDIT, "cost": [12.5]})
+
+
+@fixture
+def vlm_edit_model_kind_number(root):
+    return edit_dir(root, {**VLM_EDIT, "model_kind": 2}, components=())
+
+
+CASES += [
+    Case("generate: --unet whose config.json _class_name is a number", "generate --unet {unet_class_number} "
+         "--prompt a --out {root}/a.png", "not a class name"),
+    Case("generate: a pipeline whose text encoder's architectures are numbers", "generate --model "
+         "{pipe_text_encoder_architectures_number} --prompt a --out {root}/a.png", "not a class name"),
+    Case("compare: erasure.json model_kind is a list", "compare --edit {edit_model_kind_list}", "model_kind"),
+    Case("compare: erasure.json model_kind is unknown", "compare --edit {edit_model_kind_unknown}", "model_kind"),
+    Case("compare: erasure.json anchors is a string", "compare --edit {edit_anchors_string}", "anchors"),
+    Case("compare: erasure.json cost is a list", "compare --edit {edit_cost_list}", "cost"),
+    Case("vlm ask: erasure.json model_kind is a number", "vlm ask --question q --edit {vlm_edit_model_kind_number}",
+         "model_kind"),
+]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Damaged VLM edits, made by hand for toy-vlm (its base recorded, so only the damage is wrong)
+
+@functools.cache
+def toy_vlm_base() -> dict:
+    from vlm.edits import text_config, vlm_fingerprint
+    from vlm.models import load_vlm
+
+    loaded = load_vlm("toy-vlm", device="cpu")
+    return {"base_model": "toy-vlm", "base_family": loaded.family.name, "base_fingerprint": vlm_fingerprint(loaded),
+            "hidden": text_config(loaded).hidden_size}
+
+
+def vlm_hook_edit(root: Path, method: str, tensors: dict, info: dict, config: dict, drop: str = "") -> str:
+    from safetensors.torch import save_file
+
+    base = dict(toy_vlm_base())
+    base.pop("hidden")
+    metadata = {"model_kind": "vlm", "method": method, "concept": "star", "files": ["edit.safetensors"],
+                "config": config, "info": info, **base}
+    metadata.pop(drop, None)
+    path = edit_dir(root, metadata, components=())
+    save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, Path(path) / "edit.safetensors")
+    return path
+
+
+def sauce_edit(root: Path, info: dict | None = None, config: dict | None = None, hidden: int | None = None,
+               chosen: tuple[float, ...] = (0.0, 1.0), drop: str = "") -> str:
+    hidden = hidden or toy_vlm_base()["hidden"]
+    features = 16
+    tensors = {"sae.decoder": torch.randn(features, hidden), "sae.encoder.weight": torch.randn(features, hidden),
+               "sae.encoder.bias": torch.zeros(features), "sae.bias": torch.zeros(hidden),
+               "features": torch.tensor(chosen), "clamp_values": -torch.ones(len(chosen))}
+    return vlm_hook_edit(root, "sauce", tensors, {"layer": 1, **(info or {})}, {"k": 4, **(config or {})}, drop)
+
+
+@fixture
+def vlm_sauce_layer_text(root):
+    return sauce_edit(root, info={"layer": "one"})
+
+
+@fixture
+def vlm_sauce_layer_past_the_model(root):
+    return sauce_edit(root, info={"layer": 60})
+
+
+@fixture
+def vlm_sauce_k_text(root):
+    return sauce_edit(root, config={"k": "many"})
+
+
+@fixture
+def vlm_sauce_other_hidden_size(root):
+    return sauce_edit(root, hidden=24)
+
+
+@fixture
+def vlm_sauce_features_past_the_sae(root):
+    return sauce_edit(root, chosen=(3.0, 999.0))
+
+
+@fixture
+def vlm_sauce_without_base_model(root):
+    return sauce_edit(root, drop="base_model")
+
+
+@fixture
+def vlm_mllmeraser_wrong_shape(root):
+    hidden = toy_vlm_base()["hidden"]
+    return vlm_hook_edit(root, "mllmeraser", {"W.1": torch.zeros(hidden, hidden // 2)},
+                         {"layers": [1], "strengths": [1.0]}, {})
+
+
+def _ask(name: str, edit: str, expect: str) -> Case:
+    return Case(f"vlm ask: {name}", f"vlm ask --question q --edit {{{edit}}}", expect)
+
+
+CASES += [
+    _ask("a SAUCE edit whose layer is text", "vlm_sauce_layer_text", "not a decoder layer"),
+    _ask("a SAUCE edit whose layer is past the model", "vlm_sauce_layer_past_the_model", "not a decoder layer"),
+    _ask("a SAUCE edit whose k is text", "vlm_sauce_k_text", "config field k wants a int"),
+    _ask("a SAUCE edit for another hidden size", "vlm_sauce_other_hidden_size", "sae.decoder has shape"),
+    _ask("a SAUCE edit with features past its autoencoder", "vlm_sauce_features_past_the_sae", "not indices"),
+    _ask("an edit without base_model", "vlm_sauce_without_base_model", "base_model"),
+    _ask("an MLLMEraser edit with a steering map of the wrong shape", "vlm_mllmeraser_wrong_shape", "W.1 has shape"),
+    Case("bench mllmu-med: a SAUCE edit whose layer is text", "bench mllmu-med --edit {vlm_sauce_layer_text}",
+         "not a decoder layer"),
+    Case("bench mllmu-med: --out is a user's folder", "bench mllmu-med --concept star --out {users_folder}",
+         "not made by this command"),
 ]

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UsageError, first_line
+from ..images import open_image
 from ..losses import FrozenOriginal, check_contrast, contrast_states, esd_target, predict_noise, sample_partially
 from ..models import LoadedPipeline
 from ..parameters import PARAMETER_SETS, trainable_parameters
@@ -88,8 +89,9 @@ class CoErasingConfig:
             raise UsageError(f"coerasing refine_strength must be between 0 and 1, not {self.refine_strength}")
         if self.latent_blur and self.latent_blur % 2 == 0:
             raise UsageError(f"coerasing latent_blur must be an odd kernel size (3, 5) or 0, not {self.latent_blur}")
-        if self.images:
-            image_files(self.images)
+        if self.images:  # every file's header now: a damaged image or a decompression bomb fails before the model loads
+            for file in image_files(self.images):
+                open_image(file, IMAGES_REMEDY, header_only=True)
 
 
 def image_files(folder: str) -> list[Path]:
@@ -107,17 +109,11 @@ def image_files(folder: str) -> list[Path]:
     return files
 
 
-def read_images(files: list[Path]):
-    from PIL import Image, UnidentifiedImageError
+IMAGES_REMEDY = "remove it from the --images folder"
 
-    images = []
-    for file in files:
-        try:
-            with Image.open(file) as image:
-                images.append(image.convert("RGB"))
-        except (OSError, UnidentifiedImageError):
-            raise UsageError(f"{file} is not a readable image; remove it from the --images folder") from None
-    return images
+
+def read_images(files: list[Path]):
+    return [open_image(file, IMAGES_REMEDY) for file in files]
 
 
 def concept_images(loaded: LoadedPipeline, request: EraseRequest, cfg: CoErasingConfig, work_dir: Path | None):

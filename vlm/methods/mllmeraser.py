@@ -26,12 +26,15 @@ erasure pairs perturb the prompt's input embeddings instead (our extension).
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass, field
 
 import torch
 
 from erasers.errors import UsageError
 
+from ..edits import edit_layer, edit_tensor, text_config
 from ..forward import Item, answer_batch, answer_nll, chunks, layer_states, nll_from_logits
 from ..hooks import hook_layers
 from ..registry import EditContent, VLMEraser, register_vlm
@@ -222,6 +225,18 @@ class MLLMEraser(VLMEraser):
                 "text_forget_pairs": len(text_forget),
                 "retain_states": len(retain)}
         return EditContent(tensors=tensors, info=info)
+
+    @staticmethod
+    def check_edit(loaded, tensors, config, info):
+        layers, strengths = info.get("layers"), info.get("strengths")
+        if not isinstance(layers, list) or not isinstance(strengths, list) or len(layers) != len(strengths):
+            raise UsageError("its info's layers and strengths are not two lists of the same length")
+        hidden = text_config(loaded).hidden_size
+        for layer, strength in zip(layers, strengths):
+            edit_layer(loaded, layer, "layers")
+            if not isinstance(strength, (int, float)) or isinstance(strength, bool) or not math.isfinite(strength):
+                raise UsageError(f"its info's strength {json.dumps(strength)[:40]} is not a finite number")
+            edit_tensor(tensors, f"W.{layer}", (hidden, hidden))
 
     @staticmethod
     def layer_edits(loaded, tensors, config, info):

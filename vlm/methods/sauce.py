@@ -18,6 +18,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from erasers.errors import UsageError
+
+from ..edits import edit_layer, edit_tensor, text_config
 from ..forward import token_states_per_item
 from ..registry import EditContent, VLMEraser, register_vlm
 from ..sae import SAETraining, SparseAutoencoder, train_sae
@@ -68,8 +71,6 @@ class Sauce(VLMEraser):
     def erase(self, loaded, target, work_dir=None) -> EditContent:
         cfg = self.config
         if cfg.clamp not in ("zero", "negative"):
-            from erasers.errors import UsageError
-
             raise UsageError(f"sauce option clamp must be 'zero' or 'negative', not {cfg.clamp!r}")
         layer = cfg.layer % len(loaded.layers) if cfg.layer >= 0 else len(loaded.layers) // 4
         concept = target.concept_images(cfg.concept_images)
@@ -89,6 +90,22 @@ class Sauce(VLMEraser):
                 "concept_prompts": len(concept), "neutral_prompts": len(neutral)}
         tensors = {**sae.tensors(), "features": chosen, "clamp_values": values}
         return EditContent(tensors=tensors, info=info)
+
+    @staticmethod
+    def check_edit(loaded, tensors, config, info):
+        edit_layer(loaded, info.get("layer"), "layer")
+        hidden = text_config(loaded).hidden_size
+        features = edit_tensor(tensors, "sae.decoder", (None, hidden)).shape[0]
+        for name, shape in (("sae.encoder.weight", (features, hidden)), ("sae.encoder.bias", (features,)),
+                            ("sae.bias", (hidden,))):
+            edit_tensor(tensors, name, shape)
+        chosen = edit_tensor(tensors, "features", (None,))  # saved as floats, like every tensor of an edit
+        if len(chosen) and not ((chosen == chosen.round()).all() and chosen.min() >= 0 and chosen.max() < features):
+            raise UsageError(f"its features are not indices of the autoencoder's {features} features")
+        edit_tensor(tensors, "clamp_values", (len(chosen),))
+        k = config.get("k")
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= features:
+            raise UsageError(f"its config's k is {k!r}, not a count of 1 to {features} features")
 
     @staticmethod
     def layer_edits(loaded, tensors, config, info):
