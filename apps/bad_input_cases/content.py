@@ -10,7 +10,16 @@ from pathlib import Path
 
 import torch
 
-from apps.bad_input_fixtures import GOOD_EDIT, VLM_EDIT, edit_dir, fixture, mirror_pipeline, text_file
+from apps.bad_input_fixtures import (
+    GOOD_EDIT,
+    VLM_EDIT,
+    bomb_png,
+    edit_dir,
+    fixture,
+    garbage_png,
+    mirror_pipeline,
+    text_file,
+)
 from apps.bad_inputs import Case
 
 I2P_HEADER = "case_number,prompt,categories,evaluation_seed,evaluation_guidance,sd_image_width,sd_image_height\n"
@@ -214,4 +223,32 @@ CASES += [
          "not a decoder layer"),
     Case("bench mllmu-med: --out is a user's folder", "bench mllmu-med --concept star --out {users_folder}",
          "not made by this command"),
+]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Images a method trains on: read through erasers.images.open_image, their headers checked before the model loads
+
+def image_folder(root: Path, make) -> str:
+    folder = root / "images"
+    folder.mkdir()
+    make(folder)
+    return str(folder)
+
+
+@fixture
+def images_with_bomb(root):
+    return image_folder(root, bomb_png)
+
+
+@fixture
+def images_with_garbage(root):
+    return image_folder(root, garbage_png)
+
+
+CASES += [
+    Case("erase coerasing: --images holding a decompression bomb", "erase --method coerasing --concept arrow "
+         "--images {images_with_bomb} --out {root}/e", "pixels"),
+    Case("erase coerasing: --images holding a file that is not an image", "erase --method coerasing --concept arrow "
+         "--images {images_with_garbage} --out {root}/e", "not a readable image"),
 ]
