@@ -6,15 +6,9 @@ import torch
 from toy_scores import arrow_scores_before_and_after
 
 from erasers import UsageError, load_pipeline
+from erasers.attention_maps import ConceptAttention, concept_positions, end_positions
 from erasers.edits import apply_edits, read_edit
-from erasers.methods.fmn import (
-    ConceptAttention,
-    ConceptVectors,
-    ForgetMeNot,
-    concept_positions,
-    end_positions,
-    slotted_ids,
-)
+from erasers.methods.fmn import ConceptVectors, ForgetMeNot, slotted_ids
 from erasers.prompts import make_request
 from erasers.registry import build_config, families_matrix, get_method
 from erasers.run import erase

@@ -9,7 +9,8 @@ token positions, over every head, pixel (query) and text-reading attention layer
 The probabilities are read by an attention processor set on the text-reading attentions for the run, which computes
 the softmax explicitly (attn.get_attention_scores) and keeps the squared probabilities at the positions found by
 tokenizing each prompt (the concept's own tokens; `positions=concept+end` also the end token, as the reference
-configuration's `use_pooler`). The whole UNet trains by default (`parameters=xattn`: the text-reading attentions).
+configuration's `use_pooler`); erasers/attention_maps.py, which MACE shares. The whole UNet trains by default
+(`parameters=xattn`: the text-reading attentions).
 
 Optional first stage (`inversion`, off by default): textual inversion of `inversion_tokens` vectors that stand for
 the concept, learnt with the plain denoising loss on the same images with the concept's words replaced by them;
@@ -30,6 +31,7 @@ import torch
 from torch import nn
 
 from ..anchors import draw_anchor_latents
+from ..attention_maps import POSITIONS, ConceptAttention, concept_positions, key_positions, spellings
 from ..errors import UsageError
 from ..losses import predict_noise
 from ..models import LoadedPipeline
@@ -40,7 +42,6 @@ from ..registry import Eraser, register
 from ..train import ParameterState, TrainingLoop
 
 PARAMETER_SETS = ("full", "xattn")
-POSITIONS = ("concept", "concept+end", "concept+after")
 TEMPLATES = {"object": "a photo of {}", "style": "a photo in the style of {}"}
 
 
@@ -84,94 +85,6 @@ def fmn_prompts(request: EraseRequest, concept_type: str) -> list[str]:
     if request.vocabulary is not None:
         return request.erase_prompts()
     return [TEMPLATES[concept_type].format(concept) for concept in request.concepts]
-
-
-def spellings(request: EraseRequest) -> list[str]:
-    # Captions write a name's underscores as spaces (UnlearnCanvas' "Van_Gogh").
-    return sorted({s for concept in request.concepts for s in (concept, concept.replace("_", " "))}, key=len)
-
-
-def concept_positions(tokenizer, ids: torch.Tensor, phrases: list[str]) -> torch.Tensor:
-    """(prompts, tokens) booleans: where each row of `ids` holds the tokens of one of `phrases` (every occurrence).
-    A prompt without the concept is a UsageError (nothing to re-steer)."""
-    found = torch.zeros(ids.shape, dtype=torch.bool)
-    wanted = [tokenizer(phrase, add_special_tokens=False).input_ids for phrase in phrases]
-    for row, prompt in enumerate(ids.tolist()):
-        for phrase in wanted:
-            for start in range(len(prompt) - len(phrase) + 1):
-                if phrase and prompt[start:start + len(phrase)] == phrase:
-                    found[row, start:start + len(phrase)] = True
-        if not found[row].any():
-            text = tokenizer.decode(prompt, skip_special_tokens=True)
-            raise UsageError(f"fmn: the prompt {text!r} does not contain the concept's tokens ({', '.join(phrases)})")
-    return found.to(ids.device)
-
-
-def end_positions(tokenizer, ids: torch.Tensor) -> torch.Tensor:
-    """(prompts, tokens) booleans: each row's first end token (the one CLIP pools)."""
-    ends = ids == tokenizer.eos_token_id
-    return ends & (ends.cumsum(dim=1) == 1)
-
-
-class ConceptAttention:
-    """While active (a context), every text-reading attention of the denoiser runs an explicit-softmax processor
-    that adds the squared probabilities at `positions` (one boolean row of key positions per example) to a running
-    sum; `norm()` takes its square root (the loss) and starts a new sum. The original processors come back on
-    exit, so the edited UNet saves and runs as any other."""
-
-    def __init__(self, denoiser: nn.Module, names: list[str]):
-        self.modules = [denoiser.get_submodule(name) for name in names]
-        self.positions: torch.Tensor | None = None
-        self.squares: list[torch.Tensor] = []
-
-    def __enter__(self):
-        self.originals = [module.processor for module in self.modules]
-        for module in self.modules:
-            module.set_processor(ConceptAttentionProcessor(self))
-        return self
-
-    def __exit__(self, *exc):
-        for module, original in zip(self.modules, self.originals):
-            module.set_processor(original)
-
-    def keep(self, probabilities: torch.Tensor) -> None:
-        """probabilities: (batch x heads, queries, keys), batch-major as Attention.head_to_batch_dim lays it out."""
-        heads = probabilities.shape[0] // len(self.positions)
-        mask = self.positions.repeat_interleave(heads, dim=0)[:, None, :]
-        self.squares.append((probabilities.float() * mask).pow(2).sum())
-
-    def norm(self) -> torch.Tensor:
-        total, self.squares = torch.stack(self.squares).sum(), []
-        return total.sqrt()
-
-
-class ConceptAttentionProcessor:
-    """diffusers' attention (AttnProcessor's computation) with the softmax explicit, so its probabilities can be
-    read; only the cross-attention case (3-d hidden states reading the text states) arises here."""
-
-    def __init__(self, recorder: ConceptAttention):
-        self.recorder = recorder
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        residual = hidden_states
-        batch, keys = hidden_states.shape[0], (encoder_hidden_states if encoder_hidden_states is not None
-                                               else hidden_states).shape[1]
-        attention_mask = attn.prepare_attention_mask(attention_mask, keys, batch)
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        query = attn.head_to_batch_dim(query)
-        key = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
-        value = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
-        probabilities = attn.get_attention_scores(query, key, attention_mask)
-        self.recorder.keep(probabilities)
-        hidden_states = attn.batch_to_head_dim(torch.bmm(probabilities, value))
-        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
 
 
 def slotted_ids(tokenizer, prompt: str, phrases: list[str], slots: int, length: int) -> tuple[list[int], int]:
@@ -270,10 +183,7 @@ class ForgetMeNot(Eraser):
             positions = concept_positions(tokenizer, ids, spellings(request))
             with torch.no_grad():
                 states = loaded.encode_text(prompts)
-        if cfg.positions == "concept+end":
-            positions = positions | end_positions(tokenizer, ids)
-        elif cfg.positions == "concept+after":  # a causal text encoder carries the concept into every later state
-            positions = positions.cumsum(dim=1) > 0
+        positions = key_positions(positions, cfg.positions, tokenizer, ids)
 
         parameters = train_only(loaded, trainable_parameters(loaded, cfg.parameters), unet)
         optimizer = build_optimizer(loaded, parameters, cfg.lr, cfg.weight_decay)

@@ -6,7 +6,7 @@ are each block's text stream built from T5's token states): the concept's text e
 the frozen layer gives a guide text, v* = W0 c_guide, while the embeddings p of preserved prompts keep their
 outputs:
     W = (lambda W0 + sum_erase v* c^T + sum_preserve (W0 p) p^T) (lambda I + sum_erase c c^T + sum_preserve p p^T)^-1
-No training: it runs in seconds.
+(erasers/closed_form.py, which MACE shares). No training: it runs in seconds.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ..closed_form import LeastSquaresEdit
 from ..models import LoadedPipeline
 from ..prompts import EraseRequest
 from ..registry import Eraser, register
@@ -65,7 +66,8 @@ def token_columns(loaded: LoadedPipeline, prompts: list[str], lengths: list[int]
     return torch.cat([level[i, start:lengths[i]] for level in inputs for i in range(len(prompts))]).T
 
 
-@register("uce", "closed-form edit of cross-attention keys/values", preserves=True,
+@register("uce", "closed-form edit of cross-attention keys/values", preserves=True, reads_anchors=True,
+          reads_preserve=True,
           step_cost_models=("toy", "sd15", "sdxl"))
 class UCE(Eraser):
     config_class = UCEConfig
@@ -96,15 +98,10 @@ class UCE(Eraser):
     def edit(self, linears: list[torch.nn.Linear], concept_columns, guide_columns, preserve_columns) -> None:
         """The closed form on every linear of a group (keys and values, or values only without edit_keys)."""
         cfg = self.config
-        d = concept_columns.shape[0]
-        right = (cfg.lamb * torch.eye(d, dtype=torch.float64)
-                 + cfg.erase_scale * concept_columns @ concept_columns.T
-                 + cfg.preserve_scale * preserve_columns @ preserve_columns.T)
-        inverse = torch.linalg.inv(right)
+        closed_form = LeastSquaresEdit(cfg.lamb, [(cfg.erase_scale, concept_columns),
+                                                  (cfg.preserve_scale, preserve_columns)], concept_columns.shape[0])
         # Linears come in (key, value) pairs.
         for linear in (linears if cfg.edit_keys else linears[1::2]):
             w0 = linear.weight.double().cpu()
-            left = (cfg.lamb * w0
-                    + cfg.erase_scale * (w0 @ guide_columns) @ concept_columns.T
-                    + cfg.preserve_scale * (w0 @ preserve_columns) @ preserve_columns.T)
-            linear.weight.copy_((left @ inverse).to(linear.weight.dtype))
+            edited = closed_form.solve(w0, [w0 @ guide_columns, w0 @ preserve_columns])
+            linear.weight.copy_(edited.to(linear.weight.dtype))
