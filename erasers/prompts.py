@@ -52,12 +52,13 @@ class EraseRequest:
         return [guide_prompt(p, self.concepts, word) for p in prompts]
 
     def retain_prompts(self) -> list[str]:
-        """Prompts of other concepts, which an eraser should leave as they were."""
+        """Prompts of other concepts, which an eraser should leave as they were: with a vocabulary its captions
+        without the erased concepts, and the --preserve prompts in any case."""
         vocabulary = self.vocabulary
         if vocabulary is not None:
             erased = {c.lower() for c in self.concepts}
             return [vocabulary.caption(o, s) for o, s in vocabulary.all_pairs()
-                    if o.lower() not in erased and s.lower() not in erased]
+                    if o.lower() not in erased and s.lower() not in erased] + list(self.preserve)
         return list(self.preserve)
 
 
@@ -118,6 +119,7 @@ def make_request(concepts: list[str], tokenizer, vocabulary: ConceptVocabulary |
     kind = "concept"
     if vocabulary is not None:
         concepts, kind = _vocabulary_concepts(concepts, vocabulary)
+    check_contradictions(concepts, anchors or [], preserve or [])
     for concept in concepts:
         ids = tokenizer(concept).input_ids
         if len(ids) - 2 > MAX_CONCEPT_TOKENS:
@@ -128,6 +130,25 @@ def make_request(concepts: list[str], tokenizer, vocabulary: ConceptVocabulary |
             raise UsageError(f"the model's vocabulary cannot express {concept!r} (unknown tokens); spell it in words "
                              "the tokenizer knows")
     return EraseRequest(concepts, kind, list(anchors or []), list(preserve or []), vocabulary)
+
+
+def check_contradictions(concepts: list[str], anchors: list[str], preserve: list[str]) -> None:
+    """A request that contradicts itself is refused, not half-honoured: a concept named twice, or one that is also
+    to be preserved or is its own anchor (compared as text, in any case, "_" as a space)."""
+    seen: set[str] = set()
+    for concept in concepts:
+        if _as_text(concept) in seen:
+            raise UsageError(f"--concept {concept} is given twice; name each concept once")
+        seen.add(_as_text(concept))
+    for flag, prompts in (("--preserve", preserve), ("--anchor", anchors)):
+        both = [p for p in prompts if _as_text(p) in seen]
+        if both:
+            role = "preserved" if flag == "--preserve" else "its own anchor"
+            raise UsageError(f"{both[0]!r} is both erased (--concept) and {role} ({flag}); drop one of them")
+
+
+def _as_text(text: str) -> str:
+    return " ".join(text.replace("_", " ").lower().split())
 
 
 def _vocabulary_concepts(concepts: list[str], vocabulary: ConceptVocabulary) -> tuple[list[str], str]:

@@ -70,6 +70,10 @@ class MethodEntry:
     step_cost_models: tuple[str, ...] = ("toy",)
     # Whether it trains: a training-free method (SLD, negative prompts) refuses training options.
     trains: bool = True
+    # Whether it reads --anchor texts (what the concept is mapped to) and --preserve prompts (what it keeps): an
+    # erase refuses either option for a method that would ignore it.
+    reads_anchors: bool = False
+    reads_preserve: bool = False
     # How an edit of it loads when it is not (only) weights in diffusers format: apply(loaded, edit_dir, metadata)
     # installs its "adapter" component (SPM's LoRA) or its guidance (SLD) on a loaded pipeline. None: the edit's
     # components load with `from_pretrained` in place of the pipeline's.
@@ -131,6 +135,16 @@ register = REGISTRY.register
 available_methods = REGISTRY.available
 get_method = REGISTRY.get
 build_config = REGISTRY.build_config
+
+
+def check_request_options(method: str, anchors: list[str], preserve: list[str]) -> None:
+    """--anchor and --preserve only for a method that reads them (its entry's reads_anchors / reads_preserve): a
+    text the method would ignore is refused with the methods that read it."""
+    for flag, given, reads in (("--anchor", anchors, "reads_anchors"), ("--preserve", preserve, "reads_preserve")):
+        if given and not getattr(get_method(method), reads):
+            readers = sorted(name for name, entry in available_methods().items() if getattr(entry, reads))
+            raise UsageError(f"{method} reads no {flag}, so it would be ignored; drop it, or use a method that "
+                             f"reads it: {', '.join(readers)}")
 
 
 def families_matrix() -> dict[str, dict[str, bool]]:

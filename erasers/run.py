@@ -16,8 +16,8 @@ from .errors import UsageError
 from .models import is_toy_model, load_pipeline, resolve_device
 from .outputs import RunDirectory
 from .precision import TrainingOptions, autocast, check_precision, default_precision
-from .prompts import make_request
-from .registry import build_config, get_method
+from .prompts import check_contradictions, make_request
+from .registry import build_config, check_request_options, get_method
 
 
 @dataclass
@@ -54,6 +54,8 @@ def erase_spec(spec: EraseSpec) -> Path:
     resolution), load, let the eraser check its own resources, then erase resumably and save."""
     config = build_config(spec.method, is_toy_model(spec.model), spec.options)
     check_training_options(spec)
+    check_request_options(spec.method, spec.anchors, spec.preserve)
+    check_contradictions(spec.concepts, spec.anchors, spec.preserve)  # again with the vocabulary's names later
     out = check_new_output(spec.out)
     device = resolve_device(spec.device)
     training = TrainingOptions(spec.precision or default_precision(device), spec.gradient_checkpointing,

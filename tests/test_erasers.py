@@ -181,3 +181,31 @@ def test_an_erase_in_a_fresh_process_reports_its_own_peak_memory_not_its_parents
     ballast += 1
     child_peak = run_in_fresh_process(peak_memory_bytes, torch.device("cpu"))
     assert child_peak < ballast.numel() * 4, child_peak
+
+
+def test_a_request_that_contradicts_itself_is_refused(clip_tokenizer_dir):
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(clip_tokenizer_dir)
+    with pytest.raises(UsageError, match="--concept Stripes is given twice"):
+        make_request(["Stripes", "STRIPES"], tokenizer, VOCABULARY)  # the same concept once canonical
+    with pytest.raises(UsageError, match="both erased .* and preserved"):
+        make_request(["Van_Gogh"], tokenizer, preserve=["van gogh"])
+    with pytest.raises(UsageError, match="its own anchor"):
+        make_request(["a star"], tokenizer, anchors=["A Star"])
+    preserved = "A circle image in Flat style."
+    request = make_request(["star"], tokenizer, VOCABULARY, preserve=[preserved])
+    assert preserved in request.retain_prompts(), "--preserve counts on a model with a vocabulary too"
+
+
+@pytest.mark.parametrize("method, option", [("hirm", "--anchor"), ("esd-x", "--preserve"), ("sld", "--preserve")])
+def test_anchor_or_preserve_for_a_method_that_reads_none_is_refused(method, option, tmp_path, capsys):
+    from apps.cli import main
+    from erasers.registry import available_methods
+
+    code = main(["erase", "--method", method, "--concept", "star", option, "circle", "--out", str(tmp_path / "e")])
+    readers = [name for name, entry in available_methods().items()
+               if getattr(entry, "reads_anchors" if option == "--anchor" else "reads_preserve")]
+    err = capsys.readouterr().err
+    assert code == 2 and f"{method} reads no {option}" in err and all(name in err for name in readers)
+    assert list(tmp_path.iterdir()) == []

@@ -252,3 +252,22 @@ CASES += [
     Case("erase coerasing: --images holding a file that is not an image", "erase --method coerasing --concept arrow "
          "--images {images_with_garbage} --out {root}/e", "not a readable image"),
 ]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Requests that contradict themselves, refused before the model loads
+
+CASES += [
+    Case("erase: the same concept twice", "erase --method uce --concept arrow --concept Arrow --out {root}/e",
+         "given twice"),
+    Case("erase: a concept both erased and --preserve'd", "erase --method uce --concept arrow --preserve arrow "
+         "--out {root}/e", "both erased"),
+    Case("erase: a concept as its own --anchor", "erase --method esd-x --concept arrow --anchor arrow "
+         "--out {root}/e", "its own anchor"),
+    Case("erase: --anchor for a method that reads none", "erase --method hirm --concept arrow --anchor circle "
+         "--out {root}/e", "hirm reads no --anchor"),
+    Case("erase: --preserve for a method that reads none", "erase --method esd-u --concept arrow --preserve circle "
+         "--out {root}/e", "esd-u reads no --preserve"),
+    Case("erase: --preserve for a training-free method", "erase --method negprompt --concept arrow --preserve circle "
+         "--out {root}/e", "negprompt reads no --preserve"),
+]

@@ -60,13 +60,15 @@ class ESDConfig:
 # x_t is drawn in 10 DDIM steps, as AdvUnlearn's: with 25, sampling was most of a step's cost and the
 # benchmark's UA the same (benchmarks/results/NOTES.md, "Benchmark cost").
 @register("esd-x", "ESD on the UNet's cross-attention (styles, artists)", defaults={"parameters": "xattn"},
+          reads_anchors=True,
           toy_defaults={"lr": 3e-4, "iterations": 300, "ddim_steps": 10, "contrast": "neutral"},
           quick={"iterations": 8, "ddim_steps": 4, "lr": 1e-3}, step_cost_models=("toy", "sd15", "sdxl"))
 @register("esd-u", "ESD on the UNet outside cross-attention (global concepts such as nudity)",
-          defaults={"parameters": "noxattn"},
+          defaults={"parameters": "noxattn"}, reads_anchors=True,
           toy_defaults={"lr": 2e-4, "eta": 4.0, "iterations": 300, "ddim_steps": 10, "contrast": "neutral"},
           quick={"iterations": 8, "ddim_steps": 4, "lr": 3e-4}, step_cost_models=("toy", "sd15"))
 @register("esd-te", "ESD through the text encoder, UNet frozen", defaults={"parameters": "text_encoder"},
+          reads_anchors=True,
           toy_defaults={"lr": 1e-4, "iterations": 200, "ddim_steps": 10},
           quick={"iterations": 8, "ddim_steps": 4, "lr": 1e-3}, step_cost_models=())
 class ESD(Eraser):
