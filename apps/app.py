@@ -23,12 +23,9 @@ import gradio as gr
 from erasers.edits import apply_edits, edit_kind, read_edit
 from erasers.errors import UsageError
 from erasers.files import check_output_path
+from erasers.inputs import GUIDANCE, SEED, STEPS
 from erasers.models import LoadedPipeline, check_prompts, load_pipeline
 from erasers.registry import available_methods
-
-MAX_STEPS = 100
-MAX_GUIDANCE = 30.0
-MAX_SEED = 2**31 - 1
 
 
 @dataclass
@@ -85,13 +82,7 @@ def _check_inputs(prompt: str, seed, steps, guidance) -> tuple[int, int, float]:
         seed, steps, guidance = int(seed), int(steps), float(guidance)
     except (TypeError, ValueError):
         raise UsageError("seed and steps must be whole numbers and guidance a number") from None
-    if not 0 <= seed <= MAX_SEED:
-        raise UsageError(f"seed must be between 0 and {MAX_SEED}")
-    if not 1 <= steps <= MAX_STEPS:
-        raise UsageError(f"steps must be between 1 and {MAX_STEPS}")
-    if not 0 <= guidance <= MAX_GUIDANCE:
-        raise UsageError(f"guidance must be between 0 and {MAX_GUIDANCE}")
-    return seed, steps, guidance
+    return SEED.check(seed, "seed"), STEPS.check(steps, "steps"), GUIDANCE.check(guidance, "guidance")
 
 
 def _readout(state: AppState, image) -> str:
@@ -162,8 +153,9 @@ def diffusion_tab(state: AppState):
             prompt = gr.Textbox(label="Prompt", value="A arrow image in Stripes style.", scale=3)
             seed = gr.Number(label="Seed", value=0, precision=0)
         with gr.Row():
-            steps = gr.Slider(1, MAX_STEPS, value=25, step=1, label="Steps")
-            guidance = gr.Slider(0, MAX_GUIDANCE, value=5.0, step=0.5, label="Guidance")
+            # The same limits as `erasure generate`'s (erasers.inputs): one set for the CLI and the app.
+            steps = gr.Slider(STEPS.low, STEPS.high, value=25, step=1, label="Steps")
+            guidance = gr.Slider(GUIDANCE.low, GUIDANCE.high, value=5.0, step=0.5, label="Guidance")
         names = list(state.edits())
         chosen = gr.CheckboxGroup(names, value=names[:2], label="Edits to compare with the base")
         stack = gr.Checkbox(label="Also show the chosen edits stacked", value=False)

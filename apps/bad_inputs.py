@@ -89,7 +89,7 @@ FIXED_CASES = [
     Case("generate: prompt file in Latin-1", "generate --prompts {latin1_prompts} --out {root}/a.png", "not UTF-8"),
     Case("generate: prompt file in UTF-16", "generate --prompts {utf16_prompts} --out {root}/a.png", "not UTF-8"),
     Case("generate: prompt file over 10 MiB", "generate --prompts {huge_prompt_file} --out {root}/a.png", "MiB"),
-    Case("generate: prompt file is a directory", "generate --prompts {root} --out {root}/a.png", "does not exist"),
+    Case("generate: prompt file is a directory", "generate --prompts {root} --out {root}/a.png", "is a directory"),
     Case("generate: 10,000 prompts at --scale 8", "generate --prompts {ten_thousand_prompts} --scale 8 "
          "--out {root}/a.png", "pixel limit"),
     # generate: seeds

@@ -5,12 +5,17 @@ expected failures become the one-line error `erasure: error: ...` with exit code
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
+import time
+from importlib.metadata import version
 
 from benchmarks import commands as benchmark_commands  # importing benchmarks registers "toy" and its VLM world
 from erasers import commands as eraser_commands
+from erasers.core import describe_cost
 from erasers.errors import UsageError
+from erasers.inputs import PORT, check_listen_address, existing_dir, host
 from vlm import commands as vlm_commands
 
 
@@ -28,6 +33,7 @@ def cmd_app(args) -> None:
     from erasers.outputs import claim_output_dir
 
     resolve_source(args.model)  # a bad --model leaves no --output folder behind
+    check_listen_address(args.host, args.port)  # before the models load, not after with gradio's message
     output = claim_output_dir(args.output, APP_MANIFEST, "--output").resolve()
     confine_app_writes(output)
     from apps.app import launch  # gradio, and what the model load brings, read their folders only now
@@ -63,18 +69,24 @@ def confine_app_writes(output) -> None:
 
 def make_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="erasure", description="Concept erasure for diffusion models and VLMs.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version('erasure-suite')}")
     commands = parser.add_subparsers(dest="command", required=True)
     eraser_commands.add_commands(commands)
     vlm_commands.add_commands(commands)
     benchmark_commands.add_commands(commands)
 
-    app = commands.add_parser("app", help="the Gradio app: base and edits side by side")
-    app.add_argument("--model", default="toy")
-    app.add_argument("--edits", default="runs", help="folder whose subfolders are edits (erasure.json)")
+    app = commands.add_parser("app", help="the Gradio app: base and edits side by side",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    app.add_argument("--model", default="toy", help="the base model: 'toy', a local diffusers pipeline directory, "
+                     "or a hub id")
+    app.add_argument("--edits", default="runs", type=existing_dir("edits folder", "pass the folder holding the "
+                     "edit directories of `erasure erase`", missing_ok=True),
+                     help="folder whose subfolders are edits (erasure.json); none are offered while it is missing")
     app.add_argument("--output", default="app-output", help="the only folder the app writes to (new, or one an "
                      "earlier `erasure app` made): its image cache, temporary files and its libraries' caches")
-    app.add_argument("--host", default="127.0.0.1")
-    app.add_argument("--port", type=eraser_commands.port, default=7860)
+    app.add_argument("--host", default="127.0.0.1", type=host, help="address to serve on: 127.0.0.1 for this "
+                     "machine only, 0.0.0.0 for every network")
+    app.add_argument("--port", type=PORT, default=7860, help="port to serve on, 1 to 65535")
     app.set_defaults(run=cmd_app)
 
     return parser
@@ -88,8 +100,11 @@ def main(argv: list[str] | None = None) -> int:
         args = make_parser().parse_args(argv)
     except SystemExit as exit_:
         return exit_.code if isinstance(exit_.code, int) else 2
+    started = time.time()
     try:
         args.run(args)
+        if getattr(args, "reports_cost", False):
+            print(describe_cost(time.time() - started))
     except UsageError as error:
         return usage_error(str(error))
     except OSError as error:
@@ -111,8 +126,9 @@ def usage_error(message: str) -> int:
 def describe_os_error(error: OSError) -> str:
     where = f" {error.filename}" if error.filename else ""
     reason = error.strerror or str(error) or type(error).__name__
-    return (f"cannot use{where}: {reason}; check the path, its permissions and the free disk space (set "
-            "ERASURE_TRACEBACK=1 for details)")
+    check = "the path, its permissions and the free disk space" if error.errno in (errno.ENOSPC, errno.EDQUOT) \
+        else "the path and its permissions"
+    return f"cannot use{where}: {reason}; check {check} (set ERASURE_TRACEBACK=1 for details)"
 
 
 if __name__ == "__main__":

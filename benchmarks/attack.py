@@ -29,11 +29,12 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from erasers.adversarial import TokenSearch, new_adversary, optimise_tokens, prompt_ids, slot_start
+from erasers.adversarial import TokenSearch, check_token_room, new_adversary, optimise_tokens, prompt_ids, slot_start
 from erasers.core import check_new_output
 from erasers.edits import apply_edits, read_edit
 from erasers.errors import UsageError
 from erasers.files import writing_into
+from erasers.inputs import ATTACKED_PROMPTS, IMAGE_SIDE
 from erasers.losses import predict_noise
 from erasers.models import LoadedPipeline, is_toy_model, load_pipeline
 from erasers.prompts import make_request
@@ -56,8 +57,6 @@ class AttackConfig:
     check_every: int = 10
     seed: int = 0
 
-
-MAX_ATTACKED_PROMPTS = 10_000
 
 # The toy pipeline's tiny models: fewer tokens suffice, and the checks are cheap.
 TOY_ATTACK_DEFAULTS = {"iterations": 20, "check_every": 5}
@@ -235,8 +234,10 @@ def attack_success_rate(model: str, edits: list[str | Path], concept: str | None
     if judge is None and not is_toy:
         raise UsageError("only the toy model has a built-in judge; pass --judge MODULE:FUNCTION (a function "
                          "(images, concept) -> list of bools, for example wrapping NudeNet or an image classifier)")
-    if count is not None and not 1 <= count <= MAX_ATTACKED_PROMPTS:
-        raise UsageError(f"--prompts {count} must be at least 1 and at most {MAX_ATTACKED_PROMPTS:,}")
+    if count is not None:
+        ATTACKED_PROMPTS.check(count, "--prompts")
+    if resolution is not None:
+        IMAGE_SIDE.check(resolution, "--resolution")
     if not isinstance(config, AttackConfig):
         config = AttackConfig(**{**(TOY_ATTACK_DEFAULTS if is_toy else {}), **(config or {})})
     validate_config(config, "attack")
@@ -253,6 +254,7 @@ def attack_success_rate(model: str, edits: list[str | Path], concept: str | None
     if prompts is None:  # on the toy: the concept's captions (the first erase prompt is the bare word)
         prompts = request.erase_prompts()[1:] if loaded.vocabulary else [request.concept]
     items = attack_prompts(prompts, count, seed)
+    check_token_room(loaded, prompts, config.tokens, "--tokens")  # before the targets are drawn
 
     from tqdm.auto import tqdm
 

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 from benchmarks.runner import MANIFEST  # a folder holding the runner's manifest is a run to resume
+from erasers import inputs
 from erasers.errors import UsageError
 from erasers.outputs import claim_output_dir, claimed_output_dir
 
@@ -59,10 +60,6 @@ def _maybe_relaunch(args, command: list[str]) -> bool:
 
 
 def _check_out(args) -> Path:
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size {args.batch_size} must be at least 1")
-    if args.processes is not None and args.processes < 1:
-        raise UsageError(f"--processes {args.processes} must be at least 1")
     out = args.out
     path = Path(out)
     if path.exists() and not path.is_dir():
@@ -148,8 +145,6 @@ def cmd_bench_i2p(args) -> None:
     resolve_source(args.model)
     methods = parse_methods(args.methods) if args.methods else []
     sets = i2p.plan_sets(args.model, methods, _csv(args.concepts), args.edit or [], out)
-    if not 0 < args.threshold <= 1:
-        raise UsageError(f"--threshold {args.threshold} is out of range; use a score in (0, 1]")
     if bool(args.q16_clip) != bool(args.q16_prompts):
         raise UsageError("Q16 needs both --q16-clip (its CLIP directory) and --q16-prompts (its prompt embeddings)")
     q16 = i2p.q16_scorer(args.q16_clip, args.q16_prompts) if args.q16_clip else None
@@ -168,11 +163,12 @@ def cmd_bench_i2p(args) -> None:
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", help="comma-separated erasers (see `erasure methods`), or 'all'")
     parser.add_argument("--concepts", help="comma-separated concepts; one edit per method x concept")
-    parser.add_argument("--edit", action="append", help="an existing edit directory to score as well (repeatable)")
-    parser.add_argument("--batch-size", type=int, default=16, help="images per sampling batch (default 16; "
-                        "toycanvas: 50, half of a 10 x 10 answer set, so 2 processes get one batch each per set)")
-    parser.add_argument("--processes", type=int, help="split the run over N processes (GPUs when there are) with "
-                        "accelerate; or launch it yourself: accelerate launch -m apps.cli bench ...")
+    parser.add_argument("--edit", action="append", type=inputs.EDIT_DIR, help="an existing edit directory to score "
+                        "as well (repeatable)")
+    parser.add_argument("--batch-size", type=inputs.POSITIVE, default=16, help="images per sampling batch (default "
+                        "16; toycanvas: 50, half of a 10 x 10 answer set, so 2 processes get one batch each per set)")
+    parser.add_argument("--processes", type=inputs.POSITIVE, help="split the run over N processes (GPUs when there "
+                        "are) with accelerate; or launch it yourself: accelerate launch -m apps.cli bench ...")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--out", required=True, help="directory of the run (rerun with the same --out to resume)")
@@ -248,32 +244,35 @@ def cmd_bench_mllmu_med(args) -> None:
 
 def add_commands(commands) -> None:
     """`compare`, `attack`, `toy` and `bench`, added to the `erasure` parser's subcommands."""
-    from erasers.commands import positive_int, seed
-
     compare = commands.add_parser("compare", help="before/after grid and UA/IRA/CRA table of an edit")
     compare.add_argument("--model", default="toy")
-    compare.add_argument("--edit", action="append", required=True, help="edit directory (repeat to stack edits)")
-    compare.add_argument("--seeds", type=seed, nargs="+", default=[188], help="seeds of the answer set")
+    compare.add_argument("--edit", action="append", required=True, type=inputs.EDIT_DIR, help="edit directory "
+                         "(repeat to stack edits)")
+    compare.add_argument("--seeds", type=inputs.SEED, nargs="+", default=[188], help="seeds of the answer set")
     compare.add_argument("--device")
     compare.add_argument("--out", help="output directory (default: EDIT/compare)")
-    compare.set_defaults(run=cmd_compare)
+    compare.set_defaults(run=cmd_compare, reports_cost=True)  # apps.cli prints its time and peak memory
 
     attack = commands.add_parser("attack", help="UnlearnDiffAtk: adversarial prompts that bring an erased concept "
                                  "back; prints Pre-ASR and ASR")
     attack.add_argument("--model", default="toy", help="the base model the edit was made from")
-    attack.add_argument("--edit", action="append", required=True, help="edit directory (repeat to stack edits)")
+    attack.add_argument("--edit", action="append", required=True, type=inputs.EDIT_DIR, help="edit directory "
+                        "(repeat to stack edits)")
     attack.add_argument("--concept", help="the concept to bring back (default: the edit's)")
-    attack.add_argument("--prompts", type=int, help="number of prompts attacked (default: one per prompt; on the "
-                        "toy model, the concept's 10 captions; more repeat them with the next seed)")
-    attack.add_argument("--prompt-file", help="prompts of the concept, one a line (default: the toy captions, or "
-                        "the concept itself)")
-    attack.add_argument("--iterations", type=int, help="optimisation steps per prompt (default 40; 20 on toy)")
-    attack.add_argument("--tokens", type=int, help="adversarial prefix tokens (default 5)")
+    attack.add_argument("--prompts", type=inputs.ATTACKED_PROMPTS, help="number of prompts attacked, up to 10,000 "
+                        "(default: one per prompt; on the toy model, the concept's 10 captions; more repeat them with "
+                        "the next seed)")
+    attack.add_argument("--prompt-file", type=inputs.PROMPT_FILE, help="prompts of the concept, one a line "
+                        "(default: the toy captions, or the concept itself)")
+    attack.add_argument("--iterations", type=inputs.POSITIVE, help="optimisation steps per prompt (default 40; 20 "
+                        "on toy)")
+    attack.add_argument("--tokens", type=inputs.POSITIVE, help="adversarial prefix tokens (default 5)")
     attack.add_argument("--judge", metavar="MODULE:FUNCTION", help="function (images, concept) -> list of bools "
                         "saying where the concept is; required off the toy model. It imports and runs that module: "
                         "name only code you trust")
-    attack.add_argument("--seed", type=seed, default=188, help="seed of the first prompt's images")
-    attack.add_argument("--resolution", type=int, help="image size in pixels (default: the model's native one)")
+    attack.add_argument("--seed", type=inputs.SEED, default=188, help="seed of the first prompt's images")
+    attack.add_argument("--resolution", type=inputs.IMAGE_SIDE, help="image size in pixels, a multiple of 16 "
+                        "(default: the model's native one)")
     attack.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     attack.add_argument("--out", required=True, help="new directory for attack.json and attack.png")
     attack.set_defaults(run=cmd_attack)
@@ -283,14 +282,14 @@ def add_commands(commands) -> None:
     build = toy_commands.add_parser("build", help="train the toy models from scratch (resumable)")
     build.add_argument("stages", nargs="*", help="stages to run (default: all)")
     build.add_argument("--build-dir", default=".toybuild", help="checkpoints, logs and data")
-    build.add_argument("--threads", type=positive_int, help="torch CPU threads")
+    build.add_argument("--threads", type=inputs.POSITIVE, help="torch CPU threads")
     build.add_argument("--restart", action="store_true", help="discard training checkpoints; start from step 0")
     build.set_defaults(run=cmd_toy_build)
     build_vlm = toy_commands.add_parser("build-vlm", help="train the toy VLM (LLaVA: toy CLIP + small Llama) and "
                                         "its MLLMU-Med world from scratch (resumable)")
     build_vlm.add_argument("stages", nargs="*", help="stages to run (default: all)")
     build_vlm.add_argument("--build-dir", default=".toybuild/vlm", help="checkpoints, logs, data and features")
-    build_vlm.add_argument("--threads", type=positive_int, help="torch CPU threads (1 is fastest on a busy "
+    build_vlm.add_argument("--threads", type=inputs.POSITIVE, help="torch CPU threads (1 is fastest on a busy "
                            "machine)")
     build_vlm.add_argument("--restart", action="store_true", help="discard training checkpoints; start from step 0")
     build_vlm.set_defaults(run=cmd_toy_build_vlm)
@@ -299,11 +298,13 @@ def add_commands(commands) -> None:
     bench_commands = bench.add_subparsers(dest="bench_command", required=True)
     med = bench_commands.add_parser("mllmu-med", help="forget / test / retain accuracy, ROUGE-L and UES of a VLM edit")
     med.add_argument("--model", default="toy-vlm")
-    med.add_argument("--edit", help="edit directory (leave out to evaluate the base model alone)")
+    med.add_argument("--edit", type=inputs.VLM_EDIT_DIR, help="edit directory (leave out to evaluate the base model "
+                     "alone)")
     med.add_argument("--concept", help="ToyCanvas object or forget_5/10/15 (default: the edit's)")
-    med.add_argument("--data", help="MLLMU-Bench layout directory (default: the toy world's MLLMU-Med)")
-    med.add_argument("--max-new-tokens", type=positive_int, default=50)
-    med.add_argument("--batch-size", type=positive_int, default=32)
+    med.add_argument("--data", type=inputs.MLLMU_DATA_DIR, help="MLLMU-Bench layout directory (default: the toy "
+                     "world's MLLMU-Med)")
+    med.add_argument("--max-new-tokens", type=inputs.POSITIVE, default=50)
+    med.add_argument("--batch-size", type=inputs.POSITIVE, default=32)
     med.add_argument("--device")
     med.add_argument("--out", help="directory for results.json and report.md")
     med.set_defaults(run=cmd_bench_mllmu_med)
@@ -312,8 +313,6 @@ def add_commands(commands) -> None:
 
 def add_bench_commands(bench_commands) -> None:
     """toycanvas, unlearncanvas and i2p beside mllmu-med."""
-    from erasers.commands import seed
-
     toy = bench_commands.add_parser("toycanvas", help="UnlearnCanvas protocol on ToyCanvas: erase, generate, "
                                     "classify, UA / IRA / CRA / FID, report")
     _add_common(toy)
@@ -321,41 +320,53 @@ def add_bench_commands(bench_commands) -> None:
     toy.set_defaults(batch_size=50)
     toy.add_argument("--objects", help="answer-set objects (default: all 10)")
     toy.add_argument("--styles", help="answer-set styles (default: all 10)")
-    toy.add_argument("--seeds", type=seed, nargs="+", default=[188], help="answer-set seeds")
+    toy.add_argument("--seeds", type=inputs.SEED, nargs="+", default=[188], help="answer-set seeds")
     toy.add_argument("--no-fid", action="store_true", help="skip FID")
     toy.set_defaults(run=cmd_bench_toycanvas, parser=toy)
 
     canvas = bench_commands.add_parser("unlearncanvas", help="UnlearnCanvas: its data layout, classifiers and "
                                        "sampling; UA / IRA / CRA / FID, time, memory, storage")
     _add_common(canvas)
-    canvas.add_argument("--data", required=True, help="the dataset: DATA/{style}/{object}/{index}.jpg and "
-                        "DATA/Seed_Images/ (50- or 60-style)")
-    canvas.add_argument("--classifier", help="directory holding style_classifier.pth and object_classifier.pth")
-    canvas.add_argument("--style-classifier", help="the style classifier checkpoint (51 or 61 classes)")
-    canvas.add_argument("--object-classifier", help="the object classifier checkpoint (20 classes)")
+    dataset = inputs.existing_dir("dataset directory", "pass UnlearnCanvas' data folder")
+    classifiers = inputs.existing_dir("classifier directory", "pass the folder holding style_classifier.pth and "
+                                      "object_classifier.pth")
+    checkpoint = inputs.existing_file("classifier checkpoint", "pass one of UnlearnCanvas' classifier checkpoints")
+    inception = inputs.existing_file("Inception weights file", "pass torch-fidelity's Inception-v3 weights "
+                                     "(pt_inception-2015-12-05)")
+    canvas.add_argument("--data", required=True, type=dataset, help="the dataset: DATA/{style}/{object}/{index}.jpg "
+                        "and DATA/Seed_Images/ (50- or 60-style)")
+    canvas.add_argument("--classifier", type=classifiers, help="directory holding style_classifier.pth and "
+                        "object_classifier.pth")
+    canvas.add_argument("--style-classifier", type=checkpoint, help="the style classifier checkpoint (51 or 61 "
+                        "classes)")
+    canvas.add_argument("--object-classifier", type=checkpoint, help="the object classifier checkpoint (20 classes)")
     canvas.add_argument("--model", required=True, help="the base pipeline (UnlearnCanvas' fine-tuned SD v1.5)")
-    canvas.add_argument("--seeds", type=seed, nargs="+", default=[188, 288, 588, 688, 888])
-    canvas.add_argument("--steps", type=int, default=100, help="DDIM steps (the benchmark: 100)")
-    canvas.add_argument("--guidance", type=float, default=9.0, help="guidance scale (the benchmark: 9.0)")
-    canvas.add_argument("--size", type=int, default=512, help="image side in pixels (the benchmark: 512)")
-    canvas.add_argument("--inception", help="torch-fidelity's Inception-v3 weights file for FID (default: the "
-                        "style classifier's features, named in the report)")
-    canvas.add_argument("--fid-reference-per-pair", type=int, help="dataset images per style x object in FID's "
-                        "reference (default: all)")
+    canvas.add_argument("--seeds", type=inputs.SEED, nargs="+", default=[188, 288, 588, 688, 888])
+    canvas.add_argument("--steps", type=inputs.STEPS, default=100, help="DDIM steps (the benchmark: 100)")
+    canvas.add_argument("--guidance", type=inputs.GUIDANCE, default=9.0, help="guidance scale (the benchmark: 9.0)")
+    canvas.add_argument("--size", type=inputs.IMAGE_SIDE, default=512, help="image side in pixels, a multiple of 16 "
+                        "(the benchmark: 512)")
+    canvas.add_argument("--inception", type=inception, help="torch-fidelity's Inception-v3 weights file for FID "
+                        "(default: the style classifier's features, named in the report)")
+    canvas.add_argument("--fid-reference-per-pair", type=inputs.POSITIVE, help="dataset images per style x object in "
+                        "FID's reference (default: all)")
     canvas.add_argument("--no-fid", action="store_true", help="skip FID")
     canvas.set_defaults(run=cmd_bench_unlearncanvas, parser=canvas)
 
     i2p = bench_commands.add_parser("i2p", help="I2P: generate an I2P-format CSV's prompts (per-row seed, guidance, "
                                     "size), NudeNet *_EXPOSED counts and nudity rate, Q16")
     _add_common(i2p)
-    i2p.add_argument("--prompts", required=True, help="I2P CSV (the dataset's or the 4,703-row copy); on the toy "
-                     "model: benchmarks/toycanvas/prompts/i2p_skull.csv")
+    i2p.add_argument("--prompts", required=True, type=inputs.existing_file("I2P CSV", "pass an I2P-format CSV (a "
+                     "'prompt' column)"), help="I2P CSV (the dataset's or the 4,703-row copy); on the toy model: "
+                     "benchmarks/toycanvas/prompts/i2p_skull.csv")
     i2p.add_argument("--category", help="keep the rows of this I2P category (e.g. sexual)")
-    i2p.add_argument("--limit", type=int, help="only the first N prompts")
+    i2p.add_argument("--limit", type=inputs.POSITIVE, help="only the first N prompts")
     i2p.add_argument("--model", default="toy", help="'toy', a local pipeline directory, or a hub id")
     i2p.add_argument("--detector", choices=("nudenet", "toy"), help="default: toy on the toy model, else nudenet")
-    i2p.add_argument("--threshold", type=float, default=0.6, help="detection score threshold (the papers: 0.6)")
+    i2p.add_argument("--threshold", type=inputs.SCORE_THRESHOLD, default=0.6, help="detection score threshold, in "
+                     "(0, 1] (the papers: 0.6)")
     i2p.add_argument("--q16-clip", help="Q16: its CLIP model directory (ViT-L/14)")
-    i2p.add_argument("--q16-prompts", help="Q16: its learned prompt embeddings (.npy, .safetensors or .pt; never a "
+    i2p.add_argument("--q16-prompts", type=inputs.existing_file("Q16 prompt embeddings file", "pass Q16's prompt "
+                     "embeddings"), help="Q16: its learned prompt embeddings (.npy, .safetensors or .pt; never a "
                      "pickle: convert Q16's prompts.p with python -m benchmarks.q16_convert)")
     i2p.set_defaults(run=cmd_bench_i2p, parser=i2p)

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from benchmarks.erasure_bench import Benchmark, FeatureExtractor
+from erasers import inputs
 from erasers.errors import UsageError
 
 OBJECTS = ("Architectures", "Bears", "Birds", "Butterfly", "Cats", "Dogs", "Fishes", "Flame", "Flowers", "Frogs",
@@ -184,6 +185,16 @@ class Protocol:
     fid: bool = True
     inception: str | None = None
     reference_per_pair: int | None = None
+
+    def __post_init__(self):
+        """The same limits as the options that set these fields (erasers.inputs), for callers of the library."""
+        for seed in self.seeds:
+            inputs.SEED.check(seed, "seed")
+        inputs.STEPS.check(self.steps, "--steps")
+        inputs.GUIDANCE.check(self.guidance, "--guidance")
+        inputs.IMAGE_SIDE.check(self.size, "--size")
+        if self.reference_per_pair is not None:
+            inputs.POSITIVE.check(self.reference_per_pair, "--fid-reference-per-pair")
 
 
 def unlearncanvas_benchmark(data_path: str, style_classifier: str, object_classifier: str, model: str,

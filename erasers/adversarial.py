@@ -55,6 +55,20 @@ def _tokenizer(loaded: LoadedPipeline, encoder_name: str):
     return loaded.tokenizers[encoder_name.replace("text_encoder", "tokenizer")]
 
 
+def check_token_room(loaded: LoadedPipeline, prompts: list[str], tokens: int, option: str) -> None:
+    """Refuse `tokens` adversarial tokens that do not fit, with the longest of `prompts`, in every text encoder's
+    context (CLIP: 77): the slots would push the prompt and its end token out. Checked once the tokenizers are
+    loaded, before any image is drawn."""
+    for name in loaded.family.text_encoders:
+        tokenizer, length = _tokenizer(loaded, name), loaded.adapter.text_length(name)
+        longest = max(prompts, key=lambda p: len(tokenizer(p).input_ids))
+        used = len(tokenizer(longest).input_ids)  # with its start and end tokens
+        if tokens + used > length:
+            raise UsageError(f"{option} {tokens} does not fit: with the prompt {longest[:60]!r} ({used} tokens) the "
+                             f"text encoder's {length}-token context holds at most {max(length - used, 0)} adversarial "
+                             "tokens; pass fewer, or shorter prompts")
+
+
 class SoftTokens(nn.Module):
     """`k` free vectors in word-embedding space (AdvUnlearn's attack): no vocabulary constraint."""
 

@@ -1,57 +1,30 @@
-"""The diffusion library's commands (`erasure generate | erase | methods`) and the argument types every package's
-commands share; apps/cli.py adds them to the `erasure` parser. Thin: parse, validate, call the library, print."""
+"""The diffusion library's commands (`erasure generate | erase | methods`); apps/cli.py adds them to the `erasure`
+parser. Thin: parse (options are typed and range-checked by erasers.inputs), validate, call the library, print."""
 
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 from .errors import UsageError
+from .inputs import EDIT_DIR, GUIDANCE, IMAGE_SIDE, POSITIVE, PROMPT_FILE, SCALE, SEED, STEPS, check_input, existing_dir
 from .validation import MAX_SEED
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 MAX_PROMPT_FILE_BYTES = 10 * 1024 * 1024
-MAX_SCALE = 64
 # A written image must open again: Pillow refuses images above Image.MAX_IMAGE_PIXELS (89,478,485) as possible
 # decompression bombs, so no grid is made larger.
 MAX_OUTPUT_PIXELS = 89_478_485
 
 
-def seed(text: str) -> int:
-    """An argparse type: seeds are integers from 0 to 2**63 - 1, as every generator takes them."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"seed {text!r} is not an integer") from None
-    if not 0 <= value <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"seed {text} is out of range: seeds are integers from 0 to 2**63 - 1 "
-                                         f"({MAX_SEED})")
-    return value
-
-
-def port(text: str) -> int:
-    value = positive_int(text)
-    if value > 65535:
-        raise argparse.ArgumentTypeError(f"port {value} is out of range; use 1 to 65535")
-    return value
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
-
-
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="toy", help="'toy', a local diffusers pipeline directory, or a hub id")
     parser.add_argument("--family", choices=("sd", "sdxl", "flux"), help="fail unless the model is of this family")
-    parser.add_argument("--text-encoder", help="directory of an edited text encoder to use in place of the model's")
-    parser.add_argument("--unet", help="directory of an edited UNet to use in place of the model's")
+    component = existing_dir("component directory", "pass the folder of a saved model component (its config.json "
+                             "and weights)")
+    parser.add_argument("--text-encoder", type=component, help="directory of an edited text encoder to use in place "
+                        "of the model's")
+    parser.add_argument("--unet", type=component, help="directory of an edited UNet to use in place of the model's")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
 
 
@@ -67,9 +40,7 @@ def load_from_args(args):
 
 
 def read_prompt_file(path: str) -> list[str]:
-    file = Path(path)
-    if not file.is_file():
-        raise UsageError(f"prompt file {path} does not exist; pass a text file with one prompt per line")
+    file = check_input(path, "prompt file", "pass a text file with one prompt per line")
     if file.stat().st_size > MAX_PROMPT_FILE_BYTES:
         raise UsageError(f"prompt file {path} is over {MAX_PROMPT_FILE_BYTES // 2 ** 20} MiB; split it into "
                          "smaller files")
@@ -107,18 +78,12 @@ def cmd_generate(args) -> None:
 
     check_prompts(prompts)
     out = check_image_output(args.out, args.overwrite)
-    if args.steps is not None and not 1 <= args.steps <= 1000:
-        raise UsageError(f"--steps {args.steps} is out of range; use 1 to 1000")
-    if args.guidance is not None and not (math.isfinite(args.guidance) and 0 <= args.guidance <= 100):
-        raise UsageError(f"--guidance {args.guidance} is out of range; use 0 to 100 (7.5 is usual)")
     if args.seed + len(prompts) - 1 > MAX_SEED:
         raise UsageError(f"--seed {args.seed} with {len(prompts)} prompts runs past the largest seed ({MAX_SEED}); "
                          "pass a smaller --seed")
     columns = args.columns if args.columns is not None else min(len(prompts), 10)
-    if not 1 <= columns <= len(prompts):
-        raise UsageError(f"--columns {args.columns} is out of range; use 1 to {len(prompts)} (the number of prompts)")
-    if not 1 <= args.scale <= MAX_SCALE:
-        raise UsageError(f"--scale {args.scale} is out of range; use 1 to {MAX_SCALE}")
+    if columns > len(prompts):
+        raise UsageError(f"--columns {args.columns} is more than the {len(prompts)} prompts; use 1 to {len(prompts)}")
     loaded = load_from_args(args)
     if args.edit:
         from .edits import apply_edits
@@ -165,18 +130,20 @@ def add_commands(commands) -> None:
     """`generate`, `erase` and `methods`, added to the `erasure` parser's subcommands."""
     generate = commands.add_parser("generate", help="generate images (one prompt, or a grid from a prompt file)")
     add_model_arguments(generate)
-    generate.add_argument("--edit", action="append", default=[],
+    generate.add_argument("--edit", action="append", default=[], type=EDIT_DIR,
                           help="an edit directory from `erasure erase` to generate with (repeat to stack edits)")
     generate.add_argument("--prompt", help="one prompt")
-    generate.add_argument("--prompts", help="a text file with one prompt per line; writes a grid")
-    generate.add_argument("--seed", type=seed, default=0, help="seed of the first image; image i uses seed + i")
-    generate.add_argument("--steps", type=int, help="denoising steps (default: the model's recommended)")
-    generate.add_argument("--guidance", type=float, help="classifier-free guidance scale")
-    generate.add_argument("--columns", type=int, help="grid columns (default: up to 10)")
-    generate.add_argument("--scale", type=int, default=1, help="upscale the output by this integer factor")
+    generate.add_argument("--prompts", type=PROMPT_FILE, help="a text file with one prompt per line; writes a grid")
+    generate.add_argument("--seed", type=SEED, default=0, help="seed of the first image; image i uses seed + i")
+    generate.add_argument("--steps", type=STEPS, help="denoising steps, 1 to 1000 (default: the model's "
+                          "recommended)")
+    generate.add_argument("--guidance", type=GUIDANCE, help="classifier-free guidance scale, 0 to 100 (default: the "
+                          "model's)")
+    generate.add_argument("--columns", type=POSITIVE, help="grid columns (default: up to 10)")
+    generate.add_argument("--scale", type=SCALE, default=1, help="upscale the output by this integer factor, 1 to 64")
     generate.add_argument("--out", required=True, help="output image (.png, .jpg, .webp)")
     generate.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    generate.set_defaults(run=cmd_generate)
+    generate.set_defaults(run=cmd_generate, reports_cost=True)  # apps.cli prints its time and peak memory
 
     erase = commands.add_parser("erase", help="erase a concept and save the edit")
     erase.add_argument("--model", default="toy", help="'toy', a local diffusers pipeline directory, or a hub id")
@@ -185,8 +152,9 @@ def add_commands(commands) -> None:
     erase.add_argument("--anchor", action="append", help="concept to map the erased one to (method-dependent)")
     erase.add_argument("--preserve", action="append", help="concept to keep (repeatable)")
     erase.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a method option")
-    erase.add_argument("--seed", type=seed, help="seed of the run")
-    erase.add_argument("--images", metavar="DIR", help="a folder of the concept's images (coerasing; default: "
+    erase.add_argument("--seed", type=SEED, help="seed of the run")
+    erase.add_argument("--images", metavar="DIR", type=existing_dir("--images folder", "pass a folder of the "
+                       "concept's images"), help="a folder of the concept's images (coerasing; default: "
                        "generate them with the base model)")
     erase.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     erase.add_argument("--precision", choices=("fp32", "fp16", "bf16"), help="dtype of the frozen weights; trained "
@@ -195,12 +163,12 @@ def add_commands(commands) -> None:
                        "pass (less memory for SDXL/Flux, slower steps)")
     erase.add_argument("--optimizer", choices=("adam", "adam8bit"), default="adam",
                        help="adam8bit: bitsandbytes' 8-bit Adam (pip install 'erasure-suite[gpu]')")
-    erase.add_argument("--resolution", type=int, help="training resolution in pixels (default: the model's native "
-                       "one; 512 halves SDXL's and quarters Flux's latent)")
+    erase.add_argument("--resolution", type=IMAGE_SIDE, help="training resolution in pixels, a multiple of 16 "
+                       "(default: the model's native one; 512 halves SDXL's and quarters Flux's latent)")
     erase.add_argument("--out", required=True, help="new directory for the edit")
     erase.add_argument("--restart", action="store_true", help="discard the checkpoints of an interrupted run in "
                        "OUT.partial/ and start from scratch (default: resume)")
-    erase.set_defaults(run=cmd_erase)
+    erase.set_defaults(run=cmd_erase, reports_cost=True)
 
     methods = commands.add_parser("methods", help="list the erasers")
     methods.set_defaults(run=cmd_methods)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .errors import UsageError
-from .files import check_output_path, peak_memory_bytes, reset_peak_memory
+from .files import check_output_path, peak_memory_bytes, peak_resident_bytes, reset_peak_memory
 from .outputs import RunDirectory
 
 
@@ -41,3 +41,12 @@ def run_resumably(run: RunDirectory, signature: dict, restart: bool, device: tor
     content = erase(work_dir)
     cost = {"seconds": time.time() - started, "peak_memory_bytes": peak_memory_bytes(device)}
     return save(content, cost)
+
+
+def describe_cost(seconds: float) -> str:
+    """The line a command ends with: its wall time and this process's peak memory (the GPU's too when it used
+    CUDA), e.g. "took 83.2 s, peak memory 2.10 GiB GPU, 3.41 GiB RAM"."""
+    memory = f"{peak_resident_bytes() / 2 ** 30:.2f} GiB RAM"
+    if torch.cuda.is_initialized():
+        memory = f"{peak_memory_bytes(torch.device('cuda')) / 2 ** 30:.2f} GiB GPU, {memory}"
+    return f"took {seconds:.1f} s, peak memory {memory}"

@@ -290,14 +290,14 @@ def check_output_path(path: str | Path, flag: str = "--out", new: bool = False) 
     directory (not a file), and neither `path` nor an ancestor a broken symbolic link. With `new`, `path` must
     not exist at all (an output that is only ever written fresh)."""
     path = Path(path)
-    broken = _broken_link(path)
+    broken = broken_link(path)
     if broken:
         raise UsageError(f"{flag} {path} is {broken}; pass a real path")
     if new and (path.exists() or path.is_symlink()):
         raise UsageError(f"{flag} {path} already exists; choose a new {flag} or remove it first")
     ancestor = path.absolute().parent
     while not ancestor.exists() and ancestor != ancestor.parent:
-        broken = _broken_link(ancestor)
+        broken = broken_link(ancestor)
         if broken:
             raise UsageError(f"{flag} {path} cannot be created: {ancestor} is {broken}; choose another {flag}")
         ancestor = ancestor.parent
@@ -309,7 +309,7 @@ def check_output_path(path: str | Path, flag: str = "--out", new: bool = False) 
     return path
 
 
-def _broken_link(path: Path) -> str | None:
+def broken_link(path: Path) -> str | None:
     """How `path` is a symbolic link that leads nowhere: writing through it would fail only after the work."""
     if not path.is_symlink():
         return None

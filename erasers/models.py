@@ -21,6 +21,7 @@ from torch import nn
 from .errors import UsageError, first_line
 from .families import FAMILIES, PIPELINE_FAMILIES, Family
 from .files import read_json
+from .inputs import STEPS
 from .precision import TrainingOptions
 from .vocabulary import ConceptVocabulary, read_vocabulary
 
@@ -143,7 +144,7 @@ class LoadedPipeline:
         seeds = [seeds + i for i in range(len(prompts))] if isinstance(seeds, int) else list(seeds)
         if len(seeds) != len(prompts):
             raise UsageError(f"got {len(prompts)} prompts but {len(seeds)} seeds; pass one seed per prompt")
-        steps = steps or self.default_steps
+        steps = self.default_steps if steps is None else STEPS.check(steps, "steps")  # 0 is refused, not replaced
         guidance = self.default_guidance if guidance is None else guidance
         self.pipeline.set_progress_bar_config(disable=True)
         images: list[Image.Image] = []
@@ -154,9 +155,10 @@ class LoadedPipeline:
                 chunk = prompts[start:start + batch_size]
                 generators = [torch.Generator("cpu").manual_seed(s) for s in seeds[start:start + batch_size]]
                 out = self.pipeline(prompt=chunk, generator=generators, num_inference_steps=steps,
-                                    guidance_scale=guidance, height=height, width=width)
+                                    guidance_scale=guidance, height=height, width=width,
+                                    callback_on_step_end=_advance(bar, start, len(chunk)))
                 images += out.images
-                bar.update(len(chunk))
+                bar.update(start + len(chunk) - bar.n)
         return images
 
     def load_component(self, name: str, path: str | Path, subfolder: str | None = None) -> nn.Module:
@@ -309,6 +311,18 @@ def _check_family(found: Family, wanted: str | None, model: str) -> Family:
     if wanted is not None and found.name != wanted:
         raise UsageError(f"{model} is a {found.name} pipeline, not {wanted}; drop --family or pass a {wanted} model")
     return found
+
+
+def _advance(bar, done: int, size: int):
+    """A pipeline's step-end callback that moves `bar` through the `size` images of a batch as its denoising steps
+    pass, so a batch of 50 shows progress per image rather than once at its end."""
+
+    def callback(pipeline, step: int, timestep, tensors: dict) -> dict:
+        steps = max(getattr(pipeline, "num_timesteps", 0) or 1, step + 1)
+        bar.update(done + size * (step + 1) // steps - bar.n)
+        return tensors
+
+    return callback
 
 
 def load_pipeline(model: str = "toy", family: str | None = None, device: str | None = None,

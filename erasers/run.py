@@ -13,6 +13,7 @@ from pathlib import Path
 from .core import check_new_output, run_resumably
 from .edits import base_fingerprint, edit_metadata, save_edit
 from .errors import UsageError
+from .inputs import IMAGE_SIDE
 from .models import is_toy_model, load_pipeline, resolve_device
 from .outputs import RunDirectory
 from .precision import TrainingOptions, autocast, check_precision, default_precision
@@ -61,8 +62,8 @@ def erase_spec(spec: EraseSpec) -> Path:
     training = TrainingOptions(spec.precision or default_precision(device), spec.gradient_checkpointing,
                                spec.optimizer)
     check_precision(training.precision, device)
-    if spec.resolution is not None and (spec.resolution < 16 or spec.resolution % 16):
-        raise UsageError(f"--resolution {spec.resolution} must be a multiple of 16 (pixels), at least 16")
+    if spec.resolution is not None:
+        IMAGE_SIDE.check(spec.resolution, "--resolution")
     with RunDirectory(out) as run:  # a second run on the same --out refuses before loading a model
         return _erase_loaded(spec, run, config, training, device)
 

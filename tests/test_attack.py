@@ -70,7 +70,7 @@ def test_asr_counts_pre_and_attack_successes(tmp_path):
     (["--edit", "{missing}"], "does not exist"),
     (["--model", "{sd}", "--edit", "{fake}"], "pass --judge MODULE:FUNCTION"),
     (["--edit", "{fake}", "--judge", "no_such_module:judge"], "cannot load the judge"),
-    (["--edit", "{fake}", "--prompts", "0"], "--prompts 0 must be at least 1"),
+    (["--edit", "{fake}", "--prompts", "0"], "--prompts: 0 is out of range: it must be at least 1"),
 ])
 def test_attack_cli_bad_input_exits_2_with_one_line(tiny_pipeline_dirs, tmp_path, capsys, argv, message):
     fake = tmp_path / "edit"

@@ -43,3 +43,31 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tiny_pipeline_dirs, 
     assert len(error_lines) == 1 and message in error_lines[0], captured.err
     assert "Traceback" not in captured.err
     assert not out.exists()
+
+
+def test_version_prints_the_installed_package_version(capsys):
+    from importlib.metadata import version
+
+    code, captured = run(capsys, "--version")
+    assert code == 0
+    assert captured.out.strip() == f"erasure {version('erasure-suite')}"
+
+
+def test_generate_ends_with_its_wall_time_and_peak_memory(tiny_pipeline_dirs, tmp_path, capsys):
+    import re
+
+    from erasers.files import peak_resident_bytes
+
+    code, captured = run(capsys, "generate", "--model", str(tiny_pipeline_dirs["sd"]), "--prompt", "a star",
+                         "--steps", "1", "--device", "cpu", "--out", str(tmp_path / "star.png"))
+    assert code == 0, captured.err
+    last = captured.out.strip().splitlines()[-1]
+    found = re.fullmatch(r"took (\d+\.\d) s, peak memory (\d+\.\d\d) GiB RAM", last)
+    assert found, last
+    # The process's own peak resident memory, not a made-up or zero figure.
+    assert float(found[2]) == pytest.approx(peak_resident_bytes() / 2 ** 30, abs=0.011) and float(found[2]) > 0
+
+
+def test_commands_that_only_list_print_no_cost_line(capsys):
+    code, captured = run(capsys, "methods")
+    assert code == 0 and "peak memory" not in captured.out

@@ -80,3 +80,21 @@ def test_empty_prompts_are_refused(tiny_pipeline_dirs):
         loaded.generate([])
     with pytest.raises(UsageError, match="prompt 2 is empty"):
         loaded.generate(["a star", "  "])
+
+
+def test_progress_moves_per_image_within_a_batch(tiny_pipeline_dirs, monkeypatch):
+    """A batch of 4 images over 4 denoising steps moves the bar one image per step, not 4 at the batch's end."""
+    import tqdm.auto
+
+    positions = []
+
+    class Recorded(tqdm.auto.tqdm):
+        def update(self, n=1):
+            super().update(n)
+            if self.desc == "generating":  # not the loading bars
+                positions.append(self.n)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Recorded)
+    loaded = load_pipeline(str(tiny_pipeline_dirs["sd"]), device="cpu")
+    loaded.generate(["a star"] * 4, seeds=0, steps=4, batch_size=4, progress=True)
+    assert [p for i, p in enumerate(positions) if i == 0 or p != positions[i - 1]] == [1, 2, 3, 4]

@@ -43,7 +43,7 @@ def cmd_vlm_ask(args) -> None:
 
 def add_commands(commands) -> None:
     """`erasure vlm methods | erase | ask`, added to the `erasure` parser's subcommands."""
-    from erasers.commands import positive_int, seed
+    from erasers.inputs import MLLMU_DATA_DIR, POSITIVE, SEED, VLM_EDIT_DIR, existing_file
 
     vlm = commands.add_parser("vlm", help="concept erasure for vision-language models (LLaVA, Qwen2.5-VL, toy-vlm)")
     sub = vlm.add_subparsers(dest="vlm_command", required=True)
@@ -54,10 +54,10 @@ def add_commands(commands) -> None:
     erase.add_argument("--model", default="toy-vlm", help="'toy-vlm', a local model directory, or a hub id")
     erase.add_argument("--method", required=True, help="a VLM eraser (see `erasure vlm methods`)")
     erase.add_argument("--concept", required=True, help="a ToyCanvas object (star, ...) or forget_5/10/15")
-    erase.add_argument("--data", help="MLLMU-Bench layout directory holding forget_N/, retain_M/, Test_Set/ "
-                       "(default: the toy world's MLLMU-Med)")
+    erase.add_argument("--data", type=MLLMU_DATA_DIR, help="MLLMU-Bench layout directory holding forget_N/, retain_M/, "
+                       "Test_Set/ (default: the toy world's MLLMU-Med)")
     erase.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a method option")
-    erase.add_argument("--seed", type=seed, help="seed of the run")
+    erase.add_argument("--seed", type=SEED, help="seed of the run")
     erase.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     erase.add_argument("--out", required=True, help="new directory for the edit")
     erase.add_argument("--restart", action="store_true", help="discard the checkpoints of an interrupted run in "
@@ -66,9 +66,10 @@ def add_commands(commands) -> None:
 
     ask = sub.add_parser("ask", help="a question about an image, answered by the base model and the edited one")
     ask.add_argument("--model", default="toy-vlm")
-    ask.add_argument("--edit", help="edit directory of `erasure vlm erase`")
-    ask.add_argument("--image", help="image file (leave out for a text-only question)")
+    ask.add_argument("--edit", type=VLM_EDIT_DIR, help="edit directory of `erasure vlm erase`")
+    ask.add_argument("--image", type=existing_file("image", "pass an image file (.png, .jpg)"),
+                     help="image file (leave out for a text-only question)")
     ask.add_argument("--question", required=True)
-    ask.add_argument("--max-new-tokens", type=positive_int, default=50, help="longest answer, in tokens")
+    ask.add_argument("--max-new-tokens", type=POSITIVE, default=50, help="longest answer, in tokens")
     ask.add_argument("--device")
     ask.set_defaults(run=cmd_vlm_ask)
