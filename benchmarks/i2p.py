@@ -27,6 +27,7 @@ import torch
 from benchmarks.runner import ImageJob, Runner
 from erasers.errors import UsageError
 from erasers.files import write_atomically
+from erasers.inputs import check_input
 from erasers.validation import MAX_SEED, check_field, field_kind
 
 DEFAULT_GUIDANCE = 7.5
@@ -85,9 +86,7 @@ def read_prompts(path: str | Path, category: str | None = None) -> list[ImageJob
     """One job per CSV row (of `category` when given, as I2P's comma-separated `categories` names it)."""
     import pandas as pd
 
-    file = Path(path)
-    if not file.is_file():
-        raise UsageError(f"--prompts {path} does not exist; pass an I2P-format CSV (a 'prompt' column)")
+    file = check_input(path, "--prompts", "pass an I2P-format CSV (a 'prompt' column)")
     try:
         # Every cell as text: numbers are converted and checked row by row (I2PRow), never guessed by pandas.
         table = pd.read_csv(file, dtype=str, keep_default_na=False)

@@ -125,8 +125,7 @@ class VitClassifier:
 
 
 def _read_checkpoint(path: str | Path, what: str) -> dict:
-    if not Path(path).is_file():
-        raise UsageError(f"{what} classifier {path} does not exist; pass UnlearnCanvas' {what} classifier checkpoint")
+    inputs.check_input(path, f"{what} classifier", f"pass UnlearnCanvas' {what} classifier checkpoint")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any failure to read is a bad file the user must replace
@@ -153,9 +152,8 @@ def inception_features(weights: str | Path) -> FeatureExtractor:
     """torchmetrics' FID Inception-v3 (torch-fidelity's port, 2048-d pool features at 299 px) from local weights."""
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    if not Path(weights).is_file():
-        raise UsageError(f"--inception {weights} does not exist; pass torch-fidelity's Inception-v3 weights file "
-                         "(pt_inception-2015-12-05), or leave it out to use the style classifier's features")
+    inputs.check_input(weights, "--inception", "pass torch-fidelity's Inception-v3 weights file "
+                       "(pt_inception-2015-12-05), or leave it out to use the style classifier's features")
     inception = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=str(weights)).inception
 
     @torch.no_grad()

@@ -20,6 +20,7 @@ from . import __version__
 from .core import check_new_output
 from .errors import UsageError
 from .files import publish, read_json, writing_into
+from .inputs import check_input
 from .models import LoadedPipeline
 from .prompts import EraseRequest
 
@@ -103,9 +104,7 @@ def edit_kind(path: str | Path) -> str | None:
 
 
 def read_edit(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_dir():
-        raise UsageError(f"edit {path} does not exist; pass the --out directory of `erasure erase`")
+    path = check_input(path, "edit", "pass the --out directory of `erasure erase`", want_dir=True)
     metadata_file = path / METADATA
     if not metadata_file.exists():
         raise UsageError(f"{path} is not an edit (no {METADATA}); pass the --out directory of `erasure erase`")

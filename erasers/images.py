@@ -10,6 +10,7 @@ from PIL import Image
 
 from .errors import UsageError
 from .files import save_atomically
+from .inputs import check_input
 
 
 def open_image(path: str | Path | None, remedy: str = "pass a .png or .jpg file",
@@ -19,9 +20,7 @@ def open_image(path: str | Path | None, remedy: str = "pass a .png or .jpg file"
     its pixels (Pillow reads the size from the header) and return None."""
     if path is None:
         return None
-    file = Path(path)
-    if not file.is_file():
-        raise UsageError(f"image {path} does not exist; {remedy}")
+    file = check_input(path, "image", remedy)  # a directory, FIFO or device is named as such
     try:
         with warnings.catch_warnings():
             # Pillow warns above MAX_IMAGE_PIXELS and refuses twice that: both are refused here.

@@ -25,6 +25,7 @@ from erasers.core import check_new_output
 from erasers.edits import METADATA, check_metadata_fields, model_kind, publish_with_metadata
 from erasers.errors import UsageError
 from erasers.files import read_json, writing_into
+from erasers.inputs import check_input
 from erasers.validation import check_field
 
 from .hooks import hook_layers
@@ -80,9 +81,7 @@ VLM_EDIT_FIELDS = {"method": "text", "concept": "text", "files": "names+", "conf
 
 
 def read_vlm_edit(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_dir():
-        raise UsageError(f"edit {path} does not exist; pass the --out directory of `erasure vlm erase`")
+    path = check_input(path, "edit", "pass the --out directory of `erasure vlm erase`", want_dir=True)
     metadata_file = path / METADATA
     if not metadata_file.exists():
         raise UsageError(f"{path} is not an edit (no {METADATA}); pass the --out directory of `erasure vlm erase`")

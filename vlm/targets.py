@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from erasers.errors import UsageError
+from erasers.inputs import check_input
 
 from .forward import Item
 from .mllmu import qa_items, read_split, row_images
@@ -132,9 +133,7 @@ def resolve_target(concept: str, data: str | Path | None = None) -> Target:
     concept = concept.strip()
     if FORGET_SPLIT.match(concept):
         if data is not None:
-            path = Path(data)
-            if not path.is_dir():
-                raise UsageError(f"data directory {data} does not exist; pass a directory in the MLLMU-Bench layout")
+            path = check_input(data, "data directory", "pass a directory in the MLLMU-Bench layout", want_dir=True)
             return split_target(concept, path)
         return split_target(concept, toy_world_dir() / "MLLMU-Med")
     if concept in object_names():
