@@ -77,7 +77,7 @@ def publish_with_metadata(tmp: Path, out: Path, metadata: dict, cost: dict) -> P
         "torch_version": torch.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "cost": {"seconds": round(cost.get("seconds", 0.0), 2), "peak_memory_bytes": cost.get("peak_memory_bytes"),
-                 "storage_bytes": storage},
+                 "storage_bytes": storage, "runs": cost.get("runs", 1)},  # runs: an interrupted erase's resumes
     }
     (tmp / METADATA).write_text(json.dumps(metadata, indent=2))
     publish(tmp, out)

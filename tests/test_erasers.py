@@ -209,3 +209,30 @@ def test_anchor_or_preserve_for_a_method_that_reads_none_is_refused(method, opti
     err = capsys.readouterr().err
     assert code == 2 and f"{method} reads no {option}" in err and all(name in err for name in readers)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_resumed_erase_records_the_cost_of_every_run(tiny_pipeline_dirs, tmp_path, monkeypatch):
+    """Interrupted at step 2 of 4 and resumed: erasure.json's cost is both runs' seconds (a clock that moves 100 s
+    per reading) and the larger peak, not the last run's alone."""
+    import itertools
+    import types
+
+    from interrupted import StopsAtTwo
+
+    import erasers.core as core
+    import erasers.methods.hirm as hirm
+
+    clock = itertools.count(0, 100)
+    monkeypatch.setattr(core, "time", types.SimpleNamespace(time=lambda: next(clock)))  # erasers.core's clock only
+    peaks = iter([7_000, 5_000])
+    monkeypatch.setattr(core, "peak_memory_bytes", lambda device: next(peaks))
+    monkeypatch.setattr(hirm, "TrainingLoop", StopsAtTwo)
+    out = tmp_path / "edit"
+    options = {"iterations": 4}
+    with pytest.raises(KeyboardInterrupt):
+        erase(str(tiny_pipeline_dirs["sd"]), "hirm", ["a star"], out, options=options, device="cpu")
+    assert json.loads((tmp_path / "edit.partial" / "cost.json").read_text()) == {
+        "seconds": 100, "peak_memory_bytes": 7_000, "runs": 1}
+    erase(str(tiny_pipeline_dirs["sd"]), "hirm", ["a star"], out, options=options, device="cpu")
+    cost = read_edit(out)["cost"]
+    assert (cost["seconds"], cost["peak_memory_bytes"], cost["runs"]) == (200, 7_000, 2)

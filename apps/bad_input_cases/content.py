@@ -17,7 +17,9 @@ from apps.bad_input_fixtures import (
     edit_dir,
     fixture,
     garbage_png,
+    hirm_signature,
     mirror_pipeline,
+    partial_run,
     text_file,
 )
 from apps.bad_inputs import Case
@@ -270,4 +272,20 @@ CASES += [
          "--out {root}/e", "esd-u reads no --preserve"),
     Case("erase: --preserve for a training-free method", "erase --method negprompt --concept arrow --preserve circle "
          "--out {root}/e", "negprompt reads no --preserve"),
+]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The cost an interrupted erase recorded in OUT.partial/cost.json (summed into the finished edit's erasure.json)
+
+@fixture
+def hirm_partial_bad_cost(root):
+    out = partial_run(root, hirm_signature(), {})
+    (root / "edit.partial" / "cost.json").write_text(json.dumps({"seconds": "long", "runs": 1}))
+    return out
+
+
+CASES += [
+    Case("erase: OUT.partial/cost.json with seconds as text", "erase --method hirm --concept star --set iterations=2 "
+         "--device cpu --out {hirm_partial_bad_cost}", "cost.json: field seconds wants a float"),
 ]
