@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..adversarial import SoftPromptAttack, adversarial_prompt, new_adversary, soft_prompt_attack
+from ..adversarial import SoftPromptAttack, adversarial_prompt, check_token_room, new_adversary, soft_prompt_attack
 from ..errors import UsageError
 from ..losses import check_contrast, contrast_states, esd_target, predict_noise, sample_partially, sample_trajectory
 from ..models import LoadedPipeline
@@ -141,6 +141,10 @@ def cached_trajectories(loaded: LoadedPipeline, retain_states, empty, cfg: AdvUn
                  "layers": "all", "retain_weight": 3.0}, preserves=True, reads_preserve=True)
 class AdvUnlearn(Eraser):
     config_class = AdvUnlearnConfig
+
+    def check(self, loaded: LoadedPipeline, request: EraseRequest) -> None:
+        # The inner attack prefixes the erase prompts: tokens past the text encoder's context fail only mid-training.
+        check_token_room(loaded, request.erase_prompts(), self.config.attack_tokens, "advunlearn attack_tokens")
 
     def erase(self, loaded: LoadedPipeline, request: EraseRequest, work_dir: Path | None = None):
         cfg = self.config
