@@ -36,6 +36,7 @@ from benchmarks.step_timing import (
     time_guided_sampling,
     time_plain_step,
 )
+from erasers import inputs
 from erasers.precision import autocast
 
 
@@ -184,12 +185,13 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--families", default=",".join(FAMILIES))
     parser.add_argument("--methods", help="comma-separated (default: every registered eraser)")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per method (one more runs untimed)")
+    parser.add_argument("--steps", type=inputs.POSITIVE, default=3, help="timed steps per method (one more runs "
+                        "untimed)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", choices=("fp32", "fp16", "bf16"), help="default: bf16 on a GPU, fp32 on CPU")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--optimizer", choices=("adam", "adam8bit"), default="adam")
-    parser.add_argument("--resolution", type=int, help="training resolution in pixels (default: native)")
+    parser.add_argument("--resolution", type=inputs.IMAGE_SIDE, help="training resolution in pixels (default: native)")
     parser.add_argument("--flux-depth", default="4,8", help="joint,single Flux blocks, or 'full' (19,38)")
     parser.add_argument("--tiny", action="store_true", help="the tiny random pipelines of tests/ (runs on CPU)")
     args = parser.parse_args(argv)

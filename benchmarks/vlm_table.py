@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.mllmu_med import EvalConfig, evaluate_target, unlearning_efficiency
+from erasers import inputs
 from erasers.files import write_atomically
 
 # (row label, method, option overrides)
@@ -80,8 +81,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concepts", nargs="+", default=["star", "forget_10"])
     parser.add_argument("--methods", nargs="+", help="row labels' methods to run (default: all)")
     parser.add_argument("--work-dir", default="runs/vlm-table")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--max-new-tokens", type=int, default=EvalConfig.max_new_tokens)
+    parser.add_argument("--threads", type=inputs.POSITIVE, default=1)
+    parser.add_argument("--max-new-tokens", type=inputs.POSITIVE, default=EvalConfig.max_new_tokens)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     from vlm.models import load_vlm

@@ -69,13 +69,15 @@ def main(argv: list[str] | None = None) -> None:
     """`python -m benchmarks.toyvlm.build [STAGE ...]`."""
     import argparse
 
+    from erasers import inputs
+
     parser = argparse.ArgumentParser(description="Train the toy VLM from scratch on CPU, resumably, and export it to "
                                      "vlm/weights/toy-vlm.")
     parser.add_argument("stages", nargs="*", default=list(STAGES), help=f"stages to run (default: {' '.join(STAGES)})")
     parser.add_argument("--build-dir", default=ToyVLMConfig.build_dir)
     parser.add_argument("--out-dir", default=ToyVLMConfig.out_dir)
-    parser.add_argument("--steps", type=int, default=ToyVLMConfig.steps)
-    parser.add_argument("--threads", type=int)
+    parser.add_argument("--steps", type=inputs.POSITIVE, default=ToyVLMConfig.steps)
+    parser.add_argument("--threads", type=inputs.POSITIVE)
     args = parser.parse_args(argv)
     unknown = [s for s in args.stages if s not in STAGES]
     if unknown:
