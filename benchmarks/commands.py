@@ -207,8 +207,7 @@ def cmd_toy_build(args) -> None:
     if unknown:
         raise UsageError(f"unknown stage {unknown[0]!r}; stages are {', '.join(build.STAGES)}")
     config = build.BuildConfig(build_dir=args.build_dir)
-    if args.restart:
-        discard_checkpoints(config.build_dir)
+    prepare_build_dir(config.build_dir, args.restart)
     build.run(config, tuple(args.stages or build.STAGES), args.threads)
 
 
@@ -219,17 +218,30 @@ def cmd_toy_build_vlm(args) -> None:
     if unknown:
         raise UsageError(f"unknown stage {unknown[0]!r}; stages are {', '.join(toy.STAGES)}")
     config = toy.ToyVLMConfig(build_dir=args.build_dir, threads=args.threads)
-    if args.restart:
-        discard_checkpoints(config.build_dir)
+    prepare_build_dir(config.build_dir, args.restart)
     toy.run(config, tuple(args.stages or toy.STAGES))
 
 
-def discard_checkpoints(build_dir: str) -> None:
-    """--restart of the toy builds: training stages start again from step 0 (finished stages' outputs stay; delete
-    one to redo its stage)."""
+BUILD_MARK = "toy-build"  # what a toy build's folder marker names (erasers.outputs)
+
+
+def prepare_build_dir(build_dir: str, restart: bool) -> None:
+    """A new build folder is made marked as the build's. --restart discards its training checkpoints (training
+    stages start again from step 0; finished stages' outputs stay: delete one to redo its stage), and only in a
+    folder a toy build made: a folder without its marker is never cleared."""
     import shutil
 
-    shutil.rmtree(Path(build_dir) / "ckpt", ignore_errors=True)
+    path = Path(build_dir)
+    if path.exists() and restart:
+        try:
+            claim_output_dir(path, BUILD_MARK, "--build-dir")
+        except UsageError:
+            raise UsageError(f"--restart clears checkpoints only in a folder a toy build made, and --build-dir "
+                             f"{build_dir} carries no build marker: delete its ckpt/ yourself, or build into a new "
+                             "--build-dir") from None
+        shutil.rmtree(path / "ckpt", ignore_errors=True)
+    elif not path.exists():
+        claim_output_dir(path, BUILD_MARK, "--build-dir")
 
 
 def cmd_bench_mllmu_med(args) -> None:

@@ -314,3 +314,20 @@ def test_a_run_that_fails_before_writing_removes_only_the_folder_it_made(tmp_pat
     with pytest.raises(UsageError), claimed_output_dir(made, "results.json"):
         raise UsageError("a rerun's failure")
     assert made.is_dir(), "a folder an earlier run made is not this run's to remove"
+
+
+def test_toy_build_restart_clears_checkpoints_only_in_a_folder_a_build_made(tmp_path):
+    from benchmarks.commands import prepare_build_dir
+
+    prepare_build_dir(str(tmp_path / "build"), restart=False)  # new: made, marked as the build's
+    (tmp_path / "build" / "ckpt").mkdir()
+    (tmp_path / "build" / "ckpt" / "unet.safetensors").write_text("checkpoint")
+    (tmp_path / "build" / "data").mkdir()
+    prepare_build_dir(str(tmp_path / "build"), restart=True)
+    assert not (tmp_path / "build" / "ckpt").exists() and (tmp_path / "build" / "data").is_dir()
+    (tmp_path / "mine" / "ckpt").mkdir(parents=True)
+    (tmp_path / "mine" / "ckpt" / "notes.txt").write_text("mine")
+    kept = snapshot(tmp_path / "mine")
+    with pytest.raises(UsageError, match="carries no build marker"):
+        prepare_build_dir(str(tmp_path / "mine"), restart=True)
+    assert snapshot(tmp_path / "mine") == kept

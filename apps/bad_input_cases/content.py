@@ -289,3 +289,21 @@ CASES += [
     Case("erase: OUT.partial/cost.json with seconds as text", "erase --method hirm --concept star --set iterations=2 "
          "--device cpu --out {hirm_partial_bad_cost}", "cost.json: field seconds wants a float"),
 ]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# toy build --restart clears checkpoints only in a folder a toy build made
+
+@fixture
+def users_folder_with_ckpt(root):
+    (root / "mine" / "ckpt").mkdir(parents=True)
+    (root / "mine" / "ckpt" / "thesis.tex").write_text("the user's own file\n")
+    return str(root / "mine")
+
+
+CASES += [
+    Case("toy build: --restart in a user's folder", "toy build data --restart --build-dir {users_folder_with_ckpt}",
+         "carries no build marker"),
+    Case("toy build-vlm: --restart in a user's folder", "toy build-vlm world --restart --build-dir "
+         "{users_folder_with_ckpt}", "carries no build marker"),
+]
