@@ -24,6 +24,7 @@ from benchmarks.erasure_bench import erase_in_fresh_process
 from benchmarks.toycanvas import CLASSIFIER_DIR, world
 from benchmarks.toycanvas.classifier import ToyClassifier
 from benchmarks.unlearncanvas import AnswerSet, classify_answer_set, score
+from erasers import inputs
 from erasers.edits import apply_edits, read_edit
 from erasers.files import write_atomically
 from erasers.models import load_pipeline
@@ -162,12 +163,12 @@ def main() -> None:
                         default="esd-x,uce,hirm,advunlearn,doco,doco-nosurgery,doco-noadv,coerasing",
                         help="methods whose rows are attacked ('all' for every one; an attack of 20 prompts takes "
                         "about 8 minutes on 2 cores)")
-    parser.add_argument("--attack-prompts", type=int, default=20)
+    parser.add_argument("--attack-prompts", type=inputs.ATTACKED_PROMPTS, default=20)
     parser.add_argument("--paraphrase-methods",
                         default="esd-x,esd-u,doco,doco-nosurgery,doco-noadv,coerasing,coerasing-norefine",
                         help="methods whose rows also get UA on the paraphrase prompts (world.PARAPHRASE_TEMPLATES "
                         "and object synonyms, never trained on); '' for none")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[188, 288])
+    parser.add_argument("--seeds", type=inputs.SEED, nargs="+", default=[188, 288])
     parser.add_argument("--results", default=str(RESULTS))
     args = parser.parse_args()
     methods, concepts = (args.methods.split(",") if args.methods else plan()), args.concepts.split(",")
