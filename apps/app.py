@@ -23,6 +23,7 @@ import gradio as gr
 from erasers.edits import apply_edits, edit_kind, read_edit
 from erasers.errors import UsageError
 from erasers.files import check_output_path
+from erasers.images import BLANK, check_drawn
 from erasers.inputs import GUIDANCE, SEED, STEPS
 from erasers.models import LoadedPipeline, check_prompts, load_pipeline
 from erasers.registry import available_methods
@@ -37,6 +38,9 @@ class AppState:
     classifier: object | None = None
     pipelines: dict[tuple[str, ...], LoadedPipeline] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+    # Edits that failed to load (made for another base model, non-finite weights): left out of the page, with why.
+    unusable: dict[str, str] = field(default_factory=dict)
+    allow_other_base: bool = False
 
     def edits(self) -> dict[str, Path]:
         """The diffusion edits in `edits_dir`; VLM edits belong to the VLM tab, and a damaged edit (unreadable
@@ -46,6 +50,9 @@ class AppState:
             return found
         for path in sorted(self.edits_dir.iterdir()):
             if not (path / "erasure.json").exists() or edit_kind(path) == "vlm":
+                continue
+            if path.name in self.unusable:
+                self.skipped[path.name] = self.unusable[path.name]
                 continue
             try:
                 read_edit(path)
@@ -62,7 +69,7 @@ class AppState:
             if missing:
                 raise UsageError(f"edit {missing[0]!r} is not in {self.edits_dir}; refresh the page")
             loaded = load_pipeline(self.model)
-            apply_edits(loaded, [available[name] for name in edit_names])
+            apply_edits(loaded, [available[name] for name in edit_names], self.allow_other_base)
             if len(self.pipelines) >= 6:  # keep memory bounded: drop the oldest edited pipeline
                 oldest = next(k for k in self.pipelines if k)
                 del self.pipelines[oldest]
@@ -86,6 +93,9 @@ def _check_inputs(prompt: str, seed, steps, guidance) -> tuple[int, int, float]:
 
 
 def _readout(state: AppState, image) -> str:
+    """The classifier's reading of `image`, or why there is none: a blank image is a failed edit, not an erasure."""
+    if image.info.get(BLANK):
+        return f" | failed: a blank image ({image.info[BLANK]}), not an erasure; no classifier reading"
     if state.classifier is None:
         return ""
     objects, styles = state.classifier.predict([image])
@@ -135,7 +145,9 @@ def benchmark_grid(state: AppState, edit_name: str | None, seed, progress=gr.Pro
         concept, kind = meta["concepts"][0], "style" if meta["kind"] == "style" else "object"
         answers = AnswerSet.for_concept(concept, kind, seeds=(seed,))
         base_records, base_images = classify_answer_set(state.pipeline(()), state.classifier, answers)
+        check_drawn(base_images, f"the base model {state.model}", edited=False)
         records, images = classify_answer_set(state.pipeline((edit_name,)), state.classifier, answers)
+        check_drawn(images, f"the edit {edit_name}")  # a failed edit: an error, no table of scores
         labels = [f"{o}/{s}" for o, s in answers.pairs]
         grid = labelled_grid(base_images + images, len(labels), ["base", "edited"], labels, scale=3)
         rows = [("base", score(base_records, meta["concepts"], kind)),
@@ -183,22 +195,27 @@ TABS = [diffusion_tab, gallery_tab, vlm_tab]
 
 
 def build_app(model: str = "toy", edits_dir: str | Path | None = "runs", output_dir: str | Path = "app-output",
-              generate_on_load: bool = True) -> gr.Blocks:
+              generate_on_load: bool = True, allow_other_base: bool = False) -> gr.Blocks:
     output_dir = check_output_path(Path(output_dir).resolve(), "--output")
     output_dir.mkdir(parents=True, exist_ok=True)
     # Gradio writes every image it serves to its cache, whose folder it reads per image: keep it in our output
     # folder even when the caller imported gradio before confine_app_writes could run.
     os.environ["GRADIO_TEMP_DIR"] = str(output_dir / "cache")
-    state = AppState(model, Path(edits_dir) if edits_dir else None)
+    state = AppState(model, Path(edits_dir) if edits_dir else None, allow_other_base=allow_other_base)
     base = state.pipeline(())
     if base.is_toy:
         from benchmarks.toycanvas import CLASSIFIER_DIR
         from benchmarks.toycanvas.classifier import ToyClassifier
 
         state.classifier = ToyClassifier.from_pretrained(CLASSIFIER_DIR)
-    # Load the edits the page opens with now, so the first comparison is ready when a browser asks for it.
+    # Load the edits the page opens with now, so the first comparison is ready when a browser asks for it. One
+    # that cannot load (made for another base model, non-finite weights) is left out, as a damaged one is.
     for name in list(state.edits())[:2]:
-        state.pipeline((name,))
+        try:
+            state.pipeline((name,))
+        except UsageError as error:
+            state.unusable[name] = str(error)
+    state.edits()  # the skipped edits, with those that did not load
     for name, reason in state.skipped.items():
         print(f"erasure: skipping the edit {name}: {reason}", file=sys.stderr)
     with gr.Blocks(title="erasure-suite: before / after") as app:
@@ -215,6 +232,6 @@ def build_app(model: str = "toy", edits_dir: str | Path | None = "runs", output_
 
 
 def launch(model: str = "toy", edits_dir: str | None = "runs", output_dir: str = "app-output",
-           host: str = "127.0.0.1", port: int = 7860, **kwargs):
-    app = build_app(model, edits_dir, output_dir)
+           host: str = "127.0.0.1", port: int = 7860, allow_other_base: bool = False, **kwargs):
+    app = build_app(model, edits_dir, output_dir, allow_other_base=allow_other_base)
     return app.launch(server_name=host, server_port=port, **kwargs)

@@ -38,7 +38,7 @@ def cmd_app(args) -> None:
     confine_app_writes(output)
     from apps.app import launch  # gradio, and what the model load brings, read their folders only now
 
-    launch(args.model, args.edits, str(output), args.host, args.port)
+    launch(args.model, args.edits, str(output), args.host, args.port, args.allow_other_base)
 
 
 APP_MANIFEST = "erasure-app"
@@ -87,6 +87,8 @@ def make_parser() -> argparse.ArgumentParser:
     app.add_argument("--host", default="127.0.0.1", type=host, help="address to serve on: 127.0.0.1 for this "
                      "machine only, 0.0.0.0 for every network")
     app.add_argument("--port", type=PORT, default=7860, help="port to serve on, 1 to 65535")
+    app.add_argument("--allow-other-base", action="store_true", help="offer edits made for another base model "
+                     "too, for a deliberate transfer (left out otherwise)")
     app.set_defaults(run=cmd_app)
 
     return parser

@@ -31,9 +31,10 @@ import torch.nn.functional as F
 
 from erasers.adversarial import TokenSearch, check_token_room, new_adversary, optimise_tokens, prompt_ids, slot_start
 from erasers.core import check_new_output
-from erasers.edits import apply_edits, read_edit
+from erasers.edits import apply_edits, check_edits, read_edit
 from erasers.errors import UsageError
 from erasers.files import writing_into
+from erasers.images import check_drawn, drawn_images
 from erasers.inputs import ATTACKED_PROMPTS, IMAGE_SIDE
 from erasers.losses import predict_noise
 from erasers.models import LoadedPipeline, is_toy_model, load_pipeline
@@ -126,11 +127,12 @@ def call_judge(judge: Judge, image, concept: str) -> bool:
 @torch.no_grad()
 def generate_from_ids(loaded: LoadedPipeline, input_ids: dict[str, torch.Tensor], seed: int):
     """One image for token ids (per text encoder), as `LoadedPipeline.generate` would draw it for the same prompt
-    and seed."""
+    and seed (a blank one marked, erasers.images.drawn_images)."""
     loaded.pipeline.set_progress_bar_config(disable=True)
     inputs = loaded.adapter.pipeline_inputs(loaded.adapter.encode_ids(input_ids), loaded.adapter.unconditional())
-    return loaded.pipeline(**inputs, generator=[torch.Generator("cpu").manual_seed(seed)],
-                           num_inference_steps=loaded.default_steps, guidance_scale=loaded.default_guidance).images[0]
+    drawn = loaded.pipeline(**inputs, generator=[torch.Generator("cpu").manual_seed(seed)], output_type="np",
+                            num_inference_steps=loaded.default_steps, guidance_scale=loaded.default_guidance)
+    return drawn_images(drawn.images)[0]
 
 
 def encode_image(loaded: LoadedPipeline, image) -> torch.Tensor:
@@ -206,12 +208,14 @@ def attack_prompts(prompts: list[str], count: int | None, seed: int) -> list[tup
 @dataclass
 class AttackRun:
     """Where an attack runs and what it writes: the device, the images' resolution (None: the model's own),
-    progress bars, and `out` for attack.json and attack.png (None: nothing written)."""
+    progress bars, and `out` for attack.json and attack.png (None: nothing written); `allow_other_base` loads edits
+    made for another base model."""
 
     device: str | None = None
     out: str | Path | None = None
     progress: bool = True
     resolution: int | None = None
+    allow_other_base: bool = False
 
 
 def attack_success_rate(model: str, edits: list[str | Path], concept: str | None = None, *,
@@ -247,6 +251,7 @@ def attack_success_rate(model: str, edits: list[str | Path], concept: str | None
         check_new_output(out)
 
     loaded = load_pipeline(model, device=device)
+    check_edits(loaded, edits, settings.allow_other_base)  # another base model, or a diverged edit: before any work
     loaded.resolution = resolution  # images and latents at this size (default: the model's own)
     request = make_request([concept], loaded.tokenizer, loaded.vocabulary)
     if judge is None:
@@ -261,10 +266,13 @@ def attack_success_rate(model: str, edits: list[str | Path], concept: str | None
     # The original model draws the targets; then the edits are loaded in its place.
     originals = [generate_from_ids(loaded, prompt_ids(loaded, p, 0), s)
                  for p, s in tqdm(items, desc="targets", disable=not progress)]
+    check_drawn(originals, f"the base model {model}", edited=False)
     targets = [encode_image(loaded, image) for image in originals]
-    apply_edits(loaded, edits)
+    apply_edits(loaded, edits, settings.allow_other_base)
 
     def succeeds(image) -> bool:
+        # A blank image is a failed edit, which the judge would read as the concept gone: never "robust".
+        check_drawn([image], f"the edited model ({', '.join(map(str, edits))})")
         return call_judge(judge, image, request.concept)
 
     results, erased_images, attacked_images = [], [], []

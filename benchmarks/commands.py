@@ -10,6 +10,7 @@ from pathlib import Path
 
 from benchmarks.runner import MANIFEST  # a folder holding the runner's manifest is a run to resume
 from erasers import inputs
+from erasers.commands import add_edit_arguments
 from erasers.errors import UsageError
 from erasers.outputs import claim_output_dir, claimed_output_dir
 
@@ -91,6 +92,7 @@ def cmd_bench_toycanvas(args) -> None:
     methods = parse_methods(args.methods) if args.methods else []
     bench = toycanvas_benchmark(_csv(args.objects), _csv(args.styles), tuple(args.seeds), not args.no_fid,
                                 args.device)
+    bench.allow_other_base = args.allow_other_base
     concepts = [bench.canonical(c) for c in _csv(args.concepts)]
     plan_edits(bench, methods, concepts, args.edit or [], out)  # every check before anything is written
     with _claim_out(out):
@@ -124,6 +126,7 @@ def cmd_bench_unlearncanvas(args) -> None:
     protocol = Protocol(tuple(args.seeds), args.steps, args.guidance, args.size, not args.no_fid, args.inception,
                         args.fid_reference_per_pair)
     bench = unlearncanvas_benchmark(args.data, style_path, object_path, args.model, protocol, device)
+    bench.allow_other_base = args.allow_other_base
     concepts = [bench.canonical(c) for c in _csv(args.concepts)]
     plan_edits(bench, methods, concepts, args.edit or [], out)
     with _claim_out(out):
@@ -154,7 +157,7 @@ def cmd_bench_i2p(args) -> None:
         if _maybe_relaunch(args, ["bench", "i2p"]):
             return
         results = i2p.run(args.model, jobs, sets, i2p.Scoring(detector, args.threshold, q16), out,
-                          Runner(out, progress=not args.quiet), args.batch_size, args.device)
+                          Runner(out, progress=not args.quiet), args.batch_size, args.device, args.allow_other_base)
     if results is not None:
         print(i2p.markdown(results))
         print(f"wrote {out}/results.json, {out}/report.md, {out}/report.html and {out}/plots/")
@@ -163,8 +166,7 @@ def cmd_bench_i2p(args) -> None:
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", help="comma-separated erasers (see `erasure methods`), or 'all'")
     parser.add_argument("--concepts", help="comma-separated concepts; one edit per method x concept")
-    parser.add_argument("--edit", action="append", type=inputs.EDIT_DIR, help="an existing edit directory to score "
-                        "as well (repeatable)")
+    add_edit_arguments(parser, "an existing edit directory to score as well (repeatable)", inputs.EDIT_DIR)
     parser.add_argument("--batch-size", type=inputs.POSITIVE, default=16, help="images per sampling batch (default "
                         "16; toycanvas: 50, half of a 10 x 10 answer set, so 2 processes get one batch each per set)")
     parser.add_argument("--processes", type=inputs.POSITIVE, help="split the run over N processes (GPUs when there "
@@ -178,7 +180,8 @@ def cmd_compare(args) -> None:
     from benchmarks.compare import compare, metrics_markdown
 
     out = args.out or str(Path(args.edit[0]) / "compare")
-    table = compare(args.model, args.edit, out, tuple(args.seeds), args.device)
+    table = compare(args.model, args.edit, out, tuple(args.seeds), args.device,
+                    allow_other_base=args.allow_other_base)
     print(metrics_markdown(table))
     print(f"wrote {out}/compare.png, {out}/metrics.md and {out}/metrics.json")
 
@@ -193,7 +196,7 @@ def cmd_attack(args) -> None:
                if value is not None}
     result = attack_success_rate(args.model, args.edit, args.concept, prompts=prompts, count=args.prompts,
                                  seed=args.seed, config=options, judge=judge, device=args.device, out=args.out,
-                                 resolution=args.resolution)
+                                 resolution=args.resolution, allow_other_base=args.allow_other_base)
     n = result["n"]
     print(f"{result['concept']}: Pre-ASR {result['pre_asr']:.1%} ({result['pre_successes']}/{n}), "
           f"ASR {result['asr']:.1%} ({result['pre_successes'] + result['attack_successes']}/{n})")
@@ -258,8 +261,7 @@ def add_commands(commands) -> None:
     """`compare`, `attack`, `toy` and `bench`, added to the `erasure` parser's subcommands."""
     compare = commands.add_parser("compare", help="before/after grid and UA/IRA/CRA table of an edit")
     compare.add_argument("--model", default="toy")
-    compare.add_argument("--edit", action="append", required=True, type=inputs.EDIT_DIR, help="edit directory "
-                         "(repeat to stack edits)")
+    add_edit_arguments(compare, "edit directory (repeat to stack edits)", inputs.EDIT_DIR, required=True)
     compare.add_argument("--seeds", type=inputs.SEED, nargs="+", default=[188], help="seeds of the answer set")
     compare.add_argument("--device")
     compare.add_argument("--out", help="output directory (default: EDIT/compare)")
@@ -268,8 +270,7 @@ def add_commands(commands) -> None:
     attack = commands.add_parser("attack", help="UnlearnDiffAtk: adversarial prompts that bring an erased concept "
                                  "back; prints Pre-ASR and ASR")
     attack.add_argument("--model", default="toy", help="the base model the edit was made from")
-    attack.add_argument("--edit", action="append", required=True, type=inputs.EDIT_DIR, help="edit directory "
-                        "(repeat to stack edits)")
+    add_edit_arguments(attack, "edit directory (repeat to stack edits)", inputs.EDIT_DIR, required=True)
     attack.add_argument("--concept", help="the concept to bring back (default: the edit's)")
     attack.add_argument("--prompts", type=inputs.ATTACKED_PROMPTS, help="number of prompts attacked, up to 10,000 "
                         "(default: one per prompt; on the toy model, the concept's 10 captions; more repeat them with "

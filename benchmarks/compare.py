@@ -8,7 +8,7 @@ from pathlib import Path
 from erasers.edits import apply_edits, read_edit
 from erasers.errors import UsageError
 from erasers.files import write_atomically
-from erasers.images import save_image_atomically
+from erasers.images import check_drawn, save_image_atomically
 from erasers.models import is_toy_model, load_pipeline
 from erasers.outputs import claim_output_dir
 
@@ -21,9 +21,10 @@ METRICS = "metrics.json"
 
 
 def compare(model: str, edits: list[str], out: str | Path, seeds: tuple[int, ...] = (188,),
-            device: str | None = None, progress: bool = True) -> dict:
-    """Before/after grid and UA/IRA/CRA table of `edits` (stacked) against `model`, same prompts and seeds.
-    The table needs a classifier, which exists for the toy model."""
+            device: str | None = None, progress: bool = True, allow_other_base: bool = False) -> dict:
+    """Before/after grid and UA/IRA/CRA table of `edits` (stacked) against `model`, same prompts and seeds
+    (`allow_other_base`: load edits made for another base model). The table needs a classifier, which exists for
+    the toy model."""
     if not is_toy_model(model):
         raise UsageError("compare scores edits with the ToyCanvas classifier, so it runs on --model toy; for other "
                          "models use `erasure generate` with and without --text-encoder/--unet")
@@ -43,10 +44,13 @@ def compare(model: str, edits: list[str], out: str | Path, seeds: tuple[int, ...
     classifier = ToyClassifier.from_pretrained(CLASSIFIER_DIR)
     answers = AnswerSet(seeds=tuple(seeds))
     edited = load_pipeline(model, device=device)
-    apply_edits(edited, edits)  # first: an edit that cannot load, or a diverged one, fails before any image is drawn
+    # First: an edit that cannot load, one made for another base, or a diverged one fails before any image is drawn.
+    apply_edits(edited, edits, allow_other_base)
     base = load_pipeline(model, device=device)
     base_records, base_images = classify_answer_set(base, classifier, answers, progress)
+    check_drawn(base_images, f"the base model {model}", edited=False)
     edited_records, edited_images = classify_answer_set(edited, classifier, answers, progress)
+    check_drawn(edited_images, f"the edited model ({', '.join(map(str, edits))})")  # a failed edit: exit 2, no table
     claim_output_dir(out, METRICS)
     table = {"base": score(base_records, erased, kind), "edited": score(edited_records, erased, kind),
              "erased": erased, "kind": kind, "edits": [str(e) for e in edits], "seeds": list(seeds),

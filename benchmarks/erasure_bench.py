@@ -18,6 +18,14 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from benchmarks.failures import (
+    blank_failures,
+    check_bases,
+    erase_or_record,
+    failed_row,
+    given_failures,
+    recorded_failures,
+)
 from benchmarks.metrics import Record, accuracy_scores, unlearncanvas_scores
 from benchmarks.runner import ImageJob, Runner
 from erasers.edits import apply_edits, read_edit
@@ -57,6 +65,8 @@ class Benchmark:
     reference: Callable[[set[str]], list[tuple[str, Callable[[], Image.Image]]]] | None = None
     device: str | None = None
     extra: dict = field(default_factory=dict)
+    # Load given edits made for another base model (--allow-other-base); refused otherwise.
+    allow_other_base: bool = False
 
     def concept_kind(self, concept: str) -> str:
         if concept in self.objects:
@@ -191,53 +201,63 @@ def load_for_benchmark(bench: Benchmark, edit: Edit | None):
 
         loaded.pipeline.scheduler = DDIMScheduler.from_config(loaded.pipeline.scheduler.config)
     if edit is not None:
-        apply_edits(loaded, [edit.path])
+        apply_edits(loaded, [edit.path], bench.allow_other_base)
     return loaded
 
 
 def run(bench: Benchmark, methods: list[str], concepts: list[str], given_edits: list[str], out: str | Path,
         runner: Runner | None = None, batch_size: int = 16, classify_batch_size: int = 64,
         method_options: dict | None = None) -> dict | None:
-    """The whole benchmark; returns results (on the main process; None on the others)."""
+    """The whole benchmark; returns results (on the main process; None on the others). An edit that makes no
+    usable images is a row marked failed (benchmarks.failures), found as early as it can be."""
     out = Path(out)
     runner = runner or Runner(out)
     processes = runner.processes
     concepts = [bench.canonical(c) for c in concepts]
     edits = plan_edits(bench, methods, concepts, given_edits, out)
     bench.device = bench.device or processes.device
+    given = [e for e in edits if not e.made_here]
+    if given:  # an edit made for another base model is refused before any erase or image
+        check_bases(load_for_benchmark(bench, None), [e.path for e in given], bench.allow_other_base)
+    failed = given_failures([(e.name, e.path) for e in given])
 
     to_make = [e for e in edits if e.made_here]
     for edit in processes.claim(to_make, lambda e: out / "edits" / ".locks" / f"{e.name}.lock",
-                                lambda e: (e.path / "erasure.json").exists()):
+                                lambda e: (e.path / "erasure.json").exists() or e.name in recorded_failures(runner)):
         print(f"erasing {edit.concepts[0]} with {edit.method} -> {edit.path}", flush=True)
         # UnlearnCanvas writes its names with underscores; its prompts (and so the erased text) with spaces.
-        erase_isolated(bench.model, edit.method, [c.replace("_", " ") for c in edit.concepts], edit.path,
-                       (method_options or {}).get(edit.method), bench.device)
+        erase_or_record(runner, edit.name, lambda edit=edit: erase_isolated(
+            bench.model, edit.method, [c.replace("_", " ") for c in edit.concepts], edit.path,
+            (method_options or {}).get(edit.method), bench.device))
     jobs = bench.jobs()
     # The base model's share needs no edit: a process out of erases starts on it while the others finish theirs.
     runner.generate("base", jobs, lambda: load_for_benchmark(bench, None), batch_size, bench.suffix)
     processes.wait()
+    failed.update(recorded_failures(runner))
 
     sets: list[tuple[str, Edit | None]] = [("base", None)] + [(e.name, e) for e in edits]
     for name, edit in sets[1:]:
-        runner.generate(name, jobs, lambda edit=edit: load_for_benchmark(bench, edit), batch_size, bench.suffix)
+        if name not in failed:
+            runner.generate(name, jobs, lambda edit=edit: load_for_benchmark(bench, edit), batch_size, bench.suffix)
     processes.wait()
+    failed.update(blank_failures(runner, [name for name, _ in sets if name not in failed], jobs))
+    scored = [(name, edit) for name, edit in sets if name not in failed]
 
     def classify(images: list[Image.Image]) -> list[dict]:
         objects, styles = bench.classify(images)
         return [{"predicted_object": o, "predicted_style": s} for o, s in zip(objects, styles)]
 
-    for name, _ in sets:
+    for name, _ in scored:
         runner.classify(name, jobs, classify, classify_batch_size)
     processes.wait()
 
     if bench.features is not None and bench.reference is not None:
-        for name, edit in processes.mine(sets):
+        for name, edit in processes.mine(scored):
             runner.once("fid", name, lambda name=name, edit=edit: fid_record(bench, runner, name, edit, jobs))
     processes.wait()
     if not processes.is_main:
         return None
-    results = collect(bench, runner, sets, jobs)
+    results = collect(bench, runner, sets, jobs, failed)
     write_atomically(out / "results.json", json.dumps(results, indent=2))
     from benchmarks.report import write_report
 
@@ -300,13 +320,18 @@ def reference_features(bench: Benchmark, out: Path, excluded: set[str]) -> torch
     return stored["features"][rows]
 
 
-def collect(bench: Benchmark, runner: Runner, sets: list[tuple[str, Edit | None]], jobs: list[ImageJob]) -> dict:
+def collect(bench: Benchmark, runner: Runner, sets: list[tuple[str, Edit | None]], jobs: list[ImageJob],
+            failed: dict[str, str] | None = None) -> dict:
     """results.json: per set, the scores of each erased concept (the base model's for every concept), FID and the
-    edit's cost; per method, the UnlearnCanvas table's averages over the erased concepts of each kind."""
+    edit's cost, or a failed set's reason (`failed`) and no scores; per method, the UnlearnCanvas table's averages
+    over the erased concepts of each kind (failed edits left out, and counted)."""
     done = runner.manifest.read()
     concepts = sorted({c for _, e in sets if e is not None for c in e.concepts})
     rows = []
     for name, edit in sets:
+        if name in (failed or {}):
+            rows.append(failed_row(name, edit, concepts, failed[name]))
+            continue
         records = records_of(runner, name, jobs)
         fid = done.get(("fid", name, "-"), {})
         row = {"set": name, "method": edit.method if edit else "base", "accuracy": accuracy_scores(records),
@@ -349,6 +374,7 @@ def method_table(rows: list[dict]) -> list[dict]:
             for metric in ("UA", "IRA", "CRA"):
                 line[f"{kind}_{metric}"] = _mean([s[metric] for s in scores])
         line["FID"] = _mean([r["fid"] for r in mine])
+        line["failed"] = sum(bool(r.get("failed")) for r in mine)
         for cost in ("seconds", "peak_memory_bytes", "storage_bytes"):
             line[cost] = _mean([r["cost"][cost] for r in mine if "cost" in r])
         table.append(line)

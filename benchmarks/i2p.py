@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.failures import blank_failures, check_bases, erase_or_record, given_failures, recorded_failures
 from benchmarks.runner import ImageJob, Runner
 from erasers.errors import UsageError
 from erasers.files import write_atomically
@@ -235,44 +236,63 @@ class Scoring:
 
 
 def run(model: str, jobs: list[ImageJob], sets: list[tuple], scoring: Scoring, out: Path,
-        runner: Runner | None = None, batch_size: int = 16, device: str | None = None) -> dict | None:
+        runner: Runner | None = None, batch_size: int = 16, device: str | None = None,
+        allow_other_base: bool = False) -> dict | None:
+    """The whole I2P run; an edit that makes no usable images is a row marked failed (benchmarks.failures), and
+    a given edit made for another base model is refused unless `allow_other_base`."""
     detector, threshold, q16 = scoring.detector, scoring.threshold, scoring.q16
     from benchmarks.erasure_bench import Benchmark, Edit, erase_isolated, load_for_benchmark
 
     runner = runner or Runner(out)
     processes = runner.processes
     device = device or processes.device
-    to_make = [s for s in sets if s[2] is not None and not (s[1] / "erasure.json").exists()]
+    bench = Benchmark(name="i2p", model=model, objects=(), styles=(), seeds=(), device=device,
+                      allow_other_base=allow_other_base)
+    given = [(name, path) for name, path, method, _ in sets if path is not None and method is None]
+    if given:  # before any erase or image
+        check_bases(load_for_benchmark(bench, None), [path for _, path in given], allow_other_base)
+    failed = given_failures(given)
+    to_make = [s for s in sets if s[2] is not None and not (s[1] / "erasure.json").exists()
+               and s[0] not in recorded_failures(runner)]
     for name, path, method, concept in processes.mine(to_make):
         print(f"erasing {concept} with {method} -> {path}", flush=True)
-        erase_isolated(model, method, [concept], path, None, device)
+        erase_or_record(runner, name, lambda path=path, method=method, concept=concept: erase_isolated(
+            model, method, [concept], path, None, device))
     processes.wait()
+    failed.update(recorded_failures(runner))
 
     # Rows sharing guidance and size are sampled together (the order is a function of the CSV alone).
     jobs = sorted(jobs, key=lambda j: tuple(-1 if v is None else v for v in j.sampling))
-    bench = Benchmark(name="i2p", model=model, objects=(), styles=(), seeds=(), device=device)
     for name, path, *_ in sets:
         edit = Edit(name, path, "", (), "", False) if path is not None else None
-        runner.generate(name, jobs, lambda edit=edit: load_for_benchmark(bench, edit), batch_size)
+        if name not in failed:
+            runner.generate(name, jobs, lambda edit=edit: load_for_benchmark(bench, edit), batch_size)
     processes.wait()
-    for name, *_ in sets:
+    failed.update(blank_failures(runner, [s[0] for s in sets if s[0] not in failed], jobs))
+    for name in [s[0] for s in sets if s[0] not in failed]:
         runner.classify(name, jobs, detector.detect, batch_size=32, stage="detect", paths=True)
         if q16 is not None:
             runner.classify(name, jobs, q16, batch_size=32, stage="q16", paths=True)
     processes.wait()
     if not processes.is_main:
         return None
-    results = collect(runner, jobs, sets, detector, threshold, q16 is not None, model)
+    results = collect(runner, jobs, sets, detector, threshold, q16 is not None, model, failed)
     write_atomically(out / "results.json", json.dumps(results, indent=2))
     write_report(results, out)
     return results
 
 
 def collect(runner: Runner, jobs: list[ImageJob], sets: list[tuple], detector: Detector, threshold: float,
-            with_q16: bool, model: str) -> dict:
+            with_q16: bool, model: str, failed: dict[str, str] | None = None) -> dict:
+    """results.json: per set, its nudity rate and detections, or a failed set's reason (`failed`) and no scores."""
     done = runner.manifest.read()
     rows = []
     for name, *_ in sets:
+        if name in (failed or {}):
+            rows.append({"set": name, "images": len(jobs), "failed": failed[name], "unsafe_images": None,
+                         "nudity_rate": None, "exposed_counts": {c: None for c in detector.classes},
+                         "total_exposed": None, "rate_per_category": {}, **({"q16_rate": None} if with_q16 else {})})
+            continue
         records = [done[("detect", name, j.key)] for j in jobs]
         unsafe = [detector.unsafe(r, threshold) for r in records]
         counts = {c: 0 for c in detector.classes}
@@ -302,11 +322,16 @@ def markdown(results: dict) -> str:
     header = ["Set", "Nudity rate %", "Unsafe images", "Detections", *short, *(["Q16 %"] if q16 else [])]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in results["rows"]:
-        cells = [row["set"], f"{100 * row['nudity_rate']:.1f}", str(row["unsafe_images"]), str(row["total_exposed"]),
-                 *(str(row["exposed_counts"][c]) for c in classes),
-                 *([f"{100 * row['q16_rate']:.1f}"] if q16 else [])]
+        name = row["set"] + (f" (failed: {row['failed']})" if row.get("failed") else "")
+        cells = [name, _cell(row["nudity_rate"], True), _cell(row["unsafe_images"]), _cell(row["total_exposed"]),
+                 *(_cell(row["exposed_counts"][c]) for c in classes),
+                 *([_cell(row["q16_rate"], True)] if q16 else [])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _cell(value, percent: bool = False) -> str:
+    return "-" if value is None else f"{100 * value:.1f}" if percent else str(value)
 
 
 def write_report(results: dict, out: Path) -> None:
@@ -320,8 +345,9 @@ def write_report(results: dict, out: Path) -> None:
     (out / "plots").mkdir(exist_ok=True)
     classes = list(results["rows"][0]["exposed_counts"])
     figure, axes = plt.subplots(figsize=(1.5 + 0.9 * len(classes), 4))
-    width = 0.8 / len(results["rows"])
-    for i, row in enumerate(results["rows"]):
+    plotted = [row for row in results["rows"] if not row.get("failed")]  # a failed set has no detections
+    width = 0.8 / max(len(plotted), 1)
+    for i, row in enumerate(plotted):
         axes.bar([k + i * width for k in range(len(classes))], [row["exposed_counts"][c] for c in classes], width,
                  label=row["set"])
     axes.set_xticks([k + 0.4 - width / 2 for k in range(len(classes))],

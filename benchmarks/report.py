@@ -30,7 +30,8 @@ def table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
               f"FID ({(results.get('fid_features') or 'n/a').split(' ')[0]})", "Time s", "Memory GiB", "Storage MiB"]
     body = []
     for line in results["table"]:
-        body.append([line["method"], *(_pct(line[f"{kind}_{m}"]) for kind in ("style", "object") for m in METRICS),
+        method = line["method"] + (f" ({line['failed']} failed)" if line.get("failed") else "")
+        body.append([method, *(_pct(line[f"{kind}_{m}"]) for kind in ("style", "object") for m in METRICS),
                      _num(line["FID"], digits=2), _num(line["seconds"]), _num(line["peak_memory_bytes"], 2**30, 2),
                      _num(line["storage_bytes"], 2**20, 2)])
     return header, body
@@ -40,8 +41,9 @@ def edit_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     header = ["Set", "Erased", "UA %", "IRA %", "CRA %", "object acc %", "style acc %", "FID"]
     body = []
     for row in results["rows"]:
+        name = row["set"] + (f" (failed: {row['failed']})" if row.get("failed") else "")
         for concept, scores in row["per_concept"].items():
-            body.append([row["set"], concept, *(_pct(scores[m]) for m in METRICS),
+            body.append([name, concept, *(_pct(scores[m]) for m in METRICS),
                          _pct(row["accuracy"]["object"]), _pct(row["accuracy"]["style"]), _num(row["fid"], digits=2)])
     return header, body
 
@@ -159,7 +161,7 @@ def write_grids(results: dict, plots: Path, image_path: Callable[[str, str], Pat
     then as many unrelated prompts, same seeds."""
     written = []
     seed = results["seeds"][0]
-    edits = [r for r in results["rows"] if r["method"] != "base"]
+    edits = [r for r in results["rows"] if r["method"] != "base" and not r.get("failed")]  # a failed edit: no grid
     for method in dict.fromkeys(r["method"] for r in edits):
         rows, labels, columns = [], [], 0
         for row in (r for r in edits if r["method"] == method):

@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from erasers.images import save_image_atomically
+from erasers.images import BLANK, save_image_atomically
 
 MANIFEST = "manifest.jsonl"
 # Barriers wait for the slowest process, which may be erasing with a slow method on a large model.
@@ -229,8 +229,9 @@ class Runner:
 
     def generate(self, set_name: str, jobs: list[ImageJob], loaded_factory: Callable[[], object],
                  batch_size: int = 16, suffix: str = ".png") -> int:
-        """The generate stage: images in `out`/images/`set_name`/KEY`suffix`. The pipeline is loaded only when
-        some batch is left (a finished set costs nothing on resume)."""
+        """The generate stage: images in `out`/images/`set_name`/KEY`suffix`, a blank one's mark in its record
+        (benchmarks.failures). The pipeline is loaded only when some batch is left (a finished set costs nothing on
+        resume)."""
         loaded = None
 
         def work(batch: list[ImageJob]) -> list[dict]:
@@ -245,7 +246,8 @@ class Runner:
             for job, image in zip(batch, images):
                 relative = Path("images") / set_name / f"{job.key}{suffix}"
                 save_image_atomically(image, self.out / relative)
-                records.append({"file": str(relative)})
+                # A blank image's mark, which the saved file cannot keep: the set is then reported failed.
+                records.append({"file": str(relative), **({"blank": image.info[BLANK]} if BLANK in image.info else {})})
             return records
 
         return self.run_stage("image", set_name, jobs, batch_size, work)

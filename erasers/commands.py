@@ -28,6 +28,17 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
 
 
+def add_edit_arguments(parser: argparse.ArgumentParser, help: str, edit_type=None, required: bool = False,
+                       repeat: bool = True) -> None:
+    """--edit (repeatable unless `repeat` is False) and --allow-other-base, the same on every command that loads
+    edits (erasers.edits.check_base refuses an edit made for another base model unless asked)."""
+    parser.add_argument("--edit", action="append" if repeat else "store", type=edit_type, required=required,
+                        help=help)
+    parser.add_argument("--allow-other-base", action="store_true", help="load an edit made for another base model "
+                        "anyway, for a deliberate transfer (e.g. a HiRM text encoder made on SD onto Flux); "
+                        "without it such an edit is refused")
+
+
 def load_from_args(args):
     from .models import load_pipeline
 
@@ -88,7 +99,7 @@ def cmd_generate(args) -> None:
     if args.edit:
         from .edits import apply_edits
 
-        apply_edits(loaded, args.edit)
+        apply_edits(loaded, args.edit, args.allow_other_base)
     side = loaded.image_size()
     rows = -(-len(prompts) // columns)
     pixels = rows * columns * (side * args.scale) ** 2
@@ -130,8 +141,8 @@ def add_commands(commands) -> None:
     """`generate`, `erase` and `methods`, added to the `erasure` parser's subcommands."""
     generate = commands.add_parser("generate", help="generate images (one prompt, or a grid from a prompt file)")
     add_model_arguments(generate)
-    generate.add_argument("--edit", action="append", default=[], type=EDIT_DIR,
-                          help="an edit directory from `erasure erase` to generate with (repeat to stack edits)")
+    add_edit_arguments(generate, "an edit directory from `erasure erase` to generate with (repeat to stack edits)",
+                       EDIT_DIR)
     generate.add_argument("--prompt", help="one prompt")
     generate.add_argument("--prompts", type=PROMPT_FILE, help="a text file with one prompt per line; writes a grid")
     generate.add_argument("--seed", type=SEED, default=0, help="seed of the first image; image i uses seed + i")

@@ -2,15 +2,17 @@
 
     runs/no-star/
       unet/ or text_encoder/   loads with plain `from_pretrained`
-      erasure.json             method, config, concepts, base model and its fingerprint, package version, cost
+      erasure.json             method, config, concepts, base model and its weights' record (erasers.fingerprint),
+                               package version, cost
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
+import sys
 import time
+import weakref
 from pathlib import Path
 
 import torch
@@ -18,8 +20,16 @@ from torch import nn
 
 from . import __version__
 from .core import check_new_output
-from .errors import UsageError
+from .errors import FailedEdit, UsageError
 from .files import publish, read_json, writing_into
+from .fingerprint import (
+    base_norms,
+    base_weights,
+    legacy_fingerprint,
+    record_mismatch,
+    replaced_components,
+    weights_mismatch,
+)
 from .inputs import check_input
 from .models import LoadedPipeline
 from .prompts import EraseRequest
@@ -27,17 +37,13 @@ from .prompts import EraseRequest
 METADATA = "erasure.json"
 
 
-def base_fingerprint(loaded: LoadedPipeline) -> str:
-    """A cheap fingerprint of the base model's text encoder and denoiser weights (shapes and sums), to tell later
-    which model an edit was made from."""
-    digest = hashlib.sha256()
-    for module in (loaded.text_encoder, loaded.denoiser):
-        for name, tensor in sorted(module.state_dict().items()):
-            digest.update(f"{name}{tuple(tensor.shape)}{float(tensor.double().sum()):.6e}".encode())
-    return digest.hexdigest()[:16]
+def base_fingerprint(loaded: LoadedPipeline) -> dict:
+    """The base model's record (erasers.fingerprint): each text encoder's and the denoiser's layout and weight norms
+    as loaded, the same in any precision. Taken before an erase changes any weight, and saved as `base_weights`."""
+    return base_weights(loaded)
 
 
-def edit_metadata(loaded: LoadedPipeline, method: str, config, request: EraseRequest, fingerprint: str) -> dict:
+def edit_metadata(loaded: LoadedPipeline, method: str, config, request: EraseRequest, fingerprint: dict) -> dict:
     """What erasure.json says of a diffusion edit beside its cost and versions."""
     return {
         "model_kind": "diffusion",
@@ -51,7 +57,7 @@ def edit_metadata(loaded: LoadedPipeline, method: str, config, request: EraseReq
         "base_family": loaded.family.name,
         "training": dataclasses.asdict(loaded.training),
         "resolution": loaded.resolution,
-        "base_fingerprint": fingerprint,
+        "base_weights": fingerprint,
     }
 
 
@@ -85,12 +91,33 @@ def publish_with_metadata(tmp: Path, out: Path, metadata: dict, cost: dict) -> P
 
 
 def check_finite(module: nn.Module, what: str, remedy: str) -> None:
-    """A UsageError when `module` holds a NaN or infinite weight: its images would be black or noise, which a
+    """A FailedEdit when `module` holds a NaN or infinite weight: its images would be black or noise, which a
     classifier scores as the concept erased."""
     for name, parameter in module.named_parameters():
         if not torch.isfinite(parameter).all():
-            raise UsageError(f"{what} holds non-finite weights (NaN or inf, first in {name}): a failed erase, not an "
-                             f"erasure; {remedy}")
+            raise nonfinite_error(what, name, remedy)
+
+
+def nonfinite_error(what: str, name: str, remedy: str) -> FailedEdit:
+    return FailedEdit(f"{what} holds non-finite weights (NaN or inf, first in {name}): a failed erase, not an "
+                      f"erasure; {remedy}")
+
+
+def nonfinite_weights(path: Path, components: list[str]) -> tuple[str, str] | None:
+    """(component, weight) of the first NaN or infinite weight in the safetensors files of an edit's `components`,
+    or None; read tensor by tensor before anything loads (a file that does not read is the loader's to report)."""
+    from safetensors import SafetensorError, safe_open
+
+    for component in components:
+        for file in sorted((Path(path) / component).rglob("*.safetensors")):
+            try:
+                with safe_open(file, framework="pt") as weights:
+                    for key in weights.keys():
+                        if not torch.isfinite(weights.get_tensor(key)).all():
+                            return component, key
+            except (SafetensorError, OSError):
+                continue
+    return None
 
 
 def edit_kind(path: str | Path) -> str | None:
@@ -123,8 +150,8 @@ def read_edit(path: str | Path) -> dict:
 
 # The fields commands read from erasure.json, by kind (see check_metadata_fields); more are allowed.
 EDIT_FIELDS = {"concepts": "names+", "kind": "text", "components": "names"}
-EDIT_OPTIONAL_FIELDS = {"method": "text", "config": "object", "anchors": "names", "preserve": "names",
-                        "training": "object", "cost": "object"}
+EDIT_OPTIONAL_FIELDS = {"method": "text", "config": "object", "base_weights": "object", "anchors": "names",
+                        "preserve": "names", "training": "object", "cost": "object"}
 MODEL_KINDS = ("diffusion", "vlm")
 
 
@@ -163,18 +190,88 @@ def check_metadata_fields(metadata_file: Path, metadata: dict, required: dict, o
                              "corrupt or was edited by hand: re-run the erase that made it")
 
 
-def apply_edits(loaded: LoadedPipeline, paths: list[str | Path]) -> list[dict]:
-    """Load one or more edits onto a base pipeline. Edits stack when they touch different components (a
-    text-encoder edit with a UNet edit); two edits of the same component are refused. Weights load first; then the
-    edits whose method loads them itself (an SPM adapter, SLD's guidance: the registry entry's `apply`), in the
-    order given, so that they act on the edited weights."""
+def other_base_error(path, made_for: str, here: str, why: str) -> UsageError:
+    """The one line an edit made for another base model gets, from every loader of edits (diffusion and VLM)."""
+    return UsageError(f"{path} was made for another base model ({made_for}; {why}), not {here}: load it onto the "
+                      "model it was made from, or pass --allow-other-base to load it anyway (a deliberate transfer)")
+
+
+def check_base(loaded: LoadedPipeline, meta: dict, path, allow_other_base: bool = False) -> None:
+    """Refuse an edit made for another base model than `loaded` (its family, or its recorded weights), unless
+    `allow_other_base`: then it loads, with a note on stderr."""
+    why = base_mismatch(loaded, meta, Path(path))
+    if why is None:
+        return
+    error = other_base_error(path, meta.get("base_model") or "a model it does not name", loaded.source, why)
+    if not allow_other_base:
+        raise error
+    noted = _NOTED.setdefault(loaded.pipeline, set())
+    if str(path) not in noted:  # once per pipeline, though a command may check an edit before it loads it
+        noted.add(str(path))
+        print(f"erasure: note: {path} was made for another base model ({why}); loading it anyway "
+              "(--allow-other-base)", file=sys.stderr)
+
+
+_NOTED: "weakref.WeakKeyDictionary[object, set[str]]" = weakref.WeakKeyDictionary()
+
+
+def base_mismatch(loaded: LoadedPipeline, meta: dict, path: Path) -> str | None:
+    """How `loaded` differs from the base model an edit's erasure.json (`meta`) records, or None."""
+    family = meta.get("base_family")
+    if family is not None and family != loaded.family.name:
+        return f"{family} family; this pipeline is {loaded.family.name}"
+    if "base_weights" in meta:
+        return weights_mismatch(meta["base_weights"], loaded)
+    # An edit from before base_weights: compare what it recorded where that can be compared. An SPM adapter's
+    # adapter.json holds its denoiser's norms, comparable in any precision. The old base_fingerprint summed the
+    # text encoder's and denoiser's weights to 7 digits in the precision the edit was made in: recomputed only when
+    # both are still the loaded ones, held in that precision or in fp32 (cast down exactly). Otherwise only the
+    # family above was comparable, and the edit loads.
+    if ADAPTER in meta["components"]:
+        from .lora_adapters import ADAPTER_INFO
+
+        info = read_json(path / ADAPTER / ADAPTER_INFO, "re-run the erase that made it")
+        if isinstance(info, dict) and "base" in info:
+            return record_mismatch(info["base"], base_norms(loaded)[loaded.family.denoiser], "the denoiser")
+    from .precision import PRECISIONS
+
+    dtype = PRECISIONS.get(str((meta.get("training") or {}).get("precision")))
+    fingerprint = meta.get("base_fingerprint")
+    untouched = not replaced_components(loaded) & {"text_encoder", loaded.family.denoiser}
+    if dtype is not None and isinstance(fingerprint, str) and untouched and loaded.dtype in (dtype, torch.float32):
+        if legacy_fingerprint(loaded, dtype) != fingerprint:
+            return "its weights differ from the ones it records"
+    return None
+
+
+def check_edits(loaded: LoadedPipeline, paths: list[str | Path], allow_other_base: bool = False) -> list[dict]:
+    """Each edit of `paths` read and checked against `loaded` before any of them loads: made for this base model
+    (unless `allow_other_base`) and holding finite weights (a FailedEdit otherwise). apply_edits starts with it;
+    a command that draws images before it loads edits (the attack's targets) calls it first."""
+    metadata = []
+    for path in paths:
+        meta = read_edit(path)
+        check_base(loaded, meta, path, allow_other_base)
+        found = nonfinite_weights(Path(path), meta["components"])
+        if found is not None:
+            raise nonfinite_error(f"edit {path}'s {found[0]}", found[1],
+                                  "re-run the erase that made it (a smaller lr)")
+        metadata.append(meta)
+    return metadata
+
+
+def apply_edits(loaded: LoadedPipeline, paths: list[str | Path], allow_other_base: bool = False) -> list[dict]:
+    """Load one or more edits onto a base pipeline, each checked first (check_edits: its base model, unless
+    `allow_other_base`, and finite weights). Edits stack when they touch different components (a text-encoder
+    edit with a UNet edit); two edits of the same component are refused. Weights load first; then the edits whose
+    method loads them itself (an SPM adapter, SLD's guidance: the registry entry's `apply`), in the order given, so
+    that they act on the edited weights."""
     from .registry import available_methods
 
     applied: dict[str, str] = {}
-    metadata = []
     installers = []
-    for path in paths:
-        meta = read_edit(path)
+    metadata = check_edits(loaded, paths, allow_other_base)
+    for path, meta in zip(paths, metadata):
         entry = available_methods().get(meta.get("method"))  # an edit of a since-renamed method loads its weights
         apply = entry.apply if entry is not None else None
         if apply is None and ADAPTER in meta["components"]:
@@ -185,12 +282,10 @@ def apply_edits(loaded: LoadedPipeline, paths: list[str | Path]) -> list[dict]:
             if component in applied:
                 raise UsageError(f"{path} and {applied[component]} both edit the {component}; stack edits of "
                                  "different components (for example a text-encoder edit with a UNet edit)")
-            module = loaded.load_component(component, path, subfolder=component)
-            check_finite(module, f"edit {path}'s {component}", "re-run the erase that made it (a smaller lr)")
+            loaded.load_component(component, path, subfolder=component)
             applied[component] = str(path)
         if apply is not None:
             installers.append((apply, Path(path), meta))
-        metadata.append(meta)
     for apply, path, meta in installers:
         apply(loaded, path, meta)
     return metadata

@@ -11,3 +11,9 @@ def first_line(error: BaseException) -> str:
     could not be read."""
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+class FailedEdit(UsageError):
+    """An edit that makes no usable images (non-finite weights, or images that are non-finite or one flat colour): a
+    failed erase, which every scorer reports as failed and never scores as an erasure (a classifier reads a black
+    image as the concept gone)."""

@@ -46,3 +46,52 @@ def image_grid(images: list[Image.Image], columns: int, scale: int = 1) -> Image
 def save_image_atomically(image: Image.Image, path: Path) -> None:
     """`image` to `path` (format by its suffix) under a temporary name, renamed into place once complete."""
     save_atomically(path, image.save)  # makes the parent folder too
+
+
+# The key of `image.info` that marks an image drawn blank (drawn_images), its value saying why.
+BLANK = "erasure_blank"
+
+
+def drawn_images(arrays) -> list[Image.Image]:
+    """A pipeline's images (output_type="np": floats in [0, 1], NaN kept) as PIL images, converted as diffusers
+    converts them, each found blank marked in `image.info[BLANK]` with why: non-finite values (a diverged edit, fp16
+    overflow) or one flat colour over every pixel (a collapsed model, a safety checker's black image). A classifier
+    or detector reads either as the concept gone, so every scorer reports it as a failed edit (check_drawn)."""
+    import numpy as np
+    from diffusers.image_processor import VaeImageProcessor
+
+    arrays = np.asarray(arrays)
+    arrays = arrays[None] if arrays.ndim == 3 else arrays
+    finite = np.isfinite(arrays).reshape(len(arrays), -1).all(axis=1)
+    images = VaeImageProcessor.numpy_to_pil(np.nan_to_num(arrays, nan=0.0))  # NaN reads as 0, as the cast gives
+    for image, is_finite in zip(images, finite):
+        pixels = np.asarray(image).reshape(image.width * image.height, -1)
+        if not is_finite:
+            image.info[BLANK] = "non-finite values (NaN or inf)"
+        elif (pixels == pixels[0]).all():
+            image.info[BLANK] = "one flat colour"
+    return images
+
+
+def blank_summary(marks: list[str | None]) -> str | None:
+    """"3 of 100 images blank (one flat colour)" when some of `marks` (each image's BLANK mark, or None) are set,
+    else None."""
+    blank = [mark for mark in marks if mark]
+    if not blank:
+        return None
+    return f"{len(blank)} of {len(marks)} images blank ({', '.join(dict.fromkeys(blank))})"
+
+
+def check_drawn(images: list[Image.Image], model: str, edited: bool = True) -> None:
+    """Refuse to score `images` that `model` drew when some are blank: a FailedEdit for an edited model, a
+    UsageError for a base model (then its weights or precision are at fault, not an edit)."""
+    from .errors import FailedEdit
+
+    summary = blank_summary([image.info.get(BLANK) for image in images])
+    if summary is None:
+        return
+    if edited:
+        raise FailedEdit(f"{model} drew {summary}: a failed edit, not an erasure; its weights or the sampling "
+                         "settings break the model (re-run the erase with a smaller lr)")
+    raise UsageError(f"{model} drew {summary} without any edit: the base model fails here (its weights, or its "
+                     "precision: try fp32), so no edit was scored")

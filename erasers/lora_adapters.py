@@ -9,8 +9,8 @@ generation time. SPM trains one (erasers/methods/spm.py); the pieces here are wh
 
 An adapter directory holds diffusers' `pytorch_lora_weights.safetensors` (plain diffusers loads it with
 `pipe.load_lora_weights(dir, adapter_name=...)`) and `adapter.json`: what the method's own loader needs (its
-concepts, the target modules, and a record of the base denoiser's weights, by name, shape and norm, to refuse another
-base model).
+concepts and the target modules; the base model it was made for is recorded in the edit's erasure.json, as every
+edit's is: erasers/fingerprint.py).
 
 Per-prompt scaling (`PromptScaling`): an adapter's output (its lora_B) is multiplied, sample by sample, by a factor the
 method computes from each prompt's token ids and pooled text embedding. The pipeline encodes prompts and then calls
@@ -43,9 +43,6 @@ ADAPTER_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' default LoRA 
 MATCH_TOLERANCE = 1e-2
 # Encoded prompts remembered at a time: more than a generation batch (the benchmarks draw 50 prompts at once).
 REMEMBERED_PROMPTS = 256
-# Relative difference in a weight's norm that still counts as the same base weight: bf16 rounding (2**-9 per value)
-# moves a small tensor's norm by up to a few 1e-3.
-NORM_TOLERANCE = 1e-2
 
 
 def transformer_block_modules(loaded) -> list[str]:
@@ -98,34 +95,6 @@ def remove_lora(loaded) -> None:
         denoiser.disable_gradient_checkpointing()
 
 
-def base_record(denoiser: nn.Module) -> dict[str, list]:
-    """The denoiser's weights by name: [shape, norm], without any adapter's (peft's wrapped names read as the plain
-    ones). Saved with an adapter, it tells the base model it was trained on from another, in any precision."""
-    record = {}
-    for key, tensor in denoiser.state_dict().items():
-        if ".lora_" in key:
-            continue
-        record[key.replace(".base_layer.", ".")] = [list(tensor.shape), float(tensor.double().norm())]
-    return record
-
-
-def record_mismatch(saved: dict, current: dict) -> str | None:
-    """How the denoiser `current` (a base_record) differs from the `saved` one, or None when they are the same
-    weights (up to half-precision rounding)."""
-    if not isinstance(saved, dict) or not saved:
-        return "its adapter.json records no base weights"
-    missing = sorted(set(saved) - set(current))
-    if missing:
-        return f"this denoiser has no {missing[0]}"
-    for key, (shape, norm) in saved.items():
-        here_shape, here_norm = current[key]
-        if list(shape) != here_shape:
-            return f"{key} is {'x'.join(map(str, here_shape))} here, {'x'.join(map(str, shape))} there"
-        if abs(here_norm - norm) > NORM_TOLERANCE * max(abs(norm), 1e-12):
-            return f"its weights differ (first {key})"
-    return None
-
-
 class LoraEdit(nn.Module):
     """An erase's "adapter" component: the adapter's weights (as parameters, which save_edit checks are finite) and
     `save_pretrained(dir)`, writing them with the pipeline class's own `save_lora_weights` plus `info` as
@@ -173,8 +142,8 @@ def read_adapter_info(directory: Path, fields: dict[str, type]) -> dict:
 
 
 def load_lora(loaded, directory: Path, name: str) -> str:
-    """Load the adapter in `directory` onto the denoiser under `name` (made unique among its adapters), activate it
-    beside the ones already active, and check its weights are finite; returns the name it got."""
+    """Load the adapter in `directory` onto the denoiser under `name` (made unique among its adapters) and activate it
+    beside the ones already active (apply_edits has checked its weights are finite); returns the name it got."""
     denoiser = loaded.denoiser
     taken = set(getattr(denoiser, "peft_config", None) or {})
     unique, n = name, 2
@@ -188,10 +157,6 @@ def load_lora(loaded, directory: Path, name: str) -> str:
         raise UsageError(f"could not load the adapter in {directory}: {first_line(error)}; re-run the erase that "
                          "made it") from None
     denoiser.set_adapters(active + [unique], [1.0] * (len(active) + 1))
-    for key, parameter in denoiser.named_parameters():
-        if key.endswith(f".{unique}.weight") and not torch.isfinite(parameter).all():
-            raise UsageError(f"the adapter in {directory} holds non-finite weights (first in {key}): a failed "
-                             "erase; re-run it with a smaller lr")
     return unique
 
 
@@ -208,14 +173,9 @@ _SCALINGS: "weakref.WeakKeyDictionary[nn.Module, PromptScaling]" = weakref.WeakK
 
 class PromptScaling:
     """Per-prompt factors for the adapters of one loaded pipeline's denoiser (see the module docstring). One per
-    denoiser: `PromptScaling.of(loaded)`, created before its first adapter, so it also keeps the base's fingerprint
-    and weight record as they were before any adapter."""
+    denoiser: `PromptScaling.of(loaded)`."""
 
     def __init__(self, loaded):
-        from .edits import base_fingerprint
-
-        self.fingerprint = base_fingerprint(loaded)
-        self.record = base_record(loaded.denoiser)
         self.factors: dict[str, Factor] = {}
         self.current: dict[str, torch.Tensor] = {}
         self.remembered: deque = deque(maxlen=REMEMBERED_PROMPTS)

@@ -21,6 +21,7 @@ from torch import nn
 from .errors import UsageError, first_line
 from .families import FAMILIES, PIPELINE_FAMILIES, Family
 from .files import read_json
+from .images import drawn_images
 from .inputs import STEPS
 from .precision import TrainingOptions
 from .vocabulary import ConceptVocabulary, read_vocabulary
@@ -139,7 +140,8 @@ class LoadedPipeline:
     def generate(self, prompts: list[str], seeds: list[int] | int = 0, steps: int | None = None,
                  guidance: float | None = None, batch_size: int = 16, progress: bool = True,
                  height: int | None = None, width: int | None = None) -> list[Image.Image]:
-        """One image per prompt; image i uses seed seeds[i] (or seeds + i), so any subset regenerates identically."""
+        """One image per prompt; image i uses seed seeds[i] (or seeds + i), so any subset regenerates identically.
+        An image drawn blank (non-finite or one flat colour) carries the mark of erasers.images.drawn_images."""
         check_prompts(prompts)
         seeds = [seeds + i for i in range(len(prompts))] if isinstance(seeds, int) else list(seeds)
         if len(seeds) != len(prompts):
@@ -156,8 +158,8 @@ class LoadedPipeline:
                 generators = [torch.Generator("cpu").manual_seed(s) for s in seeds[start:start + batch_size]]
                 out = self.pipeline(prompt=chunk, generator=generators, num_inference_steps=steps,
                                     guidance_scale=guidance, height=height, width=width,
-                                    callback_on_step_end=_advance(bar, start, len(chunk)))
-                images += out.images
+                                    callback_on_step_end=_advance(bar, start, len(chunk)), output_type="np")
+                images += drawn_images(out.images)  # blank images marked: scorers report them as a failed edit
                 bar.update(start + len(chunk) - bar.n)
         return images
 
@@ -182,6 +184,9 @@ class LoadedPipeline:
             raise UsageError(f"could not load {name} from {location}: {first_line(error)}. The file may be "
                              "truncated or corrupt: save or download the edit again") from None
         self.check_compatible(name, replacement)
+        from .fingerprint import remember_base
+
+        remember_base(self, name)  # edits loaded later are compared with the base's weights, not this one's
         self.pipeline.register_modules(**{name: replacement.to(self.device)})
         return replacement
 

@@ -104,7 +104,7 @@ def _erase_loaded(spec: EraseSpec, run: RunDirectory, config, training: Training
     return run_resumably(run, signature, spec.restart, loaded.device, work, save)
 
 
-def run_signature(method: str, config, request, fingerprint: str, training: TrainingOptions | None = None,
+def run_signature(method: str, config, request, fingerprint: dict, training: TrainingOptions | None = None,
                   resolution: int | None = None) -> dict:
     """What makes two erase runs the same run: an interrupted one resumes only from its own checkpoints. As JSON
     values (tuples as lists), so it compares equal to the run.json an interrupted run left."""

@@ -9,7 +9,7 @@ import pytest
 import torch
 from tiny_pipelines import RESOLUTION, random_ip_adapter_options, set_text_length
 
-from erasers.edits import apply_edits, edit_metadata, read_edit, save_edit
+from erasers.edits import apply_edits, base_fingerprint, edit_metadata, read_edit, save_edit
 from erasers.losses import predict_noise
 from erasers.prompts import make_request
 from erasers.registry import build_config, families_matrix, get_method
@@ -71,6 +71,7 @@ def test_each_method_erases_on_each_family(bases, tmp_path, family, method):
     config = build_config(method, False, options)
     request = make_request([CONCEPT], loaded.tokenizer, None, preserve=[UNRELATED, "cat"])
     eraser = get_method(method).eraser(config)
+    fingerprint = base_fingerprint(loaded)  # the base as it was before the erase, which may edit it in place
     components = eraser.erase(loaded, request)
     # Nothing keeps a gradient (on SDXL's UNet, gigabytes the evaluation after an erase would carry).
     assert not weights_with_gradients(loaded)
@@ -78,7 +79,7 @@ def test_each_method_erases_on_each_family(bases, tmp_path, family, method):
         losses = [row[key] for row in eraser.history for key in row if key not in ("step", "seconds")]
         assert losses and all(np.isfinite(losses)), eraser.history
     assert all(torch.isfinite(p).all() for module in components.values() for p in module.parameters())
-    saved = save_edit(tmp_path / "edit", components, edit_metadata(loaded, method, config, request, "test"))
+    saved = save_edit(tmp_path / "edit", components, edit_metadata(loaded, method, config, request, fingerprint))
     assert read_edit(saved)["base_family"] == family
 
     edited = bases(family)  # a fresh copy of the base, the edit loaded from disk

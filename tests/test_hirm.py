@@ -97,7 +97,9 @@ def test_hirm_edit_made_on_sd_transfers_to_sdxl_and_flux(shared_clip_pipelines, 
         base_image = np.asarray(loaded.generate(["a star"], steps=2, progress=False, height=size, width=size)[0])
         base_states = loaded.pipeline.text_encoder(loaded.tokenizer(["a star", "a dog"], padding="max_length",
                                                                     return_tensors="pt").input_ids)
-        apply_edits(loaded, [out])
+        with pytest.raises(UsageError, match="made for another base model .*--allow-other-base"):
+            apply_edits(loaded, [out])  # a transfer is refused unless asked for
+        apply_edits(loaded, [out], allow_other_base=True)
         edited_image = np.asarray(loaded.generate(["a star"], steps=2, progress=False, height=size, width=size)[0])
         assert not np.array_equal(base_image, edited_image), family
         edited_states = loaded.pipeline.text_encoder(loaded.tokenizer(["a star", "a dog"], padding="max_length",

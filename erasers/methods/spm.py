@@ -41,11 +41,9 @@ from ..lora_adapters import (
     PromptScaling,
     adapters_disabled,
     add_lora,
-    base_record,
     has_adapters,
     load_lora,
     read_adapter_info,
-    record_mismatch,
     remove_lora,
     transformer_block_modules,
 )
@@ -133,19 +131,12 @@ TOY_DEFAULTS = {"lr": 1e-2, "iterations": 200, "warmup_steps": 20, "ddim_steps":
 
 
 def apply_spm(loaded: LoadedPipeline, edit_dir: str | Path, metadata: dict) -> None:
-    """Install an SPM edit on a loaded pipeline (erasers.edits.apply_edits calls it): its adapter, named after its
-    concepts, beside any other SPM edit's, scaled per prompt by facilitated transport. An adapter made on another
-    base model (another fingerprint, and the denoiser's weights differ by name, shape or norm) is refused."""
+    """Install an SPM edit on a loaded pipeline (erasers.edits.apply_edits calls it, once it has checked the edit's
+    base model): its adapter, named after its concepts, beside any other SPM edit's, scaled per prompt by
+    facilitated transport."""
     directory = Path(edit_dir) / ADAPTER
-    info = read_adapter_info(directory, {"concepts": list, "adapter_name": str, "base": dict})
-    scaling = PromptScaling.of(loaded)  # first: it records the base before any adapter is loaded
-    if metadata.get("base_fingerprint") != scaling.fingerprint:
-        # Another fingerprint: an edited text encoder stacked with this edit, or the same model in another
-        # precision, still fit; another denoiser does not.
-        why = record_mismatch(info["base"], scaling.record)
-        if why is not None:
-            raise UsageError(f"this SPM adapter was made for another base model ({metadata.get('base_model')}; "
-                             f"{why}); load it onto the model it was made from")
+    info = read_adapter_info(directory, {"concepts": list, "adapter_name": str})
+    scaling = PromptScaling.of(loaded)
     name = load_lora(loaded, directory, info["adapter_name"])
     scaling.add(name, transport(loaded, scaling, [str(c) for c in info["concepts"]]))
 
@@ -188,7 +179,6 @@ class SPM(Eraser):
         self.check(loaded, request)
         torch.manual_seed(cfg.seed)  # the adapter's down projections start random
         unet = loaded.denoiser
-        base = base_record(unet)
         name = adapter_name(request.concepts)
         targets = transformer_block_modules(loaded)
         parameters = train_only(loaded, add_lora(loaded, name, targets, cfg.rank), unet)
@@ -234,7 +224,7 @@ class SPM(Eraser):
             self.history = TrainingLoop("spm", cfg.iterations, state, cfg.seed, work_dir,
                                         checkpoint_every=50).run(step)
             info = {"method": "spm", "concepts": request.concepts, "adapter_name": name, "rank": cfg.rank,
-                    "targets": targets, "base": base}
+                    "targets": targets}
             edit = LoraEdit(loaded, name, info)
         finally:
             remove_lora(loaded)  # the denoiser is left as loaded, for what else runs in this process
