@@ -68,9 +68,13 @@ def _check_out(args) -> Path:
     return claim_output_dir(path, MANIFEST, create=False)  # a user's own folder is refused before any work
 
 
-def _claim_out(out: Path):
-    """`with _claim_out(out):` the run's folder, made now that every input is checked (a rerun's own is taken as
-    it is); removed again if the run fails before writing anything into it."""
+def _claim_out(out: Path, jobs: list):
+    """`with _claim_out(out, jobs):` the run's folder, made now that every input is checked (a rerun's own is
+    taken as it is, if its images were made with the settings `jobs` ask for); removed again if the run fails
+    before writing anything into it."""
+    from benchmarks.runner import check_settings
+
+    check_settings(out, jobs)
     return claimed_output_dir(out, MANIFEST)
 
 
@@ -95,7 +99,7 @@ def cmd_bench_toycanvas(args) -> None:
     bench.allow_other_base = args.allow_other_base
     concepts = [bench.canonical(c) for c in _csv(args.concepts)]
     plan_edits(bench, methods, concepts, args.edit or [], out)  # every check before anything is written
-    with _claim_out(out):
+    with _claim_out(out, bench.jobs()):
         if _maybe_relaunch(args, ["bench", "toycanvas"]):
             return
         results = run(bench, methods, concepts, args.edit or [], out, Runner(out, progress=not args.quiet),
@@ -129,7 +133,7 @@ def cmd_bench_unlearncanvas(args) -> None:
     bench.allow_other_base = args.allow_other_base
     concepts = [bench.canonical(c) for c in _csv(args.concepts)]
     plan_edits(bench, methods, concepts, args.edit or [], out)
-    with _claim_out(out):
+    with _claim_out(out, bench.jobs()):
         if _maybe_relaunch(args, ["bench", "unlearncanvas"]):
             return
         results = run(bench, methods, concepts, args.edit or [], out,
@@ -153,7 +157,7 @@ def cmd_bench_i2p(args) -> None:
     q16 = i2p.q16_scorer(args.q16_clip, args.q16_prompts) if args.q16_clip else None
     detector_name = args.detector or ("toy" if args.model == "toy" else "nudenet")
     detector = i2p.toy_detector() if detector_name == "toy" else i2p.nudenet_detector()
-    with _claim_out(out):
+    with _claim_out(out, jobs):
         if _maybe_relaunch(args, ["bench", "i2p"]):
             return
         results = i2p.run(args.model, jobs, sets, i2p.Scoring(detector, args.threshold, q16), out,

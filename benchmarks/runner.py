@@ -3,12 +3,14 @@
 Work is a list of jobs per *set* (the images of one model: "base", "esd-x-arrow", ...), done in *stages*
 (generate, classify, ...). Every finished job of a stage is a line in `DIR/manifest.jsonl`:
 
-    {"stage": "image", "set": "uce-arrow", "key": "Flat_arrow_seed188", "file": "images/uce-arrow/...png", ...}
+    {"stage": "image", "set": "uce-arrow", "key": "Flat_arrow_seed188", "file": "images/uce-arrow/...png",
+     "settings": {"prompt": "A arrow image in Flat style.", "seed": 188, "steps": 100, "guidance": 9.0, ...}, ...}
     {"stage": "score", "set": "uce-arrow", "key": "Flat_arrow_seed188", "predicted_object": "star", ...}
 
-so a killed run resumes where it stopped and never recomputes a finished image or score. Images are written under
-a temporary name and renamed, then their manifest lines are appended in one write: an image without its line is
-simply made again, never read half-written.
+so a killed run resumes where it stopped and never recomputes a finished image or score; a rerun that asks for
+other settings (steps, guidance, size, seeds) is refused, since its old images would be scored as new results.
+Images are written under a temporary name and renamed, then their manifest lines are appended in one write: an
+image without its line is simply made again, never read half-written.
 
 Jobs are cut into fixed batches (from the whole job list, never from what is left), because a batch's composition
 changes the floating-point result by a pixel level now and then: with fixed batches an image is bit-identical
@@ -35,6 +37,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from erasers.errors import UsageError
 from erasers.images import BLANK, save_image_atomically
 
 MANIFEST = "manifest.jsonl"
@@ -59,6 +62,13 @@ class ImageJob:
     @property
     def sampling(self) -> tuple:
         return self.steps, self.guidance, self.height, self.width
+
+    @property
+    def settings(self) -> dict:
+        """What its image is made from, recorded with it in the manifest: a rerun asking for other settings is
+        refused rather than served the old image (None: the model's default)."""
+        return {"prompt": self.prompt, "seed": self.seed, "steps": self.steps, "guidance": self.guidance,
+                "height": self.height, "width": self.width}
 
     def label(self, name: str) -> str | None:
         return dict(self.labels).get(name)
@@ -170,6 +180,23 @@ class Manifest:
             return file.read(1) == b"\n"
 
 
+def check_settings(out: str | Path, jobs: list[ImageJob]) -> None:
+    """Before a benchmark resumes the run folder `out`: its recorded images were made with the settings `jobs` ask
+    for (steps, guidance, size, seed, prompt), else one line; a bench checks this before any model loads."""
+    refuse_other_settings(Path(out), Manifest(out).read(), jobs)
+
+
+def refuse_other_settings(out: Path, done: dict, jobs: list[ImageJob]) -> None:
+    wanted = {job.key: job.settings for job in jobs}
+    for (stage, set_name, key), record in done.items():
+        recorded = record.get("settings") if stage == "image" else None
+        if recorded is not None and key in wanted and recorded != wanted[key]:  # images from before: unrecorded
+            name = next(k for k in wanted[key] if recorded.get(k) != wanted[key][k])
+            raise UsageError(f"--out {out} holds images made with other settings ({set_name}/{key}: {name} "
+                             f"{recorded.get(name)!r} there, {wanted[key][name]!r} now); rerun with the settings it "
+                             "was made with, or choose a new --out")
+
+
 def fixed_batches(jobs: list[ImageJob], batch_size: int) -> list[list[ImageJob]]:
     """Consecutive jobs with the same sampling settings, cut every `batch_size`: a function of the whole job
     list only, so every run and every process agrees on them."""
@@ -206,6 +233,8 @@ class Runner:
         """Do `work` on this process's share of the batches not yet recorded; returns the images processed here.
         `work` returns one record per job (JSON-serialisable)."""
         done = self.done = self.manifest.read()
+        if stage == "image":  # images record their settings, and a rerun asking for others is refused
+            refuse_other_settings(self.out, done, jobs)
         batches = self.processes.mine(fixed_batches(jobs, batch_size))
         pending = [b for b in batches if any((stage, set_name, job.key) not in done for job in b)]
         total = sum(len(b) for b in pending)
@@ -217,6 +246,7 @@ class Runner:
         with tqdm(total=total, desc=label, unit=unit, disable=not self.progress, leave=False) as bar:
             for batch in pending:
                 records = [{"stage": stage, "set": set_name, "key": job.key, **record,
+                            **({"settings": job.settings} if stage == "image" else {}),
                             "process": self.processes.rank} for job, record in zip(batch, work(batch))]
                 self.manifest.append(records)
                 bar.update(len(batch))

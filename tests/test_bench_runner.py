@@ -172,3 +172,39 @@ def test_processes_claim_items_first_come_first_served(tmp_path):
     assert taken == ["a", "d"]
     processes.world = 1
     assert list(processes.claim(["a", "b", "e"], lock, lambda i: i in finished)) == ["b", "e"]
+
+
+class _Drawn:
+    """A stand-in pipeline: one grey image per prompt, counting what it draws."""
+
+    def __init__(self):
+        self.drawn = 0
+
+    def generate(self, prompts, **settings):
+        from PIL import Image
+
+        self.drawn += len(prompts)
+        return [Image.new("RGB", (4, 4), "grey") for _ in prompts]
+
+
+def test_a_rerun_with_other_sampling_settings_is_refused_not_served_old_images(tmp_path):
+    from benchmarks.runner import check_settings
+    from erasers.errors import UsageError
+
+    first, again = _Drawn(), _Drawn()
+    Runner(tmp_path, progress=False).generate("base", jobs(), lambda: first)
+    assert first.drawn == len(jobs())
+    assert Runner(tmp_path, progress=False).generate("base", jobs(), lambda: again) == 0 and again.drawn == 0
+    check_settings(tmp_path, jobs())  # the same settings resume
+    changed = [ImageJob(j.key, j.prompt, j.seed, steps=50, labels=j.labels) for j in jobs()]
+    reseeded = [ImageJob(j.key, j.prompt, j.seed + 1, steps=2, labels=j.labels) for j in jobs()]
+    for other, differs in ((changed, "steps 2 there, 50 now"), (reseeded, "seed 100 there, 101 now")):
+        with pytest.raises(UsageError, match=f"holds images made with other settings \\(base/job0: {differs}\\)"):
+            check_settings(tmp_path, other)
+        with pytest.raises(UsageError, match="other settings"):
+            Runner(tmp_path, progress=False).generate("base", other, lambda: again)
+    assert again.drawn == 0
+    # A manifest from before settings were recorded cannot be compared: its images are taken as they are.
+    legacy = tmp_path / "legacy"
+    Manifest(legacy).append([{"stage": "image", "set": "base", "key": "job0", "file": "x.png"}])
+    check_settings(legacy, changed)

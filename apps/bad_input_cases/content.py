@@ -307,3 +307,23 @@ CASES += [
     Case("toy build-vlm: --restart in a user's folder", "toy build-vlm world --restart --build-dir "
          "{users_folder_with_ckpt}", "carries no build marker"),
 ]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A benchmark run folder resumed with other sampling settings than its images were made with
+
+@fixture
+def i2p_run_of_another_seed(root):
+    run = root / "r"
+    run.mkdir()
+    settings = {"prompt": "A skull image in Flat style.", "seed": 999, "steps": None, "guidance": 5.0, "height": 32,
+                "width": 32}
+    record = {"stage": "image", "set": "base", "key": "0", "file": "images/base/0.png", "settings": settings}
+    (run / "manifest.jsonl").write_text(json.dumps(record) + "\n")
+    return str(run)
+
+
+CASES += [
+    Case("bench i2p: --out resumed with another seed than its images", "bench i2p --prompts {toy_i2p_csv} --limit 1 "
+         "--out {i2p_run_of_another_seed}", "seed 999 there, 188 now"),
+]
