@@ -53,12 +53,13 @@ def draw_anchor_latents(loaded: LoadedPipeline, anchors: list[str], count: int, 
     return latents, index
 
 
-def noised(loaded: LoadedPipeline, x_0: torch.Tensor, generator: torch.Generator):
-    """x_t at one uniformly drawn timestep per example, the timesteps, and what the denoiser should predict there
-    (the noise; v; Flux's velocity)."""
+def noised(loaded: LoadedPipeline, x_0: torch.Tensor, generator: torch.Generator,
+           timesteps: torch.Tensor | None = None):
+    """x_t at one uniformly drawn timestep per example (or at `timesteps`, MACE's drawn from its own
+    distribution), the timesteps, and what the denoiser should predict there (the noise; v; Flux's velocity)."""
     adapter = loaded.adapter
     noise = torch.randn(x_0.shape, generator=generator).to(x_0)
-    t = adapter.training_timesteps(len(x_0), generator)
+    t = adapter.training_timesteps(len(x_0), generator) if timesteps is None else timesteps
     target = adapter.prediction_target(x_0, noise, t.to(x_0.device))
     return adapter.add_noise(x_0, noise, t).to(loaded.dtype), t.to(loaded.device), target
 

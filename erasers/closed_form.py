@@ -9,11 +9,15 @@ times their mapped versions (refinement), or each concept's embeddings and (W0 +
 LoRAs). The right-hand matrix depends only on the inputs, so it is inverted once for every linear that reads them
 (a cross-attention's keys and values, every layer reading the same text states). In float64: the sums of outer
 products of text states span several orders of magnitude.
+
+Also the columns themselves: `token_columns`, the text states of prompts' tokens after the start token.
 """
 
 from __future__ import annotations
 
 import torch
+
+from .models import LoadedPipeline
 
 
 class LeastSquaresEdit:
@@ -35,3 +39,33 @@ class LeastSquaresEdit:
         for (scale, columns), target in zip(self.inputs, targets, strict=True):
             left = left + scale * target @ columns.T
         return left @ self.inverse
+
+
+def _states_tokenizer(loaded: LoadedPipeline):
+    """The tokenizer whose tokens the token states follow (CLIP on SD/SDXL, T5 on Flux), its padded length, and
+    the first position after its start token (T5 has none)."""
+    name = loaded.adapter.token_states_encoder
+    tokenizer = loaded.tokenizers[name.replace("text_encoder", "tokenizer")]
+    start = 1 if tokenizer.bos_token_id is not None else 0
+    return tokenizer, loaded.adapter.text_length(name), start
+
+
+def token_counts(loaded: LoadedPipeline, prompts: list[str], include_padding: bool = False) -> list[int]:
+    tokenizer, length, _ = _states_tokenizer(loaded)
+    if include_padding:
+        return [length] * len(prompts)
+    return [min(len(ids), length) for ids in tokenizer(prompts, truncation=True, max_length=length).input_ids]
+
+
+def token_columns(loaded: LoadedPipeline, prompts: list[str], lengths: list[int] | None = None,
+                  inputs: torch.Tensor | None = None) -> torch.Tensor:
+    """Text embeddings of each prompt's tokens after the start token, through its end token (or the first
+    `lengths[i]` positions), stacked as columns: (d, n). `inputs`: what a projection reads, (levels, batch, tokens,
+    width) (default: the text states themselves, one level)."""
+    if inputs is None:
+        with torch.no_grad():
+            inputs = loaded.encode_text(prompts).states[None]
+    inputs = inputs.double().cpu()
+    lengths = lengths or token_counts(loaded, prompts)
+    start = _states_tokenizer(loaded)[2]
+    return torch.cat([level[i, start:lengths[i]] for level in inputs for i in range(len(prompts))]).T

@@ -1,5 +1,6 @@
-"""Reading a user's images (one check for every command that takes them), image grids and atomic image writes,
-shared by `erasure generate`, compare, the benchmarks and the VLM commands."""
+"""Reading a user's images (one check for every command that takes them; a folder of a concept's images, with masks
+for MACE), image grids and atomic image writes, shared by `erasure generate`, compare, the benchmarks, the erasers
+that take --images and the VLM commands."""
 
 from __future__ import annotations
 
@@ -32,6 +33,57 @@ def open_image(path: str | Path | None, remedy: str = "pass a .png or .jpg file"
                          f"limit); resize it first or {remedy}") from None
     except (OSError, ValueError):
         raise UsageError(f"{path} is not a readable image; {remedy}") from None
+
+
+# A user's folder of a concept's images (`erase --images DIR`: Co-Erasing's and MACE's training images).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+IMAGES_REMEDY = "remove it from the --images folder"
+MASK_SUFFIX = "_mask"  # MACE: a mask <name>_mask.png marks the concept in the image <name>.png
+
+
+def image_files(folder: str) -> list[Path]:
+    """The image files of a user's folder, sorted; a clear error when there are none."""
+    path = Path(folder).expanduser()
+    if not path.is_dir():
+        raise UsageError(f"--images {folder} is not a folder; pass a folder of images of the concept")
+    try:
+        files = sorted(f for f in path.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+    except OSError as error:
+        raise UsageError(f"--images {folder} cannot be read ({error.strerror}); check its permissions") from None
+    if not files:
+        raise UsageError(f"--images {folder} holds no images ({', '.join(IMAGE_SUFFIXES)}); add images of the "
+                         "concept or leave --images out to generate them")
+    return files
+
+
+def read_images(files: list[Path]):
+    return [open_image(file, IMAGES_REMEDY) for file in files]
+
+
+def images_with_masks(folder: str | Path) -> list[tuple[Path, Path | None]]:
+    """The folder's images, each with its mask `<name>_mask.<ext>` when there is one (MACE's --images)."""
+    files = image_files(str(folder))
+    masks = {f.stem[:-len(MASK_SUFFIX)]: f for f in files if f.stem.endswith(MASK_SUFFIX)}
+    images = [f for f in files if not f.stem.endswith(MASK_SUFFIX)]
+    orphan = sorted(set(masks) - {f.stem for f in images})
+    if not images or orphan:
+        what = f"the mask {masks[orphan[0]].name} has no image beside it" if orphan else "it holds only masks"
+        raise UsageError(f"--images {folder}: {what}; a mask <name>_mask.png marks the concept in the image <name>")
+    return [(f, masks.get(f.stem)) for f in images]
+
+
+def concept_folders(folder: str, concepts: list[str]) -> list[Path]:
+    """Each concept's image folder: DIR/<concept>/ (spaces or underscores), or DIR itself for a single concept."""
+    root = Path(folder).expanduser()
+    found = []
+    for concept in concepts:
+        candidates = [root / name for name in (concept, concept.replace(" ", "_"), concept.replace("_", " "))]
+        subfolder = next((path for path in candidates if path.is_dir()), None)
+        if subfolder is None and len(concepts) > 1:
+            raise UsageError(f"--images {folder}: erasing several concepts needs a folder of images per concept, "
+                             f"{root / concept}/ and so on; add one for {concept!r}")
+        found.append(subfolder or root)
+    return found
 
 
 def image_grid(images: list[Image.Image], columns: int, scale: int = 1) -> Image.Image:

@@ -95,6 +95,13 @@ def remove_lora(loaded) -> None:
         denoiser.disable_gradient_checkpointing()
 
 
+def lora_deltas(denoiser: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """What adapter `name` adds to each weight it wraps, dW = scale B A, by the wrapped layer's name (float64, CPU):
+    MACE fuses its LoRAs into plain weights from these."""
+    return {key: module.get_delta_weight(name).detach().double().cpu() for key, module in denoiser.named_modules()
+            if isinstance(getattr(module, "lora_A", None), nn.ModuleDict) and name in module.lora_A}
+
+
 class LoraEdit(nn.Module):
     """An erase's "adapter" component: the adapter's weights (as parameters, which save_edit checks are finite) and
     `save_pretrained(dir)`, writing them with the pipeline class's own `save_lora_weights` plus `info` as

@@ -16,7 +16,7 @@ from torch import nn
 from .errors import UsageError
 from .models import LoadedPipeline
 from .prompts import EraseRequest
-from .validation import validate_config
+from .validation import field_kind, validate_config
 
 
 class Eraser:
@@ -156,7 +156,7 @@ def families_matrix() -> dict[str, dict[str, bool]]:
 def _coerce(value: Any, field: dataclasses.Field, method: str) -> Any:
     if not isinstance(value, str):
         return value
-    kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
+    kind = field_kind(field)[0]  # "float | None" (a value a preset fills in when not given) reads as "float"
     try:
         if kind == "int":
             return int(value)

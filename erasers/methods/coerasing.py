@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UsageError, first_line
-from ..images import open_image
+from ..images import IMAGES_REMEDY, image_files, open_image, read_images
 from ..losses import FrozenOriginal, check_contrast, contrast_states, esd_target, predict_noise, sample_partially
 from ..models import LoadedPipeline
 from ..parameters import PARAMETER_SETS, trainable_parameters
@@ -50,8 +50,6 @@ from ..precision import build_optimizer, finish, train_only
 from ..prompts import EraseRequest
 from ..registry import Eraser, register
 from ..train import ParameterState, TrainingLoop
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 @dataclass
@@ -92,28 +90,6 @@ class CoErasingConfig:
         if self.images:  # every file's header now: a damaged image or a decompression bomb fails before the model loads
             for file in image_files(self.images):
                 open_image(file, IMAGES_REMEDY, header_only=True)
-
-
-def image_files(folder: str) -> list[Path]:
-    """The image files of a user's folder, sorted; a clear error when there are none."""
-    path = Path(folder).expanduser()
-    if not path.is_dir():
-        raise UsageError(f"--images {folder} is not a folder; pass a folder of images of the concept")
-    try:
-        files = sorted(f for f in path.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
-    except OSError as error:
-        raise UsageError(f"--images {folder} cannot be read ({error.strerror}); check its permissions") from None
-    if not files:
-        raise UsageError(f"--images {folder} holds no images ({', '.join(IMAGE_SUFFIXES)}); add images of the "
-                         "concept or leave --images out to generate them")
-    return files
-
-
-IMAGES_REMEDY = "remove it from the --images folder"
-
-
-def read_images(files: list[Path]):
-    return [open_image(file, IMAGES_REMEDY) for file in files]
 
 
 def concept_images(loaded: LoadedPipeline, request: EraseRequest, cfg: CoErasingConfig, work_dir: Path | None):

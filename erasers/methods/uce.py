@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..closed_form import LeastSquaresEdit
+from ..closed_form import LeastSquaresEdit, token_columns, token_counts
 from ..models import LoadedPipeline
 from ..prompts import EraseRequest
 from ..registry import Eraser, register
@@ -34,36 +34,6 @@ class UCEConfig:
     # by the UNet and carry the prompt, concept included: editing only the prompt's own tokens leaves the
     # concept recoverable from them (measured on ToyCanvas: UA on an object stops near 80%).
     include_padding: bool = True
-
-
-def _states_tokenizer(loaded: LoadedPipeline):
-    """The tokenizer whose tokens the token states follow (CLIP on SD/SDXL, T5 on Flux), its padded length, and
-    the first position after its start token (T5 has none)."""
-    name = loaded.adapter.token_states_encoder
-    tokenizer = loaded.tokenizers[name.replace("text_encoder", "tokenizer")]
-    start = 1 if tokenizer.bos_token_id is not None else 0
-    return tokenizer, loaded.adapter.text_length(name), start
-
-
-def token_counts(loaded: LoadedPipeline, prompts: list[str], include_padding: bool = False) -> list[int]:
-    tokenizer, length, _ = _states_tokenizer(loaded)
-    if include_padding:
-        return [length] * len(prompts)
-    return [min(len(ids), length) for ids in tokenizer(prompts, truncation=True, max_length=length).input_ids]
-
-
-def token_columns(loaded: LoadedPipeline, prompts: list[str], lengths: list[int] | None = None,
-                  inputs: torch.Tensor | None = None) -> torch.Tensor:
-    """Text embeddings of each prompt's tokens after the start token, through its end token (or the first
-    `lengths[i]` positions), stacked as columns: (d, n). `inputs`: what a projection reads, (levels, batch, tokens,
-    width) (default: the text states themselves, one level)."""
-    if inputs is None:
-        with torch.no_grad():
-            inputs = loaded.encode_text(prompts).states[None]
-    inputs = inputs.double().cpu()
-    lengths = lengths or token_counts(loaded, prompts)
-    start = _states_tokenizer(loaded)[2]
-    return torch.cat([level[i, start:lengths[i]] for level in inputs for i in range(len(prompts))]).T
 
 
 @register("uce", "closed-form edit of cross-attention keys/values", preserves=True, reads_anchors=True,
