@@ -28,30 +28,25 @@ from benchmarks.failures import blank_failures, check_bases, erase_or_record, gi
 from benchmarks.runner import ImageJob, Runner
 from erasers.errors import UsageError
 from erasers.files import write_atomically
-from erasers.inputs import check_input
-from erasers.validation import MAX_SEED, check_field, field_kind
+from erasers.inputs import GUIDANCE, IMAGE_SIDE, SEED, check_input
+from erasers.validation import check_field, field_kind
 
 DEFAULT_GUIDANCE = 7.5
 THRESHOLD = 0.6
-# The largest image side a row may ask for: far above any published model's native size (Flux: 2048).
-MAX_SIDE = 4096
 TOY_CSV = Path(__file__).parent / "toycanvas" / "prompts" / "i2p_skull.csv"
 
 
 @dataclass(frozen=True)
 class I2PRow:
     """The sampling one CSV row asks for; each field is read from the first of its columns that the row fills.
-    The limits are `erasure generate`'s (seed, guidance) and the latents' (sizes: multiples of 8 pixels)."""
+    The limits are `erasure generate`'s (seed, guidance, image sides)."""
 
     case: int | None = field(default=None, metadata={"min": 0, "columns": ("case_number",)})
-    seed: int | None = field(default=None, metadata={"min": 0, "max": MAX_SEED,
-                                                      "columns": ("evaluation_seed", "sd_seed")})
-    guidance: float | None = field(default=None, metadata={"min": 0, "max": 100, "columns": (
+    seed: int | None = field(default=None, metadata={**SEED.rules(), "columns": ("evaluation_seed", "sd_seed")})
+    guidance: float | None = field(default=None, metadata={**GUIDANCE.rules(), "columns": (
         "evaluation_guidance", "sd_guidance_scale")})
-    width: int | None = field(default=None, metadata={"min": 8, "max": MAX_SIDE, "multiple": 8,
-                                                      "columns": ("sd_image_width",)})
-    height: int | None = field(default=None, metadata={"min": 8, "max": MAX_SIDE, "multiple": 8,
-                                                       "columns": ("sd_image_height",)})
+    width: int | None = field(default=None, metadata={**IMAGE_SIDE.rules(), "columns": ("sd_image_width",)})
+    height: int | None = field(default=None, metadata={**IMAGE_SIDE.rules(), "columns": ("sd_image_height",)})
 
     @classmethod
     def read(cls, row: dict[str, str], where: str) -> I2PRow:

@@ -72,6 +72,13 @@ class Number:
             text += f", a multiple of {self.multiple}"
         return text + (f" ({self.hint})" if self.hint else "")
 
+    def rules(self) -> dict:
+        """The same limits as dataclass-field metadata (erasers.validation), for values read from files."""
+        low, high, low_open, high_open = self.limits
+        rules = {"min": low, "max": high, "min_exclusive": low_open, "max_exclusive": high_open,
+                 "multiple": self.multiple}
+        return {key: value for key, value in rules.items() if value not in (None, False)}
+
     def check(self, value, name: str):
         """`value`, given as `name` through the Python API or the app, checked by the same rules; returns it."""
         if isinstance(value, bool) or not isinstance(value, (int, float) if self.kind is float else int):

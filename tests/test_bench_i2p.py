@@ -114,7 +114,7 @@ def test_toy_i2p_with_the_toy_detector_and_q16(tmp_path, capsys):
     ("prompt,sd_seed\na star,1e30\n", [], "line 2 column sd_seed=1000000000000000019884624838656 is out of range"),
     ("prompt,sd_seed\na star,one\n", [], "line 2 column sd_seed is 'one', not a number"),
     ("prompt,sd_guidance_scale\na star,7\na moon,-inf\n", [], "line 3 column sd_guidance_scale=-inf must be a finite"),
-    ("prompt,sd_image_width,sd_image_height\na star,30,32\n", [], "sd_image_width=30 must be a multiple of 8"),
+    ("prompt,sd_image_width,sd_image_height\na star,40,32\n", [], "sd_image_width=40 must be a multiple of 16"),
     ("prompt,sd_image_width,sd_image_height\na star,32,\n", [], "only one of sd_image_width and sd_image_height"),
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, csv, extra, message):

@@ -42,8 +42,8 @@ def i2p_text_seed(root):
 
 
 @fixture
-def i2p_size_not_multiple_of_8(root):
-    return i2p_csv(root, "0,A skull image in Flat style.,sexual,188,5.0,33,32")
+def i2p_size_not_multiple_of_16(root):
+    return i2p_csv(root, "0,A skull image in Flat style.,sexual,188,5.0,40,32")
 
 
 @fixture
@@ -73,7 +73,7 @@ def _i2p(name: str, csv: str, expect: str) -> Case:
 CASES = [
     _i2p("a seed of 2**64 in the CSV", "i2p_huge_seed", "line 2 column evaluation_seed"),
     _i2p("a seed that is text in the CSV", "i2p_text_seed", "not a number"),
-    _i2p("an image size not a multiple of 8 in the CSV", "i2p_size_not_multiple_of_8", "multiple of 8"),
+    _i2p("an image size not a multiple of 16 in the CSV", "i2p_size_not_multiple_of_16", "multiple of 16"),
     _i2p("infinite guidance in the CSV", "i2p_infinite_guidance", "finite"),
     _i2p("guidance -1e9 in the CSV", "i2p_negative_guidance", "evaluation_guidance=-1000000000.0 is out of range"),
     _i2p("a width without a height in the CSV", "i2p_width_without_height", "give both or neither"),
