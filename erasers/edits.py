@@ -220,6 +220,8 @@ def base_mismatch(loaded: LoadedPipeline, meta: dict, path: Path) -> str | None:
     family = meta.get("base_family")
     if family is not None and family != loaded.family.name:
         return f"{family} family; this pipeline is {loaded.family.name}"
+    if not meta["components"]:  # training-free: no weights, it acts through whichever pipeline draws (guidance.py)
+        return None
     if "base_weights" in meta:
         return weights_mismatch(meta["base_weights"], loaded)
     # An edit from before base_weights: compare what it recorded where that can be compared. An SPM adapter's
