@@ -77,7 +77,7 @@ class Number:
         low, high, low_open, high_open = self.limits
         rules = {"min": low, "max": high, "min_exclusive": low_open, "max_exclusive": high_open,
                  "multiple": self.multiple}
-        return {key: value for key, value in rules.items() if value not in (None, False)}
+        return {key: value for key, value in rules.items() if value is not None and value is not False}
 
     def check(self, value, name: str):
         """`value`, given as `name` through the Python API or the app, checked by the same rules; returns it."""
