@@ -165,8 +165,9 @@ def add_commands(commands) -> None:
     erase.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a method option")
     erase.add_argument("--seed", type=SEED, help="seed of the run")
     erase.add_argument("--images", metavar="DIR", type=existing_dir("--images folder", "pass a folder of the "
-                       "concept's images"), help="a folder of the concept's images (coerasing; default: "
-                       "generate them with the base model)")
+                       "concept's images"), help="a folder of the concept's images (coerasing; mace, with "
+                       "<name>_mask.png masks and DIR/<concept>/ per concept; default: generate them with the base "
+                       "model)")
     erase.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     erase.add_argument("--precision", choices=("fp32", "fp16", "bf16"), help="dtype of the frozen weights; trained "
                        "parameters stay fp32 (default: bf16 on a GPU that supports it, fp32 on CPU)")

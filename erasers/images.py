@@ -67,7 +67,7 @@ def images_with_masks(folder: str | Path) -> list[tuple[Path, Path | None]]:
     images = [f for f in files if not f.stem.endswith(MASK_SUFFIX)]
     orphan = sorted(set(masks) - {f.stem for f in images})
     if not images or orphan:
-        what = f"the mask {masks[orphan[0]].name} has no image beside it" if orphan else "it holds only masks"
+        what = f"the mask {masks[orphan[0]].name} has no image beside it" if images else "it holds only masks"
         raise UsageError(f"--images {folder}: {what}; a mask <name>_mask.png marks the concept in the image <name>")
     return [(f, masks.get(f.stem)) for f in images]
 
