@@ -41,12 +41,14 @@ class VLMState:
     edits_dir: Path | None
     loaded: object = None
     cache: dict = field(default_factory=dict)
+    allow_other_base: bool = False  # `erasure app --allow-other-base`: edits made for another base model apply too
 
     def vlm(self):
         if self.loaded is None:
             from vlm.models import load_vlm
 
             self.loaded = load_vlm(self.model)
+            self.loaded.allow_other_base = self.allow_other_base
         return self.loaded
 
 
@@ -82,7 +84,8 @@ def example_image():
 
 
 def vlm_tab(state) -> None:
-    vlm_state = VLMState(os.environ.get("ERASURE_APP_VLM", "toy-vlm"), getattr(state, "edits_dir", None))
+    vlm_state = VLMState(os.environ.get("ERASURE_APP_VLM", "toy-vlm"), getattr(state, "edits_dir", None),
+                         allow_other_base=getattr(state, "allow_other_base", False))
     with gr.Tab("VLM"):
         names = list(vlm_edits(vlm_state.edits_dir))
         with gr.Row():

@@ -255,7 +255,8 @@ def cmd_bench_mllmu_med(args) -> None:
     from benchmarks.mllmu_med import EvalConfig, report_markdown, run
 
     cfg = EvalConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-    result = run(args.model, args.concept, args.edit, args.data, args.out, cfg, args.device)
+    result = run(args.model, args.concept, args.edit, args.data, args.out, cfg, args.device,
+                 allow_other_base=args.allow_other_base)
     print(report_markdown(result))
     if args.out:
         print(f"wrote {args.out}/results.json and {args.out}/report.md")
@@ -315,8 +316,8 @@ def add_commands(commands) -> None:
     bench_commands = bench.add_subparsers(dest="bench_command", required=True)
     med = bench_commands.add_parser("mllmu-med", help="forget / test / retain accuracy, ROUGE-L and UES of a VLM edit")
     med.add_argument("--model", default="toy-vlm")
-    med.add_argument("--edit", type=inputs.VLM_EDIT_DIR, help="edit directory (leave out to evaluate the base model "
-                     "alone)")
+    add_edit_arguments(med, "edit directory (leave out to evaluate the base model alone)", inputs.VLM_EDIT_DIR,
+                       repeat=False)
     med.add_argument("--concept", help="ToyCanvas object or forget_5/10/15 (default: the edit's)")
     med.add_argument("--data", type=inputs.MLLMU_DATA_DIR, help="MLLMU-Bench layout directory (default: the toy "
                      "world's MLLMU-Med)")

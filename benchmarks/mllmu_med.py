@@ -161,9 +161,9 @@ def unlearning_efficiency(base: dict, edited: dict) -> dict:
 
 def run(model: str, concept: str | None = None, edit: str | Path | None = None, data: str | Path | None = None,
         out: str | Path | None = None, cfg: EvalConfig = EvalConfig(), device: str | None = None,
-        progress: bool = True) -> dict:
+        progress: bool = True, allow_other_base: bool = False) -> dict:
     """Evaluate the base model and, with `edit`, the edited one on `concept`'s sets; writes results.json and
-    report.md under `out` when given."""
+    report.md under `out` when given. `allow_other_base` applies an edit made for another base model too."""
     from vlm.edits import check_applies, read_vlm_edit
     from vlm.models import load_vlm
     from vlm.targets import resolve_target
@@ -178,6 +178,7 @@ def run(model: str, concept: str | None = None, edit: str | Path | None = None, 
         raise UsageError(f"the edit erased {metadata['concept']!r}, not {concept!r}; leave out --concept")
     target = resolve_target(concept, data)
     loaded = load_vlm(model, device=device)
+    loaded.allow_other_base = allow_other_base
     check_applies(loaded, edit)  # an edit that does not fit fails now, not after the base model's evaluation
     result = {"model": model, "concept": concept, "data": target.source, "edit": str(edit) if edit else None,
               "protocol": asdict(cfg), "base": evaluate_target(loaded, target, None, cfg, progress)}

@@ -200,13 +200,17 @@ def check_base(loaded: LoadedPipeline, meta: dict, path, allow_other_base: bool 
     """Refuse an edit made for another base model than `loaded` (its family, or its recorded weights), unless
     `allow_other_base`: then it loads, with a note on stderr."""
     why = base_mismatch(loaded, meta, Path(path))
-    if why is None:
-        return
-    error = other_base_error(path, meta.get("base_model") or "a model it does not name", loaded.source, why)
+    if why is not None:
+        other_base(path, meta.get("base_model"), loaded.source, why, allow_other_base, loaded.pipeline)
+
+
+def other_base(path, made_for: str | None, here: str, why: str, allow_other_base: bool, model: object) -> None:
+    """An edit at `path` made for another base model than `here` (`why`), for every loader of edits (diffusion and
+    VLM): refused in one line, or with `allow_other_base` loaded with a note, once per loaded `model`."""
     if not allow_other_base:
-        raise error
-    noted = _NOTED.setdefault(loaded.pipeline, set())
-    if str(path) not in noted:  # once per pipeline, though a command may check an edit before it loads it
+        raise other_base_error(path, made_for or "a model it does not name", here, why)
+    noted = _NOTED.setdefault(model, set())
+    if str(path) not in noted:  # a command may check an edit before it loads it
         noted.add(str(path))
         print(f"erasure: note: {path} was made for another base model ({why}); loading it anyway "
               "(--allow-other-base)", file=sys.stderr)

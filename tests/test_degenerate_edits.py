@@ -140,3 +140,13 @@ def test_the_app_captions_a_blank_image_as_a_failed_edit_not_with_a_classifier_r
     state = AppState("toy", None, classifier=object())  # would fail if it were asked
     assert _readout(state, image) == " | failed: a blank image (non-finite values (NaN or inf)), not an erasure; " \
         "no classifier reading"
+
+
+def test_the_app_leaves_out_an_edit_that_cannot_load_instead_of_failing_to_start(nan_edit, tmp_path, capsys,
+                                                                                  monkeypatch):
+    from apps.app import build_app
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))  # build_app points it under its output
+    build_app("toy", nan_edit.parent, tmp_path / "app-output", generate_on_load=False)
+    skipped = [line for line in capsys.readouterr().err.splitlines() if "skipping the edit nan-edit" in line]
+    assert len(skipped) == 1 and "non-finite weights" in skipped[0], skipped

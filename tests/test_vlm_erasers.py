@@ -156,7 +156,8 @@ def test_edit_metadata_and_bad_edits(tiny_dirs, llava, tmp_path):
         _erase(llava, "mllmeraser", {"pgd_steps": 1}, tmp_path)
     # Another family's model refuses it.
     qwen = load_vlm(str(tiny_dirs["qwen2.5-vl"]), device="cpu")
-    with pytest.raises(UsageError, match="made for a llava model"):
+    with pytest.raises(UsageError, match=r"made for another base model \(.*; llava family; this model is qwen2.5-vl\), "
+                       "not .*--allow-other-base"):
         with applied(qwen, edit):
             pass
     # A truncated tensor file and a corrupt erasure.json are one clear error each.
@@ -326,3 +327,17 @@ def test_a_damaged_edit_is_one_line_before_any_hook_runs(llava, tmp_path, method
     with pytest.raises(UsageError, match=re.escape(message)):
         with applied(llava, broken):
             pytest.fail("the damaged edit was applied")
+
+
+def test_a_vlm_edit_for_other_weights_is_refused_unless_the_override_asks(tiny_dirs, llava, tmp_path, capsys):
+    edit = _erase(llava, "mllmeraser", {"pgd_steps": 1}, tmp_path)
+    other = load_vlm(str(tiny_dirs["llava"]), device="cpu")  # the same family with other weights, as a fine-tune
+    with torch.no_grad():
+        other.model.get_input_embeddings().weight.mul_(1.5)
+    with pytest.raises(UsageError, match=r"made for another base model .*weights differ.*--allow-other-base"):
+        with applied(other, edit):
+            pass
+    other.allow_other_base = True
+    with applied(other, edit) as metadata:
+        assert metadata["method"] == "mllmeraser"
+    assert "loading it anyway (--allow-other-base)" in capsys.readouterr().err

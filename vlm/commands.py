@@ -35,6 +35,7 @@ def cmd_vlm_ask(args) -> None:
     if args.edit:
         read_vlm_edit(args.edit)  # a bad edit fails before the model loads
     loaded = load_vlm(args.model, device=args.device)
+    loaded.allow_other_base = args.allow_other_base
     before, after = ask_before_after(loaded, args.edit, image, args.question, args.max_new_tokens)
     print(f"base:   {before}")
     if after is not None:
@@ -43,6 +44,7 @@ def cmd_vlm_ask(args) -> None:
 
 def add_commands(commands) -> None:
     """`erasure vlm methods | erase | ask`, added to the `erasure` parser's subcommands."""
+    from erasers.commands import add_edit_arguments
     from erasers.inputs import MLLMU_DATA_DIR, POSITIVE, SEED, VLM_EDIT_DIR, existing_file
 
     vlm = commands.add_parser("vlm", help="concept erasure for vision-language models (LLaVA, Qwen2.5-VL, toy-vlm)")
@@ -66,7 +68,7 @@ def add_commands(commands) -> None:
 
     ask = sub.add_parser("ask", help="a question about an image, answered by the base model and the edited one")
     ask.add_argument("--model", default="toy-vlm")
-    ask.add_argument("--edit", type=VLM_EDIT_DIR, help="edit directory of `erasure vlm erase`")
+    add_edit_arguments(ask, "edit directory of `erasure vlm erase`", VLM_EDIT_DIR, repeat=False)
     ask.add_argument("--image", type=existing_file("image", "pass an image file (.png, .jpg)"),
                      help="image file (leave out for a text-only question)")
     ask.add_argument("--question", required=True)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from erasers.core import check_new_output
-from erasers.edits import METADATA, check_metadata_fields, model_kind, publish_with_metadata
+from erasers.edits import METADATA, check_metadata_fields, model_kind, other_base, publish_with_metadata
 from erasers.errors import UsageError
 from erasers.files import read_json, writing_into
 from erasers.inputs import check_input
@@ -148,11 +148,15 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def check_base(loaded: LoadedVLM, metadata: dict, path: Path) -> None:
+    """An edit made for another base model (its family, or its fingerprint) is refused in the one line a diffusion
+    edit gets (erasers.edits.other_base), unless the model was loaded with `allow_other_base`."""
     if metadata["base_family"] != loaded.family.name:
-        raise UsageError(f"{path} was made for a {metadata['base_family']} model ({metadata['base_model']}); this "
-                         f"model is {loaded.family.name}: load the edit onto its own base model")
-    if metadata["base_fingerprint"] != vlm_fingerprint(loaded):
-        raise UsageError(f"{path} was made for another model ({metadata['base_model']}); load it onto that model")
+        why = f"{metadata['base_family']} family; this model is {loaded.family.name}"
+    elif metadata["base_fingerprint"] != vlm_fingerprint(loaded):
+        why = "its weights differ from the ones it records"
+    else:
+        return
+    other_base(path, metadata.get("base_model"), loaded.source, why, loaded.allow_other_base, loaded.model)
 
 
 @contextmanager

@@ -46,6 +46,8 @@ class LoadedVLM:
     family: VLMFamily
     source: str
     is_toy: bool = False
+    # Apply edits made for another base model too (--allow-other-base; vlm.edits.check_base refuses them otherwise).
+    allow_other_base: bool = False
 
     @property
     def layers(self) -> nn.ModuleList:
