@@ -248,8 +248,10 @@ class MACE(Eraser):
             raise UsageError(f"mace keeps --preserve prompts with weight preserve_scale x domain_weight, 0 in the "
                              f"{cfg.preset} preset here; pass --set preserve_scale=1e-4 --set domain_weight=1e4 "
                              "(or other values above 0), or drop --preserve")
+        if not cfg.suppress:
+            return
         self.suppressed_positions(loaded, request)  # a prompt without the concept's tokens fails here
-        if cfg.images and cfg.suppress:
+        if cfg.images:
             for folder in concept_folders(cfg.images, request.concepts):
                 read_images([path for pair in images_with_masks(folder) for path in pair if path is not None])
 
