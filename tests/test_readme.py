@@ -59,10 +59,22 @@ def leaf_parser(parser: argparse.ArgumentParser, arguments: list[str]) -> argpar
     return parser
 
 
+def without_path_checks(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The parser with every option that checks an existing path (erasers.inputs) taking any text instead: the
+    documents' example paths (runs/no-arrow) exist only on a reader's machine."""
+    for action in parser._actions:
+        if getattr(action.type, "reads_path", False):
+            action.type = str
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                without_path_checks(sub)
+    return parser
+
+
 def check_erasure_command(arguments: list[str]) -> None:
     """Raise AssertionError unless `erasure ARGUMENTS` parses and names only flags its subcommand defines (exactly:
     argparse would also accept an abbreviation, which a README should not rely on)."""
-    parser = make_parser()
+    parser = without_path_checks(make_parser())
     try:
         parser.parse_args(arguments)
     except SystemExit as exit_:
