@@ -135,6 +135,8 @@ def cmd_methods(args) -> None:
 
     for name, entry in sorted(available_methods().items()):
         print(f"{name:10s} {entry.summary}")
+        if entry.multi_concept:
+            print(f"{'':10s} several concepts: {entry.multi_concept}")
 
 
 def add_commands(commands) -> None:

@@ -74,6 +74,9 @@ class MethodEntry:
     # erase refuses either option for a method that would ignore it.
     reads_anchors: bool = False
     reads_preserve: bool = False
+    # How it combines several concepts of one request, in words ("one loss over all", "one closed form", "one
+    # adapter each"): `erasure methods` and erasers/README's method table show it.
+    multi_concept: str = ""
     # How an edit of it loads when it is not (only) weights in diffusers format: apply(loaded, edit_dir, metadata)
     # installs its "adapter" component (SPM's LoRA) or its guidance (SLD) on a loaded pipeline. None: the edit's
     # components load with `from_pretrained` in place of the pipeline's.

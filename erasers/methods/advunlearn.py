@@ -138,7 +138,8 @@ def cached_trajectories(loaded: LoadedPipeline, retain_states, empty, cfg: AdvUn
                         "ddim_steps": 10, "contrast": "neutral", "attack_tokens": 5, "eta": 2.0,
                         "retain_latents": "cached"},
           quick={"iterations": 8, "warmup": 4, "attack_steps": 2, "ddim_steps": 4, "retain_batch": 2, "lr": 1e-3,
-                 "layers": "all", "retain_weight": 3.0}, preserves=True, reads_preserve=True)
+                 "layers": "all", "retain_weight": 3.0}, preserves=True, reads_preserve=True,
+          multi_concept="one loss over all: each step one concept's prompt, attacked")
 class AdvUnlearn(Eraser):
     config_class = AdvUnlearnConfig
 

@@ -114,7 +114,8 @@ TOY_DEFAULTS = {"parameters": "embedding", "lr": 1e-2, "iterations": 200, "ancho
           quick={"iterations": 8, "batch_size": 2, "anchor_images": 3, "sample_steps": 2, "lr": 1e-2},
           # The paper's noise target, and its default group (the text-reading keys and values) at the best toy lr.
           variants={"noise": {"target": "noise"}, "kv": {"parameters": "xattn-strict", "lr": 3e-4, "iterations": 300}},
-          step_cost_models=("toy", "sd15"), reads_anchors=True)
+          step_cost_models=("toy", "sd15"), reads_anchors=True,
+          multi_concept="one loss over all: every concept's prompts pulled to their anchors")
 class ConceptAblation(Eraser):
     config_class = CAConfig
 

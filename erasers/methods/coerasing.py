@@ -175,7 +175,8 @@ def _companion_path(loaded: LoadedPipeline, value: str, name: str) -> str:
                         "ip_adapter_weight": "ip-adapter.safetensors"},
           quick={"parameters": "xattn", "text_iterations": 4, "image_iterations": 4, "ddim_steps": 4,
                  "image_count": 2, "lr": 1e-3},
-          needs=("ip_adapter",), variants={"norefine": {"refine": False}})
+          needs=("ip_adapter",), variants={"norefine": {"refine": False}},
+          multi_concept="one loss over all: text and image steps draw any concept's prompt and images")
 class CoErasing(Eraser):
     config_class = CoErasingConfig
 

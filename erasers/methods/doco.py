@@ -190,7 +190,8 @@ TOY_DEFAULTS = {"lr": 3e-4, "iterations": 300, "batch_size": 4, "warmup_steps": 
           quick={"iterations": 8, "warmup_steps": 2, "batch_size": 2, "anchor_images": 3, "sample_steps": 2,
                  "lr": 1e-3, "preserve_weight": 1.0},
           variants={"nosurgery": {"surgery": False}, "noadv": {"adversarial": False}},
-          step_cost_models=("toy", "sd15"), reads_anchors=True, reads_preserve=True)
+          step_cost_models=("toy", "sd15"), reads_anchors=True, reads_preserve=True,
+          multi_concept="one loss over all: every concept's prompts pulled to their anchors")
 class DoCo(Eraser):
     config_class = DoCoConfig
 

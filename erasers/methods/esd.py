@@ -54,6 +54,9 @@ class ESDConfig:
         check_contrast("esd", self.contrast)
 
 
+# The three variants take several concepts alike: each step draws one prompt from every concept's prompts.
+ESD_MULTI_CONCEPT = "one loss over all: each step a prompt of any concept"
+
 # Toy defaults measured on ToyCanvas (benchmarks/method_table.py; README): the tiny UNet needs larger steps than
 # SD's 1e-5 to reach UA >= 90% in a few hundred iterations, and the neutral contrast: guided away from the empty
 # prompt, ESD-x erased the objects of the Stripes captions and left the stripes (UA 5%), ESD-u half the arrows.
@@ -62,15 +65,17 @@ class ESDConfig:
 @register("esd-x", "ESD on the UNet's cross-attention (styles, artists)", defaults={"parameters": "xattn"},
           reads_anchors=True,
           toy_defaults={"lr": 3e-4, "iterations": 300, "ddim_steps": 10, "contrast": "neutral"},
-          quick={"iterations": 8, "ddim_steps": 4, "lr": 1e-3}, step_cost_models=("toy", "sd15", "sdxl"))
+          quick={"iterations": 8, "ddim_steps": 4, "lr": 1e-3}, step_cost_models=("toy", "sd15", "sdxl"),
+          multi_concept=ESD_MULTI_CONCEPT)
 @register("esd-u", "ESD on the UNet outside cross-attention (global concepts such as nudity)",
           defaults={"parameters": "noxattn"}, reads_anchors=True,
           toy_defaults={"lr": 2e-4, "eta": 4.0, "iterations": 300, "ddim_steps": 10, "contrast": "neutral"},
-          quick={"iterations": 8, "ddim_steps": 4, "lr": 3e-4}, step_cost_models=("toy", "sd15"))
+          quick={"iterations": 8, "ddim_steps": 4, "lr": 3e-4}, step_cost_models=("toy", "sd15"),
+          multi_concept=ESD_MULTI_CONCEPT)
 @register("esd-te", "ESD through the text encoder, UNet frozen", defaults={"parameters": "text_encoder"},
           reads_anchors=True,
           toy_defaults={"lr": 1e-4, "iterations": 200, "ddim_steps": 10},
-          quick={"iterations": 8, "ddim_steps": 4, "lr": 1e-3}, step_cost_models=())
+          quick={"iterations": 8, "ddim_steps": 4, "lr": 1e-3}, step_cost_models=(), multi_concept=ESD_MULTI_CONCEPT)
 class ESD(Eraser):
     config_class = ESDConfig
 

@@ -155,7 +155,8 @@ TOY_DEFAULTS = {"parameters": "xattn", "lr": 2e-4, "iterations": 100, "sample_st
           why_not={"flux": "Flux has no cross-attention: its joint attention takes one softmax over the text and "
                            "image tokens together (rotary positions, double and single blocks), so there are no "
                            "text-reading attention maps to re-steer as the paper does on SD's attn2"},
-          step_cost_models=("toy", "sd15"))
+          step_cost_models=("toy", "sd15"),
+          multi_concept="one loss over all: images of every concept, each at its own tokens")
 class ForgetMeNot(Eraser):
     config_class = FMNConfig
 

@@ -155,7 +155,8 @@ def supercategory(cfg: HiRMConfig, request: EraseRequest) -> str:
 @register("hirm", "misdirects the text encoder's final representation of the concept by training its early "
           "layers (any CLIP-based family)", toy_defaults={"iterations": 100, "lr": 2e-3},
           quick={"iterations": 12, "lr": 3e-3, "retain_weight": 3.0}, preserves=True, reads_preserve=True,
-          step_cost_models=("toy", "sd15", "sdxl"))
+          step_cost_models=("toy", "sd15", "sdxl"),
+          multi_concept="one loss over all: every concept's tokens misdirected together")
 class HiRM(Eraser):
     config_class = HiRMConfig
 

@@ -235,7 +235,8 @@ TOY_DEFAULTS = {"lr": 1e-2, "iterations": 100, "lamb": 10.0, "preserve_scale": 1
                            "add_k/add_v_proj read a text stream each block rewrites from the image tokens and the "
                            "timestep (uce edits Flux on recorded inputs)"},
           variants={"nocfr": {"refine": False}, "cfr": {"suppress": False}},
-          step_cost_models=("toy", "sd15"), reads_anchors=True, reads_preserve=True)
+          step_cost_models=("toy", "sd15"), reads_anchors=True, reads_preserve=True,
+          multi_concept="one closed form over all, then one LoRA each, fused in one closed form")
 class MACE(Eraser):
     config_class = MACEConfig
 

@@ -69,7 +69,8 @@ def apply_negative_prompt(loaded: LoadedPipeline, path: Path, metadata: dict) ->
 
 
 @register("negprompt", "Negative-prompt baseline: the concept as the negative prompt (training-free)",
-          trains=False, apply=apply_negative_prompt, step_cost_models=())
+          trains=False, apply=apply_negative_prompt, step_cost_models=(),
+          multi_concept="one negative prompt naming all")
 class NegativePromptEraser(Eraser):
     config_class = NegativePromptConfig
 

@@ -167,7 +167,8 @@ TOY_DEFAULTS = {"lr": 1.5e-4, "alpha": 0.5, "epochs": 40, "forget_images": 40, "
           toy_defaults=TOY_DEFAULTS,
           quick={"forget_images": 4, "retain_images": 4, "batch_size": 2, "epochs": 2, "sample_steps": 2,
                  "lr": 1e-3},
-          step_cost_models=("toy", "sd15"), reads_anchors=True, reads_preserve=True)
+          step_cost_models=("toy", "sd15"), reads_anchors=True, reads_preserve=True,
+          multi_concept="one loss over all: one saliency mask and one forget set for all")
 class SalUn(Eraser):
     config_class = SalUnConfig
 

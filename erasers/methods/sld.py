@@ -145,6 +145,7 @@ def apply_safety_guidance(loaded: LoadedPipeline, path: Path, metadata: dict) ->
 
 @register("sld", "Safe Latent Diffusion: safety guidance away from the concept at generation time (training-free)",
           families=("sd", "sdxl"), trains=False, apply=apply_safety_guidance, step_cost_models=(),
+          multi_concept="one safety concept naming all",
           quick={"preset": "max"}, variants={"strong": {"preset": "strong"}, "max": {"preset": "max"}},
           why_not={"flux": "guidance-distilled Flux has no unconditional branch for SLD to steer (its guidance scale "
                            "is an input embedding); negprompt applies there through true classifier-free guidance"})

@@ -165,7 +165,8 @@ def transport(loaded: LoadedPipeline, scaling: PromptScaling, concepts: list[str
 @register("spm", "SPM: a rank-1 adapter in the transformer blocks with latent anchoring, scaled per prompt by "
           "facilitated transport", toy_defaults=TOY_DEFAULTS,
           quick={"iterations": 16, "ddim_steps": 4, "lr": 1e-2, "warmup_steps": 0, "anchor_samples": 2},
-          apply=apply_spm, step_cost_models=("toy", "sd15"))
+          apply=apply_spm, step_cost_models=("toy", "sd15"),
+          multi_concept="one adapter for all, scaled per prompt by the nearest concept")
 class SPM(Eraser):
     config_class = SPMConfig
 

@@ -38,7 +38,7 @@ class UCEConfig:
 
 @register("uce", "closed-form edit of cross-attention keys/values", preserves=True, reads_anchors=True,
           reads_preserve=True,
-          step_cost_models=("toy", "sd15", "sdxl"))
+          step_cost_models=("toy", "sd15", "sdxl"), multi_concept="one closed form over every concept's prompts")
 class UCE(Eraser):
     config_class = UCEConfig
 
