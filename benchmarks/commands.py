@@ -19,6 +19,13 @@ def _csv(text: str | None) -> list[str]:
     return [t.strip() for t in (text or "").split(",") if t.strip()]
 
 
+def _concepts(args) -> list[str]:
+    """--concepts' comma-separated names, then --concepts-file's lines (names that hold commas)."""
+    from erasers.commands import read_concepts_file
+
+    return _csv(args.concepts) + (read_concepts_file(args.concepts_file) if args.concepts_file else [])
+
+
 def _launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
@@ -97,7 +104,7 @@ def cmd_bench_toycanvas(args) -> None:
     bench = toycanvas_benchmark(_csv(args.objects), _csv(args.styles), tuple(args.seeds), not args.no_fid,
                                 args.device)
     bench.allow_other_base = args.allow_other_base
-    concepts = [bench.canonical(c) for c in _csv(args.concepts)]
+    concepts = [bench.canonical(c) for c in _concepts(args)]
     plan_edits(bench, methods, concepts, args.edit or [], out)  # every check before anything is written
     with _claim_out(out, bench.jobs()):
         if _maybe_relaunch(args, ["bench", "toycanvas"]):
@@ -131,7 +138,7 @@ def cmd_bench_unlearncanvas(args) -> None:
                         args.fid_reference_per_pair)
     bench = unlearncanvas_benchmark(args.data, style_path, object_path, args.model, protocol, device)
     bench.allow_other_base = args.allow_other_base
-    concepts = [bench.canonical(c) for c in _csv(args.concepts)]
+    concepts = [bench.canonical(c) for c in _concepts(args)]
     plan_edits(bench, methods, concepts, args.edit or [], out)
     with _claim_out(out, bench.jobs()):
         if _maybe_relaunch(args, ["bench", "unlearncanvas"]):
@@ -151,7 +158,7 @@ def cmd_bench_i2p(args) -> None:
     jobs = i2p.read_prompts(args.prompts, args.category)[:args.limit]
     resolve_source(args.model)
     methods = parse_methods(args.methods) if args.methods else []
-    sets = i2p.plan_sets(args.model, methods, _csv(args.concepts), args.edit or [], out)
+    sets = i2p.plan_sets(args.model, methods, _concepts(args), args.edit or [], out)
     if bool(args.q16_clip) != bool(args.q16_prompts):
         raise UsageError("Q16 needs both --q16-clip (its CLIP directory) and --q16-prompts (its prompt embeddings)")
     q16 = i2p.q16_scorer(args.q16_clip, args.q16_prompts) if args.q16_clip else None
@@ -170,6 +177,8 @@ def cmd_bench_i2p(args) -> None:
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", help="comma-separated erasers (see `erasure methods`), or 'all'")
     parser.add_argument("--concepts", help="comma-separated concepts; one edit per method x concept")
+    parser.add_argument("--concepts-file", type=inputs.CONCEPTS_FILE, help="a UTF-8 text file with one concept per "
+                        "line ('#' comments and blank lines left out), after --concepts' (one edit each)")
     add_edit_arguments(parser, "an existing edit directory to score as well (repeatable)", inputs.EDIT_DIR)
     parser.add_argument("--batch-size", type=inputs.POSITIVE, default=16, help="images per sampling batch (default "
                         "16; toycanvas: 50, half of a 10 x 10 answer set, so 2 processes get one batch each per set)")

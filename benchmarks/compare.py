@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from erasers.chains import chain_name
 from erasers.edits import apply_edits, read_edit
 from erasers.errors import UsageError
 from erasers.files import write_atomically
@@ -54,6 +55,8 @@ def compare(model: str, edits: list[str], out: str | Path, seeds: tuple[int, ...
     claim_output_dir(out, METRICS)
     table = {"base": score(base_records, erased, kind), "edited": score(edited_records, erased, kind),
              "erased": erased, "kind": kind, "edits": [str(e) for e in edits], "seeds": list(seeds),
+             # An edit made in sequence (erase --base-edit) by its methods in order: "esd-x then uce".
+             "chains": {str(e): chain_name(m) for e, m in zip(edits, metadata) if m.get("parents")},
              "images_per_model": len(base_records)}
 
     # The grid: the erased concepts' prompts, then as many unrelated ones; base above, edit below.
@@ -74,7 +77,9 @@ def _pct(value) -> str:
 
 def metrics_markdown(table: dict) -> str:
     lines = [f"Erased {table['kind']}: {', '.join(table['erased'])} ({table['images_per_model']} images per model, "
-             f"seeds {table['seeds']})", "", "| model | UA | IRA | CRA | object acc | style acc |",
+             f"seeds {table['seeds']})", "",
+             *[f"{Path(edit).name} is a chain: {methods}\n" for edit, methods in table.get("chains", {}).items()],
+             "| model | UA | IRA | CRA | object acc | style acc |",
              "|---|---|---|---|---|---|"]
     for name in ("base", "edited"):
         row = table[name]

@@ -28,6 +28,7 @@ from benchmarks.failures import (
 )
 from benchmarks.metrics import Record, accuracy_scores, unlearncanvas_scores
 from benchmarks.runner import ImageJob, Runner
+from erasers.chains import chain_name
 from erasers.edits import apply_edits, read_edit
 from erasers.errors import UsageError
 from erasers.files import save_atomically, write_atomically
@@ -133,7 +134,8 @@ def plan_edits(bench: Benchmark, methods: list[str], concepts: list[str], given:
         kinds = {bench.concept_kind(c) for c in names}
         if len(kinds) != 1:
             raise UsageError(f"{directory} erases objects and styles together; score it with `erasure compare`")
-        edits.append(Edit(Path(directory).name, Path(directory), meta["method"], names, kinds.pop(), False))
+        # A chain (erase --base-edit) by its methods in order ("esd-x then uce"), its concepts the whole chain's.
+        edits.append(Edit(Path(directory).name, Path(directory), chain_name(meta), names, kinds.pop(), False))
     if len({e.name for e in edits}) != len(edits):
         raise UsageError("two edits share a name; give --edit directories distinct names")
     if not edits:

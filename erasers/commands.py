@@ -7,7 +7,19 @@ import argparse
 from pathlib import Path
 
 from .errors import UsageError
-from .inputs import EDIT_DIR, GUIDANCE, IMAGE_SIDE, POSITIVE, PROMPT_FILE, SCALE, SEED, STEPS, check_input, existing_dir
+from .inputs import (
+    CONCEPTS_FILE,
+    EDIT_DIR,
+    GUIDANCE,
+    IMAGE_SIDE,
+    POSITIVE,
+    PROMPT_FILE,
+    SCALE,
+    SEED,
+    STEPS,
+    check_input,
+    existing_dir,
+)
 from .validation import MAX_SEED
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -34,6 +46,10 @@ def add_edit_arguments(parser: argparse.ArgumentParser, help: str, edit_type=Non
     edits (erasers.edits.check_base refuses an edit made for another base model unless asked)."""
     parser.add_argument("--edit", action="append" if repeat else "store", type=edit_type, required=required,
                         help=help)
+    add_allow_other_base(parser)
+
+
+def add_allow_other_base(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-other-base", action="store_true", help="load an edit made for another base model "
                         "anyway, for a deliberate transfer (e.g. a HiRM text encoder made on SD onto Flux); "
                         "without it such an edit is refused")
@@ -50,20 +66,38 @@ def load_from_args(args):
     return loaded
 
 
-def read_prompt_file(path: str) -> list[str]:
-    file = check_input(path, "prompt file", "pass a text file with one prompt per line")
+def read_prompt_file(path: str, item: str = "prompt", comments: bool = False) -> list[str]:
+    """The non-blank lines of a UTF-8 text file of `item`s (prompts, concepts), stripped; with `comments`, lines
+    starting with '#' are left out too (a prompt may start with one, a concept name does not)."""
+    what = f"{item}s file" if comments else f"{item} file"
+    file = check_input(path, what, f"pass a text file with one {item} per line")
     if file.stat().st_size > MAX_PROMPT_FILE_BYTES:
-        raise UsageError(f"prompt file {path} is over {MAX_PROMPT_FILE_BYTES // 2 ** 20} MiB; split it into "
+        raise UsageError(f"{what} {path} is over {MAX_PROMPT_FILE_BYTES // 2 ** 20} MiB; split it into "
                          "smaller files")
     try:
-        text = file.read_text(encoding="utf-8")
+        text = file.read_text(encoding="utf-8-sig")  # a byte-order mark (Notepad's UTF-8) is not text
     except UnicodeDecodeError as error:
         line = file.read_bytes()[:error.start].count(b"\n") + 1
-        raise UsageError(f"prompt file {path} is not UTF-8 text (line {line}); save it as UTF-8") from None
-    prompts = [line.strip() for line in text.splitlines() if line.strip()]
-    if not prompts:
-        raise UsageError(f"prompt file {path} has no prompts; write one prompt per line")
-    return prompts
+        raise UsageError(f"{what} {path} is not UTF-8 text (line {line}); save it as UTF-8") from None
+    lines = [line.strip() for line in text.splitlines()]
+    items = [line for line in lines if line and not (comments and line.startswith("#"))]
+    if not items:
+        raise UsageError(f"{what} {path} has no {item}s; write one {item} per line")
+    return items
+
+
+def read_concepts_file(path: str) -> list[str]:
+    """--concepts-file: one concept per line; '#' comment lines and blank lines are left out."""
+    return read_prompt_file(path, "concept", comments=True)
+
+
+def requested_concepts(args) -> list[str]:
+    """--concept (repeatable) followed by --concepts-file's lines: the concepts an erase or a benchmark is asked
+    for; a concept given twice is refused later (erasers.prompts.check_contradictions), wherever it came from."""
+    concepts = list(args.concept or []) + (read_concepts_file(args.concepts_file) if args.concepts_file else [])
+    if not concepts:
+        raise UsageError("pass --concept NAME (repeatable) or --concepts-file FILE (one concept per line)")
+    return concepts
 
 
 def check_image_output(path: str, overwrite: bool = False) -> Path:
@@ -121,12 +155,15 @@ def cmd_erase(args) -> None:
 
     options = {**parse_options(args.set), **({"seed": args.seed} if args.seed is not None else {}),
                **({"images": args.images} if args.images else {})}
-    spec = EraseSpec(args.model, args.method, args.concept, Path(args.out), anchors=args.anchor or [],
+    spec = EraseSpec(args.model, args.method, requested_concepts(args), Path(args.out), anchors=args.anchor or [],
                      preserve=args.preserve or [], options=options, device=args.device, precision=args.precision,
                      gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer,
-                     resolution=args.resolution, restart=args.restart)
+                     resolution=args.resolution, restart=args.restart,
+                     base_edit=Path(args.base_edit) if args.base_edit else None,
+                     allow_other_base=args.allow_other_base)
     out = erase_spec(spec)
-    print(f"wrote edit {out} (see {out}/erasure.json); compare it with: erasure compare --model {args.model} "
+    chain = f" (a chain: {args.base_edit}, then {args.method})" if args.base_edit else ""
+    print(f"wrote edit {out}{chain} (see {out}/erasure.json); compare it with: erasure compare --model {args.model} "
           f"--edit {out}")
 
 
@@ -161,7 +198,10 @@ def add_commands(commands) -> None:
     erase = commands.add_parser("erase", help="erase a concept and save the edit")
     erase.add_argument("--model", default="toy", help="'toy', a local diffusers pipeline directory, or a hub id")
     erase.add_argument("--method", required=True, help="an eraser (see `erasure methods`)")
-    erase.add_argument("--concept", action="append", required=True, help="concept to erase (repeatable)")
+    erase.add_argument("--concept", action="append", help="concept to erase (repeatable; all of them in one edit, "
+                       "combined as `erasure methods` says)")
+    erase.add_argument("--concepts-file", type=CONCEPTS_FILE, help="a UTF-8 text file with one concept per line "
+                       "('#' comments and blank lines left out), erased with any --concept in one edit")
     erase.add_argument("--anchor", action="append", help="concept to map the erased one to (method-dependent)")
     erase.add_argument("--preserve", action="append", help="concept to keep (repeatable)")
     erase.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a method option")
@@ -179,6 +219,12 @@ def add_commands(commands) -> None:
                        help="adam8bit: bitsandbytes' 8-bit Adam (pip install 'erasure-suite[gpu]')")
     erase.add_argument("--resolution", type=IMAGE_SIDE, help="training resolution in pixels, a multiple of 16 "
                        "(default: the model's native one; 512 halves SDXL's and quarters Flux's latent)")
+    erase.add_argument("--base-edit", metavar="DIR", type=EDIT_DIR, help="continue from this edit (erasure in "
+                       "sequence): it loads onto --model first, the method erases on top, and --out holds the chain "
+                       "(the components both touched combined, the parent's others carried, its record in "
+                       "erasure.json's parents), so --edit OUT alone gives DIR then this erase. An sld/negprompt "
+                       "parent's guidance is kept; an spm adapter is refused")
+    add_allow_other_base(erase)
     erase.add_argument("--out", required=True, help="new directory for the edit")
     erase.add_argument("--restart", action="store_true", help="discard the checkpoints of an interrupted run in "
                        "OUT.partial/ and start from scratch (default: resume)")

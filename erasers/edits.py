@@ -271,7 +271,9 @@ def apply_edits(loaded: LoadedPipeline, paths: list[str | Path], allow_other_bas
     `allow_other_base`, and finite weights). Edits stack when they touch different components (a text-encoder
     edit with a UNet edit); two edits of the same component are refused. Weights load first; then the edits whose
     method loads them itself (an SPM adapter, SLD's guidance: the registry entry's `apply`), in the order given, so
-    that they act on the edited weights."""
+    that they act on the edited weights; a chain (erasers.chains) carries its ancestors' weights and installs their
+    guidance before its own."""
+    from .chains import chain_installers
     from .registry import available_methods
 
     applied: dict[str, str] = {}
@@ -290,8 +292,7 @@ def apply_edits(loaded: LoadedPipeline, paths: list[str | Path], allow_other_bas
                                  "different components (for example a text-encoder edit with a UNet edit)")
             loaded.load_component(component, path, subfolder=component)
             applied[component] = str(path)
-        if apply is not None:
-            installers.append((apply, Path(path), meta))
+        installers += chain_installers(Path(path), meta, apply)  # a chain's training-free ancestors first
     for apply, path, meta in installers:
         apply(loaded, path, meta)
     return metadata

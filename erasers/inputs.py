@@ -180,6 +180,7 @@ def _existing(what: str, remedy: str, want_dir: bool, missing_ok: bool = False):
 EDIT_DIR = existing_dir("edit", "pass the --out directory of `erasure erase`")
 VLM_EDIT_DIR = existing_dir("edit", "pass the --out directory of `erasure vlm erase`")
 PROMPT_FILE = existing_file("prompt file", "pass a text file with one prompt per line")
+CONCEPTS_FILE = existing_file("concepts file", "pass a text file with one concept per line")
 MLLMU_DATA_DIR = existing_dir("data directory", "pass a directory in the MLLMU-Bench layout")
 
 

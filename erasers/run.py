@@ -10,6 +10,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .chains import BaseEdit
 from .core import check_new_output, run_resumably
 from .edits import base_fingerprint, edit_metadata, save_edit
 from .errors import UsageError
@@ -27,7 +28,8 @@ class EraseSpec:
     `precision` (fp32, fp16, bf16; default bf16 on a CUDA GPU that supports it, fp32 on CPU),
     `gradient_checkpointing` and `optimizer` (adam, adam8bit) are erasers.precision's options; `resolution` is the
     training resolution in pixels (default: the model's native one); an interrupted run resumes from
-    `out`.partial unless `restart`."""
+    `out`.partial unless `restart`. With `base_edit` the erase continues from that edit (erasers.chains;
+    `allow_other_base` takes one made for another base model)."""
 
     model: str
     method: str
@@ -42,6 +44,9 @@ class EraseSpec:
     optimizer: str = "adam"
     resolution: int | None = None
     restart: bool = False
+    # An edit to continue from (erasers.chains): loaded first, the new edit holds the chain.
+    base_edit: Path | None = None
+    allow_other_base: bool = False
 
 
 def erase(model: str, method: str, concepts: list[str], out: str | Path, **settings) -> Path:
@@ -57,6 +62,7 @@ def erase_spec(spec: EraseSpec) -> Path:
     check_training_options(spec)
     check_request_options(spec.method, spec.anchors, spec.preserve)
     check_contradictions(spec.concepts, spec.anchors, spec.preserve)  # again with the vocabulary's names later
+    base_edit = BaseEdit.read(spec.base_edit) if spec.base_edit is not None else None
     out = check_new_output(spec.out)
     device = resolve_device(spec.device)
     training = TrainingOptions(spec.precision or default_precision(device), spec.gradient_checkpointing,
@@ -65,7 +71,7 @@ def erase_spec(spec: EraseSpec) -> Path:
     if spec.resolution is not None:
         IMAGE_SIDE.check(spec.resolution, "--resolution")
     with RunDirectory(out) as run:  # a second run on the same --out refuses before loading a model
-        return _erase_loaded(spec, run, config, training, device)
+        return _erase_loaded(spec, run, config, training, device, base_edit)
 
 
 def check_training_options(spec: EraseSpec) -> None:
@@ -80,26 +86,35 @@ def check_training_options(spec: EraseSpec) -> None:
                          "drop it (the edit acts when images are generated)")
 
 
-def _erase_loaded(spec: EraseSpec, run: RunDirectory, config, training: TrainingOptions, device: str) -> Path:
+def _erase_loaded(spec: EraseSpec, run: RunDirectory, config, training: TrainingOptions, device: str,
+                  base_edit: BaseEdit | None = None) -> Path:
     entry = get_method(spec.method)
     loaded = load_pipeline(spec.model, device=device, dtype=training.dtype)
     if loaded.family.name not in entry.families:
         raise UsageError(f"{spec.method} does not apply to {loaded.family.name} pipelines ({loaded.source}); it "
                          f"edits {', '.join(entry.families)}")
     loaded.training, loaded.resolution = training, spec.resolution
+    if base_edit is not None:  # before the fingerprint, which still records the base's weights
+        base_edit.load_onto(loaded, spec.allow_other_base)
     request = make_request(spec.concepts, loaded.tokenizer, loaded.vocabulary, spec.anchors, spec.preserve)
+    if base_edit is not None:
+        base_edit.check_request(request)
     eraser = entry.eraser(config)
     eraser.check(loaded, request)
     fingerprint = base_fingerprint(loaded)
     signature = run_signature(spec.method, config, request, fingerprint, training, spec.resolution)
+    if base_edit is not None:  # a changed parent is another run: its checkpoints are not resumed
+        signature["base_edit"] = base_edit.records
 
     def work(work_dir: Path):
         with autocast(loaded):
             return eraser.erase(loaded, request, work_dir)
 
     def save(components, cost: dict) -> Path:
-        return save_edit(spec.out, components, edit_metadata(loaded, spec.method, config, request, fingerprint),
-                         cost)
+        metadata = edit_metadata(loaded, spec.method, config, request, fingerprint)
+        if base_edit is not None:
+            components, metadata = base_edit.link(components, metadata)
+        return save_edit(spec.out, components, metadata, cost)
 
     return run_resumably(run, signature, spec.restart, loaded.device, work, save)
 

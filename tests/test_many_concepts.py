@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from apps.cli import main
@@ -36,3 +37,20 @@ def test_every_method_says_how_it_combines_concepts_in_the_table_and_the_listing
     listing = capsys.readouterr().out
     assert f"several concepts: {entries['uce'].multi_concept}" in listing
     assert f"several concepts: {entries['mace'].multi_concept}" in listing
+
+
+def test_a_concepts_file_asks_what_repeated_concept_asks(tmp_path, capsys):
+    """The file's lines after any --concept, '#' comments, blank lines and a byte-order mark left out: the same
+    request (concepts and kind) as the flags; a concept both in the file and given with --concept is refused."""
+    concepts = tmp_path / "concepts.txt"
+    concepts.write_text("\ufeff# the toy's objects\nstar\n\n  circle  \n", encoding="utf-8")
+    flags = ["erase", "--method", "negprompt", "--device", "cpu"]
+    assert main([*flags, "--concept", "arrow", "--concept", "star", "--concept", "circle",
+                 "--out", str(tmp_path / "flags")]) == 0
+    assert main([*flags, "--concept", "arrow", "--concepts-file", str(concepts), "--out", str(tmp_path / "file")]) == 0
+    by_flags, by_file = (json.loads((tmp_path / name / "erasure.json").read_text()) for name in ("flags", "file"))
+    assert by_file["concepts"] == by_flags["concepts"] == ["arrow", "star", "circle"]
+    assert by_file["kind"] == by_flags["kind"] == "object"
+    capsys.readouterr()
+    assert main([*flags, "--concept", "Circle", "--concepts-file", str(concepts), "--out", str(tmp_path / "x")]) == 2
+    assert "--concept circle is given twice" in capsys.readouterr().err and not (tmp_path / "x").exists()
