@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from apps.cli import main
 from erasers.registry import available_methods
 
@@ -54,3 +56,17 @@ def test_a_concepts_file_asks_what_repeated_concept_asks(tmp_path, capsys):
     capsys.readouterr()
     assert main([*flags, "--concept", "Circle", "--concepts-file", str(concepts), "--out", str(tmp_path / "x")]) == 2
     assert "--concept circle is given twice" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+@pytest.mark.heavy  # about 30 s of one core: 60 toy images drawn and classified, before and after
+def test_one_erase_of_two_toy_objects_lowers_both(tmp_path):
+    """UCE (one closed form over every concept's prompts) erasing the arrow and the heart in one run (two objects
+    the base model draws recognisably at seed 188; its star is read as an arrow 6 times in 10): the classifier
+    stops seeing either on their captions, and still sees the other objects (measured: UA 0 -> 100% for both,
+    IRA 100% -> 100%)."""
+    from toy_scores import scores_before_and_after
+
+    before, after = scores_before_and_after(tmp_path, "uce", ["arrow", "heart"], ["circle", "square"], {})
+    for concept in ("arrow", "heart"):
+        assert before[concept]["UA"] <= 0.2 and after[concept]["UA"] >= 0.8, (concept, before, after)
+    assert after["all"]["IRA"] >= before["all"]["IRA"] - 0.2, (before, after)
