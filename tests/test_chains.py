@@ -15,6 +15,7 @@ from apps.cli import main
 from benchmarks.compare import metrics_markdown
 from erasers.chains import chain_name, chain_problems, edit_fingerprint
 from erasers.edits import apply_edits
+from erasers.errors import UsageError
 from erasers.models import load_pipeline
 from erasers.prompts import make_request
 from erasers.registry import build_config, get_method
@@ -158,3 +159,19 @@ def test_reports_name_a_chain_by_its_methods(tmp_path):
              **{name: {"UA": 1.0, "IRA": 1.0, "CRA": 1.0, "accuracy": {"object": 1.0, "style": 1.0}}
                 for name in ("base", "edited")}}
     assert "b is a chain: uce then esd-x" in metrics_markdown(table)
+
+
+def test_an_spm_step_trains_its_adapter_on_the_parent_and_saves_it_beside_the_parent_weights(sd, text_parent,
+                                                                                               tmp_path):
+    quick = {key: str(value) for key, value in get_method("spm").quick.items()}
+    chain = erase(sd, "spm", ["a cat"], tmp_path / "spm", options=quick, device="cpu", base_edit=text_parent)
+    assert metadata(chain)["components"] == ["adapter", "text_encoder"]
+    loaded = load_pipeline(sd, device="cpu")
+    apply_edits(loaded, [chain])
+    assert list(loaded.denoiser.peft_config) == ["spm_a_cat"]
+    parent_encoder = CLIPTextModel.from_pretrained(text_parent / "text_encoder").state_dict()
+    assert_same_weights(loaded.text_encoder.state_dict(), parent_encoder)
+    # An adapter cannot be the parent of a chain: refused before any model loads.
+    with pytest.raises(UsageError, match="holds an adapter"):
+        erase(sd, "uce", ["a dog"], tmp_path / "next", device="cpu", base_edit=chain)
+    assert not (tmp_path / "next").exists() and not (tmp_path / "next.partial").exists()
