@@ -242,22 +242,23 @@ BUILD_MARK = "toy-build"  # what a toy build's folder marker names (erasers.outp
 
 
 def prepare_build_dir(build_dir: str, restart: bool) -> None:
-    """A new build folder is made marked as the build's. --restart discards its training checkpoints (training
-    stages start again from step 0; finished stages' outputs stay: delete one to redo its stage), and only in a
-    folder a toy build made: a folder without its marker is never cleared."""
+    """The build's folder, made now and marked as the build's or one carrying that marker: a user's folder is never
+    written into. --restart discards its checkpoints (finished stages' outputs stay: delete one to redo it)."""
     import shutil
 
-    path = Path(build_dir)
-    if path.exists() and restart:
-        try:
-            claim_output_dir(path, BUILD_MARK, "--build-dir")
-        except UsageError:
-            raise UsageError(f"--restart clears checkpoints only in a folder a toy build made, and --build-dir "
-                             f"{build_dir} carries no build marker: delete its ckpt/ yourself, or build into a new "
-                             "--build-dir") from None
+    existing = Path(build_dir).is_dir()
+    try:
+        path = claim_output_dir(build_dir, BUILD_MARK, "--build-dir")
+    except UsageError:
+        if not existing:  # a file, a dangling link: claim_output_dir's own line
+            raise
+        why = "--restart clears checkpoints only in a folder a toy build made" if restart else \
+            "a toy build writes only into a folder it made"
+        remedy = "delete its ckpt/ yourself, or build" if restart else "build"
+        raise UsageError(f"{why}, and --build-dir {build_dir} carries no build marker: {remedy} into a new "
+                         "--build-dir") from None
+    if restart:
         shutil.rmtree(path / "ckpt", ignore_errors=True)
-    elif not path.exists():
-        claim_output_dir(path, BUILD_MARK, "--build-dir")
 
 
 def cmd_bench_mllmu_med(args) -> None:

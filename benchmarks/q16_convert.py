@@ -19,6 +19,7 @@ import torch
 
 from erasers.errors import UsageError
 from erasers.files import check_output_path, save_atomically
+from erasers.inputs import check_input
 
 CONVERT = "python -m benchmarks.q16_convert {path} --trust --out q16_prompts.npy"
 FORMATS = ".npy, .safetensors or .pt"
@@ -54,10 +55,9 @@ READERS = {".npy": _npy, ".safetensors": _safetensors, ".pt": _weights_only, ".p
 
 def read_q16_prompts(path: str | Path) -> torch.Tensor:
     """Q16's two prompt embeddings (2 x CLIP's projection width), from a file that cannot run code."""
-    file, convert = Path(path), CONVERT.format(path=shlex.quote(str(path)))
-    if not file.is_file():
-        raise UsageError(f"--q16-prompts {path} does not exist or is not a file; pass Q16's prompt embeddings as "
-                         f"{FORMATS} (convert Q16's published prompts.p with `{convert}`)")
+    convert = CONVERT.format(path=shlex.quote(str(path)))
+    file = check_input(path, "--q16-prompts", f"pass Q16's prompt embeddings as {FORMATS} (convert Q16's published "
+                       f"prompts.p with `{convert}`)")
     reader = READERS.get(file.suffix.lower())
     if reader is None:
         raise UsageError(f"--q16-prompts {path} is not a {FORMATS} file, and a pickle such as Q16's prompts.p is "
@@ -84,15 +84,13 @@ def _checked(embeddings: torch.Tensor, what: str) -> torch.Tensor:
 
 def convert(source: str | Path, out: str | Path, trust: bool) -> Path:
     """Unpickle `source` (only with `trust`) and write its embeddings to `out` as a plain .npy."""
-    source, out = Path(source), Path(out)
+    source, out = check_input(source, "the source", "pass Q16's prompts.p"), Path(out)
     if not trust:
         raise UsageError(f"{source} is a pickle, and unpickling runs any code the file holds; nothing was read. "
                          "Pass --trust only for a file you trust (Q16's own prompts.p)")
     if out.suffix != ".npy":
         raise UsageError(f"--out {out} must end in .npy")
     check_output_path(out, "--out", new=True)
-    if not source.is_file():
-        raise UsageError(f"{source} does not exist or is not a file; pass Q16's prompts.p")
     import pickle
 
     try:

@@ -23,9 +23,8 @@ def tiny_vit(classes: int):
                              num_heads=16, mlp_ratio=1.0, patch_size=32)
 
 
-@pytest.fixture(scope="module")
-def fixture(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("unlearncanvas")
+def build_miniature(root: Path) -> dict[str, Path]:
+    """A miniature UnlearnCanvas under `root`: {"data", "classifiers", "wrong"} (a folder in the wrong layout)."""
     rng = np.random.default_rng(0)
     for style in (*STYLES, "Seed_Images"):
         for obj in OBJECTS:
@@ -43,6 +42,11 @@ def fixture(tmp_path_factory) -> dict[str, Path]:
     wrong.mkdir(parents=True)
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(wrong / "1.jpg")  # no object folder
     return {"data": root / "data", "classifiers": classifiers, "wrong": root / "wrong_layout"}
+
+
+@pytest.fixture(scope="module")
+def fixture(tmp_path_factory) -> dict[str, Path]:
+    return build_miniature(tmp_path_factory.mktemp("unlearncanvas"))
 
 
 def test_class_orders_are_the_published_ones():

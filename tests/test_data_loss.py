@@ -205,6 +205,19 @@ REFUSED = {
     "generate onto a user's image": (["generate", "--prompt", "a", "--out", "{mine}/sub/picture.png"],
                                      "--overwrite"),
     "app into a user's folder": (["app", "--output", "{mine}"], "not made by this command"),
+    "bench toycanvas into a user's folder": (["bench", "toycanvas", "--edit", "{edit}", "--objects", "star",
+                                             "--styles", "Flat", "--no-fid", "--out", "{mine}"],
+                                            "not made by this command"),
+    # --data and --classifier only need to be folders: --out is refused before either is read.
+    "bench unlearncanvas into a user's folder": (["bench", "unlearncanvas", "--data", "{X}.old", "--classifier",
+                                                  "{X}.old", "--model", "toy", "--out", "{mine}"],
+                                                 "not made by this command"),
+    "bench mllmu-med into a user's folder": (["bench", "mllmu-med", "--concept", "star", "--out", "{mine}"],
+                                             "not made by this command"),
+    # Refused only: writing the toy build's data stage takes about a minute (build-vlm's world is a writer below).
+    "toy build into a user's folder": (["toy", "build", "data", "--build-dir", "{mine}"], "carries no build marker"),
+    "toy build-vlm into a user's folder": (["toy", "build-vlm", "world", "--build-dir", "{mine}"],
+                                           "carries no build marker"),
 }
 
 
@@ -237,19 +250,62 @@ WRITERS = {
     "attack": ["attack", "--edit", "{edit}", "--prompts", "1", "--iterations", "1", "--device", "cpu", "--out", "{X}"],
     "bench i2p": ["bench", "i2p", "--prompts", TOY_CSV, "--limit", "1", "--quiet", "--device", "cpu", "--out", "{X}"],
     "generate": ["generate", "--prompt", "a star", "--steps", "1", "--device", "cpu", "--out", "{X}.png"],
+    # The edit given, not erased here: the bench's own erases write inside --out, never beside it.
+    "bench toycanvas": ["bench", "toycanvas", "--edit", "{edit}", "--objects", "star", "--styles", "Flat",
+                        "--no-fid", "--quiet", "--device", "cpu", "--out", "{X}"],
+    "bench unlearncanvas": ["bench", "unlearncanvas", "--data", "{canvas[data]}", "--classifier",
+                            "{canvas[classifiers]}", "--model", "{canvas[model]}", "--methods", "uce", "--concepts",
+                            "Bricks", "--seeds", "188", "--steps", "2", "--size", "16", "--no-fid", "--quiet",
+                            "--device", "cpu", "--out", "{X}"],
+    "bench mllmu-med": ["bench", "mllmu-med", "--model", "{med[model]}", "--data", "{med[data]}", "--concept",
+                        "forget_10", "--max-new-tokens", "2", "--batch-size", "64", "--device", "cpu", "--out", "{X}"],
+    "toy build-vlm": ["toy", "build-vlm", "world", "--build-dir", "{X}"],
 }
+
+
+@pytest.fixture(scope="module")
+def canvas(tmp_path_factory, tiny_pipeline_dirs):
+    """A miniature UnlearnCanvas and a tiny SD pipeline for `bench unlearncanvas`."""
+    from test_bench_unlearncanvas import build_miniature
+
+    return {**build_miniature(tmp_path_factory.mktemp("canvas")), "model": tiny_pipeline_dirs["sd"]}
+
+
+@pytest.fixture(scope="module")
+def med(tmp_path_factory):
+    """A small MLLMU-Med world and a tiny random LLaVA for `bench mllmu-med`."""
+    from test_vlm_models import build_llava
+
+    from benchmarks.toyvlm.world import WorldConfig, build_world
+
+    root = tmp_path_factory.mktemp("med")
+    world = build_world(root / "world", WorldConfig(patients=20, canvas_train=10, canvas_test=10))
+    return {"data": world / "MLLMU-Med", "model": build_llava(root / "llava")}
 
 
 @pytest.mark.parametrize("command", WRITERS)
 def test_a_command_writing_a_free_out_leaves_the_users_folders_beside_it(command, tmp_path, shared_edit, capsys,
-                                                                        monkeypatch):
+                                                                        monkeypatch, request):
     import benchmarks.compare
+    import benchmarks.toycanvas.benchmark
 
     monkeypatch.setattr(benchmarks.compare, "AnswerSet", _small_answer_set)  # 4 images, not 200: the same writes
+    toycanvas_benchmark = benchmarks.toycanvas.benchmark.toycanvas_benchmark
+
+    def two_steps(*args, **kwargs):  # not the toy's 25: the same writes in a few seconds
+        bench = toycanvas_benchmark(*args, **kwargs)
+        bench.steps = 2
+        return bench
+
+    monkeypatch.setattr(benchmarks.toycanvas.benchmark, "toycanvas_benchmark", two_steps)
     name = "X.png" if command == "generate" else "X"
     # An erase refuses a user's X.partial (above); the others never use one, so it is there for them too.
     kept = users_folders(tmp_path, name, (".old", ".tmp") if "erase" in command else (".old", ".tmp", ".partial"))
-    argv = [part.format(X=tmp_path / "X", edit=shared_edit["edit"]) for part in WRITERS[command]]
+    fields = {"X": tmp_path / "X", "edit": shared_edit["edit"]}
+    for inputs in ("canvas", "med"):  # made only for the commands that read them
+        if any(f"{{{inputs}[" in part for part in WRITERS[command]):
+            fields[inputs] = request.getfixturevalue(inputs)
+    argv = [part.format(**fields) for part in WRITERS[command]]
     code, errors = run_cli(argv, capsys)
     assert code == 0 and errors == []
     assert {k: v for k, v in snapshot(tmp_path).items() if k != name and not k.startswith(name + "/")} == kept
@@ -289,3 +345,18 @@ def test_a_q16_pickle_is_refused_and_converted_only_with_trust(tmp_path, capsys)
     code, errors = run_cli([*bench, "--q16-prompts", tmp_path / "q16.npy"], capsys)
     assert code == 0, errors
     assert 0 <= json.loads((tmp_path / "i2p" / "results.json").read_text())["rows"][0]["q16_rate"] <= 1
+
+
+def test_q16_files_that_are_not_files_are_named_by_what_they_are(tmp_path, capsys):
+    from benchmarks.q16_convert import main as convert
+    from benchmarks.q16_convert import read_q16_prompts
+    from erasers.errors import UsageError
+
+    os.mkfifo(tmp_path / "pipe.npy")
+    for source, found in ((tmp_path, "is a directory, not a file"), (tmp_path / "pipe.npy", "is a named pipe"),
+                          (tmp_path / "absent.p", "does not exist")):
+        with pytest.raises(UsageError, match=found):
+            read_q16_prompts(source)
+        assert convert([str(source), "--trust", "--out", str(tmp_path / "q16.npy")]) == 2
+        assert found in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe.npy"]

@@ -323,11 +323,14 @@ def test_toy_build_restart_clears_checkpoints_only_in_a_folder_a_build_made(tmp_
     (tmp_path / "build" / "ckpt").mkdir()
     (tmp_path / "build" / "ckpt" / "unet.safetensors").write_text("checkpoint")
     (tmp_path / "build" / "data").mkdir()
+    prepare_build_dir(str(tmp_path / "build"), restart=False)  # its own folder: the build resumes in it
+    assert (tmp_path / "build" / "ckpt" / "unet.safetensors").is_file()
     prepare_build_dir(str(tmp_path / "build"), restart=True)
     assert not (tmp_path / "build" / "ckpt").exists() and (tmp_path / "build" / "data").is_dir()
     (tmp_path / "mine" / "ckpt").mkdir(parents=True)
     (tmp_path / "mine" / "ckpt" / "notes.txt").write_text("mine")
     kept = snapshot(tmp_path / "mine")
-    with pytest.raises(UsageError, match="carries no build marker"):
-        prepare_build_dir(str(tmp_path / "mine"), restart=True)
+    for restart in (True, False):
+        with pytest.raises(UsageError, match="carries no build marker"):
+            prepare_build_dir(str(tmp_path / "mine"), restart=restart)
     assert snapshot(tmp_path / "mine") == kept
