@@ -147,7 +147,7 @@ def test_baselines_make_forget_answers_less_likely(llava, method, tmp_path):
 def test_edit_metadata_and_bad_edits(tiny_dirs, llava, tmp_path):
     edit = _erase(llava, "mllmeraser", {"pgd_steps": 1}, tmp_path)
     meta = json.loads((edit / "erasure.json").read_text())
-    for key in ("method", "config", "concept", "base_model", "base_family", "base_fingerprint",
+    for key in ("method", "config", "concept", "base_model", "base_family", "base_weights",
                 "erasure_suite_version", "info", "cost"):
         assert key in meta
     assert meta["model_kind"] == "vlm" and meta["method"] == "mllmeraser" and meta["concept"] == "red"
@@ -341,3 +341,34 @@ def test_a_vlm_edit_for_other_weights_is_refused_unless_the_override_asks(tiny_d
     with applied(other, edit) as metadata:
         assert metadata["method"] == "mllmeraser"
     assert "loading it anyway (--allow-other-base)" in capsys.readouterr().err
+
+
+def test_a_vlm_edit_loads_in_another_precision_but_not_onto_other_weights(tiny_dirs, llava, tmp_path):
+    from vlm.edits import legacy_vlm_fingerprint
+
+    half = load_vlm(str(tiny_dirs["llava"]), device="cpu", dtype=torch.bfloat16)
+    made_in_fp32 = _erase(llava, "mllmeraser", {"pgd_steps": 1}, tmp_path, "fp32")
+    made_in_bf16 = _erase(half, "mllmeraser", {"pgd_steps": 1}, tmp_path, "bf16")
+    for loaded, edit in ((half, made_in_fp32), (llava, made_in_bf16)):
+        with applied(loaded, edit) as metadata:
+            assert metadata["method"] == "mllmeraser"
+    other = load_vlm(str(tiny_dirs["llava"]), device="cpu")  # a fine-tune that left the token embedding as it was
+    with torch.no_grad():
+        other.layers[-1].mlp.down_proj.weight.mul_(1.5)
+    for edit in (made_in_fp32, made_in_bf16):
+        with pytest.raises(UsageError, match=r"another base model .*weights differ \(first .*down_proj"):
+            with applied(other, edit):
+                pass
+    # An edit from before base_weights: its fingerprint, taken in bf16, is recomputed from the fp32 model cast
+    # down; a fingerprint of other weights is refused in fp32 and cannot be compared in bf16 (family only).
+    legacy = {k: v for k, v in json.loads((made_in_bf16 / "erasure.json").read_text()).items() if k != "base_weights"}
+    (made_in_bf16 / "erasure.json").write_text(json.dumps({**legacy, "base_fingerprint": legacy_vlm_fingerprint(
+        half, torch.bfloat16)}))
+    with applied(llava, made_in_bf16):
+        pass
+    (made_in_bf16 / "erasure.json").write_text(json.dumps({**legacy, "base_fingerprint": "0123456789abcdef"}))
+    with pytest.raises(UsageError, match="its weights differ from the ones it records"):
+        with applied(llava, made_in_bf16):
+            pass
+    with applied(half, made_in_bf16):
+        pass

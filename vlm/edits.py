@@ -2,7 +2,7 @@
 
     runs/vlm-no-star/
       erasure.json        method, config, concept, what the method chose (layers, features), base model, its family
-                          and fingerprint, versions, cost; "model_kind": "vlm"
+                          and weights' record (erasers.fingerprint), versions, cost; "model_kind": "vlm"
       edit.safetensors    hook-applied edits: SAUCE's autoencoder and feature list, MLLMEraser's steering maps
       adapter/            LoRA edits (peft's save_pretrained): the fine-tuning baselines
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import weakref
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from erasers.core import check_new_output
 from erasers.edits import METADATA, check_metadata_fields, model_kind, other_base, publish_with_metadata
 from erasers.errors import UsageError
 from erasers.files import read_json, writing_into
+from erasers.fingerprint import compact, record_mismatch, weight_norms
 from erasers.inputs import check_input
 from erasers.validation import check_field
 
@@ -39,21 +41,57 @@ def text_config(loaded: LoadedVLM):
     return getattr(loaded.model.config, "text_config", loaded.model.config)
 
 
-def vlm_fingerprint(loaded: LoadedVLM) -> str:
-    """A cheap fingerprint of the base model: its text config's sizes and its token embedding's sum, enough to
-    tell an edit made for another model."""
+# model -> weight_norms as first asked for, held weakly as the model is.
+_BASE_NORMS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def vlm_base_norms(loaded: LoadedVLM) -> dict[str, list]:
+    """name -> [shape, norm] of every parameter of the model (erasers.fingerprint.weight_norms), taken the first
+    time it is asked for: an erase asks before it trains, and a LoRA's own weights are left out of the record."""
+    if loaded.model not in _BASE_NORMS:
+        _BASE_NORMS[loaded.model] = weight_norms(loaded.model)
+    return _BASE_NORMS[loaded.model]
+
+
+def vlm_base_weights(loaded: LoadedVLM) -> dict:
+    """What a VLM edit records as `base_weights`: the diffusion edits' record (layout and norms) of the whole
+    model, the same in any precision, so an edit made in bf16 loads onto the model held in fp32."""
+    return {"model": compact(vlm_base_norms(loaded))}
+
+
+def legacy_vlm_fingerprint(loaded: LoadedVLM, dtype: torch.dtype) -> str:
+    """The `base_fingerprint` VLM edits recorded before `base_weights`: the text config's sizes and the token
+    embedding's sum in the precision the model was held in (`dtype`), recomputed from this model's weights."""
     text = text_config(loaded)
-    embedding = loaded.model.get_input_embeddings().weight.detach()
+    embedding = loaded.model.get_input_embeddings().weight.detach().to(dtype)
     digest = hashlib.sha256(f"{loaded.family.name}{text.hidden_size}{text.num_hidden_layers}{text.vocab_size}"
                             f"{float(embedding.double().sum()):.6e}".encode())
     return digest.hexdigest()[:16]
+
+
+def base_mismatch(loaded: LoadedVLM, metadata: dict) -> str | None:
+    """How `loaded` differs from the base model a VLM edit's erasure.json records, or None."""
+    if metadata["base_family"] != loaded.family.name:
+        return f"{metadata['base_family']} family; this model is {loaded.family.name}"
+    if "base_weights" in metadata:
+        record = metadata["base_weights"].get("model")
+        return record_mismatch(record, vlm_base_norms(loaded), "this model")
+    # An edit from before base_weights: its fingerprint summed the embedding in the precision the model was held
+    # in, which it does not name. Recomputed in the loaded precision and, from fp32, in each lower one (cast down
+    # exactly as a load in that precision would); from a lower precision the fp32 sum cannot be recovered, so an
+    # edit that matches none of them there was compared by family only, and loads.
+    held = next(loaded.model.parameters()).dtype
+    candidates = (held, torch.float16, torch.bfloat16) if held == torch.float32 else (held,)
+    if any(legacy_vlm_fingerprint(loaded, dtype) == metadata["base_fingerprint"] for dtype in candidates):
+        return None
+    return "its weights differ from the ones it records" if held == torch.float32 else None
 
 
 def vlm_edit_metadata(loaded: LoadedVLM, method: str, config, concept: str, target_source: str = "") -> dict:
     """What erasure.json says of a VLM edit beside its files, cost and versions."""
     return {"model_kind": "vlm", "method": method, "config": dataclasses.asdict(config), "concept": concept,
             "concept_source": target_source, "base_model": loaded.source, "base_family": loaded.family.name,
-            "base_fingerprint": vlm_fingerprint(loaded)}
+            "base_weights": vlm_base_weights(loaded)}
 
 
 def save_vlm_edit(out: str | Path, content, metadata: dict, cost: dict | None = None) -> Path:
@@ -75,9 +113,11 @@ def _write_vlm_edit(tmp: Path, out: Path, content, metadata: dict, cost: dict | 
     return publish_with_metadata(tmp, out, {**metadata, "info": content.info, "files": files}, cost or {})
 
 
-# The fields commands read from a VLM edit's erasure.json, and their JSON types.
+# The fields commands read from a VLM edit's erasure.json, and their JSON types; the base's record is base_weights
+# (base_fingerprint in edits made before it).
 VLM_EDIT_FIELDS = {"method": "text", "concept": "text", "files": "names+", "config": "object", "info": "object",
-                   "base_model": "text", "base_family": "text", "base_fingerprint": "text"}
+                   "base_model": "text", "base_family": "text"}
+VLM_BASE_RECORDS = {"base_weights": "object", "base_fingerprint": "text"}
 
 
 def read_vlm_edit(path: str | Path) -> dict:
@@ -88,7 +128,9 @@ def read_vlm_edit(path: str | Path) -> dict:
     metadata = read_json(metadata_file, "re-run the erase that made it")
     if model_kind(metadata, metadata_file) != "vlm":
         raise UsageError(f"{path} is a diffusion-model edit; VLM commands take edits of `erasure vlm erase`")
-    check_metadata_fields(metadata_file, metadata, VLM_EDIT_FIELDS)
+    check_metadata_fields(metadata_file, metadata, VLM_EDIT_FIELDS, VLM_BASE_RECORDS)
+    if not VLM_BASE_RECORDS.keys() & metadata.keys():
+        check_metadata_fields(metadata_file, metadata, {"base_weights": "object"})  # says it is missing
     method = metadata["method"]
     for name in metadata["files"]:
         if name not in (TENSORS, ADAPTER):
@@ -148,15 +190,11 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def check_base(loaded: LoadedVLM, metadata: dict, path: Path) -> None:
-    """An edit made for another base model (its family, or its fingerprint) is refused in the one line a diffusion
-    edit gets (erasers.edits.other_base), unless the model was loaded with `allow_other_base`."""
-    if metadata["base_family"] != loaded.family.name:
-        why = f"{metadata['base_family']} family; this model is {loaded.family.name}"
-    elif metadata["base_fingerprint"] != vlm_fingerprint(loaded):
-        why = "its weights differ from the ones it records"
-    else:
-        return
-    other_base(path, metadata.get("base_model"), loaded.source, why, loaded.allow_other_base, loaded.model)
+    """An edit made for another base model (its family, or its recorded weights) is refused in the one line a
+    diffusion edit gets (erasers.edits.other_base), unless the model was loaded with `allow_other_base`."""
+    why = base_mismatch(loaded, metadata)
+    if why is not None:
+        other_base(path, metadata.get("base_model"), loaded.source, why, loaded.allow_other_base, loaded.model)
 
 
 @contextmanager

@@ -17,7 +17,7 @@ from erasers.core import check_new_output, run_resumably
 from erasers.images import open_image as open_image  # vlm.commands and the app read images through it
 from erasers.outputs import RunDirectory
 
-from .edits import applied, check_applies, save_vlm_edit, vlm_edit_metadata, vlm_fingerprint
+from .edits import applied, check_applies, save_vlm_edit, vlm_base_weights, vlm_edit_metadata
 from .models import TOY_VLM, LoadedVLM, ask, load_vlm
 from .registry import build_vlm_config, get_vlm_method
 from .targets import resolve_target
@@ -48,7 +48,7 @@ def erase_loaded(loaded: LoadedVLM, method: str, concept: str, out: str | Path, 
 def vlm_run_signature(loaded: LoadedVLM, method: str, config, concept: str, data) -> dict:
     """What makes two erase runs the same run: an interrupted one resumes only from its own checkpoints."""
     return {"method": method, "config": asdict(config), "concept": concept, "data": str(data or ""),
-            "base": vlm_fingerprint(loaded)}
+            "base": vlm_base_weights(loaded)}
 
 
 def erase(model: str, method: str, concept: str, out: str | Path, options: dict | None = None,

@@ -141,11 +141,11 @@ CASES += [
 
 @functools.cache
 def toy_vlm_base() -> dict:
-    from vlm.edits import text_config, vlm_fingerprint
+    from vlm.edits import text_config, vlm_base_weights
     from vlm.models import load_vlm
 
     loaded = load_vlm("toy-vlm", device="cpu")
-    return {"base_model": "toy-vlm", "base_family": loaded.family.name, "base_fingerprint": vlm_fingerprint(loaded),
+    return {"base_model": "toy-vlm", "base_family": loaded.family.name, "base_weights": vlm_base_weights(loaded),
             "hidden": text_config(loaded).hidden_size}
 
 
