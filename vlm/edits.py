@@ -77,14 +77,16 @@ def base_mismatch(loaded: LoadedVLM, metadata: dict) -> str | None:
         record = metadata["base_weights"].get("model")
         return record_mismatch(record, vlm_base_norms(loaded), "this model")
     # An edit from before base_weights: its fingerprint summed the embedding in the precision the model was held
-    # in, which it does not name. Recomputed in the loaded precision and, from fp32, in each lower one (cast down
-    # exactly as a load in that precision would); from a lower precision the fp32 sum cannot be recovered, so an
-    # edit that matches none of them there was compared by family only, and loads.
-    held = next(loaded.model.parameters()).dtype
-    candidates = (held, torch.float16, torch.bfloat16) if held == torch.float32 else (held,)
-    if any(legacy_vlm_fingerprint(loaded, dtype) == metadata["base_fingerprint"] for dtype in candidates):
+    # in, which it does not name. A model held in fp32 recomputes it in fp32, fp16 and bf16 (cast down exactly as a
+    # load in that precision would); one held in a lower precision cannot recover the others' sums, so there only
+    # the family above is compared, and the edit loads.
+    if next(loaded.model.parameters()).dtype != torch.float32:
         return None
-    return "its weights differ from the ones it records" if held == torch.float32 else None
+    fingerprint = metadata["base_fingerprint"]
+    if any(legacy_vlm_fingerprint(loaded, dtype) == fingerprint for dtype in (torch.float32, torch.float16,
+                                                                              torch.bfloat16)):
+        return None
+    return "its weights differ from the ones it records"
 
 
 def vlm_edit_metadata(loaded: LoadedVLM, method: str, config, concept: str, target_source: str = "") -> dict:
