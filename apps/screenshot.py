@@ -72,27 +72,36 @@ def screenshot(url: str, out: Path, expected_images: int, browser: str | None = 
 
 
 def main() -> None:
+    import benchmarks  # noqa: F401  (registers the model name "toy")
     from apps.app import build_app
     from erasers.run import erase
 
     browser = find_chromium()
     if browser is None:
         raise SystemExit("chromium is not installed (apt-get install chromium)")
+    import os
     import tempfile
 
+    out = Path(__file__).resolve().parent / "screenshot.png"
+    home = Path.cwd()
     with tempfile.TemporaryDirectory() as tmp:
-        runs = Path(tmp) / "runs"
-        # arrow: the object the toy pipeline draws most reliably (90%), so the base image shows what is erased.
-        erase("toy", "uce", ["arrow"], runs / "no-arrow")
-        erase("toy", "esd-x", ["Stripes"], runs / "no-stripes")
-        app = build_app("toy", runs, Path(tmp) / "out")
-        app.launch(server_name="127.0.0.1", server_port=7861, prevent_thread_lock=True, quiet=True)
-        out = Path(__file__).parent / "screenshot.png"
+        # Run from inside the temporary folder: the page names its edits folder as given ("runs", as the README's
+        # command), not as a temporary path.
+        os.chdir(tmp)
         try:
-            # The page opens generating the base and the two preloaded edits.
-            shot = screenshot("http://127.0.0.1:7861/", out, expected_images=3, browser=browser)
+            runs = Path("runs")
+            # arrow: the object the toy pipeline draws most reliably (90%), so the base image shows what is erased.
+            erase("toy", "uce", ["arrow"], runs / "no-arrow")
+            erase("toy", "esd-x", ["Stripes"], runs / "no-stripes")
+            app = build_app("toy", runs, Path("app-output"))
+            app.launch(server_name="127.0.0.1", server_port=7861, prevent_thread_lock=True, quiet=True)
+            try:
+                # The page opens generating the base and the two preloaded edits.
+                shot = screenshot("http://127.0.0.1:7861/", out, expected_images=3, browser=browser)
+            finally:
+                app.close()
         finally:
-            app.close()
+            os.chdir(home)
     print(f"wrote {out}: " + "; ".join(shot.captions))
 
 
