@@ -164,8 +164,9 @@ def run_in_fresh_process(function: Callable, *args, **kwargs):
 
 
 def erase_in_fresh_process(model: str, method: str, concepts: list[str], out: Path, options: dict | None = None,
-                           device: str | None = None) -> Path:
-    return run_in_fresh_process(_erase, model, method, concepts, out, options=options, device=device)
+                           device: str | None = None, **settings) -> Path:
+    """erasers.run.erase in a fresh process; `settings` are its other fields (base_edit, ...)."""
+    return run_in_fresh_process(_erase, model, method, concepts, out, options=options, device=device, **settings)
 
 
 def _erase(*args, **settings) -> Path:
@@ -277,8 +278,6 @@ def records_of(runner: Runner, set_name: str, jobs: list[ImageJob]) -> list[Reco
 def fid_record(bench: Benchmark, runner: Runner, set_name: str, edit: Edit | None, jobs: list[ImageJob]) -> dict:
     """FID of a set's answer set against the reference images without its erased concepts (torchmetrics, on the
     benchmark's features; the reference's features are computed once and cached in DIR/fid/)."""
-    from torchmetrics.image.fid import FrechetInceptionDistance
-
     excluded = set(edit.concepts) if edit is not None else set()
     reference = reference_features(bench, runner.out, excluded)
     done = runner.manifest.read()
@@ -286,13 +285,20 @@ def fid_record(bench: Benchmark, runner: Runner, set_name: str, edit: Edit | Non
     for start in range(0, len(jobs), 64):
         generated.append(bench.features.extract([runner.open_image(done, set_name, j) for j in jobs[start:start + 64]]))
     generated = torch.cat(generated)
+    return {"fid": frechet_distance(reference, generated), "fid_features": bench.features.name,
+            "fid_reference_images": len(reference), "fid_generated_images": len(generated)}
+
+
+def frechet_distance(reference: torch.Tensor, generated: torch.Tensor) -> float:
+    """FID between two sets of features already extracted (torchmetrics)."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
     # One process computes each set's FID: torchmetrics would otherwise all-gather its states across the
     # accelerate process group, and the other processes are computing other sets (a 2-process run crashed).
     metric = FrechetInceptionDistance(feature=_Given(generated.shape[1]), normalize=True, sync_on_compute=False)
     metric.update(reference, real=True)
     metric.update(generated, real=False)
-    return {"fid": float(metric.compute()), "fid_features": bench.features.name, "fid_reference_images":
-            len(reference), "fid_generated_images": len(generated)}
+    return float(metric.compute())
 
 
 class _Given(torch.nn.Module):

@@ -70,3 +70,32 @@ def test_one_erase_of_two_toy_objects_lowers_both(tmp_path):
     for concept in ("arrow", "heart"):
         assert before[concept]["UA"] <= 0.2 and after[concept]["UA"] >= 0.8, (concept, before, after)
     assert after["all"]["IRA"] >= before["all"]["IRA"] - 0.2, (before, after)
+
+
+def test_the_many_concept_benchmark_plans_chains_on_the_single_erase_and_scores_each_concept(tmp_path):
+    """benchmarks.many_concepts: every count at once, every count above 1 in sequence, a chain's first step being
+    the 1-concept edit made at once; UA per erased concept, IRA on the rest of its kind, from the predictions."""
+    from benchmarks.many_concepts import COUNTS, ORDER, Cell, cell_scores, edit_path, plan
+
+    cells = plan(["uce"], ["at once", "in sequence"])
+    assert [(c.kind, c.count) for c in cells if c.mode == "at once"] == \
+        [("style", n) for n in COUNTS["style"]] + [("object", n) for n in COUNTS["object"]]
+    assert [(c.kind, c.count) for c in cells if c.mode == "in sequence"] == \
+        [("style", n) for n in COUNTS["style"] if n > 1] + [("object", n) for n in COUNTS["object"] if n > 1]
+    assert edit_path(tmp_path, Cell("uce", "style", 1, "in sequence")) == edit_path(tmp_path, cells[0])
+    assert edit_path(tmp_path, Cell("uce", "style", 3, "in sequence")) != edit_path(tmp_path, cells[1])
+
+    first, second, kept = ORDER["object"][:3]
+    cell = Cell("uce", "object", 2, "at once")
+
+    def row(second_read_as: str) -> dict:
+        # Two images per object, all in Flat: the first object gone in both, the second in one, the third kept.
+        return {"records": [[first, "Flat", kept, "Flat"], [first, "Flat", "none", "Flat"],
+                            [second, "Flat", second_read_as, "Flat"], [second, "Flat", second, "Flat"],
+                            [kept, "Flat", kept, "Flat"], [kept, "Flat", kept, "Outline"]]}
+
+    scores = cell_scores(row(kept), row(second), cell)
+    assert scores["per_concept"] == {first: 1.0, second: 0.5}
+    assert scores["UA"] == 0.75 and scores["UA_lowest"] == 0.5 and scores["UA_first"] == 1.0
+    assert scores["IRA"] == 1.0 and scores["CRA"] == 0.5
+    assert cell_scores(row(second), row(second), cell)["per_concept"][second] == 0.0
