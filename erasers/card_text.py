@@ -4,6 +4,7 @@ cost, and its results with the protocol of each."""
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 from .edits import ADAPTER
@@ -57,14 +58,16 @@ def _summary(metadata: dict, shown_as: Path) -> str:
 
 def _use(metadata: dict, edit_dir: Path, shown_as: Path) -> str:
     base, edit = metadata.get("base_model"), shown_as.as_posix()
+    model, path = shlex.quote(str(base)), shlex.quote(edit)
     text = ("```bash\n"
-            f"erasure generate --model {base} --edit {edit} --prompt \"...\" --out image.png\n"
-            f"erasure compare --model {base} --edit {edit}    # UA / IRA / CRA, recorded on this card\n"
+            f"erasure generate --model {model} --edit {path} --prompt \"...\" --out image.png\n"
+            f"erasure compare --model {model} --edit {path}    # UA / IRA / CRA, recorded on this card\n"
             "```\n")
     components = [c for c in metadata.get("components") or [] if c != ADAPTER]
     if ADAPTER in (metadata.get("components") or []):
-        text += ("\n`adapter/` is a LoRA in diffusers' format (`pipe.load_lora_weights(\"" + edit +
-                 "/adapter\")`); `--edit` scales it per prompt as the method does, plain diffusers at full strength.")
+        lora = json.dumps(edit + "/adapter")
+        text += (f"\n`adapter/` is a LoRA in diffusers' format (`pipe.load_lora_weights({lora})`); `--edit` scales it "
+                 "per prompt as the method does, plain diffusers at full strength.")
     elif not components:
         text += ("\nIt loads through the suite only (`--edit`, or `erasers.edits.apply_edits`), which installs its "
                  "guidance on the pipeline's call.")
@@ -73,9 +76,9 @@ def _use(metadata: dict, edit_dir: Path, shown_as: Path) -> str:
         for component in components:
             library, name = _component_class(edit_dir, component)
             loads.append(f"from {library} import {name}\n"
-                         f"{component} = {name}.from_pretrained(\"{edit}\", subfolder=\"{component}\")")
+                         f"{component} = {name}.from_pretrained({json.dumps(edit)}, subfolder=\"{component}\")")
         arguments = ", ".join(f"{c}={c}" for c in components)
-        where = f"\"{base}\""
+        where = json.dumps(str(base))
         if base == "toy":  # a name the suite registers, not a hub id
             loads.insert(0, "import benchmarks  # registers \"toy\", the ToyCanvas pipeline\n"
                             "from erasers.models import resolve_source")
@@ -99,10 +102,11 @@ def _component_class(edit: Path, component: str) -> tuple[str, str]:
 
 
 def _vlm_use(metadata: dict, shown_as: Path) -> str:
-    base, edit = metadata.get("base_model"), shown_as.as_posix()
+    model, edit = shlex.quote(str(metadata.get("base_model"))), shlex.quote(shown_as.as_posix())
+    report = shlex.quote(shown_as.as_posix() + "/bench")
     return ("```bash\n"
-            f"erasure vlm ask --model {base} --edit {edit} --image image.png --question \"What is in this image?\"\n"
-            f"erasure bench mllmu-med --model {base} --edit {edit} --out {edit}/bench   # recorded on this card\n"
+            f"erasure vlm ask --model {model} --edit {edit} --image image.png --question \"What is in this image?\"\n"
+            f"erasure bench mllmu-med --model {model} --edit {edit} --out {report}   # recorded on this card\n"
             "```\n\nIn Python, `with vlm.edits.applied(loaded, path):` answers with the edit applied.")
 
 
@@ -124,9 +128,9 @@ def format_value(name: str, value) -> str:
 
 def _results(results: list, metadata: dict, shown_as: Path, vlm: bool) -> str:
     if not results:
-        command = (f"erasure bench mllmu-med --model {metadata.get('base_model')} --edit {shown_as.as_posix()} "
-                   "--out DIR" if vlm else
-                   f"erasure compare --model {metadata.get('base_model')} --edit {shown_as.as_posix()}")
+        model, edit = shlex.quote(str(metadata.get("base_model"))), shlex.quote(shown_as.as_posix())
+        command = (f"erasure bench mllmu-med --model {model} --edit {edit} --out DIR" if vlm else
+                   f"erasure compare --model {model} --edit {edit}")
         return f"None yet: `{command}` scores it and records its figures here."
     groups: dict[str, list] = {}
     for result in results:
