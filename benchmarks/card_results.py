@@ -64,7 +64,8 @@ def record_bench(results: dict, edits: list, out: Path) -> None:
     name = results["benchmark"]
     protocol = {"task": "Concept erasure (UnlearnCanvas protocol)", "dataset": BENCH_DATASETS.get(name, name),
                 "dataset_type": name, "judge": BENCH_CLASSIFIERS.get(name), "results": Path(out) / "results.json",
-                "model": results["model"], "seeds": results["seeds"], **results["sampling"],
+                "model": results["model"], "seeds": results["seeds"],
+                **{k: "the model's default" if v is None else v for k, v in results["sampling"].items()},
                 "images": results["images_per_model"], "fid_features": results.get("fid_features")}
     paths = {edit.name: edit.path for edit in edits}
     for row in results["rows"]:
