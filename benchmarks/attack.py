@@ -29,6 +29,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from benchmarks.card_results import record_attack
 from erasers.adversarial import TokenSearch, check_token_room, new_adversary, optimise_tokens, prompt_ids, slot_start
 from erasers.core import check_new_output
 from erasers.edits import apply_edits, check_edits, read_edit
@@ -297,6 +298,7 @@ def attack_success_rate(model: str, edits: list[str | Path], concept: str | None
                "asr": (pre + attacked_ok) / len(results), "prompts": results}
     if out is not None:
         _write_results(Path(out), summary, originals, erased_images, attacked_images)
+        record_attack(summary, Path(out), loaded, judge)  # on each edit's model card (erasers.cards)
     return summary
 
 

@@ -13,6 +13,7 @@ from erasers.images import check_drawn, save_image_atomically
 from erasers.models import is_toy_model, load_pipeline
 from erasers.outputs import claim_output_dir
 
+from .card_results import record_compare
 from .figures import labelled_grid
 from .toycanvas import CLASSIFIER_DIR
 from .toycanvas.classifier import ToyClassifier
@@ -68,6 +69,7 @@ def compare(model: str, edits: list[str], out: str | Path, seeds: tuple[int, ...
     save_image_atomically(grid, out / "compare.png")
     write_atomically(out / "metrics.md", metrics_markdown(table))
     write_atomically(out / METRICS, json.dumps(table, indent=2))  # last: it marks a finished compare
+    record_compare(table, out, edited)  # on each edit's model card (erasers.cards)
     return table
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from benchmarks.card_results import record_bench
 from benchmarks.failures import (
     blank_failures,
     check_bases,
@@ -262,6 +263,7 @@ def run(bench: Benchmark, methods: list[str], concepts: list[str], given_edits: 
         return None
     results = collect(bench, runner, sets, jobs, failed)
     write_atomically(out / "results.json", json.dumps(results, indent=2))
+    record_bench(results, edits, out)  # each scored edit's row on its model card (erasers.cards)
     from benchmarks.report import write_report
 
     done = runner.manifest.read()  # once: a grid looks up hundreds of images (re-reading it took 80 s)

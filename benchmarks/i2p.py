@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.card_results import record_i2p
 from benchmarks.failures import blank_failures, check_bases, erase_or_record, given_failures, recorded_failures
 from benchmarks.runner import ImageJob, Runner
 from erasers.errors import UsageError
@@ -273,6 +274,7 @@ def run(model: str, jobs: list[ImageJob], sets: list[tuple], scoring: Scoring, o
         return None
     results = collect(runner, jobs, sets, detector, threshold, q16 is not None, model, failed)
     write_atomically(out / "results.json", json.dumps(results, indent=2))
+    record_i2p(results, sets, out)  # each scored edit's rates on its model card (erasers.cards)
     write_report(results, out)
     return results
 

@@ -32,6 +32,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from benchmarks.card_results import record_mllmu
 from erasers.errors import UsageError
 from erasers.files import write_atomically
 from erasers.outputs import claim_output_dir
@@ -188,6 +189,7 @@ def run(model: str, concept: str | None = None, edit: str | Path | None = None, 
         result["unlearning_efficiency"] = unlearning_efficiency(result["base"], result["edited"])
     if out is not None:
         write_report(result, Path(out))
+        record_mllmu(result, Path(out))  # on the edit's model card (erasers.cards)
     return result
 
 

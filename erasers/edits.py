@@ -4,6 +4,8 @@
       unet/ or text_encoder/   loads with plain `from_pretrained`
       erasure.json             method, config, concepts, base model and its weights' record (erasers.fingerprint),
                                package version, cost
+      README.md                its model card (erasers.cards): what it erased, how to load it, the figures it was
+                               scored with
 """
 
 from __future__ import annotations
@@ -86,6 +88,9 @@ def publish_with_metadata(tmp: Path, out: Path, metadata: dict, cost: dict) -> P
                  "storage_bytes": storage, "runs": cost.get("runs", 1)},  # runs: an interrupted erase's resumes
     }
     (tmp / METADATA).write_text(json.dumps(metadata, indent=2))
+    from .cards import write_card
+
+    write_card(tmp, shown_as=out)  # after the storage sum: the card is not the edit's weight
     publish(tmp, out)
     return out
 

@@ -129,7 +129,7 @@ def test_the_edit_loads_with_from_pretrained_and_holds_no_tokenizer(tiny_pipelin
                 device="cpu")
     meta = read_edit(out)
     assert meta["method"] == "fmn" and meta["components"] == ["unet"]
-    assert sorted(p.name for p in out.iterdir()) == ["erasure.json", "unet"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "erasure.json", "unet"]
     base = load_pipeline(sdxl, device="cpu")
     before = {k: v.clone() for k, v in base.denoiser.state_dict().items()}
     apply_edits(base, [out])
