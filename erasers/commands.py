@@ -44,6 +44,8 @@ def add_edit_arguments(parser: argparse.ArgumentParser, help: str, edit_type=Non
                        repeat: bool = True) -> None:
     """--edit (repeatable unless `repeat` is False) and --allow-other-base, the same on every command that loads
     edits (erasers.edits.check_base refuses an edit made for another base model unless asked)."""
+    if getattr(edit_type, "takes_hub_ids", False):
+        help += "; or the Hub id OWNER/NAME[@REVISION] of an edit from `erasure push`"
     parser.add_argument("--edit", action="append" if repeat else "store", type=edit_type, required=required,
                         help=help)
     add_allow_other_base(parser)
@@ -227,7 +229,8 @@ def add_commands(commands) -> None:
                        help="adam8bit: bitsandbytes' 8-bit Adam (pip install 'erasure-suite[gpu]')")
     erase.add_argument("--resolution", type=IMAGE_SIDE, help="training resolution in pixels, a multiple of 16 "
                        "(default: the model's native one; 512 halves SDXL's and quarters Flux's latent)")
-    erase.add_argument("--base-edit", metavar="DIR", type=EDIT_DIR, help="continue from this edit (erasure in "
+    erase.add_argument("--base-edit", metavar="DIR", type=EDIT_DIR, help="continue from this edit (a directory, or "
+                       "the Hub id OWNER/NAME[@REVISION] of an edit from `erasure push`; erasure in "
                        "sequence): it loads onto --model first, the method erases on top, and --out holds the chain "
                        "(the components both touched combined, the parent's others carried, its record in "
                        "erasure.json's parents), so --edit OUT alone gives DIR then this erase. An sld/negprompt "

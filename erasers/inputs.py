@@ -201,7 +201,7 @@ def edit_dir(what: str, remedy: str):
                                              "permissions and the free disk space") from None
 
     parse.__name__ = what
-    parse.reads_path = True
+    parse.reads_path = parse.takes_hub_ids = True
     return parse
 
 
