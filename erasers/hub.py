@@ -68,10 +68,12 @@ def download_edit(text: str, what: str, remedy: str) -> Path:
 def _hub_errors(text: str, what: str, remedy: str):
     """What huggingface_hub raises about `text` (a Hub id or --repo), as one UsageError line that says what to do."""
     import httpx2  # huggingface_hub's HTTP client: its transport errors (refused, unreachable, timeout) come through
+    from huggingface_hub import constants
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
         LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
@@ -89,9 +91,14 @@ def _hub_errors(text: str, what: str, remedy: str):
         repo, _, revision = text.partition("@")
         raise UsageError(f"{where}: the Hub repo {repo} has no revision {revision!r}; pass a branch, tag or commit "
                          "it has, or leave out @REVISION for its main branch") from None
-    except LocalEntryNotFoundError as error:
-        raise UsageError(f"{where}: the Hub cannot be reached and no copy is cached ({first_line(error)}); check the "
-                         "network and HF_ENDPOINT, and unset HF_HUB_OFFLINE") from None
+    except LocalEntryNotFoundError:
+        if constants.is_offline_mode():
+            raise UsageError(f"{where}: HF_HUB_OFFLINE is set and no copy is cached; unset HF_HUB_OFFLINE to "
+                             "download it") from None
+        raise UsageError(f"{where}: the Hub ({constants.ENDPOINT}) cannot be reached and no copy is cached; check "
+                         "the network and HF_ENDPOINT") from None
+    except OfflineModeIsEnabled:
+        raise UsageError(f"{where}: HF_HUB_OFFLINE is set, so nothing goes to the Hub; unset it to push") from None
     except HfHubHTTPError as error:
         status = error.response.status_code if error.response is not None else "an error"
         if status == 401:

@@ -4,6 +4,7 @@ and model card, and its Hub id then loads wherever an edit goes (generate --edit
 directory does; a local path of the same spelling wins; each bad input is one line, exit code 2, and no commit,
 checked before any request where it can be and before any model loads."""
 
+import argparse
 import json
 import shutil
 from pathlib import Path
@@ -138,6 +139,8 @@ def push_case(hub, edit, tmp_path, monkeypatch, case):
         monkeypatch.delenv("HF_TOKEN")
     if case == "invalid token":
         monkeypatch.setenv("HF_TOKEN", "hf_not_the_token")
+    if case == "offline":
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     repos = {"dataset prefix": "datasets/tester/x", "space prefix": "spaces/tester/x", "three parts": "a/b/c",
              "bad characters": "tester/no cat!", "server says dataset": f"{USER}/a-dataset"}
     return ["push", directory, "--repo", repos.get(case, REPO)]
@@ -152,6 +155,7 @@ def push_case(hub, edit, tmp_path, monkeypatch, case):
     ("three parts", "is not a Hub repo id", False),
     ("bad characters", "is not a Hub repo id", False),
     ("no token", "needs a Hugging Face token with write access: pass --token, set HF_TOKEN", False),
+    ("offline", "HF_HUB_OFFLINE is set, so nothing goes to the Hub", False),
     ("invalid token", "the Hub refused the token (401)", True),
     ("server says dataset", "is a dataset repo on the Hub", True),
 ])
@@ -178,3 +182,28 @@ def test_a_hub_id_that_is_no_edit_is_refused_before_the_model_loads(hub, edit, t
     code, _, errors = run(capsys, *argv, "--model", "no-such-model")
     assert code == 2 and len(errors) == 1 and expect in errors[0], errors
     assert {p.name for p in tmp_path.iterdir()} <= {"hf-cache"}, "nothing is written"
+
+
+def test_a_downloaded_edit_loads_offline_from_the_cache_and_an_uncached_one_says_so(hub, edit, monkeypatch):
+    hub.add_repo(REPO, edit_files(edit))
+    downloaded = EDIT_DIR(REPO)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # HF_HUB_OFFLINE=1, read when huggingface_hub loaded
+    asked = len(hub.requests)
+    assert EDIT_DIR(REPO) == downloaded and len(hub.requests) == asked
+    with pytest.raises(argparse.ArgumentTypeError, match="HF_HUB_OFFLINE is set and no copy is cached"):
+        EDIT_DIR(f"{USER}/never-downloaded")
+
+
+def test_a_vlm_edit_pushes_the_files_its_erasure_json_lists(hub, tmp_path, capsys):
+    vlm_edit = tmp_path / "vlm-no-star"
+    (vlm_edit / "adapter").mkdir(parents=True)
+    (vlm_edit / "adapter" / "adapter_config.json").write_text("{}")
+    (vlm_edit / "edit.safetensors").write_bytes(b"weights")
+    (vlm_edit / "erasure.json").write_text(json.dumps({"model_kind": "vlm", "method": "sauce",
+                                                       "files": ["edit.safetensors", "adapter"]}))
+    (vlm_edit / "answers.jsonl").write_text("not part of the edit")
+    write_card(vlm_edit)
+    code, _, errors = run(capsys, "push", vlm_edit, "--repo", "vlm-no-star")  # NAME: the token's own namespace
+    assert (code, errors) == (0, [])
+    assert hub.commits[0]["repo"] == f"{USER}/vlm-no-star"
+    assert hub.commits[0]["paths"] == ["README.md", "adapter/adapter_config.json", "edit.safetensors", "erasure.json"]
