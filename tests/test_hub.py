@@ -115,6 +115,7 @@ def test_a_branch_loads_by_owner_name_at_revision_and_a_local_path_of_that_spell
     code, out, errors = run(capsys, "push", edit, "--repo", REPO, "--revision", "dev")
     assert (code, errors) == (0, []) and f"--edit {REPO}@dev" in out
     assert [(c["repo"], c["revision"]) for c in hub.commits] == [(REPO, "dev")]
+    assert list(hub.files(REPO, "main")) == [".gitattributes"], "main keeps only what the new repo had"
     downloaded = Path(EDIT_DIR(f"{REPO}@dev"))
     assert downloaded != edit and edit_files(downloaded) == {**edit_files(edit), ".gitattributes": ANY}
 
