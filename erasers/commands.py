@@ -44,6 +44,8 @@ def add_edit_arguments(parser: argparse.ArgumentParser, help: str, edit_type=Non
                        repeat: bool = True) -> None:
     """--edit (repeatable unless `repeat` is False) and --allow-other-base, the same on every command that loads
     edits (erasers.edits.check_base refuses an edit made for another base model unless asked)."""
+    if getattr(edit_type, "takes_hub_ids", False):
+        help += "; or the Hub id OWNER/NAME[@REVISION] of an edit from `erasure push`"
     parser.add_argument("--edit", action="append" if repeat else "store", type=edit_type, required=required,
                         help=help)
     add_allow_other_base(parser)
@@ -176,6 +178,14 @@ def cmd_methods(args) -> None:
             print(f"{'':10s} several concepts: {entry.multi_concept}")
 
 
+def cmd_push(args) -> None:
+    from .hub import push_edit
+
+    repo_id, commit = push_edit(args.edit, args.repo, args.token, args.private, args.revision, args.commit_message)
+    at = f"@{args.revision}" if args.revision else ""
+    print(f"pushed {args.edit} to {commit.commit_url}; load it anywhere an edit goes with --edit {repo_id}{at}")
+
+
 def add_commands(commands) -> None:
     """`generate`, `erase` and `methods`, added to the `erasure` parser's subcommands."""
     generate = commands.add_parser("generate", help="generate images (one prompt, or a grid from a prompt file)")
@@ -219,7 +229,8 @@ def add_commands(commands) -> None:
                        help="adam8bit: bitsandbytes' 8-bit Adam (pip install 'erasure-suite[gpu]')")
     erase.add_argument("--resolution", type=IMAGE_SIDE, help="training resolution in pixels, a multiple of 16 "
                        "(default: the model's native one; 512 halves SDXL's and quarters Flux's latent)")
-    erase.add_argument("--base-edit", metavar="DIR", type=EDIT_DIR, help="continue from this edit (erasure in "
+    erase.add_argument("--base-edit", metavar="DIR", type=EDIT_DIR, help="continue from this edit (a directory, or "
+                       "the Hub id OWNER/NAME[@REVISION] of an edit from `erasure push`; erasure in "
                        "sequence): it loads onto --model first, the method erases on top, and --out holds the chain "
                        "(the components both touched combined, the parent's others carried, its record in "
                        "erasure.json's parents), so --edit OUT alone gives DIR then this erase. An sld/negprompt "
@@ -229,6 +240,20 @@ def add_commands(commands) -> None:
     erase.add_argument("--restart", action="store_true", help="discard the checkpoints of an interrupted run in "
                        "OUT.partial/ and start from scratch (default: resume)")
     erase.set_defaults(run=cmd_erase, reports_cost=True)
+
+    push = commands.add_parser("push", help="upload an edit (its weights, erasure.json and model card) to the "
+                               "Hugging Face Hub, so that --edit OWNER/NAME loads it anywhere")
+    push.add_argument("edit", metavar="DIR", help="the edit directory (holding erasure.json and its model card "
+                      "README.md, whose model-index has results)")
+    push.add_argument("--repo", required=True, help="the model repo: OWNER/NAME, or NAME in your own namespace "
+                      "(created if new)")
+    push.add_argument("--token", help="a Hugging Face token with write access (default: HF_TOKEN or `hf auth login`'s)")
+    push.add_argument("--private", action="store_true", help="create the repo private (a repo that exists keeps its "
+                      "visibility)")
+    push.add_argument("--revision", metavar="BRANCH", help="push to this branch, created from main if new (default: "
+                      "main); load it with --edit OWNER/NAME@BRANCH")
+    push.add_argument("--commit-message", help="the commit's message (default: names the edit directory)")
+    push.set_defaults(run=cmd_push)
 
     methods = commands.add_parser("methods", help="list the erasers")
     methods.set_defaults(run=cmd_methods)

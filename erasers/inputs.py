@@ -176,9 +176,39 @@ def _existing(what: str, remedy: str, want_dir: bool, missing_ok: bool = False):
     return parse
 
 
+def edit_dir(what: str, remedy: str):
+    """An argparse type for an edit: an existing directory, or, where nothing of that name exists here, the Hub id
+    OWNER/NAME[@REVISION] of an edit (`erasure push`), downloaded into huggingface_hub's cache (erasers.hub);
+    returns the directory. A local path always wins over a Hub id of the same spelling."""
+    local = existing_dir(what, remedy)
+
+    def parse(text: str) -> str:
+        from . import hub
+
+        if os.path.lexists(text) or hub.hub_id(text) is None:
+            kind = None if os.path.lexists(text) else hub.other_repo_type(text)
+            if kind is not None:
+                raise argparse.ArgumentTypeError(f"{what} {text} is no directory here, and on the Hub it would be "
+                                                 f"{kind} repo, not an edit (a model repo); {remedy}")
+            return local(text)
+        try:
+            return str(hub.download_edit(text, what, remedy))
+        except UsageError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+        except OSError as error:  # writing the cache; argparse reports only ArgumentTypeError/TypeError/ValueError
+            raise argparse.ArgumentTypeError(f"{what} {text} could not be written to huggingface_hub's cache "
+                                             f"({error.strerror or error}); check HF_HOME/HF_HUB_CACHE, their "
+                                             "permissions and the free disk space") from None
+
+    parse.__name__ = what
+    parse.reads_path = parse.takes_hub_ids = True
+    return parse
+
+
 # The paths more than one command takes.
-EDIT_DIR = existing_dir("edit", "pass the --out directory of `erasure erase`")
-VLM_EDIT_DIR = existing_dir("edit", "pass the --out directory of `erasure vlm erase`")
+_FROM_HUB = "or the Hub id OWNER/NAME[@REVISION] of an edit from `erasure push`"
+EDIT_DIR = edit_dir("edit", f"pass the --out directory of `erasure erase` {_FROM_HUB}")
+VLM_EDIT_DIR = edit_dir("edit", f"pass the --out directory of `erasure vlm erase` {_FROM_HUB}")
 PROMPT_FILE = existing_file("prompt file", "pass a text file with one prompt per line")
 CONCEPTS_FILE = existing_file("concepts file", "pass a text file with one concept per line")
 MLLMU_DATA_DIR = existing_dir("data directory", "pass a directory in the MLLMU-Bench layout")
