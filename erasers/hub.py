@@ -20,8 +20,10 @@ CARD = "README.md"
 # OWNER/NAME, then an optional @REVISION (a branch, tag or commit; branches may hold slashes).
 _HUB_ID = re.compile(r"(?P<repo>[^/@\s]+/[^/@\s]+)(?:@(?P<revision>\S+))?")
 _OTHER_REPO_TYPES = {"datasets": "a dataset", "spaces": "a Space", "kernels": "a kernel", "buckets": "a bucket"}
-CARD_REMEDY = ("an edit goes to the Hub with its scores: write its model card README.md, with the results in its "
-               "YAML model-index, into the edit directory first")
+# compare (like attack and the benchmarks) records its scores on the card, and writes the card of an edit made before
+# cards existed (erasers/cards.py).
+CARD_REMEDY = ("an edit goes to the Hub with its scores: score it first with `erasure compare --model MODEL --edit "
+               "DIR`, which writes them on its card, then push")
 TOKEN_REMEDY = "pass --token, set HF_TOKEN or log in with `hf auth login`"
 
 
