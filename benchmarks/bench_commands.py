@@ -141,7 +141,7 @@ def _merged(args, benchmark: str) -> bool:
     """With --report: merge those finished runs into --out (benchmarks.merge) and return True."""
     if not args.report:
         return False
-    skip = ("report", "out", "quiet", "parser", "run", "batch_size", "launcher")
+    skip = ("report", "out", "quiet")
     extra = [action.option_strings[-1] for action in args.parser._actions if action.option_strings and
              action.dest not in skip and getattr(args, action.dest, None) not in (None, False, action.default)]
     if extra:

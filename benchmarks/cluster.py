@@ -198,7 +198,11 @@ class JobOptions:
         slurm = self.launcher == "slurm"
         executor = submitit.AutoExecutor(folder=folder, cluster="slurm" if slurm else "local")
         parameters = {"timeout_min": self.timeout_min or DEFAULT_TIMEOUT_MIN}
-        if slurm:
+        if not slurm:  # the local executor hides every GPU from a job that asks for none
+            import torch
+
+            parameters["gpus_per_node"] = int(torch.cuda.is_available())
+        else:
             parameters["gpus_per_node"] = 1 if self.gpus_per_job is None else self.gpus_per_job
             parameters.update({key: value for key, value in (("mem_gb", self.mem_gb),
                                                               ("slurm_partition", self.partition)) if value})

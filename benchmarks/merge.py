@@ -68,8 +68,8 @@ def read_run(directory: str, benchmark: str) -> Run:
                          "finish it, then merge")
     results = read_json(results_file, "rerun the run's command to write it again")
     if results.get("benchmark") != benchmark:
-        raise UsageError(f"--report {directory} is a {results.get('benchmark')} run, not {benchmark}: merge it with "
-                         f"`erasure bench {results.get('benchmark')} --report`")
+        raise UsageError(f"--report {directory} is a run of bench {results.get('benchmark')}, not of bench "
+                         f"{benchmark}: merge it with `erasure bench {results.get('benchmark')} --report`")
     run = Run(path, results, Manifest(path).read())
     listed = {row["set"] for row in results["rows"]}
     stray = sorted({name for _, name, _ in run.done} - listed)
