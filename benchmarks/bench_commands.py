@@ -70,9 +70,11 @@ def _maybe_relaunch(args, command: list[str]) -> bool:
                          "Rerun the same command: finished work is kept")
     return True
 
+
 LAUNCHER_FLAGS = {"jobs": "--jobs", "timeout_min": "--timeout-min", "partition": "--partition",
                   "gpus_per_job": "--gpus-per-job", "mem_gb": "--mem-gb"}
 SLURM_ONLY = ("partition", "gpus_per_job", "mem_gb")
+LAUNCHER_OPTIONS = ("launcher", *LAUNCHER_FLAGS)  # left out of the command line the jobs run
 
 
 def _check_launcher(args) -> None:
@@ -93,9 +95,10 @@ def _check_launcher(args) -> None:
     if args.launcher == "local-jobs" and slurm_only:
         raise UsageError(f"{LAUNCHER_FLAGS[slurm_only[0]]} is slurm's: use it with --launcher slurm (local-jobs "
                          "runs on this machine)")
-    if args.launcher == "slurm" and shutil.which("sbatch") is None:
-        raise UsageError("--launcher slurm needs slurm's sbatch on the PATH: run the command where you submit jobs, "
-                         "or try the jobs on this machine with --launcher local-jobs")
+    missing = [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]
+    if args.launcher == "slurm" and missing:
+        raise UsageError(f"--launcher slurm needs slurm's {missing[0]} on the PATH: run the command where you submit "
+                         "jobs, or try the jobs on this machine with --launcher local-jobs")
     if args.processes is not None:
         raise UsageError("--processes splits a run over this machine; with --launcher, --jobs N sets how many "
                          "evaluation jobs share each stage")
@@ -108,7 +111,7 @@ def _job(args):
 
 def _only_launches(args) -> bool:
     """True where this process validates and then launches others (accelerate's processes or cluster jobs)."""
-    return _job(args) is None and ((args.processes or 1) > 1 and not _launched() or args.launcher != "local")
+    return _job(args) is None and (((args.processes or 1) > 1 and not _launched()) or args.launcher != "local")
 
 
 def _run(args, command: list[str], out: Path, run_with, processes=None):
@@ -122,7 +125,7 @@ def _run(args, command: list[str], out: Path, run_with, processes=None):
         return run_part(_job(args), out, run_with, progress=not args.quiet)
     if args.launcher == "local":
         return run_with(Runner(out, processes or Processes(), progress=not args.quiet))
-    from benchmarks.cluster import LAUNCHER_OPTIONS, JobOptions, launch
+    from benchmarks.cluster import JobOptions, launch
 
     options = JobOptions(args.launcher, args.jobs or 1, args.partition, args.gpus_per_job, args.timeout_min,
                          args.mem_gb)
@@ -193,9 +196,9 @@ def cmd_bench_toycanvas(args) -> None:
     from benchmarks.erasure_bench import parse_methods, plan_edits, run
     from benchmarks.toycanvas.benchmark import toycanvas_benchmark
 
-    _check_launcher(args)
     if _merged(args, "toycanvas"):
         return
+    _check_launcher(args)
     out = _check_out(args)
     methods = parse_methods(args.methods) if args.methods else []
     bench = toycanvas_benchmark(_csv(args.objects), _csv(args.styles), tuple(args.seeds), not args.no_fid,
@@ -217,9 +220,9 @@ def cmd_bench_unlearncanvas(args) -> None:
     from benchmarks.unlearncanvas_data import Protocol, unlearncanvas_benchmark
     from erasers.models import resolve_source
 
-    _check_launcher(args)
     if _merged(args, "unlearncanvas"):
         return
+    _check_launcher(args)
     _require(args, {"data": "UnlearnCanvas' data folder", "model": "the base pipeline (UnlearnCanvas' fine-tuned "
                     "SD v1.5)"})
     out = _check_out(args)
@@ -254,9 +257,9 @@ def cmd_bench_i2p(args) -> None:
     from benchmarks.erasure_bench import parse_methods
     from erasers.models import resolve_source
 
-    _check_launcher(args)
     if _merged(args, "i2p"):
         return
+    _check_launcher(args)
     _require(args, {"prompts": "an I2P-format CSV"})
     out = _check_out(args)
     jobs = i2p.read_prompts(args.prompts, args.category)[:args.limit]

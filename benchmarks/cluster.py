@@ -2,7 +2,8 @@
 
 Jobs on a cluster cannot wait for each other at the runner's barriers (they may not even run at the same time), so
 the launching process orders the stages itself. It passes over the run without computing anything (`Planner`: the
-runner notes where work is left), stops at the first barrier with work before it, and submits that stage's jobs:
+runner notes where work is left), stops at the first barrier with work before it (the barrier after the erases only
+while erases are left), and submits that stage's jobs:
 one job per erase left, and `--jobs N` evaluation jobs (`Shard`) that each do their fixed share of the batches (batch
 i to job i mod N, as the runner's processes do) up to that barrier and end. It waits for them, then passes again;
 when nothing is left the pass writes results.json and the report. Every job records its work in the run's manifest
@@ -18,6 +19,7 @@ For tests, ERASURE_JOB_SIGNAL=SIGNAL:N makes each job process send itself SIGNAL
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,9 +33,6 @@ from erasers.errors import UsageError
 JOBS_DIR = "jobs"  # under the run's folder: submitit's pickles and each job's logs
 # Time a job asks for unless --timeout-min says: submitit requeues a checkpointable job that runs out of it.
 DEFAULT_TIMEOUT_MIN = 240
-# The launcher's options, left out of the command line its jobs run.
-LAUNCHER_OPTIONS = ("launcher", "jobs", "partition", "gpus_per_job", "timeout_min", "mem_gb")
-SLURM_ONLY = ("partition", "gpus_per_job", "mem_gb")
 TEST_SIGNAL = "ERASURE_JOB_SIGNAL"
 
 
@@ -145,6 +144,13 @@ class Role:
             return f"erase {Path(self.lock).stem}"
         return f"shard {self.rank + 1} of {self.world}" + (f" to barrier {self.stop}" if self.stop else "")
 
+    @property
+    def job_name(self) -> str:
+        """Its name in the cluster's queue (no spaces: slurm reads them as more options)."""
+        if self.lock:
+            return f"erasure-erase-{Path(self.lock).stem}"
+        return f"erasure-shard-{self.rank + 1}-of-{self.world}" + (f"-to-{self.stop}" if self.stop else "")
+
 
 class BenchJob(submitit.helpers.Checkpointable):
     """One job: `erasure ARGV` (the bench command line without the launcher's options) as `role`. Preempted or out
@@ -215,6 +221,7 @@ def launch(options: JobOptions, argv: list[str], out: Path, run_with: Callable[[
     from filelock import FileLock, Timeout
 
     folder = Path(out) / JOBS_DIR
+    new_folder = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     lock = FileLock(folder / ".launcher.lock")
     try:
@@ -222,6 +229,7 @@ def launch(options: JobOptions, argv: list[str], out: Path, run_with: Callable[[
     except Timeout:
         raise UsageError(f"another launcher is running jobs for --out {out}; wait for it (or for its jobs) and "
                          "rerun") from None
+    submitted: list = []
     try:
         executor, previous = options.executor(folder), None
         while True:
@@ -232,9 +240,11 @@ def launch(options: JobOptions, argv: list[str], out: Path, run_with: Callable[[
                     raise UsageError(f"the jobs before barrier {previous.barrier} ended without finishing their "
                                      f"work (is another run using --out {out}?); rerun the same command") from None
                 previous = left.pending
-            run_jobs(executor, argv, roles(previous, options.jobs), folder)
+            run_jobs(executor, argv, roles(previous, options.jobs), folder, submitted)
     finally:
         lock.release()
+        if new_folder and not submitted:  # refused before any job (the cluster refused the first): nothing is left
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def roles(pending: Pending, jobs: int) -> list[Role]:
@@ -245,28 +255,30 @@ def roles(pending: Pending, jobs: int) -> list[Role]:
     return found
 
 
-def run_jobs(executor: submitit.AutoExecutor, argv: list[str], stage: list[Role], folder: Path) -> None:
-    """Submit one job per role and wait for all of them; a failed one is one line naming its log. Interrupted
-    (Ctrl-C), the jobs are cancelled, so a rerun does not race them."""
-    submitted = []
+def run_jobs(executor: submitit.AutoExecutor, argv: list[str], stage: list[Role], folder: Path,
+             submitted: list) -> None:
+    """Submit one job per role (adding each to `submitted`) and wait for all of them; a failed one is one line
+    naming its log. A refused submission or Ctrl-C cancels the stage's jobs, so that a rerun does not race them."""
+    jobs = []
     try:
         for role in stage:
-            executor.update_parameters(name=f"erasure {role}")
+            executor.update_parameters(name=role.job_name)
             try:
-                submitted.append((role, executor.submit(BenchJob(), argv, role)))
+                jobs.append((role, executor.submit(BenchJob(), argv, role)))
             except Exception as error:  # noqa: BLE001 - sbatch's refusals come as several kinds
                 raise UsageError(f"could not submit the job {role} ({_last_line(error)}); check --partition, "
                                  "--gpus-per-job, --mem-gb and --timeout-min") from None
+            submitted.append(jobs[-1][1])
         print(f"submitted {len(stage)} jobs ({', '.join(map(str, stage))}); logs in {folder}/", flush=True)
-        failed = [(role, job, job.exception()) for role, job in submitted]
-        failed = [(role, job, error) for role, job, error in failed if error is not None]
-    except KeyboardInterrupt:
-        for _, job in submitted:
+        failed = [(role, job, job.exception()) for role, job in jobs]
+    except (KeyboardInterrupt, UsageError):
+        for _, job in jobs:
             job.cancel(check=False)
         raise
+    failed = [(role, job, error) for role, job, error in failed if error is not None]
     if failed:
         role, job, error = failed[0]
-        raise UsageError(f"{len(failed)} of {len(submitted)} jobs failed; the first, {role} (job {job.job_id}): "
+        raise UsageError(f"{len(failed)} of {len(jobs)} jobs failed; the first, {role} (job {job.job_id}): "
                          f"{_why(error)}; its log: {job.paths.stderr}. Rerun the same command: finished work is kept")
 
 

@@ -4,6 +4,7 @@ resumes; a preempted job is requeued and goes on. And `--report` (benchmarks.mer
 the run with both."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -139,3 +140,25 @@ def test_a_cluster_launcher_without_submitit_is_one_line_and_writes_nothing(tmp_
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("erasure: error:")]
     assert len(errors) == 1 and "pip install 'erasure-suite[cluster]'" in errors[0], errors
     assert not out.exists()
+
+
+def test_slurm_options_reach_sbatch_and_a_refused_job_leaves_nothing(tmp_path, monkeypatch, capsys):
+    """A stand-in sbatch keeps the job script it is given and refuses it, as slurm refuses an unknown partition."""
+    script = tmp_path / "job.sh"
+    sbatch = tmp_path / "bin" / "sbatch"
+    sbatch.parent.mkdir()
+    sbatch.write_text(f'#!/bin/sh\ncp "$1" {script}\necho "sbatch: error: invalid partition specified: nope" >&2\n'
+                      "exit 1\n")
+    sbatch.chmod(0o755)
+    (sbatch.parent / "srun").symlink_to("/bin/true")  # submitit looks for it
+    monkeypatch.setenv("PATH", f"{sbatch.parent}:{os.environ['PATH']}")
+    out = tmp_path / "run"
+    assert bench("--methods", "uce", "--concepts", "arrow", "--launcher", "slurm", "--partition", "nope",
+                 "--gpus-per-job", "2", "--mem-gb", "64", "--timeout-min", "30", "--out", str(out)) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("erasure: error:")]
+    assert len(errors) == 1 and "invalid partition specified: nope" in errors[0], errors
+    assert not out.exists(), "a run refused before any job leaves nothing"
+    submitted = script.read_text()
+    for line in ("--partition=nope", "--gpus-per-node=2", "--mem=64GB", "--time=30", "--signal=USR2@",
+                 "--job-name=erasure-erase-uce-arrow"):
+        assert f"#SBATCH {line}" in submitted, line

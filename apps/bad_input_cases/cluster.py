@@ -71,7 +71,7 @@ def plain_folder(root):
 
 
 def _with_sbatch() -> str | None:
-    return "this machine has sbatch" if shutil.which("sbatch") else None
+    return "this machine has slurm's sbatch and srun" if shutil.which("sbatch") and shutil.which("srun") else None
 
 
 def _with_submitit() -> str | None:
