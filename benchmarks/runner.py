@@ -17,7 +17,8 @@ changes the floating-point result by a pixel level now and then: with fixed batc
 whichever process made it and whether the run was resumed. Batch i goes to process i mod N, so a run launched with
 accelerate over N processes (or GPUs) splits the work without talking, and the union of the outputs is the
 single-process run's. Erases, whose costs differ tenfold between methods, are instead claimed first come, first
-served (`Processes.claim`), so no process idles while another works through the slow ones.
+served (`Processes.claim`), so no process idles while another works through the slow ones. Cluster jobs, which
+cannot meet at barriers, take the same shares stage by stage (benchmarks.cluster).
 """
 
 from __future__ import annotations
