@@ -69,6 +69,9 @@ class Benchmark:
     extra: dict = field(default_factory=dict)
     # Load given edits made for another base model (--allow-other-base); refused otherwise.
     allow_other_base: bool = False
+    # What identifies the classifier and the data ({"classifier": digest, ...}), recorded in results.json so that
+    # `--report` merges only runs of one protocol (benchmarks.merge).
+    fingerprint: Callable[[], dict] | None = None
 
     def concept_kind(self, concept: str) -> str:
         if concept in self.objects:
@@ -236,7 +239,7 @@ def run(bench: Benchmark, methods: list[str], concepts: list[str], given_edits: 
     jobs = bench.jobs()
     # The base model's share needs no edit: a process out of erases starts on it while the others finish theirs.
     runner.generate("base", jobs, lambda: load_for_benchmark(bench, None), batch_size, bench.suffix)
-    processes.wait()
+    processes.erases_done()
     failed.update(recorded_failures(runner))
 
     sets: list[tuple[str, Edit | None]] = [("base", None)] + [(e.name, e) for e in edits]
@@ -359,6 +362,7 @@ def collect(bench: Benchmark, runner: Runner, sets: list[tuple[str, Edit | None]
             "sampling": {"steps": bench.steps, "guidance": bench.guidance, "size": bench.size,
                          "scheduler": bench.scheduler or "the model's"},
             "fid_features": bench.features.name if bench.features else None,
+            "protocol": bench.fingerprint() if bench.fingerprint else {},
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "rows": rows, "table": method_table(rows)}
 

@@ -248,13 +248,14 @@ def run(model: str, jobs: list[ImageJob], sets: list[tuple], scoring: Scoring, o
     if given:  # before any erase or image
         check_bases(load_for_benchmark(bench, None), [path for _, path in given], allow_other_base)
     failed = given_failures(given)
-    to_make = [s for s in sets if s[2] is not None and not (s[1] / "erasure.json").exists()
-               and s[0] not in recorded_failures(runner)]
-    for name, path, method, concept in processes.mine(to_make):
+    to_make = [s for s in sets if s[2] is not None]
+    for name, path, method, concept in processes.claim(
+            to_make, lambda s: out / "edits" / ".locks" / f"{s[0]}.lock",
+            lambda s: (s[1] / "erasure.json").exists() or s[0] in recorded_failures(runner)):
         print(f"erasing {concept} with {method} -> {path}", flush=True)
         erase_or_record(runner, name, lambda path=path, method=method, concept=concept: erase_isolated(
             model, method, [concept], path, None, device))
-    processes.wait()
+    processes.erases_done()
     failed.update(recorded_failures(runner))
 
     # Rows sharing guidance and size are sampled together (the order is a function of the CSV alone).

@@ -17,7 +17,8 @@ changes the floating-point result by a pixel level now and then: with fixed batc
 whichever process made it and whether the run was resumed. Batch i goes to process i mod N, so a run launched with
 accelerate over N processes (or GPUs) splits the work without talking, and the union of the outputs is the
 single-process run's. Erases, whose costs differ tenfold between methods, are instead claimed first come, first
-served (`Processes.claim`), so no process idles while another works through the slow ones.
+served (`Processes.claim`), so no process idles while another works through the slow ones. Cluster jobs, which
+cannot meet at barriers, take the same shares stage by stage (benchmarks.cluster).
 """
 
 from __future__ import annotations
@@ -77,6 +78,9 @@ class ImageJob:
 class Processes:
     """This process's rank among the processes accelerate launched (or the only one)."""
 
+    # A pass that only plans the run (benchmarks.cluster.Planner) calls note_work() where work is left, not the work.
+    planning = False
+
     def __init__(self):
         self.state = None
         self.rank, self.world = 0, 1
@@ -101,6 +105,11 @@ class Processes:
         if self.state is not None:
             self.state.wait_for_everyone()
 
+    def erases_done(self) -> None:
+        """The barrier after the erases: what follows may use every edit. Cluster jobs, which cannot wait for each
+        other, end their stage here only while erases are left (benchmarks.cluster)."""
+        self.wait()
+
     def mine(self, items: list) -> list:
         return items[self.rank::self.world]
 
@@ -112,22 +121,28 @@ class Processes:
         if self.world == 1:
             yield from (item for item in items if not finished(item))
             return
-        from filelock import FileLock, Timeout
+        yield from claim_locked(items, lock_path, finished)
 
-        for item in items:
-            path = lock_path(item)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            lock = FileLock(path)
-            try:
-                lock.acquire(timeout=0)
-            except Timeout:
-                continue  # another process is on it
-            try:
-                # A process that arrives late must not redo what another finished and released.
-                if not finished(item):
-                    yield item
-            finally:
-                lock.release()
+
+def claim_locked(items: list, lock_path: Callable[[Any], Path], finished: Callable[[Any], bool]) -> Iterator:
+    """`Processes.claim` among processes that do not talk: each item is held under its file lock while it is
+    worked on, and skipped when another holds it or it is `finished`."""
+    from filelock import FileLock, Timeout
+
+    for item in items:
+        path = lock_path(item)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(path)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            continue  # another process is on it
+        try:
+            # A process that arrives late must not redo what another finished and released.
+            if not finished(item):
+                yield item
+        finally:
+            lock.release()
 
 
 def accelerate_command(processes: int, argv: list[str]) -> list[str]:
@@ -240,6 +255,9 @@ class Runner:
         total = sum(len(b) for b in pending)
         if not total:
             return 0
+        if self.processes.planning:
+            self.processes.note_work()
+            return 0
         started = time.perf_counter()
         label = f"{stage} {set_name}" + (f" [{self.processes.rank}/{self.processes.world}]"
                                          if self.processes.world > 1 else "")
@@ -307,6 +325,9 @@ class Runner:
         """A per-set result (FID, ...) computed by one process and recorded like any other."""
         key = (stage, set_name, "-")
         done = self.manifest.read()
+        if key not in done and self.processes.planning:
+            self.processes.note_work()
+            return {}
         if key not in done:
             self.manifest.append([{"stage": stage, "set": set_name, "key": "-", **compute()}])
             done = self.manifest.read()

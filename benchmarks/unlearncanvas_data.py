@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from benchmarks.erasure_bench import Benchmark, FeatureExtractor
+from benchmarks.merge import file_digest, listing_digest
 from erasers import inputs
 from erasers.errors import UsageError
 
@@ -228,7 +229,12 @@ def unlearncanvas_benchmark(data_path: str, style_classifier: str, object_classi
     return Benchmark(name="unlearncanvas", model=model, objects=objects, styles=styles, seeds=tuple(seeds),
                      steps=steps, guidance=guidance, size=size, scheduler="ddim", suffix=".jpg", classify=classify,
                      features=features, reference=reference if fid else None, device=device,
-                     extra={"data": str(data_path), "style_classes": len(style_model.classes)})
+                     extra={"data": str(data_path), "style_classes": len(style_model.classes)},
+                     fingerprint=lambda: {"classifier": file_digest([style_classifier, object_classifier]),
+                                          "data": listing_digest(data_path, [f for s in data.values() for o in
+                                                                             s.values() for f in o]),
+                                          "inception": file_digest([inception]) if inception else None,
+                                          "fid_reference_per_pair": reference_per_pair})
 
 
 def _open(path: Path) -> Image.Image:

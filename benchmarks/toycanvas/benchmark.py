@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from benchmarks.erasure_bench import Benchmark, FeatureExtractor
+from benchmarks.merge import file_digest
 from erasers.errors import UsageError
 
 from . import CLASSIFIER_DIR, world
@@ -65,4 +66,5 @@ def toycanvas_benchmark(objects: list[str] | None = None, styles: list[str] | No
     return Benchmark(name="toycanvas", model="toy", objects=objects_, styles=styles_, seeds=tuple(seeds),
                      template=world.CAPTION_TEMPLATE, classify=classifier.predict,
                      features=toy_features(classifier) if fid else None,
-                     reference=toy_reference(objects_, styles_) if fid else None, device=device)
+                     reference=toy_reference(objects_, styles_) if fid else None, device=device,
+                     fingerprint=lambda: {"classifier": file_digest(sorted(CLASSIFIER_DIR.iterdir()))})
