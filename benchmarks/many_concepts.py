@@ -253,12 +253,16 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("runs/many_concepts"), help="where the edits are kept")
     parser.add_argument("--results", type=Path, default=RESULTS.with_suffix(".json"))
     parser.add_argument("--table-only", action="store_true", help="write the table and plot from --results")
+    parser.add_argument("--merge", type=Path, action="append", default=[],
+                        help="another results file (a run of other methods beside this one) whose cells join the table")
     args = parser.parse_args()
     modes = [m.strip() for m in args.modes.split(",")]
     if args.table_only:
         results = json.loads(args.results.read_text())
     else:
         results = run([m.strip() for m in args.methods.split(",")], modes, args.work, args.results)
+    for other in args.merge:
+        results["cells"].update(json.loads(other.read_text())["cells"])
     write_atomically(args.results.with_suffix(".md"), f"Machine: {results.get('machine')}; seeds {SEEDS}.\n\n"
                      + markdown(results))
     plot(results, args.results.with_suffix(".png"))
