@@ -214,6 +214,32 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def summary_markdown(results: dict) -> str:
+    """The README's table: per method and mode, mean UA and IRA at each count, and the time of the largest erase
+    ("-": not measured; a chain's 1 is its at-once erase)."""
+    scores = {(c.method, c.kind, c.count, c.mode): (row, s) for c, row, s in table_rows(results)}
+
+    def cells(method: str, kind: str, mode: str, name: str) -> str:
+        values = []
+        for n in COUNTS[kind]:
+            row, s = scores.get((method, kind, n, "at once" if n == 1 else mode), ({}, {}))
+            values.append("failed" if "failed" in row else _pct(s.get(name)) if s else "-")
+        return " / ".join(values)
+
+    header = ("| method | how | styles UA % (1 / 3 / 5 / 9) | styles IRA % | objects UA % (1 / 3 / 5) | objects IRA % |\n"
+              "|---|---|---|---|---|---|\n")
+    base = {kind: " / ".join(_pct(cell_scores(results["base"], results["base"], Cell("base", kind, n, "at once"))
+                                  ["IRA"]) for n in COUNTS[kind]) for kind in COUNTS}
+    lines = [f"| base | - | - | {base['style']} | - | {base['object']} |"]
+    methods = [m for m in METHODS if any(key[0] == m for key in scores)]
+    for method in methods + sorted({key[0] for key in scores} - set(METHODS)):
+        for mode in MODES:
+            lines.append(f"| {method} | {mode} | {cells(method, 'style', mode, 'UA')} | "
+                         f"{cells(method, 'style', mode, 'IRA')} | {cells(method, 'object', mode, 'UA')} | "
+                         f"{cells(method, 'object', mode, 'IRA')} |")
+    return header + "\n".join(lines) + "\n"
+
+
 def plot(results: dict, path: Path) -> None:
     """UA (mean over the erased concepts) and IRA against the number of concepts: a panel per kind and score, a
     line per method, solid at once and dashed in sequence (a chain's 1 is its first erase)."""
@@ -267,6 +293,7 @@ def main() -> None:
                      + markdown(results))
     plot(results, args.results.with_suffix(".png"))
     print(markdown(results))
+    print(summary_markdown(results))
 
 
 if __name__ == "__main__":
