@@ -66,7 +66,8 @@ def plan_sequence(bench: Benchmark, methods: list[str], sequence: list[str], out
         entry = get_method(method)
         if entry.trains and entry.apply is not None:  # a trained edit installed by `apply` is an adapter (spm)
             raise UsageError(f"{method}'s edit is an adapter, which an erase cannot continue from (erasers/README, "
-                             f"erasure in sequence): leave {method} out of --methods with --sequence")
+                             f"erasure in sequence): leave {method} out of --methods (for 'all': list the others) "
+                             "with --sequence")
     kind = bench.concept_kind(sequence[0])
     steps = []
     for method in methods:
