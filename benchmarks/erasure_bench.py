@@ -4,7 +4,9 @@
     object x seed) with the base model and every edit, classify it, score UA / IRA / CRA (benchmarks.metrics) and
     FID, and write DIR/results.json and the report (benchmarks.report).
 
-Resumable and split across processes by benchmarks.runner; erases are split across processes too.
+With a --sequence, each method also erases its concepts one after another, a chain of edits scored step by step
+(benchmarks.sequence). Resumable and split across processes by benchmarks.runner; erases are split across processes
+too.
 """
 
 from __future__ import annotations
