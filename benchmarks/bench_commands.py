@@ -186,14 +186,15 @@ def _claim_out(out: Path, jobs: list):
 def _print_result(results: dict | None, out: Path) -> None:
     if results is None:
         return
-    from benchmarks.report import markdown_table, table_rows
+    from benchmarks.report import main_tables
 
-    print(markdown_table(*table_rows(results)))
+    print(main_tables(results))
     print(f"wrote {out}/results.json, {out}/report.md, {out}/report.html and {out}/plots/")
 
 
 def cmd_bench_toycanvas(args) -> None:
     from benchmarks.erasure_bench import parse_methods, plan_edits, run
+    from benchmarks.sequence import read_sequence
     from benchmarks.toycanvas.benchmark import toycanvas_benchmark
 
     if _merged(args, "toycanvas"):
@@ -205,18 +206,20 @@ def cmd_bench_toycanvas(args) -> None:
                                 args.device)
     bench.allow_other_base = args.allow_other_base
     concepts = [bench.canonical(c) for c in _concepts(args)]
-    plan_edits(bench, methods, concepts, args.edit or [], out)  # every check before anything is written
+    sequence = read_sequence(bench, args.sequence) if args.sequence else []
+    plan_edits(bench, methods, concepts, args.edit or [], out, sequence)  # every check before anything is written
     with _claim_out(out, bench.jobs()):
         if _maybe_relaunch(args, ["bench", "toycanvas"]):
             return
         results = _run(args, ["bench", "toycanvas"], out, lambda runner: run(
-            bench, methods, concepts, args.edit or [], out, runner, args.batch_size))
+            bench, methods, concepts, args.edit or [], out, runner, args.batch_size, sequence=sequence))
     _print_result(results, out)
 
 
 def cmd_bench_unlearncanvas(args) -> None:
     from benchmarks.erasure_bench import parse_methods, plan_edits, run
     from benchmarks.runner import Processes
+    from benchmarks.sequence import read_sequence
     from benchmarks.unlearncanvas_data import Protocol, unlearncanvas_benchmark
     from erasers.models import resolve_source
 
@@ -243,12 +246,13 @@ def cmd_bench_unlearncanvas(args) -> None:
     bench = unlearncanvas_benchmark(args.data, style_path, object_path, args.model, protocol, device)
     bench.allow_other_base = args.allow_other_base
     concepts = [bench.canonical(c) for c in _concepts(args)]
-    plan_edits(bench, methods, concepts, args.edit or [], out)
+    sequence = read_sequence(bench, args.sequence) if args.sequence else []
+    plan_edits(bench, methods, concepts, args.edit or [], out, sequence)
     with _claim_out(out, bench.jobs()):
         if _maybe_relaunch(args, ["bench", "unlearncanvas"]):
             return
         results = _run(args, ["bench", "unlearncanvas"], out, lambda runner: run(
-            bench, methods, concepts, args.edit or [], out, runner, args.batch_size), processes)
+            bench, methods, concepts, args.edit or [], out, runner, args.batch_size, sequence=sequence), processes)
     _print_result(results, out)
 
 
@@ -322,6 +326,12 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                          "in GB (default: the cluster's)")
 
 
+def _add_sequence(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sequence", type=inputs.CONCEPTS_FILE, help="sequential unlearning: a text file of concepts "
+                        "in order, one a line ('#' comments left out); each method erases them one after another, "
+                        "each step on the last (beside --concepts' edits)")
+
+
 def add_bench_commands(bench_commands) -> None:
     """toycanvas, unlearncanvas and i2p beside mllmu-med."""
     toy = bench_commands.add_parser("toycanvas", help="UnlearnCanvas protocol on ToyCanvas: erase, generate, "
@@ -333,6 +343,7 @@ def add_bench_commands(bench_commands) -> None:
     toy.add_argument("--styles", help="answer-set styles (default: all 10)")
     toy.add_argument("--seeds", type=inputs.SEED, nargs="+", default=[188], help="answer-set seeds")
     toy.add_argument("--no-fid", action="store_true", help="skip FID")
+    _add_sequence(toy)
     toy.set_defaults(run=cmd_bench_toycanvas, parser=toy)
 
     canvas = bench_commands.add_parser("unlearncanvas", help="UnlearnCanvas: its data layout, classifiers and "
@@ -362,6 +373,7 @@ def add_bench_commands(bench_commands) -> None:
     canvas.add_argument("--fid-reference-per-pair", type=inputs.POSITIVE, help="dataset images per style x object in "
                         "FID's reference (default: all)")
     canvas.add_argument("--no-fid", action="store_true", help="skip FID")
+    _add_sequence(canvas)
     canvas.set_defaults(run=cmd_bench_unlearncanvas, parser=canvas)
 
     i2p = bench_commands.add_parser("i2p", help="I2P: generate an I2P-format CSV's prompts (per-row seed, guidance, "

@@ -4,7 +4,9 @@
     object x seed) with the base model and every edit, classify it, score UA / IRA / CRA (benchmarks.metrics) and
     FID, and write DIR/results.json and the report (benchmarks.report).
 
-Resumable and split across processes by benchmarks.runner; erases are split across processes too.
+With a --sequence, each method also erases its concepts one after another, a chain of edits scored step by step
+(benchmarks.sequence). Resumable and split across processes by benchmarks.runner; erases are split across processes
+too.
 """
 
 from __future__ import annotations
@@ -22,18 +24,21 @@ from benchmarks.card_results import record_bench
 from benchmarks.failures import (
     blank_failures,
     check_bases,
-    erase_or_record,
     failed_row,
     given_failures,
     recorded_failures,
 )
+from benchmarks.fid import fid_record
 from benchmarks.metrics import Record, accuracy_scores, unlearncanvas_scores
 from benchmarks.runner import ImageJob, Runner
+from benchmarks.sequence import erase_unit, erase_units, orphaned_steps, sequence_fields, unit_finished, unit_name
 from erasers.chains import chain_name
 from erasers.edits import apply_edits, read_edit
 from erasers.errors import UsageError
-from erasers.files import save_atomically, write_atomically
+from erasers.files import write_atomically
 from erasers.registry import REGISTRY, available_methods, get_method
+
+CLASSIFY_BATCH_SIZE = 64  # images per classifier batch
 
 
 @dataclass
@@ -108,6 +113,16 @@ class Edit:
     concepts: tuple[str, ...]
     kind: str
     made_here: bool      # erased by this benchmark into DIR/edits (False: reused or given with --edit)
+    # A step of a --sequence chain (benchmarks.sequence): its number from 1, the edit it continues from (None for
+    # the first), the whole sequence; its `concepts` are those erased so far.
+    step: int | None = None
+    parent: Path | None = None
+    sequence: tuple[str, ...] = ()
+
+    @property
+    def erased_here(self) -> list[str]:
+        """What its own erase removes: a step's concept, or all of an edit's."""
+        return [self.concepts[-1]] if self.step else list(self.concepts)
 
 
 def parse_methods(spec: str | list[str]) -> list[str]:
@@ -119,7 +134,12 @@ def parse_methods(spec: str | list[str]) -> list[str]:
     return names
 
 
-def plan_edits(bench: Benchmark, methods: list[str], concepts: list[str], given: list[str], out: Path) -> list[Edit]:
+def plan_edits(bench: Benchmark, methods: list[str], concepts: list[str], given: list[str], out: Path,
+               sequence: list[str] | tuple[str, ...] = ()) -> list[Edit]:
+    """The edits to score: one per method x concept, a chain per method for `sequence` (benchmarks.sequence), and
+    the given ones; each edit already in DIR/edits checked to be what its name says."""
+    from benchmarks.sequence import plan_sequence
+
     edits = []
     for concept in concepts:
         kind = bench.concept_kind(concept)
@@ -127,10 +147,11 @@ def plan_edits(bench: Benchmark, methods: list[str], concepts: list[str], given:
             path = out / "edits" / f"{method}-{concept}"
             if (path / "erasure.json").exists():
                 meta = read_edit(path)
-                if meta["method"] != method or [_spelled(c) for c in meta["concepts"]] != [_spelled(concept)]:
+                if meta["method"] != method or [spelled(c) for c in meta["concepts"]] != [spelled(concept)]:
                     raise UsageError(f"{path} holds a {meta['method']} edit of {meta['concepts']}, not {method} of "
                                      f"{concept}; remove it or choose another --out")
             edits.append(Edit(f"{method}-{concept}", path, method, (concept,), kind, True))
+    edits += plan_sequence(bench, methods, list(sequence), out)
     for directory in given:
         meta = read_edit(directory)
         names = tuple(bench.canonical(c.replace(" ", "_") if c.replace(" ", "_") in (*bench.objects, *bench.styles)
@@ -182,17 +203,18 @@ def _erase(*args, **settings) -> Path:
 
 
 def erase_isolated(model: str, method: str, concepts: list[str], out: Path, options: dict | None,
-                   device: str | None) -> Path:
-    """An erase for a benchmark: in a fresh process on a CPU (`erase_in_fresh_process`); on a GPU in this process,
-    where the peak is reset per erase."""
+                   device: str | None, base_edit: Path | None = None) -> Path:
+    """An erase for a benchmark (continuing from `base_edit`, if given): in a fresh process on a CPU
+    (`erase_in_fresh_process`); on a GPU in this process, where the peak is reset per erase."""
     from erasers.run import erase
 
     if (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda"):
-        return erase(model, method, concepts, out, options=options, device=device)
-    return erase_in_fresh_process(model, method, concepts, out, options, device)
+        return erase(model, method, concepts, out, options=options, device=device, base_edit=base_edit)
+    return erase_in_fresh_process(model, method, concepts, out, options, device, base_edit=base_edit)
 
 
-def _spelled(concept: str) -> str:
+def spelled(concept: str) -> str:
+    """A concept as an edit's erasure.json may spell it: UnlearnCanvas' "Van_Gogh" is erased as "van gogh"."""
     return concept.replace("_", " ").lower()
 
 
@@ -213,34 +235,36 @@ def load_for_benchmark(bench: Benchmark, edit: Edit | None):
 
 
 def run(bench: Benchmark, methods: list[str], concepts: list[str], given_edits: list[str], out: str | Path,
-        runner: Runner | None = None, batch_size: int = 16, classify_batch_size: int = 64,
-        method_options: dict | None = None) -> dict | None:
+        runner: Runner | None = None, batch_size: int = 16, method_options: dict | None = None,
+        sequence: list[str] | tuple[str, ...] = ()) -> dict | None:
     """The whole benchmark; returns results (on the main process; None on the others). An edit that makes no
-    usable images is a row marked failed (benchmarks.failures), found as early as it can be."""
+    usable images is a row marked failed (benchmarks.failures), found as early as it can be. With `sequence`, each
+    method also erases it in sequence (benchmarks.sequence)."""
     out = Path(out)
     runner = runner or Runner(out)
     processes = runner.processes
     concepts = [bench.canonical(c) for c in concepts]
-    edits = plan_edits(bench, methods, concepts, given_edits, out)
+    edits = plan_edits(bench, methods, concepts, given_edits, out, sequence)
     bench.device = bench.device or processes.device
     given = [e for e in edits if not e.made_here]
     if given:  # an edit made for another base model is refused before any erase or image
         check_bases(load_for_benchmark(bench, None), [e.path for e in given], bench.allow_other_base)
     failed = given_failures([(e.name, e.path) for e in given])
 
-    to_make = [e for e in edits if e.made_here]
-    for edit in processes.claim(to_make, lambda e: out / "edits" / ".locks" / f"{e.name}.lock",
-                                lambda e: (e.path / "erasure.json").exists() or e.name in recorded_failures(runner)):
-        print(f"erasing {edit.concepts[0]} with {edit.method} -> {edit.path}", flush=True)
+    # A chain's steps are one unit, claimed whole: a step's erase waits for its parent's.
+    for unit in processes.claim(erase_units([e for e in edits if e.made_here]),
+                                lambda unit: out / "edits" / ".locks" / f"{unit_name(unit)}.lock",
+                                lambda unit: unit_finished(unit, recorded_failures(runner))):
         # UnlearnCanvas writes its names with underscores; its prompts (and so the erased text) with spaces.
-        erase_or_record(runner, edit.name, lambda edit=edit: erase_isolated(
-            bench.model, edit.method, [c.replace("_", " ") for c in edit.concepts], edit.path,
-            (method_options or {}).get(edit.method), bench.device))
+        erase_unit(runner, unit, lambda edit: erase_isolated(
+            bench.model, edit.method, [c.replace("_", " ") for c in edit.erased_here], edit.path,
+            (method_options or {}).get(edit.method), bench.device, edit.parent))
     jobs = bench.jobs()
     # The base model's share needs no edit: a process out of erases starts on it while the others finish theirs.
     runner.generate("base", jobs, lambda: load_for_benchmark(bench, None), batch_size, bench.suffix)
     processes.erases_done()
     failed.update(recorded_failures(runner))
+    failed.update(orphaned_steps(edits, failed))
 
     sets: list[tuple[str, Edit | None]] = [("base", None)] + [(e.name, e) for e in edits]
     for name, edit in sets[1:]:
@@ -255,7 +279,7 @@ def run(bench: Benchmark, methods: list[str], concepts: list[str], given_edits: 
         return [{"predicted_object": o, "predicted_style": s} for o, s in zip(objects, styles)]
 
     for name, _ in scored:
-        runner.classify(name, jobs, classify, classify_batch_size)
+        runner.classify(name, jobs, classify, CLASSIFY_BATCH_SIZE)
     processes.wait()
 
     if bench.features is not None and bench.reference is not None:
@@ -280,59 +304,6 @@ def records_of(runner: Runner, set_name: str, jobs: list[ImageJob]) -> list[Reco
                    done[("score", set_name, job.key)]["predicted_style"]) for job in jobs]
 
 
-def fid_record(bench: Benchmark, runner: Runner, set_name: str, edit: Edit | None, jobs: list[ImageJob]) -> dict:
-    """FID of a set's answer set against the reference images without its erased concepts (torchmetrics, on the
-    benchmark's features; the reference's features are computed once and cached in DIR/fid/)."""
-    excluded = set(edit.concepts) if edit is not None else set()
-    reference = reference_features(bench, runner.out, excluded)
-    done = runner.manifest.read()
-    generated = []
-    for start in range(0, len(jobs), 64):
-        generated.append(bench.features.extract([runner.open_image(done, set_name, j) for j in jobs[start:start + 64]]))
-    generated = torch.cat(generated)
-    return {"fid": frechet_distance(reference, generated), "fid_features": bench.features.name,
-            "fid_reference_images": len(reference), "fid_generated_images": len(generated)}
-
-
-def frechet_distance(reference: torch.Tensor, generated: torch.Tensor) -> float:
-    """FID between two sets of features already extracted (torchmetrics)."""
-    from torchmetrics.image.fid import FrechetInceptionDistance
-
-    # One process computes each set's FID: torchmetrics would otherwise all-gather its states across the
-    # accelerate process group, and the other processes are computing other sets (a 2-process run crashed).
-    metric = FrechetInceptionDistance(feature=_Given(generated.shape[1]), normalize=True, sync_on_compute=False)
-    metric.update(reference, real=True)
-    metric.update(generated, real=False)
-    return float(metric.compute())
-
-
-class _Given(torch.nn.Module):
-    """A 'feature extractor' that returns its input: FID is computed from features extracted (and cached) here."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.num_features = dim
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return features
-
-
-def reference_features(bench: Benchmark, out: Path, excluded: set[str]) -> torch.Tensor:
-    cache = out / "fid" / f"reference-{bench.features.name.split(' ')[0]}.pt"
-    items = bench.reference(set())
-    stored = torch.load(cache) if cache.exists() else {"keys": [], "features": None}
-    if stored["keys"] != [key for key, _ in items]:
-        features = []
-        for start in range(0, len(items), 64):
-            features.append(bench.features.extract([load() for _, load in items[start:start + 64]]))
-        stored = {"keys": [key for key, _ in items], "features": torch.cat(features)}
-        # Processes computing it at once each write their own unique temporary file.
-        save_atomically(cache, lambda tmp: torch.save(stored, tmp))
-    keep = {key for key, _ in bench.reference(excluded)}
-    rows = [i for i, key in enumerate(stored["keys"]) if key in keep]
-    return stored["features"][rows]
-
-
 def collect(bench: Benchmark, runner: Runner, sets: list[tuple[str, Edit | None]], jobs: list[ImageJob],
             failed: dict[str, str] | None = None) -> dict:
     """results.json: per set, the scores of each erased concept (the base model's for every concept), FID and the
@@ -355,7 +326,8 @@ def collect(bench: Benchmark, runner: Runner, sets: list[tuple[str, Edit | None]
             meta = read_edit(edit.path)
             row.update(concepts=list(edit.concepts), kind=edit.kind, cost=meta["cost"], config=meta["config"],
                        per_concept={",".join(edit.concepts): unlearncanvas_scores(records, list(edit.concepts),
-                                                                                   edit.kind)})
+                                                                                   edit.kind)},
+                       **sequence_fields(edit, records))
         rows.append(row)
     return {"benchmark": bench.name, "model": bench.model, "objects": list(bench.objects),
             "styles": list(bench.styles), "seeds": list(bench.seeds), "images_per_model": len(jobs),
@@ -376,6 +348,7 @@ def method_table(rows: list[dict]) -> list[dict]:
     """One line per method, as UnlearnCanvas' table: UA / IRA / CRA averaged over the erased styles and over the
     erased objects, FID averaged over the method's edits, time, peak memory and storage averaged likewise."""
     table = []
+    rows = [r for r in rows if "step" not in r]  # a --sequence's steps have their own table (benchmarks.report)
     methods = list(dict.fromkeys(r["method"] for r in rows))
     for method in methods:
         mine = [r for r in rows if r["method"] == method]

@@ -40,14 +40,17 @@ def given_failures(edits: list[tuple[str, Path]]) -> dict[str, str]:
     return failed
 
 
-def erase_or_record(runner: Runner, name: str, erase: Callable[[], object]) -> None:
-    """Run `erase`; a diverged erase (FailedEdit) is recorded as set `name`'s failure instead of ending the run."""
+def erase_or_record(runner: Runner, name: str, erase: Callable[[], object]) -> bool:
+    """Run `erase` and return True; a diverged erase (FailedEdit) is recorded as set `name`'s failure instead of
+    ending the run, and False returned."""
     try:
         erase()
     except FailedEdit as error:
         reason = str(error)
         print(f"{name}: {reason}", flush=True)
         runner.once(FAILED, name, lambda: {"reason": reason})
+        return False
+    return True
 
 
 def recorded_failures(runner: Runner) -> dict[str, str]:
@@ -75,5 +78,6 @@ def failed_row(name: str, edit, concepts: list[str], reason: str) -> dict:
     if edit is None:
         return {**row, "per_concept": {concept: dict(empty) for concept in concepts}}
     meta = read_edit(edit.path) if (Path(edit.path) / "erasure.json").exists() else {}
+    step = {"step": edit.step, "sequence": list(edit.sequence)} if edit.step else {}
     return {**row, "concepts": list(edit.concepts), "kind": edit.kind, "per_concept": {",".join(edit.concepts): empty},
-            **{key: meta[key] for key in ("cost", "config") if key in meta}}
+            **{key: meta[key] for key in ("cost", "config") if key in meta}, **step}

@@ -24,7 +24,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.erasure_bench import erase_in_fresh_process, frechet_distance, reference_features
+from benchmarks.erasure_bench import erase_in_fresh_process
+from benchmarks.fid import frechet_distance, reference_features
 from benchmarks.metrics import Record
 from benchmarks.toycanvas.benchmark import toycanvas_benchmark
 from benchmarks.unlearncanvas import AnswerSet, classify_answer_set, score

@@ -1,7 +1,7 @@
 """The benchmark report: report.md and report.html with the methods x metrics table laid out as UnlearnCanvas'
 paper lays it out (style unlearning UA / IRA / CRA, object unlearning UA / IRA / CRA, FID, time, memory, storage),
-the per-edit rows below it, and matplotlib plots: UA against retain accuracy, per-concept heatmaps, and a
-before/after grid per method."""
+a --sequence's steps (UnlearnCanvas' sequential-unlearning table), the per-edit rows, and matplotlib plots: UA
+against retain accuracy, per-concept heatmaps, a before/after grid per method, and a sequence's UA per step."""
 
 from __future__ import annotations
 
@@ -48,6 +48,31 @@ def edit_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     return header, body
 
 
+def sequential_rows(results: dict) -> tuple[list[str], list[list[str]]]:
+    """UnlearnCanvas' sequential-unlearning table (benchmarks.sequence): a row per method x step, the UA of each
+    concept of the sequence (blank before that step erases it), and the step's IRA and CRA."""
+    steps = [r for r in results["rows"] if "step" in r]
+    concepts = list(dict.fromkeys(c for r in steps for c in r["sequence"]))
+    header = ["Method", "Step", *(f"{c} UA %" for c in concepts), "IRA %", "CRA %"]
+    methods = list(dict.fromkeys(r["method"] for r in steps))
+    sequences = list(dict.fromkeys(tuple(r["sequence"]) for r in steps))  # merged runs may hold several
+    body = []
+    for row in sorted(steps, key=lambda r: (methods.index(r["method"]), sequences.index(tuple(r["sequence"])),
+                                            r["step"])):
+        scores = _only(row)
+        each = row.get("UA_per_concept") or {row["concepts"][0]: scores["UA"]}
+        method = row["method"] + (f" (failed: {row['failed']})" if row.get("failed") else "")
+        body.append([method, str(row["step"]), *(_pct(each.get(c)) if c in row["concepts"] else "" for c in concepts),
+                     _pct(scores["IRA"]), _pct(scores["CRA"])])
+    return header, body
+
+
+SEQUENTIAL = ("Sequential unlearning, as UnlearnCanvas': each method erases the sequence's concepts one after "
+              "another, each step continuing from the step before. Per step, the UA of each concept erased so far "
+              "(blank: not erased yet; a concept whose UA falls at a later step comes back), and IRA / CRA on the "
+              "concepts not erased yet.")
+
+
 def markdown_table(header: list[str], body: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cells) + " |" for cells in body]
@@ -72,16 +97,33 @@ def write_report(results: dict, out: Path, image_path: Callable[[str, str], Path
     out = Path(out)
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
-    figures = write_plots(results, plots) + write_grids(results, plots, image_path)
-    main_table, edits = table_rows(results), edit_rows(results)
-    md = [f"# {results['benchmark']} benchmark", "", summary(results), "", markdown_table(*main_table), "",
-          "## Per edit", "", markdown_table(*edits), ""]
+    figures = write_plots(results, plots) + write_sequence_plot(results, plots) + write_grids(results, plots,
+                                                                                              image_path)
+    main_table, edits, sequential = table_rows(results), edit_rows(results), sequential_rows(results)
+    md = [f"# {results['benchmark']} benchmark", "", summary(results), ""]
+    if method_table_shown(results):
+        md += [markdown_table(*main_table), ""]
+    if sequential[1]:
+        md += ["## Sequential", "", SEQUENTIAL, "", markdown_table(*sequential), ""]
+    md += ["## Per edit", "", markdown_table(*edits), ""]
     md += [f"![{p.stem}](plots/{p.name})" for p in figures]
     _write(out / "report.md", "\n".join(md) + "\n")
-    _write(out / "report.html", html_report(results, main_table, edits, figures))
+    _write(out / "report.html", html_report(results, main_table, edits, figures, sequential))
 
 
-def html_report(results: dict, main_table, edits, figures: list[Path]) -> str:
+def main_tables(results: dict) -> str:
+    """The method table and a --sequence's table, in markdown, as the bench commands print them."""
+    sequential = sequential_rows(results)
+    tables = ([table_rows(results)] if method_table_shown(results) else []) + ([sequential] if sequential[1] else [])
+    return "\n\n".join(markdown_table(*table) for table in tables)
+
+
+def method_table_shown(results: dict) -> bool:
+    """The method table, unless a run of only a --sequence would leave it the base model's row alone."""
+    return len(results["table"]) > 1 or not any("step" in row for row in results["rows"])
+
+
+def html_report(results: dict, main_table, edits, figures: list[Path], sequential=None) -> str:
     def table(header, body):
         head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
         rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>" for cells in body)
@@ -91,13 +133,16 @@ def html_report(results: dict, main_table, edits, figures: list[Path]) -> str:
     header, body = main_table
     group = ("<tr><th></th><th colspan=3>Style Unlearning</th><th colspan=3>Object Unlearning</th>"
              "<th colspan=4>Cost and quality</th></tr>")
-    grouped = table(header, body).replace("<thead>", "<thead>" + group, 1)
+    grouped = table(header, body).replace("<thead>", "<thead>" + group, 1) if method_table_shown(results) else ""
     images = "".join(f'<figure><img src="plots/{p.name}"><figcaption>{p.stem}</figcaption></figure>' for p in figures)
     style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
              "td,th{border:1px solid #999;padding:4px 8px;text-align:right}img{max-width:900px}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{results['benchmark']} benchmark</title>"
             f"<style>{style}</style></head><body><h1>{results['benchmark']} benchmark</h1>"
-            f"<p>{html.escape(summary(results))}</p>{grouped}<h2>Per edit</h2>{table(*edits)}{images}</body></html>")
+            f"<p>{html.escape(summary(results))}</p>{grouped}"
+            + (f"<h2>Sequential</h2><p>{html.escape(SEQUENTIAL)}</p>{table(*sequential)}"
+               if sequential and sequential[1] else "")
+            + f"<h2>Per edit</h2>{table(*edits)}{images}</body></html>")
 
 
 def write_plots(results: dict, plots: Path) -> list[Path]:
@@ -106,7 +151,9 @@ def write_plots(results: dict, plots: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    edits = [r for r in results["rows"] if r["method"] != "base"]
+    edits = [r for r in results["rows"] if r["method"] != "base" and "step" not in r]  # steps: their own plot
+    if not edits:
+        return []
     written = []
     figure, axes = plt.subplots(figsize=(6, 4.5))
     markers = {"object": "o", "style": "s"}
@@ -151,6 +198,45 @@ def write_plots(results: dict, plots: Path) -> list[Path]:
     return written
 
 
+def write_sequence_plot(results: dict, plots: Path) -> list[Path]:
+    """sequence_UA.png, for a run with a --sequence: per method, each concept's UA at every step from the one that
+    erased it (a falling line: the concept comes back), and the steps' IRA and CRA dashed."""
+    steps = [r for r in results["rows"] if "step" in r]
+    if not steps:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(dict.fromkeys(r["method"] for r in steps))
+    figure, axes = plt.subplots(1, len(methods), figsize=(4 * len(methods), 3.5), squeeze=False)
+    for method, axis in zip(methods, axes[0]):
+        mine = sorted((r for r in steps if r["method"] == method), key=lambda r: r["step"])
+        for concept in dict.fromkeys(c for r in mine for c in r["concepts"]):
+            points = [(r["step"], (r.get("UA_per_concept") or {concept: _only(r)["UA"]}).get(concept)) for r in mine
+                      if concept in r["concepts"]]
+            axis.plot(*zip(*[(x, float("nan") if y is None else y) for x, y in points]), marker="o", label=concept)
+        for metric, line in (("IRA", "--"), ("CRA", ":")):
+            values = [float("nan") if _only(r)[metric] is None else _only(r)[metric] for r in mine]
+            axis.plot([r["step"] for r in mine], values, linestyle=line, color="grey", label=metric)
+        axis.set_title(method)
+        axis.set_xlabel("step")
+        axis.set_ylim(-0.05, 1.05)
+        axis.set_xticks([r["step"] for r in mine])
+        axis.legend(fontsize=7)
+    axes[0][0].set_ylabel("UA of each concept erased so far; IRA, CRA")
+    figure.tight_layout()
+    written = [_save(figure, plots / "sequence_UA.png")]
+    plt.close(figure)
+    return written
+
+
+def _only(row: dict) -> dict:
+    (scores,) = row["per_concept"].values()
+    return scores
+
+
 def _mean_retain(scores: dict) -> float:
     values = [scores[m] for m in ("IRA", "CRA") if scores[m] is not None]
     return sum(values) / len(values) if values else float("nan")
@@ -161,7 +247,8 @@ def write_grids(results: dict, plots: Path, image_path: Callable[[str, str], Pat
     then as many unrelated prompts, same seeds."""
     written = []
     seed = results["seeds"][0]
-    edits = [r for r in results["rows"] if r["method"] != "base" and not r.get("failed")]  # a failed edit: no grid
+    # A failed edit has no grid; a --sequence's steps have their plot (write_sequence_plot).
+    edits = [r for r in results["rows"] if r["method"] != "base" and not r.get("failed") and "step" not in r]
     for method in dict.fromkeys(r["method"] for r in edits):
         rows, labels, columns = [], [], 0
         for row in (r for r in edits if r["method"] == method):

@@ -129,3 +129,20 @@ def test_inception_features_from_a_local_weights_file(tmp_path, monkeypatch):
     features = inception_features(weights)
     extracted = features.extract([Image.new("RGB", (40, 30), (200, 10, 10)), Image.new("RGB", (64, 64))])
     assert extracted.shape == (2, 2048) and features.name.startswith("inception-v3")
+
+
+def test_a_sequence_of_the_datasets_styles(fixture, tiny_pipeline_dirs, tmp_path, capsys):
+    """--sequence of the dataset's styles: a chain of two steps, scored as a style chain."""
+    order = tmp_path / "sequence.txt"
+    order.write_text("Bricks\nAbstractionism\n")
+    out = tmp_path / "run"
+    code = main(["bench", "unlearncanvas", "--data", str(fixture["data"]), "--classifier", str(fixture["classifiers"]),
+                 "--model", str(tiny_pipeline_dirs["sd"]), "--methods", "uce", "--sequence", str(order), "--seeds",
+                 "188", "--steps", "2", "--size", "16", "--no-fid", "--quiet", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err[-2000:]
+    second = json.loads((out / "edits" / "uce-seq2-Abstractionism" / "erasure.json").read_text())
+    assert second["concepts"] == ["Bricks", "Abstractionism"] and second["parents"][0]["concepts"] == ["Bricks"]
+    rows = {r["set"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+    assert rows["uce-seq2-Abstractionism"]["step"] == 2 and rows["uce-seq2-Abstractionism"]["kind"] == "style"
+    assert list(rows["uce-seq2-Abstractionism"]["UA_per_concept"]) == ["Bricks", "Abstractionism"]
+    assert "| uce | 2 |" in (out / "report.md").read_text()
