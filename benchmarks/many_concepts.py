@@ -227,8 +227,8 @@ def summary_markdown(results: dict) -> str:
             values.append("failed" if "failed" in row else _pct(s.get(name)) if s else "-")
         return " / ".join(values)
 
-    header = ("| method | how | styles UA % (1 / 3 / 5 / 9) | styles IRA % | objects UA % (1 / 3 / 5) | objects IRA % |\n"
-              "|---|---|---|---|---|---|\n")
+    header = ("| method | how | styles UA % (1 / 3 / 5 / 9) | styles IRA % | objects UA % (1 / 3 / 5) | "
+              "objects IRA % |\n|---|---|---|---|---|---|\n")
     base = {kind: " / ".join(_pct(cell_scores(results["base"], results["base"], Cell("base", kind, n, "at once"))
                                   ["IRA"]) for n in COUNTS[kind]) for kind in COUNTS}
     lines = [f"| base | - | - | {base['style']} | - | {base['object']} |"]
