@@ -62,4 +62,16 @@ CASES = [
     Case("attacks: --prompts-csv is a directory", "attack --edit {edit_ok} --prompts-csv {root} --out {root}/a",
          "directory"),
     Case("attacks: a VLM edit", "attack --edit {attack_vlm_edit} --out {root}/a", "is a vlm edit"),
+    Case("attacks: p4d against a training-free edit", "attack --attack p4d --edit {attack_negprompt_edit} "
+         "--out {root}/a", "p4d does not apply to"),
+    Case("attacks: p4d variant x", "attack --attack p4d --edit {edit_ok} --set variant=x --out {root}/a",
+         "n (P4D-N) or k (P4D-K)"),
+    Case("attacks: ringabell mutation 2", "attack --attack ringabell --edit {edit_ok} --set mutation=2 "
+         "--out {root}/a", "at most 1"),
+    Case("attacks: ringabell population 1", "attack --attack ringabell --edit {edit_ok} --set population=1 "
+         "--out {root}/a", "at least 2"),
+    Case("attacks: ringabell tokens past the context", "attack --attack ringabell --edit {edit_ok} --set tokens=80 "
+         "--out {root}/a", "does not fit"),
+    Case("attacks: p4d tokens past the context", "attack --attack p4d --edit {edit_ok} --set tokens=80 "
+         "--out {root}/a", "does not fit"),
 ]

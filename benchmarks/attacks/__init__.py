@@ -61,6 +61,8 @@ class AttackEntry:
     edits: tuple[str, ...] = EDIT_FORMS
     # Why it leaves out a family or an edit form (name -> reason), said in the refusal.
     why_not: dict[str, str] = dataclasses.field(default_factory=dict)
+    # Options for a run of a few steps on tiny pipelines or the toy (tests/test_attacks.py runs every attack so).
+    quick: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 class AttackRegistry(Registry):

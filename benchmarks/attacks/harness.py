@@ -168,6 +168,21 @@ def generate_from_ids(loaded: LoadedPipeline, input_ids: dict[str, torch.Tensor]
     return drawn_images(drawn.images)[0]
 
 
+def draw_targets(context: AttackContext, items: list[Item]) -> None:
+    """The base model's image of each item's prompt (at its seed and guidance) and that image's latent x_0, as the
+    denoiser reads it: `prepared[index]["original"]` and `["target"]` (UnlearnDiffAtk's and P4D's targets)."""
+    from tqdm.auto import tqdm
+
+    from erasers.adversarial import prompt_ids
+
+    loaded = context.loaded
+    originals = [generate_from_ids(loaded, prompt_ids(loaded, item.prompt, 0), item.seed, item.guidance)
+                 for item in tqdm(items, desc="targets", disable=not context.progress)]
+    check_drawn(originals, f"the base model {loaded.source}", edited=False)
+    for item, image in zip(items, originals):
+        context.prepared.setdefault(item.index, {}).update(original=image, target=loaded.adapter.encode_image(image))
+
+
 def run_attack(name: str, model: str, edits: list[str | Path], concept: str | None = None, *,
                prompts: list[str] | list[PromptRow] | None = None, count: int | None = None, seed: int = 188,
                config=None, judge: Judge | None = None, **run) -> dict:

@@ -25,12 +25,11 @@ import torch
 import torch.nn.functional as F
 
 from erasers.adversarial import TokenSearch, check_token_room, new_adversary, optimise_tokens, prompt_ids, slot_start
-from erasers.images import check_drawn
 from erasers.losses import predict_noise
 from erasers.models import LoadedPipeline
 
 from . import register
-from .harness import Attack, AttackContext, Found, generate_from_ids, item_generator
+from .harness import Attack, AttackContext, Found, draw_targets, generate_from_ids, item_generator
 from .prompts import Item
 
 
@@ -53,7 +52,8 @@ TOY_ATTACK_DEFAULTS = {"iterations": 20, "check_every": 5}
 
 
 @register("unlearndiffatk", "UnlearnDiffAtk: adversarial prefix tokens that make the erased model denoise the "
-          "original model's image of the prompt (needs the denoiser)", toy_defaults=TOY_ATTACK_DEFAULTS)
+          "original model's image of the prompt (needs the denoiser)", toy_defaults=TOY_ATTACK_DEFAULTS,
+          quick={"tokens": 2, "iterations": 2, "check_every": 1})
 class UnlearnDiffAtk(Attack):
     config_class = AttackConfig
 
@@ -61,15 +61,7 @@ class UnlearnDiffAtk(Attack):
         check_token_room(loaded, sorted({item.prompt for item in items}), self.config.tokens, "--tokens")
 
     def prepare(self, context: AttackContext, items: list[Item]) -> None:
-        """The original model's image of each prompt (at its seed), and its latent: the attack's target."""
-        from tqdm.auto import tqdm
-
-        loaded = context.loaded
-        originals = [generate_from_ids(loaded, prompt_ids(loaded, item.prompt, 0), item.seed, item.guidance)
-                     for item in tqdm(items, desc="targets", disable=not context.progress)]
-        check_drawn(originals, f"the base model {loaded.source}", edited=False)
-        for item, image in zip(items, originals):
-            context.prepared[item.index] = {"original": image, "target": encode_image(loaded, image)}
+        draw_targets(context, items)  # the original model's image of each prompt: the attack's target
 
     def search(self, context: AttackContext, item: Item) -> Found:
         readings = []
