@@ -226,7 +226,7 @@ def run_attack(name: str, model: str, edits: list[str | Path], concept: str | No
         attack.check(loaded, items)  # before the targets are drawn
         signature = {"command": "attack", "attack": name, "config": dataclasses.asdict(config), "model": model,
                      "edits": [str(e) for e in edits], "concept": request.concept, "judge": judge_name(judge),
-                     "resolution": settings.resolution, "items": [dataclasses.astuple(i) for i in items]}
+                     "resolution": settings.resolution, "items": [list(dataclasses.astuple(i)) for i in items]}
         # An interrupted run's items are read now; a fresh OUT.partial/ is taken once the first item is done, so
         # bad input found before that leaves nothing behind.
         resumed = run_dir is not None and not run_dir.fresh
