@@ -165,8 +165,9 @@ class ProjectedTokens(nn.Module):
         return self._nearest().tolist()
 
     def _nearest(self) -> torch.Tensor:
-        words = F.normalize(self.home[:self.vocabulary_size].float(), dim=-1)
-        return (F.normalize(self.vectors.detach(), dim=-1) @ words.T).argmax(-1)
+        if getattr(self, "_unit_words", None) is None:  # the vocabulary is frozen: normalised once
+            self._unit_words = F.normalize(self.home[:self.vocabulary_size].float(), dim=-1)
+        return (F.normalize(self.vectors.detach(), dim=-1) @ self._unit_words.T).argmax(-1)
 
     def embed(self, drawn, word_embeddings: torch.Tensor) -> torch.Tensor:
         projected = word_embeddings[self._nearest()].float()

@@ -58,11 +58,12 @@ class AttackRun:
 
 @dataclass
 class BaseModel:
-    """The base model's text encoders and denoiser as they were before the edits loaded (edits replace modules, so
-    these are the originals; an edit that changes the denoiser in place, an adapter, gets a copy kept)."""
+    """The base model's text encoders and denoiser as they were before the edits loaded, those the attack asks for
+    (`Attack.needs_base`; None otherwise: a kept module holds its memory). Edits replace modules, so these are the
+    originals; an edit that changes the denoiser in place, an adapter, gets a copy kept."""
 
-    text_encoders: dict[str, torch.nn.Module]
-    denoiser: torch.nn.Module
+    text_encoders: dict[str, torch.nn.Module] | None = None
+    denoiser: torch.nn.Module | None = None
 
 
 @dataclass
@@ -119,11 +120,17 @@ class Attack:
     `prepare`, then `run_item` per item and `summarise`."""
 
     config_class: ClassVar[type]
-    # Whether the search reads the base model's denoiser beside the edited one (P4D's target predictions).
-    needs_base_denoiser: ClassVar[bool] = False
+    # What the search reads of the base model beside the edited one, kept in `context.base`: "text_encoders"
+    # (Ring-A-Bell's own encoder), "denoiser" (P4D's target predictions).
+    needs_base: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config):
         self.config = config
+
+    def plan(self, rows: list[PromptRow], count: int | None, seed: int) -> list[Item]:
+        """The items to run, from the prompts (an attack whose items are not prompts, such as steps of a curve, plans
+        its own: any frozen dataclass extending Item)."""
+        return plan_items(rows, count, seed)
 
     def check(self, loaded: LoadedPipeline, items: list[Item]) -> None:
         """A UsageError for what would fail later (prompts too long for the tokens to add), before any image."""
@@ -221,8 +228,8 @@ def run_attack(name: str, model: str, edits: list[str | Path], concept: str | No
         judge = judge or ToyJudge(request.kind)
         if rows is None:  # on the toy: the concept's captions (the first erase prompt is the bare word)
             rows = [PromptRow(p) for p in (request.erase_prompts()[1:] if loaded.vocabulary else [request.concept])]
-        items = plan_items(rows, count, seed)
         attack = entry.attack(config)
+        items = attack.plan(rows, count, seed)
         attack.check(loaded, items)  # before the targets are drawn
         signature = {"command": "attack", "attack": name, "config": dataclasses.asdict(config), "model": model,
                      "edits": [str(e) for e in edits], "concept": request.concept, "judge": judge_name(judge),
@@ -234,7 +241,7 @@ def run_attack(name: str, model: str, edits: list[str | Path], concept: str | No
         pending = [item for item in items if item.index not in store.finished()]
         context = AttackContext(loaded, request, judge, [str(e) for e in edits], metadata, settings.progress)
         attack.prepare(context, pending)
-        context.base = _base_model(loaded, metadata, attack.needs_base_denoiser)
+        context.base = _base_model(loaded, metadata, attack.needs_base)
         apply_edits(loaded, edits, settings.allow_other_base)
         from tqdm.auto import tqdm
 
@@ -255,7 +262,11 @@ def run_attack(name: str, model: str, edits: list[str | Path], concept: str | No
     return summary
 
 
-def _base_model(loaded: LoadedPipeline, metadata: list[dict], copy_denoiser: bool) -> BaseModel:
-    in_place = any(ADAPTER in meta["components"] for meta in metadata)
-    denoiser = copy.deepcopy(loaded.denoiser) if copy_denoiser and in_place else loaded.denoiser
-    return BaseModel(dict(loaded.text_encoders), denoiser)
+def _base_model(loaded: LoadedPipeline, metadata: list[dict], needs: tuple[str, ...]) -> BaseModel:
+    base = BaseModel()
+    if "text_encoders" in needs:
+        base.text_encoders = dict(loaded.text_encoders)
+    if "denoiser" in needs:
+        in_place = any(ADAPTER in meta["components"] for meta in metadata)
+        base.denoiser = copy.deepcopy(loaded.denoiser) if in_place else loaded.denoiser
+    return base

@@ -35,7 +35,7 @@ from .prompts import Item
 
 PAIR_TEMPLATES = ("a photo of {}", "a painting of {}", "an image of {}", "a picture showing {}", "a drawing of {}",
                   "{}, highly detailed")
-# Measured on the toy model (2-core CPU, 2026-12): 16 tokens, 24 x 30 candidates, 1.5 s a prompt.
+# On the toy model (a shared 2-core CPU, 2026-12): 16 tokens, 24 x 30 candidates, about 5 s a prompt with its image.
 TOY_DEFAULTS = {"population": 24, "generations": 30}
 
 
@@ -55,6 +55,7 @@ class RingABellConfig:
           quick={"tokens": 4, "population": 4, "generations": 2})
 class RingABell(Attack):
     config_class = RingABellConfig
+    needs_base = ("text_encoders",)
 
     def check(self, loaded: LoadedPipeline, items: list[Item]) -> None:
         from erasers.errors import UsageError
