@@ -14,17 +14,19 @@ A new attack is one file here:
         steps: int = 100
         seed: int = 0
 
-    @register("mine", "one line for `erasure attack --help`", toy_defaults={"steps": 5},
+    @register("mine", "one line for `erasure attack --help`", toy_defaults={"steps": 5}, quick={"steps": 1},
               edits=("weights",), families=("sd", "sdxl"))
     class MyAttack(Attack):
         config_class = MyConfig
+        needs_base = ("denoiser",)                   # the base modules it reads beside the edited ones, if any
 
         def search(self, context, item) -> Found:     # one item whose plain prompt did not bring the concept back
             ...
 
-Attack (harness.py) says what else an attack may override: `check` (before any image), `prepare` (with the base
-model, before the edits load), `run_item` (the whole item, for protocols other than plain-then-search) and
-`summarise` (an ASR, or a curve).
+Attack (harness.py) says what else an attack may override: `plan` (its items, when they are not prompts),
+`check` (before any image), `prepare` (with the base model, before the edits load), `run_item` (the whole item, for
+protocols other than plain-then-search) and `summarise` (an ASR, or a curve). tests/test_attacks.py runs every
+registered attack with its `quick` options and checks the result layout.
 """
 
 from __future__ import annotations

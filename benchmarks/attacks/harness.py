@@ -112,7 +112,7 @@ class AttackContext:
 
 def item_generator(config_seed: int, item_seed: int) -> torch.Generator:
     """An attack's random numbers for one item: the same for the item whatever ran before it (resumes)."""
-    return torch.Generator().manual_seed(config_seed * 1_000_003 + item_seed)
+    return torch.Generator().manual_seed((config_seed * 1_000_003 + item_seed) % 2 ** 64)
 
 
 class Attack:
@@ -250,6 +250,7 @@ def run_attack(name: str, model: str, edits: list[str | Path], concept: str | No
             if run_dir is not None and store.work_dir is None:
                 store = ItemStore(run_dir.prepare(signature, settings.restart))
             store.save(item.index, outcome)
+            context.prepared.pop(item.index, None)  # its targets are no longer needed
         records = store.records()
         summary = {"attack": name, "model": model, "edits": [str(e) for e in edits], "concept": request.concept,
                    "kind": request.kind, "config": dataclasses.asdict(config), "judge": judge_name(judge),
