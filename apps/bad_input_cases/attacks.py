@@ -1,12 +1,14 @@
 """Bad-input rows about `erasure attack --attack NAME` (benchmarks/attacks/): an unknown attack, its options
 (`--set`), prompt sources given twice, a --prompts-csv without a prompt column or with a bad seed, and an attack
-against an edit it does not apply to (a VLM edit; P4D against a training-free edit) - each refused before any
-model loads."""
+against an edit it does not apply to (a VLM edit; P4D against a training-free edit), and every registered attack's
+options out of their range - each refused before any model loads."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from apps.bad_input_fixtures import GOOD_EDIT, VLM_EDIT, edit_dir, fixture, text_file
-from apps.bad_inputs import Case
+from apps.bad_inputs import Case, out_of_range
 
 
 @fixture
@@ -48,7 +50,6 @@ CASES = [
          "unlearndiffatk has no option 'generations'"),
     Case("attacks: --set a value of the wrong type", "attack --edit {edit_ok} --set iterations=many --out {root}/a",
          "wants a int"),
-    Case("attacks: --set lr=nan", "attack --edit {edit_ok} --set lr=nan --out {root}/a", "finite"),
     Case("attacks: --iterations and --set iterations", "attack --edit {edit_ok} --iterations 3 --set iterations=4 "
          "--out {root}/a", "both give iterations"),
     Case("attacks: --prompt-file and --prompts-csv", "attack --edit {edit_ok} --prompt-file {three_prompts} "
@@ -68,10 +69,21 @@ CASES = [
          "n (P4D-N) or k (P4D-K)"),
     Case("attacks: ringabell mutation 2", "attack --attack ringabell --edit {edit_ok} --set mutation=2 "
          "--out {root}/a", "at most 1"),
-    Case("attacks: ringabell population 1", "attack --attack ringabell --edit {edit_ok} --set population=1 "
-         "--out {root}/a", "at least 2"),
     Case("attacks: ringabell tokens past the context", "attack --attack ringabell --edit {edit_ok} --set tokens=80 "
          "--out {root}/a", "does not fit"),
     Case("attacks: p4d tokens past the context", "attack --attack p4d --edit {edit_ok} --set tokens=80 "
          "--out {root}/a", "does not fit"),
 ]
+
+
+def option_cases() -> list[Case]:
+    """For every registered attack: each option set out of its range."""
+    from benchmarks.attacks import available_attacks
+
+    return [Case(f"attacks: {name} --set {field.name}={value}",
+                 f"attack --attack {name} --edit {{edit_ok}} --set {field.name}={value} --out {{root}}/a", field.name)
+            for name, entry in sorted(available_attacks().items())
+            for field in dataclasses.fields(entry.attack.config_class) for value in out_of_range(field)]
+
+
+CASES += option_cases()
