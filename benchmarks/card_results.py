@@ -43,19 +43,22 @@ def record_compare(table: dict, out: Path, loaded) -> None:
                        {**protocol, "stacked_with": others or None})
 
 
-def record_attack(summary: dict, out: Path, loaded, judge) -> None:
-    """`erasure attack`'s Pre-ASR and ASR (its attack.json `summary`) on the card of each edit attacked."""
-    judge_name = TOY_CLASSIFIER if type(judge).__name__ == "ToyJudge" else \
-        f"{getattr(judge, '__module__', '?')}:{getattr(judge, '__qualname__', type(judge).__name__)}"
-    protocol = {"task": "Adversarial prompts (UnlearnDiffAtk)", "dataset": f"prompts of {summary['concept']}",
-                "dataset_type": "unlearndiffatk", "judge": judge_name, "results": Path(out) / "attack.json",
-                "concept": summary["concept"], "prompts": summary["n"],
-                "seed": summary["prompts"][0]["seed"] if summary["prompts"] else None, **sampling(loaded),
-                "attack": summary["config"]}
+def record_attack(summary: dict, out: Path, loaded, judge: str) -> None:
+    """`erasure attack`'s Pre-ASR and ASR, or its curve (its attack.json `summary`), on the card of each edit
+    attacked, under the attack's name; `judge` names the judge (benchmarks.attacks.judges.judge_name)."""
+    name = summary["attack"]
+    items = summary["items"]
+    protocol = {"task": f"Adversarial attack ({name})", "dataset": f"prompts of {summary['concept']}",
+                "dataset_type": name, "judge": judge, "results": Path(out) / "attack.json",
+                "concept": summary["concept"], "prompts": len(items),
+                "seed": items[0].get("seed") if items else None, **sampling(loaded), "attack": summary["config"]}
+    if "curve" in summary:
+        metrics = {f"ASR after {point['steps']} steps": point["rate"] for point in summary["curve"]}
+    else:
+        metrics = {"Pre-ASR": summary["pre_asr"], "ASR": summary["asr"]}
     for edit in summary["edits"]:
-        source, others = _stacked(f"erasure attack ({summary['concept']})", edit, summary["edits"])
-        record_results(edit, source, {"Pre-ASR": summary["pre_asr"], "ASR": summary["asr"]},
-                       {**protocol, "stacked_with": others or None})
+        source, others = _stacked(f"erasure attack {name} ({summary['concept']})", edit, summary["edits"])
+        record_results(edit, source, metrics, {**protocol, "stacked_with": others or None})
 
 
 def record_bench(results: dict, edits: list, out: Path) -> None:

@@ -1,10 +1,12 @@
-"""The benchmarks' commands: `erasure compare`, `erasure attack`, `erasure toy build | build-vlm` and `erasure bench
-mllmu-med`, with `erasure bench toycanvas | unlearncanvas | i2p` from benchmarks.bench_commands."""
+"""The benchmarks' commands: `erasure compare`, `erasure attack` (benchmarks/attack_command.py), `erasure toy
+build | build-vlm` and `erasure bench mllmu-med`, with `erasure bench toycanvas | unlearncanvas | i2p` from
+benchmarks.bench_commands."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from benchmarks.attack_command import add_attack_command
 from benchmarks.bench_commands import add_bench_commands
 from erasers import inputs
 from erasers.commands import add_edit_arguments
@@ -20,23 +22,6 @@ def cmd_compare(args) -> None:
                     allow_other_base=args.allow_other_base)
     print(metrics_markdown(table))
     print(f"wrote {out}/compare.png, {out}/metrics.md and {out}/metrics.json")
-
-
-def cmd_attack(args) -> None:
-    from benchmarks.attack import attack_success_rate, load_judge
-    from erasers.commands import read_prompt_file
-
-    judge = load_judge(args.judge) if args.judge else None
-    prompts = read_prompt_file(args.prompt_file) if args.prompt_file else None
-    options = {key: value for key, value in (("iterations", args.iterations), ("tokens", args.tokens))
-               if value is not None}
-    result = attack_success_rate(args.model, args.edit, args.concept, prompts=prompts, count=args.prompts,
-                                 seed=args.seed, config=options, judge=judge, device=args.device, out=args.out,
-                                 resolution=args.resolution, allow_other_base=args.allow_other_base)
-    n = result["n"]
-    print(f"{result['concept']}: Pre-ASR {result['pre_asr']:.1%} ({result['pre_successes']}/{n}), "
-          f"ASR {result['asr']:.1%} ({result['pre_successes'] + result['attack_successes']}/{n})")
-    print(f"wrote {args.out}/attack.json and {args.out}/attack.png")
 
 
 def cmd_toy_build(args) -> None:
@@ -105,28 +90,7 @@ def add_commands(commands) -> None:
     compare.add_argument("--out", help="output directory (default: EDIT/compare)")
     compare.set_defaults(run=cmd_compare, reports_cost=True)  # apps.cli prints its time and peak memory
 
-    attack = commands.add_parser("attack", help="UnlearnDiffAtk: adversarial prompts that bring an erased concept "
-                                 "back; prints Pre-ASR and ASR")
-    attack.add_argument("--model", default="toy", help="the base model the edit was made from")
-    add_edit_arguments(attack, "edit directory (repeat to stack edits)", inputs.EDIT_DIR, required=True)
-    attack.add_argument("--concept", help="the concept to bring back (default: the edit's)")
-    attack.add_argument("--prompts", type=inputs.ATTACKED_PROMPTS, help="number of prompts attacked, up to 10,000 "
-                        "(default: one per prompt; on the toy model, the concept's 10 captions; more repeat them with "
-                        "the next seed)")
-    attack.add_argument("--prompt-file", type=inputs.PROMPT_FILE, help="prompts of the concept, one a line "
-                        "(default: the toy captions, or the concept itself)")
-    attack.add_argument("--iterations", type=inputs.POSITIVE, help="optimisation steps per prompt (default 40; 20 "
-                        "on toy)")
-    attack.add_argument("--tokens", type=inputs.POSITIVE, help="adversarial prefix tokens (default 5)")
-    attack.add_argument("--judge", metavar="MODULE:FUNCTION", help="function (images, concept) -> list of bools "
-                        "saying where the concept is; required off the toy model. It imports and runs that module: "
-                        "name only code you trust")
-    attack.add_argument("--seed", type=inputs.SEED, default=188, help="seed of the first prompt's images")
-    attack.add_argument("--resolution", type=inputs.IMAGE_SIDE, help="image size in pixels, a multiple of 16 "
-                        "(default: the model's native one)")
-    attack.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    attack.add_argument("--out", required=True, help="new directory for attack.json and attack.png")
-    attack.set_defaults(run=cmd_attack)
+    add_attack_command(commands)
 
     toy = commands.add_parser("toy", help="the embedded ToyCanvas world")
     toy_commands = toy.add_subparsers(dest="toy_command", required=True)

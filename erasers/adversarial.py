@@ -1,12 +1,17 @@
-"""Adversarial prompt tokens, shared by the attack (benchmarks/attack.py) and AdvUnlearn's inner maximisation.
+"""Adversarial prompt tokens, shared by the attacks (benchmarks/attacks/: UnlearnDiffAtk, P4D) and AdvUnlearn's
+inner maximisation.
 
-A few adversarial tokens sit right after each text encoder's start token (T5 has none: at the front). They are
-parametrised per text encoder the denoiser reads (SD: CLIP; SDXL: both CLIP encoders; Flux: CLIP, read pooled, and
-T5), in one of two ways:
+A few adversarial tokens sit right after each text encoder's start token (T5 has none: at the front), or at the
+positions a search names (P4D-K: one after every few prompt tokens, `interleaved_ids`). They are parametrised per
+text encoder the denoiser reads (SD: CLIP; SDXL: both CLIP encoders; Flux: CLIP, read pooled, and T5), in one of
+three ways:
   soft       free vectors in the encoder's word-embedding space (AdvUnlearn's attack): one set per encoder
   discrete   distributions over the vocabulary, sampled as one-hot vectors with straight-through gradients
              (UnlearnDiffAtk): encoders that share a vocabulary (SDXL's two CLIP tokenizers) share one set, so the
              adversarial prompt is one text; Flux's CLIP and T5 vocabularies differ, so each has its own.
+  projected  free vectors read, at every step, as their nearest vocabulary embeddings (PEZ, P4D's search), the
+             gradient reaching the free vectors straight through; shared by encoders of one vocabulary as
+             `discrete` is (the first encoder's space chooses the tokens, the others read the same ids).
 `soft_prompt_attack` is AdvUnlearn's inner step: the tokens that make the edited model predict what the frozen
 model predicts for the concept, MSE(eps_theta(x_t, c_adv), eps*(x_t, c)).
 """
@@ -43,6 +48,30 @@ def prefixed_ids(tokenizer, prompt: str, tokens: int, device, length: int | None
     if tokenizer.eos_token_id not in ids[tokens + start:]:
         ids[-1] = tokenizer.eos_token_id
     return torch.tensor([ids], device=device)
+
+
+def interleaved_ids(tokenizer, prompt: str, every: int, device, length: int | None = None
+                    ) -> tuple[torch.Tensor, list[int]]:
+    """(token ids [BOS, prompt with a placeholder slot after every `every` of its tokens (one at its end if it has
+    fewer), EOS, padding], the slots' positions): P4D-K's prompt. The prompt is cut, never the EOS."""
+    length = length or tokenizer.model_max_length
+    start = slot_start(tokenizer)
+    words = tokenizer(prompt).input_ids[start:]
+    words = words[:words.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in words else words
+    placeholder = prefixed_ids(tokenizer, "", 1, device, length)[0, start].item()
+    ids, positions = list(tokenizer(prompt).input_ids[:start]), []
+    for i, word in enumerate(words, 1):
+        ids.append(word)
+        if i % every == 0 or (i == len(words) and len(words) < every):
+            positions.append(len(ids))
+            ids.append(placeholder)
+    if not words:
+        positions.append(len(ids))
+        ids.append(placeholder)
+    ids = ids[:length - 1] + [tokenizer.eos_token_id]
+    positions = [p for p in positions if p < length - 1]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return torch.tensor([ids + [pad] * (length - len(ids))], device=device), positions
 
 
 def prompt_ids(loaded: LoadedPipeline, prompt: str, tokens: int) -> dict[str, torch.Tensor]:
@@ -117,6 +146,43 @@ class VocabularyTokens(nn.Module):
         return word_embeddings[ids].detach().float(), ids
 
 
+class ProjectedTokens(nn.Module):
+    """`k` free vectors in the word-embedding space of one encoder (`home`), each read as its nearest vocabulary
+    embedding by cosine similarity (PEZ: Wen et al., 2023): the forward pass sees the projection, the gradient
+    updates the free vectors (straight-through). An encoder of the same vocabulary but another embedding reads
+    the same token ids, without a gradient."""
+
+    def __init__(self, initial: torch.Tensor, home: torch.Tensor, vocabulary_size: int):
+        super().__init__()
+        self.vectors = nn.Parameter(initial.detach().clone().float())
+        self.home = home  # the home encoder's word embeddings (not a parameter of the attack)
+        self.vocabulary_size = vocabulary_size  # the tokenizer's: an embedding table may hold more rows
+
+    def draw(self, generator: torch.Generator):
+        return None
+
+    def token_ids(self) -> list[int]:
+        return self._nearest().tolist()
+
+    def _nearest(self) -> torch.Tensor:
+        if getattr(self, "_unit_words", None) is None:  # the vocabulary is frozen: normalised once
+            self._unit_words = F.normalize(self.home[:self.vocabulary_size].float(), dim=-1)
+        return (F.normalize(self.vectors.detach(), dim=-1) @ self._unit_words.T).argmax(-1)
+
+    def embed(self, drawn, word_embeddings: torch.Tensor) -> torch.Tensor:
+        projected = word_embeddings[self._nearest()].float()
+        if word_embeddings.data_ptr() != self.home.data_ptr():
+            return projected
+        return self.vectors + (projected - self.vectors).detach()
+
+    def project(self) -> None:
+        pass  # the vectors stay free; each step reads their projections
+
+    def fixed(self, word_embeddings: torch.Tensor) -> tuple[torch.Tensor, list[int] | None]:
+        ids = self.token_ids()
+        return word_embeddings[ids].detach().float(), ids
+
+
 class _SampleOneHot(torch.autograd.Function):
     """Sample a one-hot row from each distribution; the backward pass is the straight-through estimator with
     the gradient clipped to [-1, 1] (hardtanh), as in UnlearnDiffAtk."""
@@ -145,22 +211,31 @@ def _same_vocabulary(first, second) -> bool:
     return type(first) is type(second) and len(first) == len(second) and first.get_vocab() == second.get_vocab()
 
 
-def new_adversary(variant: str, tokens: int, loaded: LoadedPipeline, generator: torch.Generator,
+def new_adversary(variant: str, tokens: int | dict[str, int], loaded: LoadedPipeline, generator: torch.Generator,
                   text_encoders: dict[str, nn.Module] | None = None) -> nn.ModuleDict:
     """Fresh adversarial tokens, one part per text encoder: "soft" starts from random vocabulary words,
-    "discrete" from uniform distributions (shared by encoders with the same vocabulary)."""
+    "discrete" from uniform distributions, "projected" from random vocabulary words of its tokenizer (the last two
+    shared by encoders with the same vocabulary). `tokens` may differ per encoder (a dict by encoder name).
+    """
     parts: dict[str, nn.Module] = {}
     for name in loaded.family.text_encoders:
+        count = tokens[name] if isinstance(tokens, dict) else tokens
         encoder = (text_encoders or {}).get(name) or loaded.text_encoders[name]
         word_embeddings = encoder.get_input_embeddings().weight.detach()
         if variant == "soft":
-            start = torch.randint(word_embeddings.shape[0], (tokens,), generator=generator)
+            start = torch.randint(word_embeddings.shape[0], (count,), generator=generator)
             parts[name] = SoftTokens(word_embeddings[start.to(word_embeddings.device)])
             continue
         tokenizer = _tokenizer(loaded, name)
         shared = next((other for other in parts if _same_vocabulary(_tokenizer(loaded, other), tokenizer)), None)
-        parts[name] = parts[shared] if shared else VocabularyTokens(tokens, word_embeddings.shape[0],
-                                                                    word_embeddings.device)
+        if shared:
+            parts[name] = parts[shared]
+        elif variant == "projected":
+            size = min(len(tokenizer), word_embeddings.shape[0])  # T5's table is padded past its vocabulary
+            start = torch.randint(size, (count,), generator=generator)
+            parts[name] = ProjectedTokens(word_embeddings[start.to(word_embeddings.device)], word_embeddings, size)
+        else:
+            parts[name] = VocabularyTokens(count, word_embeddings.shape[0], word_embeddings.device)
     return nn.ModuleDict(parts)
 
 
@@ -171,12 +246,14 @@ def _encoders(loaded: LoadedPipeline, text_encoders: dict[str, nn.Module] | None
 @dataclass
 class TokenSearch:
     """How `optimise_tokens` steps: `steps` of `optimizer` (on the gradient, or its sign), with `check(step)` called
-    after each step (True stops early)."""
+    after each step (True stops early); the tokens go into `positions` of each encoder's ids (None: the slots right
+    after the start token)."""
 
     optimizer: torch.optim.Optimizer
     steps: int
     sign_gradient: bool = False
     check: Callable[[int], bool] | None = None
+    positions: dict[str, list[int]] | None = None
 
 
 def optimise_tokens(adversary: nn.ModuleDict, loaded: LoadedPipeline, input_ids: dict[str, torch.Tensor],
@@ -199,9 +276,13 @@ def optimise_tokens(adversary: nn.ModuleDict, loaded: LoadedPipeline, input_ids:
             if id(part) not in drawn:  # encoders sharing a part read the same draw
                 drawn[id(part)] = part.draw(generator)
             tokens = part.embed(drawn[id(part)], words[name])
-            start = slot_start(_tokenizer(loaded, name))
-            embeds[name] = torch.cat([base[name][:, :start], tokens[None].to(base[name].dtype),
-                                      base[name][:, start + tokens.shape[0]:]], dim=1)
+            if search.positions is None:
+                start = slot_start(_tokenizer(loaded, name))
+                embeds[name] = torch.cat([base[name][:, :start], tokens[None].to(base[name].dtype),
+                                          base[name][:, start + tokens.shape[0]:]], dim=1)
+            else:
+                embeds[name] = base[name].clone()
+                embeds[name][:, search.positions[name]] = tokens[None].to(base[name].dtype)
         loss = loss_fn(loaded.adapter.encode_ids(input_ids, embeds, encoders), generator)
         gradients = torch.autograd.grad(loss, parameters)
         for parameter, gradient in zip(parameters, gradients):

@@ -94,8 +94,8 @@ def write_card(edit_dir: str | Path, results: list | None = None, shown_as: str 
 
 def record_results(edit_dir: str | Path, source: str, metrics: dict, protocol: dict) -> bool:
     """Put `metrics` ({name: value}; None values left out) on the edit's card as results of `source` (the command
-    that produced them: "erasure compare", "erasure attack (arrow)", ...), replacing the results of the same source
-    and keeping every other's; the card is rewritten atomically.
+    that produced them: "erasure compare", "erasure attack unlearndiffatk (arrow)", ...), replacing the results of
+    the same source and keeping every other's; the card is rewritten atomically.
 
     `protocol` holds how they were produced, kept in the card's model-index: the settings (seeds, steps,
     guidance, image size, prompts, ... and `stacked_with`, the other edits scored with this one), plus the keys

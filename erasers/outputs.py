@@ -51,6 +51,12 @@ class RunDirectory:
     def __exit__(self, kind, error, traceback) -> None:
         self.close(finished=kind is None)
 
+    @property
+    def fresh(self) -> bool:
+        """Whether `lock` made the folder now (nothing to resume), so a run may `prepare` it only once it has work
+        to keep: bad input found before then leaves nothing behind."""
+        return self._created
+
     def lock(self) -> None:
         """Take the lock, making `OUT.partial/` if absent; refuse a folder that is not an erasure run's or that a
         live run holds. A previous version's folder (run.json, no marker) is judged by `prepare`."""

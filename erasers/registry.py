@@ -85,7 +85,10 @@ class MethodEntry:
 
 class Registry:
     """Method name -> its MethodEntry, filled by the @register decorators of the modules of `package` (every one is
-    imported on first lookup). One for diffusion erasers (here), one for VLM erasers (vlm.registry)."""
+    imported on first lookup). One for diffusion erasers (here), one for VLM erasers (vlm.registry); a subclass
+    with its own `entry_class` serves other plug-ins (benchmarks.attacks)."""
+
+    entry_class: ClassVar[type] = MethodEntry
 
     def __init__(self, kind: str, package: str):
         self.kind = kind  # how errors name a method: "method", "VLM method"
@@ -96,7 +99,7 @@ class Registry:
     def register(self, name: str, summary: str, **entry_fields):
         """A class decorator: `entry_fields` are MethodEntry's (defaults, toy_defaults, families, quick, ...)."""
         def wrap(cls: type) -> type:
-            self.entries[name] = MethodEntry(name, cls, summary, **entry_fields)
+            self.entries[name] = self.entry_class(name, cls, summary, **entry_fields)
             return cls
 
         return wrap
@@ -123,14 +126,20 @@ class Registry:
         """The method's config: its dataclass defaults, the registry's defaults, the toy overrides on a toy
         model, then the user's overrides (checked against the dataclass's fields)."""
         entry = self.get(name)
-        fields = {f.name: f for f in dataclasses.fields(entry.eraser.config_class)}
+        config_class = self.config_class(entry)
+        fields = {f.name: f for f in dataclasses.fields(config_class)}
         values = {**entry.defaults, **(entry.toy_defaults if toy else {})}
         for key, value in (overrides or {}).items():
             if key not in fields:
-                trains = "" if entry.trains else " (it is training-free: it trains nothing at erase time)"
+                trains = "" if getattr(entry, "trains", True) else \
+                    " (it is training-free: it trains nothing at erase time)"
                 raise UsageError(f"{name} has no option {key!r}{trains}; its options: {', '.join(fields)}")
             values[key] = _coerce(value, fields[key], name)
-        return validate_config(entry.eraser.config_class(**values), name)
+        return validate_config(config_class(**values), name)
+
+    def config_class(self, entry) -> type:
+        """The dataclass of an entry's options."""
+        return entry.eraser.config_class
 
 
 REGISTRY = Registry("method", "erasers.methods")

@@ -68,13 +68,14 @@ def test_erase_then_compare_puts_its_figures_on_the_card_and_a_second_compare_re
                          "--out", tmp_path / "attack")
     assert code == 0, err
     attack = json.loads((tmp_path / "attack" / "attack.json").read_text())
-    assert by_source(edit)["erasure attack (arrow)"] == {"Pre-ASR": (attack["pre_asr"], None),
-                                                         "ASR": (attack["asr"], None)}
+    assert by_source(edit)["erasure attack unlearndiffatk (arrow)"] == {"Pre-ASR": (attack["pre_asr"], None),
+                                                                        "ASR": (attack["asr"], None)}
 
     code, _, err = run(capsys, "compare", "--edit", edit, "--seeds", "288", "--device", "cpu")
     assert code == 0, err
     metrics = json.loads((edit / "compare" / "metrics.json").read_text())
-    assert list(by_source(edit)) == ["erasure compare", "erasure attack (arrow)"], "replaced in place, not added"
+    assert list(by_source(edit)) == ["erasure compare", "erasure attack unlearndiffatk (arrow)"], \
+        "replaced in place, not added"
     assert by_source(edit)["erasure compare"] == {m: (metrics["edited"][m], metrics["base"][m]) for m in SCORES}
     assert card_results(edit)[0].dataset_args["seeds"] == [288]
     assert len(ModelCard.load(edit / CARD).data.eval_results) == 5

@@ -200,6 +200,8 @@ REFUSED = {
                                        "already exists"),
     "compare into a user's folder": (["compare", "--edit", "{edit}", "--out", "{mine}"], "not made by this command"),
     "attack into a user's folder": (["attack", "--edit", "{edit}", "--out", "{mine}"], "already exists"),
+    "attack beside a user's X.partial": (["attack", "--edit", "{edit}", "--out", "{X}"],
+                                         "X.partial holds no erasure run's record"),
     "bench i2p into a user's folder": (["bench", "i2p", "--prompts", TOY_CSV, "--limit", "1", "--out", "{mine}"],
                                        "not made by this command"),
     "generate onto a user's image": (["generate", "--prompt", "a", "--out", "{mine}/sub/picture.png"],
@@ -299,8 +301,10 @@ def test_a_command_writing_a_free_out_leaves_the_users_folders_beside_it(command
 
     monkeypatch.setattr(benchmarks.toycanvas.benchmark, "toycanvas_benchmark", two_steps)
     name = "X.png" if command == "generate" else "X"
-    # An erase refuses a user's X.partial (above); the others never use one, so it is there for them too.
-    kept = users_folders(tmp_path, name, (".old", ".tmp") if "erase" in command else (".old", ".tmp", ".partial"))
+    # An erase and an attack (both resume from X.partial) refuse a user's X.partial (above); the others never use
+    # one, so it is there for them too.
+    resumes = "erase" in command or command == "attack"
+    kept = users_folders(tmp_path, name, (".old", ".tmp") if resumes else (".old", ".tmp", ".partial"))
     fields = {"X": tmp_path / "X", "edit": shared_edit["edit"]}
     for inputs in ("canvas", "med"):  # made only for the commands that read them
         if any(f"{{{inputs}[" in part for part in WRITERS[command]):

@@ -1,0 +1,119 @@
+"""Attacks on erased models behind `erasure attack --attack NAME` (default unlearndiffatk): the registry, filled by
+the @register decorators of the modules of this package. Every module here is imported on first lookup (pkgutil),
+so nothing else lists the attacks; the shared parts live here once:
+
+    harness.py   the run: base model, what the attack draws from it, the edits, the resumable per-item loop
+    results.py   the one result layout (OUT/attack.json, images/, attack.png), written atomically
+    judges.py    --judge MODULE:FUNCTION and the toy judge
+    prompts.py   --prompts N, --prompt-file and --prompts-csv (the published prompt sets' layouts)
+
+A new attack is one file here:
+
+    @dataclass
+    class MyConfig:                      # its options (`--set key=value`), checked by erasers.validation's rules
+        steps: int = 100
+        seed: int = 0
+
+    @register("mine", "one line for `erasure attack --help`", toy_defaults={"steps": 5}, quick={"steps": 1},
+              edits=("weights",), families=("sd", "sdxl"))
+    class MyAttack(Attack):
+        config_class = MyConfig
+        needs_base = ("denoiser",)                   # the base modules it reads beside the edited ones, if any
+
+        def search(self, context, item) -> Found:     # one item whose plain prompt did not bring the concept back
+            ...
+
+Attack (harness.py) says what else an attack may override: `plan` (its items, when they are not prompts),
+`check` (before any image), `prepare` (with the base model, before the edits load), `run_item` (the whole item, for
+protocols other than plain-then-search) and `summarise` (an ASR, or a curve). tests/test_attacks.py runs every
+registered attack with its `quick` options and checks the result layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from erasers.edits import edit_kind
+from erasers.errors import UsageError
+from erasers.registry import ALL_FAMILIES, Registry
+
+# The forms of edit an attack may apply to: "weights" (an edit holding weights or an adapter) and "training-free"
+# (an erasure.json without weights, acting at generation time: sld, negprompt; erasers/guidance.py).
+EDIT_FORMS = ("weights", "training-free")
+DEFAULT_ATTACK = "unlearndiffatk"
+
+
+@dataclasses.dataclass(frozen=True)
+class AttackEntry:
+    """A registered attack: its class, its defaults and what it applies to, which `erasure attack` checks before
+    any model loads (one line, exit 2, nothing written)."""
+
+    name: str
+    attack: type
+    summary: str
+    defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Overrides on the toy model, small enough to run in seconds there.
+    toy_defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # The pipeline families (erasers.models.FAMILIES) it runs on, and the kinds of model ("diffusion", "vlm").
+    families: tuple[str, ...] = ALL_FAMILIES
+    model_kinds: tuple[str, ...] = ("diffusion",)
+    # The forms of edit (EDIT_FORMS) it attacks.
+    edits: tuple[str, ...] = EDIT_FORMS
+    # Why it leaves out a family or an edit form (name -> reason), said in the refusal.
+    why_not: dict[str, str] = dataclasses.field(default_factory=dict)
+    # Options for a run of a few steps on tiny pipelines or the toy (tests/test_attacks.py runs every attack so).
+    quick: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+class AttackRegistry(Registry):
+    entry_class = AttackEntry
+
+    def config_class(self, entry: AttackEntry) -> type:
+        return entry.attack.config_class
+
+
+REGISTRY = AttackRegistry("attack", __name__)
+register = REGISTRY.register
+available_attacks = REGISTRY.available
+get_attack = REGISTRY.get
+build_attack_config = REGISTRY.build_config
+
+
+def edit_form(metadata: dict) -> str:
+    """"weights" or "training-free" (no components: the edit acts through the pipeline's call)."""
+    return "weights" if metadata["components"] else "training-free"
+
+
+def check_model_kinds(entry: AttackEntry, edits: list[str | Path]) -> None:
+    """Refuse an edit of a model kind the attack does not attack (a VLM edit), before the edit is read further."""
+    for path in edits:
+        kind = edit_kind(path)
+        if kind is not None and kind not in entry.model_kinds:
+            raise UsageError(f"{entry.name} attacks {' and '.join(entry.model_kinds)} edits, and {path} is a {kind} "
+                             f"edit; {_others(entry, 'model_kinds', kind)}")
+
+
+def check_applies(entry: AttackEntry, edits: list[str | Path], metadata: list[dict],
+                  family: str | None = None) -> None:
+    """Refuse, in one line, an edit the attack does not apply to: a form of edit (weights, training-free) or a
+    family (the edit's recorded base family, or `family` once the model is loaded) it leaves out."""
+    for path, meta in zip(edits, metadata):
+        form = edit_form(meta)
+        if form not in entry.edits:
+            why = entry.why_not.get(form, f"it attacks {' and '.join(entry.edits)} edits")
+            method = f" ({meta['method']})" if meta.get("method") else ""
+            raise UsageError(f"{entry.name} does not apply to {path}, a {form} edit{method}: {why}; "
+                             f"{_others(entry, 'edits', form)}")
+        for found in (meta.get("base_family"), family):
+            if found is not None and found not in entry.families:
+                why = entry.why_not.get(found, f"it runs on {', '.join(entry.families)}")
+                raise UsageError(f"{entry.name} does not run on {found} models ({path}): {why}; "
+                                 f"{_others(entry, 'families', found)}")
+
+
+def _others(entry: AttackEntry, field: str, value: str) -> str:
+    others = sorted(name for name, other in available_attacks().items() if value in getattr(other, field))
+    return f"attacks that do: {', '.join(others)}" if others else "no attack here does"
+
