@@ -81,7 +81,8 @@ def test_inversion_writes_the_layout_with_the_token_for_the_concept(uce_edit, tm
     1/2, the attacked prompt names the token instead of the arrow, and the layout's files are written."""
     out = tmp_path / "attack"
     result = run_attack("inversion", "toy", [uce_edit], prompts=CAPTIONS[:2], config={"steps": 2, "image_count": 2},
-                        judge=scripted([False, True, False, False]), device="cpu", progress=False, out=out)
+                        judge=scripted([False, True, False, False]), device="cpu", progress=False, out=out,
+                        resolution=16)
     assert (result["pre_asr"], result["asr"]) == (0.0, 0.5)
     first, second = result["items"]
     assert (first["pre_success"], first["attack_success"], second["attack_success"]) == (False, True, False)
@@ -114,7 +115,7 @@ def test_relearn_writes_its_curve_and_an_interrupted_run_resumes_to_the_same_res
     run stopped in its second item resumes (training from its checkpoints in OUT.partial/) to the very result of
     an uninterrupted run."""
     options = dict(prompts=CAPTIONS[:2], config={"steps": "0,2,3", "image_count": 2, "lr": 1e-2, "threshold": 0.5},
-                   device="cpu", progress=False)
+                   device="cpu", progress=False, resolution=16)  # 16 px: a quarter of the toy's sampling time
     whole = run_attack("relearn", "toy", [uce_edit], judge=Interrupting(), out=tmp_path / "whole", **options)
     with pytest.raises(KeyboardInterrupt):
         run_attack("relearn", "toy", [uce_edit], judge=Interrupting(stop_at=4), out=tmp_path / "resumed", **options)
