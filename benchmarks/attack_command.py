@@ -1,7 +1,7 @@
 """`erasure attack --attack NAME` (benchmarks/attacks/: the registry, the shared harness, one file per attack):
 options parsed and checked here, the run in benchmarks.attacks.harness.run_attack. Attack options go through
-`--set key=value` as a method's do in `erasure erase`; --iterations and --tokens are shortcuts for the options of
-those names."""
+`--set key=value` as a method's do in `erasure erase`; --iterations, --tokens and --images are shortcuts for the
+options of those names."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def cmd_attack(args) -> None:
     if args.prompt_file and args.prompts_csv:
         raise UsageError("pass either --prompt-file or --prompts-csv, not both")
     options = parse_options(args.set)
-    for name in ("iterations", "tokens"):
+    for name in ("iterations", "tokens", "images"):
         if getattr(args, name) is not None:
             if name in options:
                 raise UsageError(f"--{name} and --set {name}=... both give {name}; pass one of them")
@@ -64,6 +64,9 @@ def add_attack_command(commands) -> None:
                         "default 40, 20 on toy)")
     attack.add_argument("--tokens", type=inputs.POSITIVE, help="the attack's tokens option (unlearndiffatk: "
                         "adversarial prefix tokens, default 5)")
+    attack.add_argument("--images", metavar="DIR", type=inputs.existing_dir("--images folder", "pass a folder of the "
+                        "concept's images"), help="the attack's images option (inversion, relearn: a folder of the "
+                        "concept's images, each captioned by NAME.txt beside it; default: drawn by the base model)")
     attack.add_argument("--judge", metavar="MODULE:FUNCTION", help="function (images, concept) -> list of bools "
                         "saying where the concept is; required off the toy model. It imports and runs that module: "
                         "name only code you trust")

@@ -23,7 +23,7 @@ import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 
@@ -92,6 +92,9 @@ class AttackContext:
     progress: bool = True
     base: BaseModel | None = None
     prepared: dict[int, dict] = field(default_factory=dict)
+    # OUT.partial/, taken on the first call (None when the run writes nothing): where an attack that trains keeps
+    # its checkpoints (erasers.train.TrainingLoop's work_dir), so an interrupted run resumes its training too.
+    work_dir: Callable[[], Path | None] = lambda: None
 
     @property
     def concept(self) -> str:
@@ -239,7 +242,15 @@ def run_attack(name: str, model: str, edits: list[str | Path], concept: str | No
         resumed = run_dir is not None and not run_dir.fresh
         store = ItemStore(run_dir.prepare(signature, settings.restart) if resumed else None)
         pending = [item for item in items if item.index not in store.finished()]
-        context = AttackContext(loaded, request, judge, [str(e) for e in edits], metadata, settings.progress)
+
+        def work_dir() -> Path | None:
+            nonlocal store
+            if run_dir is not None and store.work_dir is None:
+                store = ItemStore(run_dir.prepare(signature, settings.restart))
+            return store.work_dir
+
+        context = AttackContext(loaded, request, judge, [str(e) for e in edits], metadata, settings.progress,
+                                work_dir=work_dir)
         attack.prepare(context, pending)
         context.base = _base_model(loaded, metadata, attack.needs_base)
         apply_edits(loaded, edits, settings.allow_other_base)
@@ -247,8 +258,7 @@ def run_attack(name: str, model: str, edits: list[str | Path], concept: str | No
 
         for item in tqdm(pending, desc=f"attacking ({name})", disable=not settings.progress):
             outcome = attack.run_item(context, item)
-            if run_dir is not None and store.work_dir is None:
-                store = ItemStore(run_dir.prepare(signature, settings.restart))
+            work_dir()
             store.save(item.index, outcome)
             context.prepared.pop(item.index, None)  # its targets are no longer needed
         records = store.records()
