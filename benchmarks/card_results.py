@@ -55,7 +55,8 @@ def record_attack(summary: dict, out: Path, loaded, judge: str) -> None:
     if "curve" in summary:
         metrics = {f"ASR after {point['steps']} steps": point["rate"] for point in summary["curve"]}
     else:
-        metrics = {"Pre-ASR": summary["pre_asr"], "ASR": summary["asr"]}
+        metrics = {"Pre-ASR": summary["pre_asr"], "ASR": summary["asr"],
+                   **{f"ASR {level}": rate for level, rate in summary.get("rate_quantized", {}).items()}}
     for edit in summary["edits"]:
         source, others = _stacked(f"erasure attack {name} ({summary['concept']})", edit, summary["edits"])
         record_results(edit, source, metrics, {**protocol, "stacked_with": others or None})

@@ -125,6 +125,9 @@ class Attack:
     def __init__(self, config):
         self.config = config
 
+    def check_environment(self, device: str | None) -> None:
+        """A UsageError for what this machine lacks (a library not installed, a GPU), before any model loads."""
+
     def check(self, loaded: LoadedPipeline, items: list[Item]) -> None:
         """A UsageError for what would fail later (prompts too long for the tokens to add), before any image."""
 
@@ -190,10 +193,11 @@ def run_attack(name: str, model: str, edits: list[str | Path], concept: str | No
     captions, or the concept itself, by default; PromptRows carry a CSV row's seed and guidance). `config` is the
     attack's config or a dict of options over its (toy) defaults; `judge` (images, concept) -> bools is required
     off the toy model. Returns the summary (results.py's layout; "prompts" is "items" for callers of the single-
-    attack API); with `out` (AttackRun's fields in `run`) writes it and records it on each edit's model card."""
+    attack API); with `out` (AttackRun's fields in `run`) writes it and records it on each edit's model card.
+    No `edits` but a `concept` attacks the base model itself (`erasure robustness`' reference row)."""
     settings = AttackRun(**run)
     entry = get_attack(name)
-    if not edits:
+    if not edits and concept is None:
         raise UsageError("pass at least one --edit directory to attack")
     check_model_kinds(entry, edits)
     metadata = [read_edit(path) for path in edits]
@@ -209,6 +213,8 @@ def run_attack(name: str, model: str, edits: list[str | Path], concept: str | No
         IMAGE_SIDE.check(settings.resolution, "--resolution")
     if not isinstance(config, entry.attack.config_class):
         config = build_attack_config(name, is_toy, config or {})
+    attack = entry.attack(config)
+    attack.check_environment(settings.device)
     rows = None if prompts is None else [p if isinstance(p, PromptRow) else PromptRow(p) for p in prompts]
     check_seed_room(rows, count, seed)
     out = None if settings.out is None else check_new_output(Path(settings.out))
@@ -222,7 +228,6 @@ def run_attack(name: str, model: str, edits: list[str | Path], concept: str | No
         if rows is None:  # on the toy: the concept's captions (the first erase prompt is the bare word)
             rows = [PromptRow(p) for p in (request.erase_prompts()[1:] if loaded.vocabulary else [request.concept])]
         items = plan_items(rows, count, seed)
-        attack = entry.attack(config)
         attack.check(loaded, items)  # before the targets are drawn
         signature = {"command": "attack", "attack": name, "config": dataclasses.asdict(config), "model": model,
                      "edits": [str(e) for e in edits], "concept": request.concept, "judge": judge_name(judge),
