@@ -1,7 +1,7 @@
-"""The benchmarks' commands: `erasure compare`, `erasure attack` (benchmarks/attack_command.py), `erasure toy
-build | build-vlm` and `erasure bench toycanvas | unlearncanvas | i2p | mllmu-med`. The bench commands validate
-everything that can be checked before a model loads (so bad input writes nothing), then run, on this process or over
-N with accelerate (`--processes N`)."""
+"""The benchmarks' commands: `erasure compare`, `erasure attack` (benchmarks/attack_command.py), `erasure robustness`
+(benchmarks/robustness.py), `erasure toy build | build-vlm` and `erasure bench toycanvas | unlearncanvas | i2p |
+mllmu-med`. The bench commands validate everything that can be checked before a model loads (so bad input writes
+nothing), then run, on this process or over N with accelerate (`--processes N`)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from benchmarks.attack_command import add_attack_command
+from benchmarks.robustness import add_robustness_command
 from benchmarks.runner import MANIFEST  # a folder holding the runner's manifest is a run to resume
 from erasers import inputs
 from erasers.commands import add_edit_arguments
@@ -268,6 +269,7 @@ def add_commands(commands) -> None:
     compare.set_defaults(run=cmd_compare, reports_cost=True)  # apps.cli prints its time and peak memory
 
     add_attack_command(commands)
+    add_robustness_command(commands)
 
     toy = commands.add_parser("toy", help="the embedded ToyCanvas world")
     toy_commands = toy.add_subparsers(dest="toy_command", required=True)
