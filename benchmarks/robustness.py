@@ -146,6 +146,10 @@ def run_robustness(run: RobustnessRun, edit: str | Path, attacks: str | None, ou
     chosen = choose_attacks(attacks, edit, metadata)
     if not chosen:
         raise UsageError(f"no registered attack applies to {edit}; see benchmarks/README.md#attacks")
+    unused = sorted(set(run.options) - set(chosen))
+    if unused:
+        raise UsageError(f"--set {unused[0]}.KEY=...: {unused[0]} does not apply to {edit}, so it does not run; "
+                         "drop the option")
     run = dataclasses.replace(run, concept=run.concept or metadata["concepts"][0])
     if run.judge is None and not is_toy_model(run.model):
         raise UsageError("only the toy model has a built-in judge; pass --judge MODULE:FUNCTION")

@@ -53,6 +53,8 @@ CASES = [
          "ringabell,quantize --set quantize.backend=bitsandbytes --out {root}/r", "needs a CUDA GPU", skip=_has_cuda),
     Case("robustness: p4d against a training-free edit", "robustness --edit {negprompt_edit} --attacks p4d "
          "--out {root}/r", "p4d does not apply to"),
+    Case("robustness: --set for an attack that does not apply to the edit", "robustness --edit {negprompt_edit} "
+         "--set p4d.iterations=3 --out {root}/r", "p4d does not apply to"),
     Case("robustness: --out is the user's folder", "robustness --edit {edit_ok} --attacks ringabell "
          "--out {users_folder}", "not made by this command"),
     Case("robustness: --out holds a report with other settings", "robustness --edit {edit_ok} --attacks ringabell "

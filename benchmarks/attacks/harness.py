@@ -1,7 +1,8 @@
 """The run every attack shares (`erasure attack --attack NAME`, `run_attack`):
 
  1. inputs checked before any model loads: the edits (and that the attack applies to them: benchmarks.attacks
-    check_applies), the judge, the prompts, the attack's options, --out;
+    check_applies), the judge, the prompts, the attack's options and what it needs of the machine
+    (`Attack.check_environment`: the quantize attack's backend), --out;
  2. the base model loads; the attack checks what needs the tokenizers (`Attack.check`) and draws what it needs
     from the base model (`Attack.prepare`: UnlearnDiffAtk's and P4D's target images);
  3. the edits load (the base model's text encoders and denoiser stay at hand in `context.base`);
@@ -213,8 +214,7 @@ def run_attack(name: str, model: str, edits: list[str | Path], concept: str | No
         IMAGE_SIDE.check(settings.resolution, "--resolution")
     if not isinstance(config, entry.attack.config_class):
         config = build_attack_config(name, is_toy, config or {})
-    attack = entry.attack(config)
-    attack.check_environment(settings.device)
+    entry.attack(config).check_environment(settings.device)  # a library or GPU it lacks: before any model loads
     rows = None if prompts is None else [p if isinstance(p, PromptRow) else PromptRow(p) for p in prompts]
     check_seed_room(rows, count, seed)
     out = None if settings.out is None else check_new_output(Path(settings.out))
@@ -228,6 +228,7 @@ def run_attack(name: str, model: str, edits: list[str | Path], concept: str | No
         if rows is None:  # on the toy: the concept's captions (the first erase prompt is the bare word)
             rows = [PromptRow(p) for p in (request.erase_prompts()[1:] if loaded.vocabulary else [request.concept])]
         items = plan_items(rows, count, seed)
+        attack = entry.attack(config)
         attack.check(loaded, items)  # before the targets are drawn
         signature = {"command": "attack", "attack": name, "config": dataclasses.asdict(config), "model": model,
                      "edits": [str(e) for e in edits], "concept": request.concept, "judge": judge_name(judge),
