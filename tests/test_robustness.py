@@ -119,3 +119,23 @@ def test_the_quantize_attack_says_which_backends_and_levels_it_has():
     assert entry.attack.config_class().level_list() == ["int8", "int4"]
     with pytest.raises(Exception, match="levels are int8, int4, nf4"):
         entry.attack.config_class(backend="bitsandbytes", levels="int2")
+
+
+def test_the_robustness_table_fills_its_cells_once_and_marks_attacks_that_do_not_apply(tmp_path, monkeypatch):
+    from benchmarks import robustness_table
+
+    results, work = tmp_path / "table.json", tmp_path / "work"
+    table = robustness_table.run(["negprompt"], ["arrow"], ["p4d"], 1, work, results, progress=False)
+    assert "training-free" in table["negprompt/arrow"]["cells"]["p4d"]["n/a"]
+    base = table["base/arrow"]["cells"]["p4d"]
+    assert base["measure"] == "ASR" and 0 <= base["rate"] <= 1
+    text = robustness_table.markdown(table, ["negprompt"], ["arrow"], ["p4d"])
+    assert "| negprompt | arrow | n/a |" in text and f"| base | arrow | {100 * base['rate']:.1f}" in text
+
+    import benchmarks.attacks.harness as harness
+
+    def no_rerun(*args, **kwargs):
+        raise AssertionError("a finished cell ran again")
+
+    monkeypatch.setattr(harness, "run_attack", no_rerun)
+    assert robustness_table.run(["negprompt"], ["arrow"], ["p4d"], 1, work, results, progress=False) == table
