@@ -55,10 +55,28 @@ def record_attack(summary: dict, out: Path, loaded, judge: str) -> None:
     if "curve" in summary:
         metrics = {f"ASR after {point['steps']} steps": point["rate"] for point in summary["curve"]}
     else:
-        metrics = {"Pre-ASR": summary["pre_asr"], "ASR": summary["asr"]}
+        metrics = {"Pre-ASR": summary["pre_asr"], "ASR": summary["asr"],
+                   **{f"ASR {level}": rate for level, rate in summary.get("rate_quantized", {}).items()}}
     for edit in summary["edits"]:
         source, others = _stacked(f"erasure attack {name} ({summary['concept']})", edit, summary["edits"])
         record_results(edit, source, metrics, {**protocol, "stacked_with": others or None})
+
+
+def record_robustness(report: dict, edit, out: Path) -> None:
+    """`erasure robustness`: each attack's figure on the edit (benchmarks.robustness.headline) on its card, the
+    base model's beside it."""
+    settings, rows = report["settings"], report["rows"]
+
+    def label(attack: str) -> str:
+        return f"{attack} {rows['edit'][attack]['measure']}"
+
+    protocol = {"task": "Robustness to attacks", "dataset": f"prompts of {settings['concept']}",
+                "dataset_type": "robustness", "judge": settings["judge"] or TOY_CLASSIFIER,
+                "results": Path(out) / "robustness.json", "concept": settings["concept"],
+                "prompts": settings["prompts"], "seed": settings["seed"],
+                "base": {label(attack): rows["base"][attack]["rate"] for attack in report["attacks"]}}
+    record_results(edit, f"erasure robustness ({settings['concept']})",
+                   {label(attack): rows["edit"][attack]["rate"] for attack in report["attacks"]}, protocol)
 
 
 def record_bench(results: dict, edits: list, out: Path) -> None:

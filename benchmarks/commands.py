@@ -1,6 +1,6 @@
-"""The benchmarks' commands: `erasure compare`, `erasure attack` (benchmarks/attack_command.py), `erasure toy
-build | build-vlm` and `erasure bench mllmu-med`, with `erasure bench toycanvas | unlearncanvas | i2p` from
-benchmarks.bench_commands."""
+"""The benchmarks' commands: `erasure compare`, `erasure attack` (benchmarks/attack_command.py), `erasure robustness`
+(benchmarks/robustness.py), `erasure toy build | build-vlm` and `erasure bench mllmu-med`, with `erasure bench
+toycanvas | unlearncanvas | i2p` from benchmarks.bench_commands."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 
 from benchmarks.attack_command import add_attack_command
 from benchmarks.bench_commands import add_bench_commands
+from benchmarks.robustness import add_robustness_command
 from erasers import inputs
 from erasers.commands import add_edit_arguments
 from erasers.errors import UsageError
@@ -91,6 +92,7 @@ def add_commands(commands) -> None:
     compare.set_defaults(run=cmd_compare, reports_cost=True)  # apps.cli prints its time and peak memory
 
     add_attack_command(commands)
+    add_robustness_command(commands)
 
     toy = commands.add_parser("toy", help="the embedded ToyCanvas world")
     toy_commands = toy.add_subparsers(dest="toy_command", required=True)

@@ -123,7 +123,8 @@ def format_value(name: str, value) -> str:
     """A figure as the commands print it: shares as percentages to one decimal, others to four digits."""
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return str(value)
-    return f"{value:.1%}" if name in PERCENT_METRICS else f"{value:.4g}"
+    share = name in PERCENT_METRICS or bool({"ASR", "Pre-ASR", "rate"} & set(name.split()))  # "ASR int4", ...
+    return f"{value:.1%}" if share else f"{value:.4g}"
 
 
 def _results(results: list, metadata: dict, shown_as: Path, vlm: bool) -> str:

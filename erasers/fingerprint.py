@@ -68,6 +68,12 @@ def remember_base(loaded, name: str) -> None:
     replaced.add(name)
 
 
+def share_base(loaded, other) -> None:
+    """Compare edits loaded onto `other`, the same base model as `loaded` loaded again another way (quantized: its
+    weights hold the checkpoint's only to the quantization's precision), with `loaded`'s record of the base."""
+    _BASES[other.pipeline] = (dict(base_norms(loaded)), set())
+
+
 def base_norms(loaded) -> dict[str, dict[str, list]]:
     """{component: weight_norms} of each text encoder and the denoiser, as the pipeline was loaded."""
     norms, _ = _base(loaded)

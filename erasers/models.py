@@ -57,6 +57,9 @@ class LoadedPipeline:
     resolution: int | None = None
     # Mixed precision, gradient checkpointing and the optimiser of the training-based erasers (erasers.precision).
     training: TrainingOptions = field(default_factory=TrainingOptions)
+    # The diffusers PipelineQuantizationConfig it was loaded with (None: full precision): the components its
+    # quant_mapping names load quantized, an edit's replacements of them too (load_component).
+    quantization: object | None = None
     _adapter: object = field(default=None, repr=False)
 
     @property
@@ -178,8 +181,10 @@ class LoadedPipeline:
         if saved_class != type(current).__name__ and not _same_family_of_class(saved_class, type(current).__name__):
             raise UsageError(f"{location} holds a {saved_class}, but this pipeline's {name} is a "
                              f"{type(current).__name__}; pass the {name} directory of an edit")
+        quantized = (self.quantization.quant_mapping or {}).get(name) if self.quantization is not None else None
         try:
-            replacement = type(current).from_pretrained(location, dtype=self.dtype)
+            replacement = type(current).from_pretrained(location, dtype=self.dtype,
+                                                        **({"quantization_config": quantized} if quantized else {}))
         except Exception as error:  # noqa: BLE001 - any failure here is a bad file the user must replace
             raise UsageError(f"could not load {name} from {location}: {first_line(error)}. The file may be "
                              "truncated or corrupt: save or download the edit again") from None
@@ -187,7 +192,9 @@ class LoadedPipeline:
         from .fingerprint import remember_base
 
         remember_base(self, name)  # edits loaded later are compared with the base's weights, not this one's
-        self.pipeline.register_modules(**{name: replacement.to(self.device)})
+        if replacement.device != self.device:  # bitsandbytes places its weights when loading, and moves none after
+            replacement = replacement.to(self.device)
+        self.pipeline.register_modules(**{name: replacement})
         return replacement
 
     def check_compatible(self, name: str, replacement: nn.Module) -> None:
@@ -331,9 +338,10 @@ def _advance(bar, done: int, size: int):
 
 
 def load_pipeline(model: str = "toy", family: str | None = None, device: str | None = None,
-                  dtype: torch.dtype | None = None) -> LoadedPipeline:
+                  dtype: torch.dtype | None = None, quantization=None) -> LoadedPipeline:
     """Load "toy", a local pipeline directory or a hub id. `family` ("sd", "sdxl", "flux"), when given, is
-    checked against what the directory holds."""
+    checked against what the directory holds; `quantization`, a diffusers PipelineQuantizationConfig, loads the
+    components it names quantized (and the edits later loaded in their place)."""
     from diffusers import DiffusionPipeline
 
     if family is not None and family not in FAMILIES:
@@ -348,7 +356,7 @@ def load_pipeline(model: str = "toy", family: str | None = None, device: str | N
     if dtype is None:
         dtype = torch.float16 if device.startswith("cuda") else torch.float32
     try:
-        pipeline = DiffusionPipeline.from_pretrained(source, dtype=dtype)
+        pipeline = DiffusionPipeline.from_pretrained(source, dtype=dtype, quantization_config=quantization)
     except UsageError:
         raise
     except Exception as error:  # noqa: BLE001 - one clear line instead of a traceback from deep inside
@@ -371,6 +379,6 @@ def load_pipeline(model: str = "toy", family: str | None = None, device: str | N
     loaded = LoadedPipeline(pipeline, found, model, steps, guidance,
                             is_toy=directory is not None and (directory / TOY_MARKER).exists(),
                             vocabulary=read_vocabulary(directory) if directory is not None else None,
-                            directory=directory)
+                            directory=directory, quantization=quantization)
     loaded.freeze()
     return loaded

@@ -1,7 +1,8 @@
 """The run every attack shares (`erasure attack --attack NAME`, `run_attack`):
 
  1. inputs checked before any model loads: the edits (and that the attack applies to them: benchmarks.attacks
-    check_applies), the judge, the prompts, the attack's options, --out;
+    check_applies), the judge, the prompts, the attack's options and what it needs of the machine
+    (`Attack.check_environment`: the quantize attack's backend), --out;
  2. the base model loads; the attack checks what needs the tokenizers (`Attack.check`) and draws what it needs
     from the base model (`Attack.prepare`: UnlearnDiffAtk's and P4D's target images);
  3. the edits load (the base model's text encoders and denoiser stay at hand in `context.base`);
@@ -135,6 +136,9 @@ class Attack:
         its own: any frozen dataclass extending Item)."""
         return plan_items(rows, count, seed)
 
+    def check_environment(self, device: str | None) -> None:
+        """A UsageError for what this machine lacks (a library not installed, a GPU), before any model loads."""
+
     def check(self, loaded: LoadedPipeline, items: list[Item]) -> None:
         """A UsageError for what would fail later (prompts too long for the tokens to add), before any image."""
 
@@ -200,10 +204,11 @@ def run_attack(name: str, model: str, edits: list[str | Path], concept: str | No
     captions, or the concept itself, by default; PromptRows carry a CSV row's seed and guidance). `config` is the
     attack's config or a dict of options over its (toy) defaults; `judge` (images, concept) -> bools is required
     off the toy model. Returns the summary (results.py's layout; "prompts" is "items" for callers of the single-
-    attack API); with `out` (AttackRun's fields in `run`) writes it and records it on each edit's model card."""
+    attack API); with `out` (AttackRun's fields in `run`) writes it and records it on each edit's model card.
+    No `edits` but a `concept` attacks the base model itself (`erasure robustness`' reference row)."""
     settings = AttackRun(**run)
     entry = get_attack(name)
-    if not edits:
+    if not edits and concept is None:
         raise UsageError("pass at least one --edit directory to attack")
     check_model_kinds(entry, edits)
     metadata = [read_edit(path) for path in edits]
@@ -219,6 +224,7 @@ def run_attack(name: str, model: str, edits: list[str | Path], concept: str | No
         IMAGE_SIDE.check(settings.resolution, "--resolution")
     if not isinstance(config, entry.attack.config_class):
         config = build_attack_config(name, is_toy, config or {})
+    entry.attack(config).check_environment(settings.device)  # a library or GPU it lacks: before any model loads
     rows = None if prompts is None else [p if isinstance(p, PromptRow) else PromptRow(p) for p in prompts]
     check_seed_room(rows, count, seed)
     out = None if settings.out is None else check_new_output(Path(settings.out))

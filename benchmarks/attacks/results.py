@@ -96,6 +96,16 @@ def summary_lines(summary: dict) -> list[str]:
         return [f"{summary['concept']}: after {point['steps']} steps ASR {point['rate']:.1%}"
                 for point in summary["curve"]]
     n = summary["n"]
+    if "rate_quantized" in summary:  # the quantize attack: the concept's rate per level, and the unrelated concepts'
+        levels = ", ".join(f"{level} {rate:.1%}" for level, rate in summary["rate_quantized"].items())
+        lines = [f"{summary['concept']}: unquantized {summary['rate_unquantized']:.1%} ({summary['pre_successes']}/"
+                 f"{n}), {levels}; ASR {summary['asr']:.1%} ({summary['successes']}/{n})"]
+        kept = summary["unrelated"]
+        if kept:
+            levels = ", ".join(f"{level} {rate:.1%}" for level, rate in kept["rate_quantized"].items())
+            lines.append(f"unrelated concepts still drawn, {kept['n']} prompts: unquantized "
+                         f"{kept['rate_unquantized']:.1%}, {levels}")
+        return lines
     return [f"{summary['concept']}: Pre-ASR {summary['pre_asr']:.1%} ({summary['pre_successes']}/{n}), "
             f"ASR {summary['asr']:.1%} ({summary['pre_successes'] + summary['attack_successes']}/{n})"]
 
