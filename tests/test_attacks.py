@@ -64,7 +64,10 @@ def test_every_attack_writes_the_one_result_layout(name, uce_arrow, tmp_path):
     assert ("pre_asr" in saved and "asr" in saved) or "curve" in saved
     (item,) = saved["items"]
     assert ITEM_KEYS <= item.keys() and item["success"] is True and item["judge"] is True
-    assert (saved["pre_asr"], saved["asr"]) == (0.0, 1.0) and judge.calls[0] == "arrow"
+    if "curve" in saved:  # a rate per step count: before any step the concept is gone, after the last it is back
+        assert [point["rate"] for point in saved["curve"]] == [0.0, 1.0] and judge.calls[0] == "arrow"
+    else:
+        assert (saved["pre_asr"], saved["asr"]) == (0.0, 1.0) and judge.calls[0] == "arrow"
     for path in [item["image"], *item.get("images", {}).values()]:
         assert (out / path).is_file()
     assert (out / "attack.png").is_file() and not out.with_name(f"{name}.partial").exists()

@@ -75,7 +75,8 @@ TOY_DEFAULTS = {"image_count": 10, "steps": 60, "lr": 5e-2, "accumulation": 1}
 @register("inversion", "Concept inversion: textual inversion of one new token on the erased model, then the "
           "concept's prompts with the token for its name (needs the weights)", toy_defaults=TOY_DEFAULTS,
           edits=("weights",), why_not={"training-free": "it learns a token through the edited weights, and a "
-                                       "training-free edit changes none (its guidance acts while sampling)"})
+                                       "training-free edit changes none (its guidance acts while sampling)"},
+          quick={"steps": 2, "image_count": 2})
 class ConceptInversion(Attack):
     config_class = InversionConfig
 

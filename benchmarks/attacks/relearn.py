@@ -82,7 +82,7 @@ TOY_DEFAULTS = {"steps": "0,10,25,50", "lr": 1e-3}
 
 
 @register("relearn", "Relearning: a few LoRA fine-tuning steps on images of the concept; the concept's rate after "
-          "each step count (a curve)", toy_defaults=TOY_DEFAULTS)
+          "each step count (a curve)", toy_defaults=TOY_DEFAULTS, quick={"steps": "0,2", "image_count": 2})
 class Relearn(Attack):
     config_class = RelearnConfig
 
