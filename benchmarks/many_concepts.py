@@ -137,7 +137,8 @@ def measure(work: Path, cell: Cell | None, bench, classifier) -> dict:
     if blank:
         return {**row, "failed": blank}
     reference = reference_features(bench, work, set(erased))
-    row["fid"] = frechet_distance(reference, bench.features.extract(images))
+    # Every style erased leaves no reference image to compare with.
+    row["fid"] = frechet_distance(reference, bench.features.extract(images)) if len(reference) > 1 else None
     if cell is not None:
         row["seconds"] = sum(read_edit(step)["cost"]["seconds"] for step in steps)
         row["mebibytes"] = edit_mebibytes(path)
@@ -212,9 +213,10 @@ def markdown(results: dict) -> str:
             lines.append(f"| {cell.method} | {cell.kind} | {cell.count} | {cell.mode} | failed: {row['failed']} |"
                          + " |" * 7)
             continue
+        fid = "-" if row["fid"] is None else f"{row['fid']:.2f}"
         lines.append(f"| {cell.method} | {cell.kind} | {cell.count} | {cell.mode} | {_pct(s['UA'])} | "
                      f"{_pct(s['UA_lowest'])} | {_pct(s['UA_first'])} | {_pct(s['IRA'])} ({_pct(s['base_IRA'])}) | "
-                     f"{_pct(s['CRA'])} ({_pct(s['base_CRA'])}) | {row['fid']:.2f} | {row['seconds']:.0f} | "
+                     f"{_pct(s['CRA'])} ({_pct(s['base_CRA'])}) | {fid} | {row['seconds']:.0f} | "
                      f"{row['mebibytes']:.2f} |")
     return "\n".join(lines) + "\n"
 
