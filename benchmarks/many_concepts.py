@@ -194,6 +194,10 @@ def _pct(value) -> str:
     return "-" if value is None else f"{100 * value:.1f}"
 
 
+def _whole_pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.0f}"
+
+
 def table_rows(results: dict) -> list[tuple[Cell, dict, dict]]:
     rows = []
     for key, row in results["cells"].items():
@@ -230,12 +234,12 @@ def summary_markdown(results: dict) -> str:
         values = []
         for n in COUNTS[kind]:
             row, s = scores.get((method, kind, n, "at once" if n == 1 else mode), ({}, {}))
-            values.append("failed" if "failed" in row else _pct(s.get(name)) if s else "-")
+            values.append("failed" if "failed" in row else _whole_pct(s.get(name)) if s else "-")
         return " / ".join(values)
 
     header = ("| method | how | styles UA % (1 / 3 / 5 / 9) | styles IRA % | objects UA % (1 / 3 / 5) | "
               "objects IRA % |\n|---|---|---|---|---|---|\n")
-    base = {kind: " / ".join(_pct(cell_scores(results["base"], results["base"], Cell("base", kind, n, "at once"))
+    base = {kind: " / ".join(_whole_pct(cell_scores(results["base"], results["base"], Cell("base", kind, n, "at once"))
                                   ["IRA"]) for n in COUNTS[kind]) for kind in COUNTS}
     lines = [f"| base | - | - | {base['style']} | - | {base['object']} |"]
     methods = [m for m in METHODS if any(key[0] == m for key in scores)]
