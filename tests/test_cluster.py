@@ -98,7 +98,7 @@ def test_a_killed_job_fails_its_stage_and_the_same_command_resumes(tmp_path, ref
     assert rows(out, {"base", "uce-arrow"}) == rows(reference, {"base", "uce-arrow"})
 
 
-@pytest.mark.heavy
+@pytest.mark.slow  # about 50 s; the killed-job test keeps resuming in the default suite
 def test_a_preempted_job_is_requeued_and_goes_on(tmp_path, reference, jobs_env, monkeypatch):
     out = tmp_path / "preempted"
     monkeypatch.setenv(TEST_SIGNAL, "USR2:4")  # slurm's signal, after every 4 images a job process makes
