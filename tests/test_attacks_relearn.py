@@ -110,6 +110,7 @@ class Interrupting:
         return self.toy(images, concept)
 
 
+@pytest.mark.slow  # 14 s; test_attacks checks every attack's layout, and an interrupted attack's resume
 def test_relearn_writes_its_curve_and_an_interrupted_run_resumes_to_the_same_result(uce_edit, tmp_path):
     """Two items, rates after 0, 2 and 3 steps: the curve, each item's images per step count, steps_to_relearn; a
     run stopped in its second item resumes (training from its checkpoints in OUT.partial/) to the very result of

@@ -109,7 +109,7 @@ def test_hirm_edit_made_on_sd_transfers_to_sdxl_and_flux(shared_clip_pipelines, 
         assert shift[0] > 3 * shift[1], (family, shift)
 
 
-@pytest.mark.heavy
+@pytest.mark.slow  # about 40 s: a comparison with ESD-u; HiRM's own direction is in test_erasure_toy
 def test_hirm_leaves_unrelated_generations_closer_to_the_base_than_esd_u(tmp_path):
     """HiRM's claim is a more localised erasure: with the concept erased, images of other prompts (same seeds)
     move less from the base model's than under ESD-u, which edits the UNet every prompt goes through."""
