@@ -14,9 +14,9 @@ import re
 from contextlib import contextmanager
 from pathlib import Path
 
+from .cards import CARD
 from .errors import UsageError, first_line
 
-CARD = "README.md"
 # OWNER/NAME, then an optional @REVISION (a branch, tag or commit; branches may hold slashes).
 _HUB_ID = re.compile(r"(?P<repo>[^/@\s]+/[^/@\s]+)(?:@(?P<revision>\S+))?")
 _OTHER_REPO_TYPES = {"datasets": "a dataset", "spaces": "a Space", "kernels": "a kernel", "buckets": "a bucket"}
