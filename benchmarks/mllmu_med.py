@@ -9,13 +9,15 @@ questions) and retain (other profiles or objects, not the ones the eraser fitted
 privacy scenario is a patient's personal facts and the incorrectness scenario the injected wrong prescriptions;
 each row carries `scenario`, and forget/retain/test figures are also reported per scenario when rows have one.
 
-Protocol, fixed so figures compare across methods: zero-shot (no examples in the prompt), the model's own chat
-template, prompts of `vlm.mllmu` (multiple choice: the question, one "X: option" line each, "Just give ONE letter
-representing the answer directly."; cloze: "Fill in the blank: ..."; generation: the question), greedy decoding,
-50 new tokens at most.
-Metrics: multiple-choice accuracy (the answer's first letter), fill-in-the-blank accuracy (the ground truth,
-lower-cased and without trailing dots, contained in the answer), generation ROUGE-L F1 (torchmetrics). A set's
-score is the mean of the three (each in [0, 1]).
+Protocol, fixed so figures compare across methods: zero-shot (no examples in the prompt: the toy VLM learned its
+questions without), the model's own chat template, the world's prompts of `vlm.mllmu` (multiple choice: the
+question, one "X: option" line each, "Just give ONE letter representing the answer directly."; cloze: "Fill in the
+blank: ..."; generation: the question; the toy VLM was trained on them), greedy decoding, 50 new tokens at most.
+Metrics as MLLMU-Bench's eval.py scores them (`benchmarks.mllmu_scoring`): multiple-choice accuracy (the answer's
+first letter), fill-in-the-blank accuracy (the ground truth, lower-cased, contained in the answer), generation
+ROUGE-L F1 (rouge-score, stemmed). A set's score is the mean of the three (each in [0, 1]).
+MLLMU-Bench itself, with its own prompts, few-shot examples, sets and per-question-type report, is
+`erasure bench mllmu` (`benchmarks/mllmu_bench.py`), on the same evaluation code below.
 
 Unlearning Efficiency Score (our definition; MLLMU-Med's own is not public), from the base and edited scores:
     forget efficacy      F = clip(1 - forget_edit / forget_base, 0, 1)   share of the forget knowledge removed
@@ -28,64 +30,30 @@ It is reported with its parts beside it.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from benchmarks.card_results import record_mllmu
+from benchmarks.mllmu_scoring import score_answer, summarise
 from erasers.errors import UsageError
 from erasers.files import write_atomically
 from erasers.outputs import claim_output_dir
 from erasers.validation import validate_config
 
-SHOTS = 0
 MAX_NEW_TOKENS = 50
-TASKS = {"classification": "mc", "mask": "cloze", "generation": "rouge_l"}
 RESULTS = "results.json"  # a folder holding it is an earlier run's, which a rerun refreshes
+BENCHMARKS = ("mllmu-med", "mllmu")
 
 
 @dataclass(frozen=True)
 class EvalConfig:
     max_new_tokens: int = MAX_NEW_TOKENS
     batch_size: int = 32
-    shots: int = field(default=SHOTS, metadata={"min": 0})
+    shots: int = field(default=0, metadata={"min": 0, "max": 2})  # few-shot examples: `erasure bench mllmu` only
+    seed: int = 0  # which profiles are the examples, which Test_Set image each question is shown
 
     def __post_init__(self):
         validate_config(self, "mllmu-med")
-
-
-def normalise(text: str) -> str:
-    return re.sub(r"[\s.]+$", "", text.strip().lower())
-
-
-def rouge_l(prediction: str, reference: str) -> float:
-    from torchmetrics.functional.text.rouge import rouge_score
-
-    if not prediction.strip() or not reference.strip():
-        return float(prediction.strip() == reference.strip())
-    return float(rouge_score(prediction, reference, rouge_keys="rougeL")["rougeL_fmeasure"])
-
-
-def score_answer(qa, answer: str) -> float:
-    """1/0 for multiple choice (first letter) and cloze (containment); ROUGE-L F1 for generation."""
-    if qa.task == "classification":
-        return float(answer.strip()[:1].upper() == qa.answer.strip().upper())
-    if qa.task == "mask":
-        return float(normalise(qa.answer) in answer.lower())
-    return rouge_l(answer, qa.answer)
-
-
-def summarise(scored: list[tuple[object, float]]) -> dict:
-    """{"mc", "cloze", "rouge_l", "score", "n"} of (qa, score) pairs; absent tasks are left out of the score."""
-    result: dict = {"n": len(scored)}
-    parts = []
-    for task, key in TASKS.items():
-        values = [s for qa, s in scored if qa.task == task]
-        if values:
-            result[key] = round(sum(values) / len(values), 4)
-            parts.append(result[key])
-    result["score"] = round(sum(parts) / len(parts), 4) if parts else None
-    return result
 
 
 def answer_items(loaded, items, cfg: EvalConfig = EvalConfig(), progress: bool = False) -> list[str]:
@@ -96,18 +64,20 @@ def answer_items(loaded, items, cfg: EvalConfig = EvalConfig(), progress: bool =
 
     answers = []
     for chunk in tqdm(list(chunks(items, cfg.batch_size)), desc="asking", disable=not progress):
-        answers += ask_many(loaded, [i.image for i in chunk], [i.prompt for i in chunk], cfg.max_new_tokens)
+        answers += ask_many(loaded, [i.image for i in chunk], [i.prompt for i in chunk], cfg.max_new_tokens,
+                            examples=[i.shots for i in chunk])
     return answers
 
 
 def evaluate_set(loaded, items, cfg: EvalConfig = EvalConfig(), scenarios: dict[str, str] | None = None,
-                 progress: bool = False) -> dict:
-    """Metrics of a list of `vlm.forward.Item`; `scenarios` maps row ids to a scenario for a per-scenario split."""
+                 progress: bool = False, by_type: bool = False) -> dict:
+    """Metrics of a list of `vlm.forward.Item`; `scenarios` maps row ids to a scenario for a per-scenario split;
+    `by_type` adds image+text and text-only questions apart."""
     if not items:
         return {"n": 0, "score": None}
     answers = answer_items(loaded, items, cfg, progress)
     scored = [(item.qa, score_answer(item.qa, answer)) for item, answer in zip(items, answers)]
-    result = summarise(scored)
+    result = summarise(scored, by_type)
     if scenarios:
         for scenario in sorted(set(scenarios.values())):
             part = [(qa, s) for qa, s in scored if scenarios.get(qa.row_id) == scenario]
@@ -133,15 +103,20 @@ def scenario_map(target) -> dict[str, str]:
     return mapping
 
 
+def evaluate_sets(loaded, sets: dict[str, list], edit: str | Path | None = None, cfg: EvalConfig = EvalConfig(),
+                  scenarios: dict[str, str] | None = None, progress: bool = False, by_type: bool = False) -> dict:
+    """{set name: metrics} of the loaded model, with `edit` applied when given."""
+    from vlm.edits import applied
+
+    with applied(loaded, edit):
+        return {name: evaluate_set(loaded, items, cfg, scenarios, progress, by_type) for name, items in sets.items()}
+
+
 def evaluate_target(loaded, target, edit: str | Path | None = None, cfg: EvalConfig = EvalConfig(),
                     progress: bool = False) -> dict:
     """{"forget", "retain", "test"} metrics of the loaded model, with `edit` applied when given."""
-    from vlm.edits import applied
-
-    scenarios = scenario_map(target)
-    with applied(loaded, edit):
-        return {name: evaluate_set(loaded, getattr(target, name), cfg, scenarios, progress)
-                for name in ("forget", "retain", "test")}
+    sets = {name: getattr(target, name) for name in ("forget", "retain", "test")}
+    return evaluate_sets(loaded, sets, edit, cfg, scenario_map(target), progress)
 
 
 def unlearning_efficiency(base: dict, edited: dict) -> dict:
@@ -162,13 +137,16 @@ def unlearning_efficiency(base: dict, edited: dict) -> dict:
 
 def run(model: str, concept: str | None = None, edit: str | Path | None = None, data: str | Path | None = None,
         out: str | Path | None = None, cfg: EvalConfig = EvalConfig(), device: str | None = None,
-        progress: bool = True, allow_other_base: bool = False) -> dict:
+        progress: bool = True, allow_other_base: bool = False, benchmark: str = "mllmu-med") -> dict:
     """Evaluate the base model and, with `edit`, the edited one on `concept`'s sets; writes results.json and
-    report.md under `out` when given. `allow_other_base` applies an edit made for another base model too."""
+    report.md under `out` when given. `benchmark`: "mllmu-med" (forget / test / retain, UES) or "mllmu"
+    (MLLMU-Bench as published, `benchmarks.mllmu_bench`; needs `data`). `allow_other_base` applies an edit made for
+    another base model too."""
     from vlm.edits import check_applies, read_vlm_edit
     from vlm.models import load_vlm
-    from vlm.targets import resolve_target
 
+    if benchmark not in BENCHMARKS:
+        raise UsageError(f"unknown benchmark {benchmark!r}; choose {' or '.join(BENCHMARKS)}")
     if out is not None:  # a folder this command did not make is refused before any work
         claim_output_dir(out, RESULTS, create=False)
     metadata = read_vlm_edit(edit) if edit is not None else None
@@ -177,20 +155,44 @@ def run(model: str, concept: str | None = None, edit: str | Path | None = None, 
         raise UsageError("pass --concept (a ToyCanvas object or forget_5/10/15), or an --edit that names one")
     if metadata and metadata["concept"] != concept:
         raise UsageError(f"the edit erased {metadata['concept']!r}, not {concept!r}; leave out --concept")
-    target = resolve_target(concept, data)
+    sets, source, scenarios = _sets(benchmark, concept, data, cfg)
     loaded = load_vlm(model, device=device)
     loaded.allow_other_base = allow_other_base
     check_applies(loaded, edit)  # an edit that does not fit fails now, not after the base model's evaluation
-    result = {"model": model, "concept": concept, "data": target.source, "edit": str(edit) if edit else None,
-              "protocol": asdict(cfg), "base": evaluate_target(loaded, target, None, cfg, progress)}
+    published = benchmark == "mllmu"
+    result = {"benchmark": benchmark, "model": model, "concept": concept, "data": source,
+              "edit": str(edit) if edit else None, "protocol": asdict(cfg),
+              "base": evaluate_sets(loaded, sets, None, cfg, scenarios, progress, published)}
     if edit is not None:
         result["method"] = metadata["method"]
-        result["edited"] = evaluate_target(loaded, target, edit, cfg, progress)
-        result["unlearning_efficiency"] = unlearning_efficiency(result["base"], result["edited"])
+        result["edited"] = evaluate_sets(loaded, sets, edit, cfg, scenarios, progress, published)
+        if not published:  # the UES is ours, for MLLMU-Med; MLLMU-Bench reports the metrics themselves
+            result["unlearning_efficiency"] = unlearning_efficiency(result["base"], result["edited"])
     if out is not None:
         write_report(result, Path(out))
-        record_mllmu(result, Path(out))  # on the edit's model card (erasers.cards)
+        if not published:
+            record_mllmu(result, Path(out))  # on the edit's model card (erasers.cards)
     return result
+
+
+def _sets(benchmark: str, concept: str, data, cfg: EvalConfig) -> tuple[dict[str, list], str, dict[str, str]]:
+    """(the sets' items, where they come from, row id -> scenario) of `benchmark`, checked before a model loads."""
+    if benchmark == "mllmu":
+        from benchmarks.mllmu_bench import published_sets
+        from erasers.inputs import check_input
+
+        if data is None:
+            raise UsageError("erasure bench mllmu needs --data: the MLLMU-Bench release's directory (forget_5/, "
+                             "retain_95/, ..., Test_Set/, Retain_Set/)")
+        path = check_input(data, "data directory", "pass a directory in the MLLMU-Bench layout", want_dir=True)
+        return published_sets(path, concept, cfg.shots, cfg.seed), str(path), {}
+    from vlm.targets import resolve_target
+
+    if cfg.shots:
+        raise UsageError(f"mllmu-med asks zero-shot (the toy VLM learned its questions without examples), not "
+                         f"shots={cfg.shots}; few-shot examples are MLLMU-Bench's: erasure bench mllmu --shots")
+    target = resolve_target(concept, data)
+    return {name: getattr(target, name) for name in ("forget", "retain", "test")}, target.source, scenario_map(target)
 
 
 def _percent(value) -> str:
@@ -198,6 +200,10 @@ def _percent(value) -> str:
 
 
 def report_markdown(result: dict) -> str:
+    if result.get("benchmark") == "mllmu":
+        from benchmarks.mllmu_bench import report_markdown as published_report
+
+        return published_report(result)
     lines = [f"MLLMU-Med evaluation of {result['model']} on {result['concept']} ({result['data']})", "",
              "| model | set | n | MC acc | cloze acc | ROUGE-L | score |", "|---|---|---|---|---|---|---|"]
     for label in ("base", "edited"):

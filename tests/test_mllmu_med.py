@@ -22,7 +22,7 @@ def _qa(task, answer, row="P001"):
 def test_scoring_rules():
     mc = _qa("classification", "B")
     assert score_answer(mc, "B") == 1 and score_answer(mc, "b) asthma") == 1 and score_answer(mc, "asthma") == 0
-    cloze = _qa("mask", "ferrous sulfate.")
+    cloze = _qa("mask", "ferrous sulfate")  # eval.py: the ground truth, as it is, contained in the answer
     assert score_answer(cloze, "She takes Ferrous sulfate daily") == 1 and score_answer(cloze, "insulin") == 0
     gen = _qa("generation", "12 Elm Road, Dover")
     assert score_answer(gen, "12 Elm Road, Dover") == pytest.approx(1.0)
@@ -53,7 +53,8 @@ def test_evaluate_set_scores_answers_per_scenario(monkeypatch):
     import vlm.models
 
     monkeypatch.setattr(vlm.models, "ask_many",
-                        lambda loaded, images, prompts, n: [replies[i.qa.id] for i in items][:len(prompts)])
+                        lambda loaded, images, prompts, n, examples=None:
+                        [replies[i.qa.id] for i in items][:len(prompts)])
     result = evaluate_set(None, items, EvalConfig(), {"P1": "privacy", "P2": "incorrectness"})
     assert result["mc"] == 0.5 and result["cloze"] == 0.5 and result["score"] == 0.5
     assert result["privacy"]["score"] == 1.0 and result["incorrectness"]["score"] == 0.0

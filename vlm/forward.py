@@ -25,10 +25,12 @@ from .models import LoadedVLM
 
 @dataclass(frozen=True)
 class Item:
-    """One question as the model is asked it, with its image (None for a text-only question)."""
+    """One question as the model is asked it, with its image (None for a text-only question) and the few-shot
+    examples asked before it ((image or None, text) turns; evaluation only)."""
 
     qa: QA
     image: Image.Image | None
+    shots: tuple[tuple[Image.Image | None, str], ...] = ()
 
     @property
     def prompt(self) -> str:

@@ -8,17 +8,21 @@ A row is one profile (one person, one patient, or one ToyCanvas picture):
                          Q = {"Question", "Options": {"A".."D"}, "Correct_Answer": letter}
     Generation_Task      [{"Question", "Ground_Truth", "Type": "Image_Textual" | "Pure_Text"}]
     Mask_Task            [{"Question" with "__" for the blank, "Ground_Truth", "Type"}]
-Other columns are allowed and kept. A split is a directory of parquet files (as on the hub,
-`forget_5/train-00000-of-00001.parquet`) or one parquet file.
+Other columns are allowed and kept. The benchmark's fine-tuning QA (`ft_Data/`, what its vanilla model learned and
+its baselines train on) has rows of ID, image and `metadata`: a JSON list of {"Question", "Answer"}. A split is a
+directory of parquet files (as on the hub, `forget_5/train-00000-of-00001.parquet`) or one parquet file.
 
 `qa_items` flattens a row into the questions a model is asked, each with its exact prompt and expected answer;
-training the toy VLM and evaluating any VLM both go through it, so both see the same prompts.
+training the toy VLM and evaluating any VLM both go through it, so both see the same prompts. `eval_py_prompt`
+rewrites a question into the prompt MLLMU-Bench's own `eval.py` asks it with, and `shot_text` into the few-shot
+example that script shows before it (`erasure bench mllmu`).
 """
 
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from PIL import Image
@@ -93,6 +97,48 @@ def _qa_items(row: dict, tasks: tuple[str, ...]) -> list[QA]:
     return items
 
 
+def finetune_items(row: dict) -> list[QA]:
+    """The fine-tuning QA of an `ft_Data/` row (its `metadata`), each asked about the row's image."""
+    try:
+        pairs = row["metadata"]
+        pairs = json.loads(pairs) if isinstance(pairs, str) else pairs
+        return [QA(f"{row['ID']}/ft{k}", str(row["ID"]), "finetune", IMAGE_TEXTUAL, p["Question"], p["Question"],
+                   str(p["Answer"])) for k, p in enumerate(pairs) if p.get("Question") and p.get("Answer")]
+    except (KeyError, TypeError, AttributeError, ValueError) as error:
+        raise UsageError(f"row {row.get('ID')!r} of the fine-tuning data is not in the MLLMU-Bench layout "
+                         f"({type(error).__name__}: {error}); its metadata must be a JSON list of Question/Answer "
+                         "pairs") from None
+
+
+# MLLMU-Bench's eval.py: generation asks for one sentence ("accurately" only when an image is shown), cloze names
+# the blank "[Blank]", multiple choice is `multiple_choice_prompt`; its few-shot examples end in "Correct Answer:".
+GENERATION_INSTRUCTION = {
+    IMAGE_TEXTUAL: "Answer the question based on your trained knowledge in one sentence accurately in ENGLISH.",
+    PURE_TEXT: "Answer the question based on your trained knowledge in one sentence in ENGLISH."}
+CLOZE_INSTRUCTION = "Please **ONLY** provide the correct answer that should replace the [Blank]."
+
+
+def _eval_py_cloze(question: str) -> str:
+    return f"{question.replace('__', '[Blank]')}\n{CLOZE_INSTRUCTION}"
+
+
+def eval_py_prompt(qa: QA) -> QA:
+    """The question with the prompt MLLMU-Bench's eval.py asks it with."""
+    if qa.task == "generation":
+        return replace(qa, prompt=f"{qa.question}\n{GENERATION_INSTRUCTION[qa.type]}")
+    if qa.task == "mask":
+        return replace(qa, prompt=_eval_py_cloze(qa.question))
+    return qa
+
+
+def shot_text(qa: QA) -> str:
+    """The question as one of eval.py's few-shot examples, its answer given (multiple choice and cloze)."""
+    if qa.task == "classification":
+        options = "\n".join(f"{key}: {value}" for key, value in qa.options)
+        return f"Question: {qa.question}\n{options}\nCorrect Answer: {qa.answer}"
+    return f"{_eval_py_cloze(qa.question)}\nCorrect Answer: {qa.answer}"
+
+
 def _type(entry: dict) -> str:
     return PURE_TEXT if str(entry.get("Type", IMAGE_TEXTUAL)).lower().startswith("pure") else IMAGE_TEXTUAL
 
@@ -134,8 +180,9 @@ def split_files(path: str | Path) -> list[Path]:
     return files
 
 
-def read_split(path: str | Path) -> list[dict]:
-    """The rows of a split (a directory of parquet files or one file) as plain dicts."""
+def read_split(path: str | Path, columns: tuple[str, ...] = ("ID", "Classification_Task")) -> list[dict]:
+    """The rows of a split (a directory of parquet files or one file) as plain dicts; `columns` (and an image
+    column) must be there (`("ID", "metadata")` for the fine-tuning QA)."""
     import pyarrow.parquet as pq
 
     rows = []
@@ -145,7 +192,7 @@ def read_split(path: str | Path) -> list[dict]:
         except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
             raise UsageError(f"{file} is not a readable parquet file ({str(error).splitlines()[0][:100]}); fix or "
                              "re-download the data") from None
-        missing = {"ID", "Classification_Task"} - set(table.column_names)
+        missing = set(columns) - set(table.column_names)
         if missing or not {"image", "images"} & set(table.column_names):
             lacking = ", ".join(sorted(missing)) or "an image column"
             raise UsageError(f"{file} is not in the MLLMU-Bench layout (it lacks {lacking})")

@@ -8,6 +8,7 @@ transformers class loads it and where its language model's decoder layers are. E
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,21 +62,31 @@ class LoadedVLM:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def prompt(self, question: str, with_image: bool = True) -> str:
-        """The model's chat prompt for one user turn, ending where the assistant's answer starts."""
-        content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": question}]
-        return self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    def prompt(self, question: str, with_image: bool = True, examples: Sequence[tuple[bool, str]] = ()) -> str:
+        """The model's chat prompt for one user turn, ending where the assistant's answer starts; `examples`
+        ((with an image, text) pairs: few-shot examples) are user turns before it, as MLLMU-Bench's eval.py writes
+        them."""
+        messages = [{"role": "user", "content": ([{"type": "image"}] if image else []) + [{"type": "text",
+                                                                                          "text": text}]}
+                    for image, text in [*examples, (with_image, question)]]
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True)
 
-    def inputs(self, images: list[Image.Image | None], questions: list[str]) -> dict:
-        """Processor outputs for a batch of (image or None, question), left-padded for generation."""
+    def inputs(self, images: list[Image.Image | None], questions: list[str],
+               examples: Sequence[Sequence[tuple[Image.Image | None, str]]] | None = None) -> dict:
+        """Processor outputs for a batch of (image or None, question), left-padded for generation; `examples`: per
+        question, the few-shot (image or None, text) turns asked before it."""
         if len(images) != len(questions):
             raise UsageError(f"got {len(images)} images but {len(questions)} questions; pass one image (or None) "
                              "per question")
         for i, question in enumerate(questions):
             if not isinstance(question, str) or not question.strip():
                 raise UsageError(f"question {i + 1} is empty; every question needs some text")
-        prompts = [self.prompt(q, image is not None) for image, q in zip(images, questions)]
-        pictures = [image.convert("RGB") for image in images if image is not None]
+        examples = examples or [()] * len(questions)
+        prompts = [self.prompt(q, image is not None, [(shot is not None, text) for shot, text in shots])
+                   for image, q, shots in zip(images, questions, examples)]
+        # The processor takes the batch's images in the order of their placeholders: a question's examples' first.
+        pictures = [picture.convert("RGB") for image, shots in zip(images, examples)
+                    for picture in [*(shot for shot, _ in shots), image] if picture is not None]
         self.tokenizer.padding_side = "left"
         inputs = self.processor(images=pictures or None, text=prompts, padding=True, return_tensors="pt")
         dtype = next(self.model.parameters()).dtype
@@ -154,9 +165,10 @@ def load_vlm(model: str = TOY_VLM, device: str | None = None, dtype: torch.dtype
 
 @torch.no_grad()
 def ask_many(loaded: LoadedVLM, images: list[Image.Image | None], questions: list[str],
-             max_new_tokens: int = 50) -> list[str]:
-    """Greedy answers to a batch of questions, each about its image (None: a text-only question)."""
-    inputs = loaded.inputs(images, questions)
+             max_new_tokens: int = 50, examples=None) -> list[str]:
+    """Greedy answers to a batch of questions, each about its image (None: a text-only question), after its
+    few-shot `examples` when given (see `LoadedVLM.inputs`)."""
+    inputs = loaded.inputs(images, questions, examples)
     output = loaded.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                    pad_token_id=loaded.tokenizer.pad_token_id)
     answers = output[:, inputs["input_ids"].shape[1]:]

@@ -9,7 +9,9 @@ Two kinds of concept:
     matching retain_{100-N} split; test = the Test_Set rows of the forget profiles (new images, paraphrases), as
     MLLMU-Bench's test set measures whether forgetting generalises.
 Erasers fit on `forget` and `retain_fit`; evaluation uses `forget`, `test` and `retain`, which holds other rows than
-`retain_fit`, so a method is never scored on the very retain questions it was fitted to keep.
+`retain_fit`, so a method is never scored on the very retain questions it was fitted to keep. The fine-tuning
+baselines train on `finetune_data()`: with MLLMU-Bench data, its fine-tuning QA of the forget and retain profiles
+(`ft_Data/`), which the benchmark's evaluation questions are not.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from erasers.errors import UsageError
 from erasers.inputs import check_input
 
 from .forward import Item
-from .mllmu import qa_items, read_split, row_images
+from .mllmu import finetune_items, qa_items, read_split, row_images
 
 FORGET_SPLIT = re.compile(r"^forget_(\d+)$")
+FINETUNE_DIR = "ft_Data"  # MLLMU-Bench's fine-tuning QA (rows of ID, image, metadata)
 
 
 @dataclass
@@ -36,6 +39,19 @@ class Target:
     retain: list[Item]
     test: list[Item]
     source: str
+    finetune_forget: list[Item] | None = None  # ft_Data's QA of the forget profiles, when the data has it
+    finetune_retain: list[Item] | None = None
+    user_data: bool = False  # an MLLMU-Bench directory given with --data (not the toy world)
+
+    def finetune_data(self) -> tuple[list[Item], list[Item]]:
+        """(forget, retain) questions a fine-tuning baseline trains on: the benchmark's fine-tuning QA when the data
+        has it; the toy world's forget questions and `retain_fit` otherwise (the toy VLM learned those)."""
+        if self.finetune_forget is not None:
+            return self.finetune_forget, self.finetune_retain or []
+        if self.user_data:
+            raise UsageError(f"{self.source} has no {FINETUNE_DIR}/: the fine-tuning baselines train on MLLMU-Bench's "
+                             f"fine-tuning QA, never on its evaluation questions; add the release's {FINETUNE_DIR}/")
+        return self.forget, self.retain_fit
 
     def concept_images(self, count: int) -> list[Item]:
         """Up to `count` forget items with an image, one per distinct image (what SAUCE contrasts)."""
@@ -123,8 +139,21 @@ def split_target(concept: str, data: Path, retain_rows: int = 20, fit_rows: int 
     test_rows = [r for r in read_split(data / "Test_Set") if r["ID"] in forget_ids] \
         if (data / "Test_Set").exists() else []
     fit_rows = min(fit_rows, len(retain) // 2)  # a small split still leaves rows to evaluate on
-    return Target(concept, "profiles", forget=_items(forget), retain_fit=_items(retain[:fit_rows]),
-                  retain=_items(retain[fit_rows:fit_rows + retain_rows]), test=_items(test_rows), source=str(data))
+    target = Target(concept, "profiles", forget=_items(forget), retain_fit=_items(retain[:fit_rows]),
+                    retain=_items(retain[fit_rows:fit_rows + retain_rows]), test=_items(test_rows), source=str(data))
+    if (data / FINETUNE_DIR).exists():
+        target.finetune_forget = finetune_profiles(data, forget_ids)
+        target.finetune_retain = finetune_profiles(data, {r["ID"] for r in retain})
+    return target
+
+
+def finetune_profiles(data: Path, ids: set) -> list[Item]:
+    """The fine-tuning QA (ft_Data/) of the profiles `ids`, each asked with the profile's image."""
+    rows = [row for row in read_split(data / FINETUNE_DIR, ("ID", "metadata")) if row["ID"] in ids]
+    if not rows:
+        raise UsageError(f"{data / FINETUNE_DIR} holds none of the profiles {sorted(ids)[:3]}...; pass the release's "
+                         "ft_Data/ of the same profiles")
+    return [Item(qa, row_images(row)[0]) for row in rows for qa in finetune_items(row)]
 
 
 def resolve_target(concept: str, data: str | Path | None = None) -> Target:
@@ -134,7 +163,9 @@ def resolve_target(concept: str, data: str | Path | None = None) -> Target:
     if FORGET_SPLIT.match(concept):
         if data is not None:
             path = check_input(data, "data directory", "pass a directory in the MLLMU-Bench layout", want_dir=True)
-            return split_target(concept, path)
+            target = split_target(concept, path)
+            target.user_data = True
+            return target
         return split_target(concept, toy_world_dir() / "MLLMU-Med")
     if concept in object_names():
         if data is not None:

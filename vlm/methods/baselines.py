@@ -5,7 +5,10 @@
     kl         L = -NLL_f + NLL_r + KL(p_ref || p_theta)_r  ... and staying close to the base model on retain
     npo        L = -(2 / beta) log sigmoid(beta (NLL_theta_f - NLL_ref_f))    negative preference optimisation
 NLL is the per-answer negative log-likelihood (mean over answer tokens, summed for NPO as in its paper); "ref" is
-the base model, which is the LoRA model with its adapter disabled, so no second copy is held. The four share one
+the base model, which is the LoRA model with its adapter disabled, so no second copy is held: the model before
+unlearning, which is what MLLMU-Bench's NPO compares against (its "oracle", the vanilla fine-tuned model). With
+MLLMU-Bench data they train on its fine-tuning QA (ft_Data/) of the forget and retain profiles, as the benchmark's
+baselines do, and are scored on its evaluation questions (`Target.finetune_data`). The four share one
 loop (one file), a method being only its loss. Defaults follow MLLMU-Bench (LoRA r 16, alpha 16, dropout 0.05,
 lr 5e-4); the toy model, 1,000x smaller, takes a few dozen steps.
 """
@@ -83,6 +86,8 @@ class FineTuneBaseline(VLMEraser):
         from peft import LoraConfig, get_peft_model
 
         cfg = self.config
+        # MLLMU-Bench's fine-tuning QA when the data has it: the baselines never train on the questions scored.
+        forget_data, retain_data = target.finetune_data()
         torch.manual_seed(cfg.seed)
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules=LORA_TARGETS)
@@ -91,8 +96,8 @@ class FineTuneBaseline(VLMEraser):
         model.train()
 
         def step(_index: int, generator: torch.Generator) -> dict[str, float]:
-            forget = sample(target.forget, cfg.batch_size, generator)
-            retain = sample(target.retain_fit, cfg.batch_size, generator) if self.uses_retain else []
+            forget = sample(forget_data, cfg.batch_size, generator)
+            retain = sample(retain_data, cfg.batch_size, generator) if self.uses_retain else []
             loss, metrics = self.loss(loaded, model, forget, retain)
             optimiser.zero_grad()
             loss.backward()
