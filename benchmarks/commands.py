@@ -1,6 +1,6 @@
 """The benchmarks' commands: `erasure compare`, `erasure attack` (benchmarks/attack_command.py), `erasure robustness`
-(benchmarks/robustness.py), `erasure toy build | build-vlm` and `erasure bench mllmu-med`, with `erasure bench
-toycanvas | unlearncanvas | i2p` from benchmarks.bench_commands."""
+(benchmarks/robustness.py), `erasure toy build | build-vlm` and `erasure bench mllmu-med | mllmu`, with `erasure
+bench toycanvas | unlearncanvas | i2p` from benchmarks.bench_commands."""
 
 from __future__ import annotations
 
@@ -73,9 +73,11 @@ def prepare_build_dir(build_dir: str, restart: bool) -> None:
 def cmd_bench_mllmu_med(args) -> None:
     from benchmarks.mllmu_med import EvalConfig, report_markdown, run
 
-    cfg = EvalConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    published = args.bench_command == "mllmu"
+    cfg = EvalConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                     **({"shots": args.shots, "seed": args.seed} if published else {}))
     result = run(args.model, args.concept, args.edit, args.data, args.out, cfg, args.device,
-                 allow_other_base=args.allow_other_base)
+                 allow_other_base=args.allow_other_base, benchmark=args.bench_command)
     print(report_markdown(result))
     if args.out:
         print(f"wrote {args.out}/results.json and {args.out}/report.md")
@@ -125,4 +127,23 @@ def add_commands(commands) -> None:
     med.add_argument("--device")
     med.add_argument("--out", help="directory for results.json and report.md")
     med.set_defaults(run=cmd_bench_mllmu_med)
+
+    bench = bench_commands.add_parser("mllmu", help="MLLMU-Bench as published (eval.py's prompts and few-shot "
+                                      "examples): forget / test / retain / Retain_Set, image+text and text-only apart")
+    bench.add_argument("--model", default="toy-vlm")
+    add_edit_arguments(bench, "edit directory (leave out to evaluate the base model alone)", inputs.VLM_EDIT_DIR,
+                       repeat=False)
+    bench.add_argument("--concept", help="forget_5, forget_10 or forget_15 (default: the edit's)")
+    bench.add_argument("--data", type=inputs.MLLMU_DATA_DIR, required=True, help="the MLLMU-Bench release's "
+                       "directory: forget_N/, retain_M/, Test_Set/, Retain_Set/ (Full_Set/ for the examples)")
+    shots = inputs.Number(int, 0, 2, rule="shots are 0, 1 or 2")
+    bench.add_argument("--shots", type=shots, default=2, help="few-shot examples: profiles whose questions precede "
+                       "each multiple-choice and cloze question (eval.py: 2 for LLaVA, 1 for idefics2)")
+    bench.add_argument("--seed", type=inputs.SEED, default=0, help="seed of the examples and of each Test_Set "
+                       "row's image")
+    bench.add_argument("--max-new-tokens", type=inputs.POSITIVE, default=50)
+    bench.add_argument("--batch-size", type=inputs.POSITIVE, default=32)
+    bench.add_argument("--device")
+    bench.add_argument("--out", help="directory for results.json and report.md")
+    bench.set_defaults(run=cmd_bench_mllmu_med)
     add_bench_commands(bench_commands)

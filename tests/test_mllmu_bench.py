@@ -1,0 +1,245 @@
+"""`erasure bench mllmu`: MLLMU-Bench as published, on a miniature the test writes in the Hub release's schema
+(parquet splits, images as {"bytes", "path"} structs, the Test_Set's `images` lists, ft_Data's JSON metadata).
+A stub answers every question with fixed replies; the scores are compared with values computed here from the rows
+written, with rouge_score called directly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+from rouge_score import rouge_scorer
+
+import vlm.models
+from benchmarks import mllmu_med
+from benchmarks.mllmu_med import EvalConfig
+from erasers.errors import UsageError
+from vlm.mllmu import image_cell, write_split
+
+FORGET, RETAIN, CELEBRITIES = ["P0", "P1"], ["P2", "P3", "P4"], ["C0", "C1"]
+CITIES = ["Paris", "Rome", "Oslo", "Paris", "Lima", "Paris", "Rome"]
+MC_REPLY, CLOZE_REPLY, GENERATION_REPLY = "B", "I believe it is Paris.", "She lived in the running towns of the north"
+
+
+def _image(shade: int, test: bool = False) -> dict:
+    return image_cell(Image.new("RGB", (8, 8), (shade, int(test), 0)))
+
+
+def _profile(index: int, person: str, test: bool = False) -> dict:
+    city = CITIES[index % len(CITIES)]
+    word = "Where does" if not test else "In which city does"
+    mc = lambda q, right: {"Question": q, "Options": {"A": "Rome", "B": city, "C": "Oslo", "D": "Lima"},  # noqa: E731
+                           "Correct_Answer": "B" if right else "A"}
+    row = {"ID": person, "biography": f"{person} lives in {city}.", "question": None, "answer": None,
+           "Classification_Task": {
+               "Image_Textual_Questions": [mc(f"{word} the person in the image live?", index % 2 == 0),
+                                           mc("What does the person in the image do?", index % 3 == 0)],
+               "Pure_Text_Questions": [mc(f"{word} {person} live?", True)]},
+           "Generation_Task": [{"Question": "Where does the person in the image live?", "Type": "Image_Textual",
+                                "Ground_Truth": f"He lives in running towns near {city}"},
+                               {"Question": f"What is {person}'s home?", "Type": "Pure_Text",
+                                "Ground_Truth": f"The home of {person} is in {city}"}],
+           "Mask_Task": [{"Question": "The person in the image lives in __.", "Ground_Truth": city,
+                          "Type": "Image_Textual"},
+                         {"Question": f"{person} lives in __.", "Ground_Truth": CITIES[(index + 1) % len(CITIES)],
+                          "Type": "Pure_Text"}]}
+    if test:
+        row["images"] = [_image(10 * index + k, test=True) for k in range(3)]
+    else:
+        row["image"] = _image(10 * index)
+    return row
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    """forget_5 / retain_95 (2 and 3 fictitious profiles), Test_Set, Full_Set, Retain_Set, ft_Data."""
+    import pyarrow as pa
+
+    root = tmp_path_factory.mktemp("MLLMU-Bench")
+    people = FORGET + RETAIN
+    write_split([_profile(i, p) for i, p in enumerate(FORGET)], root / "forget_5")
+    write_split([_profile(i + 2, p) for i, p in enumerate(RETAIN)], root / "retain_95")
+    write_split([_profile(i, p) for i, p in enumerate(people)], root / "Full_Set")
+    write_split([_profile(i, p, test=True) for i, p in enumerate(people)], root / "Test_Set")
+    write_split([_profile(5 + i, p) for i, p in enumerate(CELEBRITIES)], root / "Retain_Set")
+    finetune = [{"ID": p, "image": _image(10 * i), "metadata": json.dumps(
+        [{"Question": f"Tell me about {p}'s job.", "Answer": f"{p} bakes bread."},
+         {"Question": f"Which city is {p}'s home?", "Answer": CITIES[i % len(CITIES)]}])}
+        for i, p in enumerate(people)]
+    write_split(finetune, root / "ft_Data", extra={"metadata": pa.string()})
+    return root
+
+
+class StubVLM:
+    """Fixed replies by kind of question; records what each question was shown."""
+
+    allow_other_base = False
+
+    def __init__(self):
+        self.asked = []
+
+    def answer(self, images, prompts, n, examples=None):
+        examples = examples or [()] * len(prompts)
+        self.asked += list(zip(images, prompts, examples))
+        return [MC_REPLY if p.endswith("directly.") else CLOZE_REPLY if "[Blank]" in p else GENERATION_REPLY
+                for p in prompts]
+
+
+@pytest.fixture
+def stub(monkeypatch):
+    model = StubVLM()
+    monkeypatch.setattr(vlm.models, "load_vlm", lambda *args, **kwargs: model)
+    monkeypatch.setattr(vlm.models, "ask_many", lambda loaded, *args, **kwargs: model.answer(*args, **kwargs))
+    return model
+
+
+def _expected(rows: list[dict]) -> dict:
+    """Per question type: eval.py's rules applied to the stub's replies, by hand."""
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    scores = {"Image_Textual": {"mc": [], "cloze": [], "rouge_l": []}, "Pure_Text": {"mc": [], "cloze": [],
+                                                                                     "rouge_l": []}}
+    for row in rows:
+        task = row["Classification_Task"]
+        for kind, key in (("Image_Textual", "Image_Textual_Questions"), ("Pure_Text", "Pure_Text_Questions")):
+            scores[kind]["mc"] += [float(q["Correct_Answer"] == MC_REPLY) for q in task[key]]
+        for q in row["Mask_Task"]:
+            scores[q["Type"]]["cloze"].append(float(q["Ground_Truth"].lower() in CLOZE_REPLY.lower()))
+        for q in row["Generation_Task"]:
+            scores[q["Type"]]["rouge_l"].append(scorer.score(q["Ground_Truth"], GENERATION_REPLY)["rougeL"].fmeasure)
+    return {kind: {metric: sum(v) / len(v) for metric, v in metrics.items()} for kind, metrics in scores.items()}
+
+
+def test_scores_equal_those_computed_by_hand(release, stub, tmp_path):
+    result = mllmu_med.run("stub", "forget_5", data=release, out=tmp_path / "out", cfg=EvalConfig(shots=0),
+                           progress=False, benchmark="mllmu")
+    people = FORGET + RETAIN
+    sets = {"forget": [_profile(i, p) for i, p in enumerate(FORGET)],
+            "test": [_profile(i, p, test=True) for i, p in enumerate(FORGET)],
+            "retain": [_profile(i + 2, p) for i, p in enumerate(RETAIN)],
+            "utility": [_profile(5 + i, p) for i, p in enumerate(CELEBRITIES)]}
+    assert set(result["base"]) == set(sets) and len(people) == 5
+    for name, rows in sets.items():
+        expected = _expected(rows)
+        for kind, key in (("Image_Textual", "image_textual"), ("Pure_Text", "pure_text")):
+            measured = result["base"][name][key]
+            for metric in ("mc", "cloze", "rouge_l"):
+                assert measured[metric] == pytest.approx(expected[kind][metric], abs=1e-4), (name, kind, metric)
+        # Every profile of the split: 2 + 1 multiple choice, 2 generation, 2 cloze questions each.
+        assert result["base"][name]["n"] == 7 * len(rows)
+    # The stemmer counts: "lived"/"lives", "towns" match only stemmed, so image+text ROUGE-L beats the unstemmed one.
+    plain = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    unstemmed = plain.score("He lives in running towns near Paris", GENERATION_REPLY)["rougeL"].fmeasure
+    stemmed = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True).score(
+        "He lives in running towns near Paris", GENERATION_REPLY)["rougeL"].fmeasure
+    assert stemmed > unstemmed + 0.1
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["benchmark"] == "mllmu" and "unlearning_efficiency" not in saved
+    assert "| base | utility | text only |" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_prompts_are_eval_py_and_text_questions_get_no_image(release, stub):
+    mllmu_med.run("stub", "forget_5", data=release, cfg=EvalConfig(shots=0), progress=False, benchmark="mllmu")
+    prompts = [p for _, p, _ in stub.asked]
+    assert "The person in the image lives in [Blank].\nPlease **ONLY** provide the correct answer that should " \
+           "replace the [Blank]." in prompts
+    assert "Where does the person in the image live?\nAnswer the question based on your trained knowledge in one " \
+           "sentence accurately in ENGLISH." in prompts
+    assert "What is P0's home?\nAnswer the question based on your trained knowledge in one sentence in ENGLISH." \
+           in prompts
+    for image, prompt, _ in stub.asked:
+        assert (image is None) == ("the image" not in prompt), prompt  # text-only questions name the person
+
+
+def _test_views(asked) -> dict:
+    """(profile, task) -> the Test_Set images (green 1, red 10 * profile + view) its image questions were shown."""
+    views = {}
+    for image, prompt, _ in asked:
+        if image is not None and image.getpixel((0, 0))[1] == 1:
+            red = image.getpixel((0, 0))[0]
+            task = "mc" if prompt.endswith("directly.") else "cloze" if "[Blank]" in prompt else "generation"
+            views.setdefault((red // 10, task), []).append(red % 10)
+    return views
+
+
+def test_one_seeded_test_image_per_row_and_task(release, stub):
+    draws = []
+    for seed in (3, 3, 4, 5, 6):
+        stub.asked.clear()
+        mllmu_med.run("stub", "forget_5", data=release, cfg=EvalConfig(shots=0, seed=seed), progress=False,
+                      benchmark="mllmu")
+        views = _test_views(stub.asked)
+        # Each forget profile's image questions of a task (2 MC, 1 cloze, 1 generation) on one of its 3 images.
+        assert sorted(views) == [(row, task) for row in range(len(FORGET)) for task in ("cloze", "generation", "mc")]
+        assert all(len(set(shown)) == 1 for shown in views.values())
+        assert sum(len(shown) for shown in views.values()) == 4 * len(FORGET)
+        draws.append({key: shown[0] for key, shown in views.items()})
+    assert draws[0] == draws[1]  # the same seed draws the same images
+    assert len({tuple(sorted(d.items())) for d in draws}) > 1  # other seeds draw others
+
+
+def test_few_shot_examples_precede_and_are_left_out(release, stub):
+    result = mllmu_med.run("stub", "forget_5", data=release, cfg=EvalConfig(shots=2, seed=0), progress=False,
+                           benchmark="mllmu")
+    # forget has 2 profiles: both are the examples of its multiple choice and cloze, so only generation is left.
+    forget = result["base"]["forget"]
+    assert "mc" not in forget and "cloze" not in forget and forget["n"] == 2 * len(FORGET)
+    retain = result["base"]["retain"]
+    assert retain["n"] == 7 * len(RETAIN) - 2 * (3 + 2)  # two of three profiles' MC and cloze questions are examples
+    with_examples = [(p, shots) for _, p, shots in stub.asked if shots]
+    assert with_examples and all(text.endswith(("Correct Answer: B", "Correct Answer: A")) or "[Blank]" in text
+                                 for _, shots in with_examples for _, text in shots)
+    # Image+text questions get their examples with images, text-only ones without; generation none.
+    for image, prompt, shots in stub.asked:
+        if shots:
+            assert all((shot is None) == (image is None) for shot, _ in shots)
+        if not prompt.endswith("directly.") and "[Blank]" not in prompt:
+            assert not shots
+    # Celebrities: multiple choice without examples (eval.py), cloze's examples not in Full_Set: none either.
+    assert result["base"]["utility"]["n"] == 7 * len(CELEBRITIES)
+
+
+def test_shots_on_mllmu_med_are_refused(stub):
+    with pytest.raises(UsageError, match="zero-shot"):
+        mllmu_med.run("stub", "forget_5", cfg=EvalConfig(shots=1), progress=False)
+
+
+def test_bad_layouts_are_refused(release, tmp_path, stub):
+    import shutil
+
+    broken = tmp_path / "data"
+    shutil.copytree(release, broken)
+    shutil.rmtree(broken / "Retain_Set")
+    with pytest.raises(UsageError, match="no Retain_Set/"):
+        mllmu_med.run("stub", "forget_5", data=broken, progress=False, benchmark="mllmu")
+    shutil.copytree(release / "Retain_Set", broken / "Retain_Set")
+    shutil.rmtree(broken / "retain_95")
+    with pytest.raises(UsageError, match="no retain_95/"):  # forget_5 without its retain split
+        mllmu_med.run("stub", "forget_5", data=broken, progress=False, benchmark="mllmu")
+    shutil.copytree(release / "retain_95", broken / "retain_95")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"ID": ["P0"], "image": [_image(0)]}),
+                   broken / "forget_5" / "train-00000-of-00001.parquet")
+    with pytest.raises(UsageError, match="lacks Classification_Task"):
+        mllmu_med.run("stub", "forget_5", data=broken, progress=False, benchmark="mllmu")
+    assert not stub.asked  # every refusal comes before a question is asked
+
+
+def test_baselines_train_on_the_fine_tuning_qa(release, tmp_path):
+    from vlm.targets import resolve_target
+
+    target = resolve_target("forget_5", release)
+    forget, retain = target.finetune_data()
+    assert {item.qa.row_id for item in forget} == set(FORGET) and {item.qa.row_id for item in retain} == set(RETAIN)
+    assert {item.qa.question for item in forget} == {f"Tell me about {p}'s job." for p in FORGET} | \
+        {f"Which city is {p}'s home?" for p in FORGET}
+    evaluated = {item.qa.question for name in ("forget", "test", "retain") for item in getattr(target, name)}
+    assert not evaluated & {item.qa.question for item in forget + retain}
+    assert all(item.image is not None for item in forget + retain)
+    import shutil
+
+    shutil.copytree(release, tmp_path / "no-ft", ignore=shutil.ignore_patterns("ft_Data"))
+    with pytest.raises(UsageError, match="no ft_Data/"):
+        resolve_target("forget_5", tmp_path / "no-ft").finetune_data()
