@@ -39,6 +39,10 @@ class VLMEraser:
     def erase(self, loaded: LoadedVLM, target: Target, work_dir: Path | None = None) -> EditContent:
         raise NotImplementedError
 
+    def check_target(self, target: Target) -> None:
+        """A UsageError when the target lacks data this method trains on, before a model loads or a file is
+        written."""
+
     @staticmethod
     def check_edit(loaded: LoadedVLM, tensors: dict[str, torch.Tensor], config: dict, info: dict) -> None:
         """A UsageError when a saved edit's tensors or info do not fit `loaded` (a layer past the model, a shape of

@@ -57,7 +57,8 @@ def erase(model: str, method: str, concept: str, out: str | Path, options: dict 
     `restart`."""
     config = build_vlm_config(method, model == TOY_VLM, options)  # once, and before a slow model load
     check_new_output(Path(out))
-    resolve_target(concept, data)  # so does an unknown concept
+    # So do an unknown concept and data the method cannot train on.
+    get_vlm_method(method).eraser(config).check_target(resolve_target(concept, data))
     return erase_loaded(load_vlm(model, device=device), method, concept, out, options, data, restart, config)
 
 

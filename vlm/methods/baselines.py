@@ -82,6 +82,9 @@ class FineTuneBaseline(VLMEraser):
     def loss(self, loaded, model, forget, retain) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
 
+    def check_target(self, target) -> None:
+        target.finetune_data()
+
     def erase(self, loaded, target, work_dir=None) -> EditContent:
         from peft import LoraConfig, get_peft_model
 
