@@ -243,3 +243,104 @@ def test_baselines_train_on_the_fine_tuning_qa(release, tmp_path):
     shutil.copytree(release, tmp_path / "no-ft", ignore=shutil.ignore_patterns("ft_Data"))
     with pytest.raises(UsageError, match="no ft_Data/"):
         resolve_target("forget_5", tmp_path / "no-ft").finetune_data()
+
+
+# Through real processors: the tiny random-weight LLaVA-1.5 and Qwen2.5-VL of test_vlm_models, few-shot prompts and
+# all. Their answers are noise; what is checked is what each batch hands the model.
+
+
+@pytest.fixture(scope="module")
+def tiny_vlms(tmp_path_factory):
+    from test_vlm_models import build_llava, build_qwen
+
+    root = tmp_path_factory.mktemp("tiny-vlms")
+    return {"llava": build_llava(root / "llava"), "qwen2.5-vl": build_qwen(root / "qwen")}
+
+
+@pytest.fixture
+def batches(monkeypatch):
+    """Every batch `LoadedVLM.inputs` processes: (model, images, questions, examples, processor outputs)."""
+    calls = []
+    inputs = vlm.models.LoadedVLM.inputs
+
+    def recording(self, images, questions, examples=None):
+        processed = inputs(self, images, questions, examples)
+        calls.append((self, images, questions, examples or [()] * len(questions), processed))
+        return processed
+
+    monkeypatch.setattr(vlm.models.LoadedVLM, "inputs", recording)
+    return calls
+
+
+def _check_batch(loaded, images, questions, examples, processed) -> None:
+    """Each row shows its image+text examples' images and its own, a text-only row none; the placeholders of each
+    row are as many as its images' features, and the pixel values are those images, in placeholder order."""
+    import torch
+
+    rows = []
+    for image, shots in zip(images, examples):
+        shown = [shot for shot, _ in shots if shot is not None]
+        assert len(shown) == (len(shots) if image is not None else 0)  # text-only: text-only examples
+        rows.append(shown + ([image] if image is not None else []))
+    pictures = [picture.convert("RGB") for row in rows for picture in row]
+    if not pictures:
+        assert "pixel_values" not in processed
+        return
+    alone = loaded.processor.image_processor(images=pictures, return_tensors="pt")
+    torch.testing.assert_close(processed["pixel_values"], alone["pixel_values"].to(processed["pixel_values"].dtype))
+    image_token = loaded.model.config.image_token_id
+    per_image = {}  # placeholders of one picture, counted in a prompt holding it alone
+    for picture in pictures:
+        if picture.size not in per_image:
+            single = loaded.processor(images=[picture], text=[loaded.prompt("x")], return_tensors="pt")
+            per_image[picture.size] = int((single["input_ids"] == image_token).sum())
+    placeholders = (processed["input_ids"] == image_token).sum(dim=1).tolist()
+    assert placeholders == [sum(per_image[p.size] for p in row) for row in rows]
+    assert all(count > 0 for count in per_image.values())
+
+
+def _check_report(result: dict, release, shots: int, seed: int, asked: int) -> None:
+    """Image+text and text-only counted apart, set by set, as the published sets hold them; every question asked."""
+    from benchmarks.mllmu_bench import published_sets
+
+    sets = published_sets(release, "forget_5", shots, seed)
+    assert asked == sum(len(items) for items in sets.values())
+    for name, items in sets.items():
+        measured = result["base"][name]
+        with_image = sum(item.image is not None for item in items)
+        assert measured["image_textual"]["n"] == with_image and measured["pure_text"]["n"] == len(items) - with_image
+        assert with_image and len(items) - with_image  # both kinds in every set of the miniature
+        assert measured["n"] == len(items)
+
+
+@pytest.mark.parametrize("shots", [2, 0])
+@pytest.mark.parametrize("family", ["llava", "qwen2.5-vl"])
+def test_few_shot_prompts_through_real_processors(release, tiny_vlms, batches, family, shots):
+    result = mllmu_med.run(str(tiny_vlms[family]), "forget_5", data=release, device="cpu", progress=False,
+                           cfg=EvalConfig(shots=shots, seed=1, max_new_tokens=2, batch_size=8), benchmark="mllmu")
+    assert batches and all(loaded.family.name == family for loaded, *_ in batches)
+    with_examples = {"image": 0, "text": 0}  # rows with few-shot examples, by whether the question shows an image
+    for call in batches:
+        _check_batch(*call)
+        for image, shots_of_row in zip(call[1], call[3]):
+            with_examples["text" if image is None else "image"] += bool(shots_of_row)
+    assert all((count > 0) == (shots > 0) for count in with_examples.values()), with_examples
+    _check_report(result, release, shots, 1, sum(len(call[2]) for call in batches))
+
+
+def test_cli_few_shot_on_qwen(release, tiny_vlms, batches, tmp_path, capsys):
+    from apps.cli import main
+
+    out = tmp_path / "out"
+    code = main(["bench", "mllmu", "--model", str(tiny_vlms["qwen2.5-vl"]), "--data", str(release), "--concept",
+                 "forget_5", "--shots", "2", "--seed", "4", "--max-new-tokens", "2", "--device", "cpu", "--out",
+                 str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    for call in batches:
+        _check_batch(*call)
+    assert any(any(shots_of_row) for call in batches for shots_of_row in call[3])
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["protocol"]["shots"] == 2 and saved["protocol"]["seed"] == 4
+    _check_report(saved, release, 2, 4, sum(len(call[2]) for call in batches))
+    assert "| base | forget | image+text |" in captured.out and "| base | forget | text only |" in captured.out
