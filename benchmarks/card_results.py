@@ -131,3 +131,28 @@ def record_mllmu(result: dict, out: Path) -> None:
                 "base": {f"{s} score": base[s].get("score") for s in sets}}
     metrics = {**{f"{s} score": edited[s].get("score") for s in sets}, "UES": result["unlearning_efficiency"]["ues"]}
     record_results(result["edit"], "erasure bench mllmu-med", metrics, protocol)
+
+
+# `erasure bench mllmu`'s figures as the card names them: per set and question type, eval.py's three metrics.
+MLLMU_TYPES = {"image_textual": "image+text", "pure_text": "text only"}
+MLLMU_METRICS = {"mc": "MC accuracy", "cloze": "cloze accuracy", "rouge_l": "ROUGE-L"}
+
+
+def mllmu_bench_metrics(scores: dict) -> dict:
+    """{"forget image+text MC accuracy": value, ...} of one model's `erasure bench mllmu` results (None: a task
+    that set asked no question of)."""
+    return {f"{name} {title} {label}": scores[name].get(kind, {}).get(metric)
+            for name in scores for kind, title in MLLMU_TYPES.items() for metric, label in MLLMU_METRICS.items()}
+
+
+def record_mllmu_bench(result: dict, out: Path) -> None:
+    """`erasure bench mllmu`: the edit's scores per set and question type on its card, with the base model's and
+    the protocol (shots, seed, the splits, decoding)."""
+    if result.get("edit") is None:
+        return
+    protocol = {"task": "Unlearning (MLLMU-Bench)", "task_type": "image-text-to-text", "dataset": "MLLMU-Bench",
+                "dataset_type": "mllmu-bench", "judge": "eval.py's MC accuracy, cloze accuracy, ROUGE-L F1 (stemmed)",
+                "results": Path(out) / "results.json", "model": result["model"], "concept": result["concept"],
+                "data": result["data"], "splits": result.get("splits"), **result["protocol"],
+                "base": mllmu_bench_metrics(result["base"])}
+    record_results(result["edit"], "erasure bench mllmu", mllmu_bench_metrics(result["edited"]), protocol)

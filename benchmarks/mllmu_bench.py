@@ -47,6 +47,13 @@ def split_dirs(data: Path, concept: str) -> dict[str, Path]:
     return dirs
 
 
+def split_names(data: str | Path, concept: str) -> dict[str, str]:
+    """Which of the release's directories each set, and the few-shot examples, come from (for the results)."""
+    dirs = split_dirs(Path(data), concept)
+    examples = "Full_Set" if (Path(data) / "Full_Set").is_dir() else f"{dirs['forget'].name} + {dirs['retain'].name}"
+    return {**{name: path.name for name, path in dirs.items()}, "examples": examples}
+
+
 def published_sets(data: str | Path, concept: str, shots: int, seed: int) -> dict[str, list[Item]]:
     """{"forget", "test", "retain", "utility"}: the questions of each set as eval.py asks them."""
     data = Path(data)

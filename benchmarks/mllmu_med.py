@@ -33,7 +33,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from benchmarks.card_results import record_mllmu
+from benchmarks.card_results import record_mllmu, record_mllmu_bench
 from benchmarks.mllmu_scoring import score_answer, summarise
 from erasers.errors import UsageError
 from erasers.files import write_atomically
@@ -161,8 +161,12 @@ def run(model: str, concept: str | None = None, edit: str | Path | None = None, 
     check_applies(loaded, edit)  # an edit that does not fit fails now, not after the base model's evaluation
     published = benchmark == "mllmu"
     result = {"benchmark": benchmark, "model": model, "concept": concept, "data": source,
-              "edit": str(edit) if edit else None, "protocol": asdict(cfg),
-              "base": evaluate_sets(loaded, sets, None, cfg, scenarios, progress, published)}
+              "edit": str(edit) if edit else None, "protocol": asdict(cfg)}
+    if published:
+        from benchmarks.mllmu_bench import split_names
+
+        result["splits"] = split_names(source, concept)
+    result["base"] = evaluate_sets(loaded, sets, None, cfg, scenarios, progress, published)
     if edit is not None:
         result["method"] = metadata["method"]
         result["edited"] = evaluate_sets(loaded, sets, edit, cfg, scenarios, progress, published)
@@ -170,8 +174,8 @@ def run(model: str, concept: str | None = None, edit: str | Path | None = None, 
             result["unlearning_efficiency"] = unlearning_efficiency(result["base"], result["edited"])
     if out is not None:
         write_report(result, Path(out))
-        if not published:
-            record_mllmu(result, Path(out))  # on the edit's model card (erasers.cards)
+        # On the edit's model card (erasers.cards).
+        (record_mllmu_bench if published else record_mllmu)(result, Path(out))
     return result
 
 

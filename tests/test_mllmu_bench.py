@@ -344,3 +344,32 @@ def test_cli_few_shot_on_qwen(release, tiny_vlms, batches, tmp_path, capsys):
     assert saved["protocol"]["shots"] == 2 and saved["protocol"]["seed"] == 4
     _check_report(saved, release, 2, 4, sum(len(call[2]) for call in batches))
     assert "| base | forget | image+text |" in captured.out and "| base | forget | text only |" in captured.out
+
+
+def test_an_edits_scores_go_on_its_card(release, tiny_vlms, tmp_path, capsys):
+    from apps.cli import main
+    from erasers.cards import card_results
+
+    model, edit, out = str(tiny_vlms["llava"]), tmp_path / "edit", tmp_path / "out"
+    assert main(["vlm", "erase", "--method", "npo", "--model", model, "--concept", "forget_5", "--data", str(release),
+                 "--set", "steps=1", "--set", "batch_size=2", "--device", "cpu", "--out", str(edit)]) == 0
+    assert main(["bench", "mllmu", "--model", model, "--edit", str(edit), "--data", str(release), "--shots", "1",
+                 "--seed", "2", "--max-new-tokens", "2", "--device", "cpu", "--out", str(out)]) == 0, \
+        capsys.readouterr().err
+    saved = json.loads((out / "results.json").read_text())
+    expected = {}  # {name: (edited, base)} of every figure the results file holds
+    for name in ("forget", "test", "retain", "utility"):
+        for kind, title in (("image_textual", "image+text"), ("pure_text", "text only")):
+            for metric, label in (("mc", "MC accuracy"), ("cloze", "cloze accuracy"), ("rouge_l", "ROUGE-L")):
+                if metric in saved["edited"][name][kind]:
+                    expected[f"{name} {title} {label}"] = (saved["edited"][name][kind][metric],
+                                                           saved["base"][name][kind].get(metric))
+    results = card_results(edit)
+    assert {r.source_name for r in results} == {"erasure bench mllmu"}
+    assert {r.metric_name: (r.metric_value, (r.metric_args or {}).get("base_model")) for r in results} == expected
+    assert len(expected) > 12  # with one shot, forget still has examples-free MC and cloze questions
+    protocol = results[0].dataset_args
+    assert (protocol["shots"], protocol["seed"], protocol["max_new_tokens"]) == (1, 2, 2)
+    assert protocol["concept"] == "forget_5" and protocol["splits"]["retain"] == "retain_95"
+    assert protocol["splits"]["examples"] == "Full_Set" and protocol["data"] == str(release)
+    assert results[0].source_url == str((out / "results.json").resolve())
