@@ -13,6 +13,7 @@ from erasers import inputs
 from erasers.commands import add_edit_arguments
 from erasers.errors import UsageError
 from erasers.outputs import claim_output_dir
+from vlm.commands import add_precision_argument
 
 
 def cmd_compare(args) -> None:
@@ -75,7 +76,7 @@ def cmd_bench_mllmu_med(args) -> None:
 
     cfg = EvalConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     result = run(args.model, args.concept, args.edit, args.data, args.out, cfg, args.device,
-                 allow_other_base=args.allow_other_base)
+                 allow_other_base=args.allow_other_base, precision=args.precision)
     print(report_markdown(result))
     if args.out:
         print(f"wrote {args.out}/results.json and {args.out}/report.md")
@@ -123,6 +124,7 @@ def add_commands(commands) -> None:
     med.add_argument("--max-new-tokens", type=inputs.POSITIVE, default=50)
     med.add_argument("--batch-size", type=inputs.POSITIVE, default=32)
     med.add_argument("--device")
+    add_precision_argument(med)
     med.add_argument("--out", help="directory for results.json and report.md")
     med.set_defaults(run=cmd_bench_mllmu_med)
     add_bench_commands(bench_commands)

@@ -162,9 +162,10 @@ def unlearning_efficiency(base: dict, edited: dict) -> dict:
 
 def run(model: str, concept: str | None = None, edit: str | Path | None = None, data: str | Path | None = None,
         out: str | Path | None = None, cfg: EvalConfig = EvalConfig(), device: str | None = None,
-        progress: bool = True, allow_other_base: bool = False) -> dict:
+        progress: bool = True, allow_other_base: bool = False, precision: str | None = None) -> dict:
     """Evaluate the base model and, with `edit`, the edited one on `concept`'s sets; writes results.json and
-    report.md under `out` when given. `allow_other_base` applies an edit made for another base model too."""
+    report.md under `out` when given. `allow_other_base` applies an edit made for another base model too;
+    `precision`: vlm.models.vlm_dtype's (default "auto")."""
     from vlm.edits import check_applies, read_vlm_edit
     from vlm.models import load_vlm
     from vlm.targets import resolve_target
@@ -178,11 +179,12 @@ def run(model: str, concept: str | None = None, edit: str | Path | None = None, 
     if metadata and metadata["concept"] != concept:
         raise UsageError(f"the edit erased {metadata['concept']!r}, not {concept!r}; leave out --concept")
     target = resolve_target(concept, data)
-    loaded = load_vlm(model, device=device)
+    loaded = load_vlm(model, device=device, precision=precision)
     loaded.allow_other_base = allow_other_base
     check_applies(loaded, edit)  # an edit that does not fit fails now, not after the base model's evaluation
-    result = {"model": model, "concept": concept, "data": target.source, "edit": str(edit) if edit else None,
-              "protocol": asdict(cfg), "base": evaluate_target(loaded, target, None, cfg, progress)}
+    result = {"model": model, "precision": loaded.precision, "concept": concept, "data": target.source,
+              "edit": str(edit) if edit else None, "protocol": asdict(cfg),
+              "base": evaluate_target(loaded, target, None, cfg, progress)}
     if edit is not None:
         result["method"] = metadata["method"]
         result["edited"] = evaluate_target(loaded, target, edit, cfg, progress)

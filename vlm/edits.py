@@ -93,7 +93,7 @@ def vlm_edit_metadata(loaded: LoadedVLM, method: str, config, concept: str, targ
     """What erasure.json says of a VLM edit beside its files, cost and versions."""
     return {"model_kind": "vlm", "method": method, "config": dataclasses.asdict(config), "concept": concept,
             "concept_source": target_source, "base_model": loaded.source, "base_family": loaded.family.name,
-            "base_weights": vlm_base_weights(loaded)}
+            "base_weights": vlm_base_weights(loaded), "precision": loaded.precision}
 
 
 def save_vlm_edit(out: str | Path, content, metadata: dict, cost: dict | None = None) -> Path:
