@@ -236,7 +236,8 @@ def applied(loaded: LoadedVLM, path: str | Path | None):
     except (KeyError, RuntimeError, ValueError, TypeError, IndexError) as error:
         raise UsageError(f"{path / TENSORS} does not fit this model ({type(error).__name__}: "
                          f"{str(error).splitlines()[0]}); re-run the erase") from None
-    with hook_layers(loaded.model, edit=edits):
+    watch = edits.pop("input_ids", None)  # registry.VLMEraser.layer_edits: a reader of the prompt's token ids
+    with hook_layers(loaded.model, edit=edits, watch_input_ids=watch):
         yield metadata
 
 
