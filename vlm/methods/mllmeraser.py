@@ -72,7 +72,7 @@ class MLLMEraserConfig:
     pgd_steps: int = field(default=5, metadata={"min": 0})  # 0: no adversarial perturbation
     pgd_epsilon: float = 0.25
     mc_map: bool = True  # step 4: a map for multiple choice at every prompt position
-    mc_null_dims: int = 16  # contrast: directions the multiple-choice map keeps (its gate sees every position)
+    mc_null_dims: int = 12  # contrast: directions the multiple-choice map keeps (its gate sees every position)
     mc_position_samples: int = 4096  # prompt positions (forget and retain each) the multiple-choice map is fitted on
     # Our extension, off by default: text-only forget questions (MLLMU-Bench asks half its questions by name) get
     # erasure pairs too, with the PGD on their prompt embeddings instead of pixels. On the toy MLLMU-Med
