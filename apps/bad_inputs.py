@@ -65,6 +65,12 @@ def _without_cuda() -> str | None:
     return "this machine has CUDA" if torch.cuda.is_available() else None
 
 
+def _without_bf16_gpu() -> str | None:
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU (one without bf16)"
+    return "this GPU supports bf16" if torch.cuda.is_bf16_supported() else None
+
+
 BIG_SEED = str(2 ** 64)
 MAX_SEED = str(2 ** 63 - 1)
 
@@ -207,6 +213,16 @@ FIXED_CASES = [
     Case("vlm erase: --out under a file", "vlm erase --method sauce --concept star --out {file}/e", "is a file"),
     Case("vlm erase: pickle planted in OUT.partial/ckpt", "vlm erase --method ga --concept star --set steps=2 "
          "--device cpu --out {vlm_partial_pickle}", "pickle"),
+    # VLM --precision: what the device cannot run, before any weight is read
+    Case("vlm erase: --precision fp16 on CPU", "vlm erase --method mllmeraser --concept star --device cpu "
+         "--precision fp16 --out {root}/e", "fp16 needs a CUDA GPU"),
+    Case("vlm ask: --precision fp16 on CPU", "vlm ask --question q --device cpu --precision fp16",
+         "fp16 needs a CUDA GPU"),
+    Case("bench mllmu-med: --precision fp16 on CPU", "bench mllmu-med --concept star --device cpu --precision fp16 "
+         "--out {root}/r", "fp16 needs a CUDA GPU"),
+    Case("vlm ask: --precision fp64", "vlm ask --question q --precision fp64", "invalid choice"),
+    Case("vlm ask: --precision bf16 on a GPU without bf16", "vlm ask --question q --device cuda --precision bf16",
+         "does not support bf16", _without_bf16_gpu),
     # bench mllmu-med
     Case("bench mllmu-med: --batch-size 0", "bench mllmu-med --concept star --batch-size 0", "at least 1"),
     Case("bench mllmu-med: --max-new-tokens 0", "bench mllmu-med --concept star --max-new-tokens 0", "at least 1"),

@@ -13,6 +13,7 @@ from erasers import inputs
 from erasers.commands import add_edit_arguments
 from erasers.errors import UsageError
 from erasers.outputs import claim_output_dir
+from vlm.commands import add_precision_argument
 
 
 def cmd_compare(args) -> None:
@@ -77,7 +78,7 @@ def cmd_bench_mllmu_med(args) -> None:
     cfg = EvalConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                      **({"shots": args.shots, "seed": args.seed} if published else {}))
     result = run(args.model, args.concept, args.edit, args.data, args.out, cfg, args.device,
-                 allow_other_base=args.allow_other_base, benchmark=args.bench_command)
+                 allow_other_base=args.allow_other_base, benchmark=args.bench_command, precision=args.precision)
     print(report_markdown(result))
     if args.out:
         print(f"wrote {args.out}/results.json and {args.out}/report.md")
@@ -125,6 +126,7 @@ def add_commands(commands) -> None:
     med.add_argument("--max-new-tokens", type=inputs.POSITIVE, default=50)
     med.add_argument("--batch-size", type=inputs.POSITIVE, default=32)
     med.add_argument("--device")
+    add_precision_argument(med)
     med.add_argument("--out", help="directory for results.json and report.md")
     med.set_defaults(run=cmd_bench_mllmu_med)
 
@@ -144,6 +146,7 @@ def add_commands(commands) -> None:
     bench.add_argument("--max-new-tokens", type=inputs.POSITIVE, default=50)
     bench.add_argument("--batch-size", type=inputs.POSITIVE, default=32)
     bench.add_argument("--device")
+    add_precision_argument(bench)
     bench.add_argument("--out", help="directory for results.json and report.md")
     bench.set_defaults(run=cmd_bench_mllmu_med)
     add_bench_commands(bench_commands)

@@ -6,6 +6,7 @@ plain forward+backward of the same denoiser (all its parameters trained, batch 1
     python -m benchmarks.gpu_check                                  # CUDA: sd15, sdxl, flux; bf16
     python -m benchmarks.gpu_check --families sdxl --methods esd-x,uce --gradient-checkpointing
     python -m benchmarks.gpu_check --tiny                           # CPU: the tiny test pipelines (tests/)
+    python -m benchmarks.gpu_check --families none --vlm-methods all  # the VLM erasers only (gpu_check_vlm)
 
 Flux is built with its published widths (FLUX.1-dev: 3072-wide blocks, 4096-wide T5-XXL, guidance embedding) but,
 by default, fewer blocks (--flux-depth 4,8 joint/single blocks and 4 T5 blocks): the full 12B transformer alone is
@@ -13,7 +14,9 @@ by default, fewer blocks (--flux-depth 4,8 joint/single blocks and 4 T5 blocks):
 `--flux-depth full` builds all 19 + 38 blocks and T5's 24.
 DoCo and Co-Erasing run on every family; Co-Erasing with a random IP-Adapter written for each family's denoiser
 in the published layout (ViT-H/14-sized image encoder, 4 image tokens; on Flux XLabs' layout) and a random
-refinement CLIP. Exit status 1 if any method's loss is not finite or nothing it trains moved.
+refinement CLIP. Then every VLM eraser on tiny LLaVA and Qwen2.5-VL models in the same precision
+(benchmarks/gpu_check_vlm.py). Exit status 1 if any method's loss is not finite or nothing it trains moved, or a VLM
+edit is not finite or its model did not answer.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import gpu_check_vlm
 from benchmarks.architectures import FAMILIES, as_loaded, build_architecture, pipeline_family
 from benchmarks.step_timing import (
     seconds_per_step,
@@ -194,19 +198,21 @@ def parse_args(argv=None):
     parser.add_argument("--resolution", type=inputs.IMAGE_SIDE, help="training resolution in pixels (default: native)")
     parser.add_argument("--flux-depth", default="4,8", help="joint,single Flux blocks, or 'full' (19,38)")
     parser.add_argument("--tiny", action="store_true", help="the tiny random pipelines of tests/ (runs on CPU)")
+    parser.add_argument("--vlm-methods", default="all", help="VLM erasers to run on tiny LLaVA and Qwen2.5-VL: "
+                        "'all', 'none' or comma-separated")
     args = parser.parse_args(argv)
     args.built = {}
     from erasers.precision import default_precision
 
     args.precision = args.precision or default_precision(args.device)
-    if not args.tiny and not args.device.startswith("cuda"):
+    if not args.tiny and not args.device.startswith("cuda") and args.families != "none":
         parser.error("the full architectures need a CUDA GPU; pass --tiny to run the tiny pipelines on CPU")
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    families = args.families.split(",")
+    families = [] if args.families == "none" else args.families.split(",")
     if args.tiny:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
         from tiny_pipelines import BUILDERS, build_tokenizer
@@ -236,8 +242,12 @@ def main(argv=None) -> int:
     print(table(rows))
     print("UCE and the plain row: UCE has no training steps, its row is the whole closed-form edit.")
     failed = [f"{r['family']}/{r['method']}" for r in rows if not (r["finite"] and r["moved"])]
+    vlm_rows = gpu_check_vlm.vlm_rows(gpu_check_vlm.vlm_methods(args.vlm_methods), args.device, args.precision)
+    if vlm_rows:
+        print(gpu_check_vlm.vlm_table(vlm_rows))
+    failed += gpu_check_vlm.failed(vlm_rows)
     if failed:
-        print(f"FAILED (loss not finite or nothing moved): {', '.join(failed)}")
+        print(f"FAILED (loss not finite, nothing moved, or a VLM edit not finite or unanswered): {', '.join(failed)}")
     return 1 if failed else 0
 
 

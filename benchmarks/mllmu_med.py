@@ -137,11 +137,12 @@ def unlearning_efficiency(base: dict, edited: dict) -> dict:
 
 def run(model: str, concept: str | None = None, edit: str | Path | None = None, data: str | Path | None = None,
         out: str | Path | None = None, cfg: EvalConfig = EvalConfig(), device: str | None = None,
-        progress: bool = True, allow_other_base: bool = False, benchmark: str = "mllmu-med") -> dict:
+        progress: bool = True, allow_other_base: bool = False, benchmark: str = "mllmu-med",
+        precision: str | None = None) -> dict:
     """Evaluate the base model and, with `edit`, the edited one on `concept`'s sets; writes results.json and
     report.md under `out` when given. `benchmark`: "mllmu-med" (forget / test / retain, UES) or "mllmu"
     (MLLMU-Bench as published, `benchmarks.mllmu_bench`; needs `data`). `allow_other_base` applies an edit made for
-    another base model too."""
+    another base model too; `precision`: vlm.models.vlm_dtype's (default "auto")."""
     from vlm.edits import check_applies, read_vlm_edit
     from vlm.models import load_vlm
 
@@ -156,12 +157,12 @@ def run(model: str, concept: str | None = None, edit: str | Path | None = None, 
     if metadata and metadata["concept"] != concept:
         raise UsageError(f"the edit erased {metadata['concept']!r}, not {concept!r}; leave out --concept")
     sets, source, scenarios = _sets(benchmark, concept, data, cfg)
-    loaded = load_vlm(model, device=device)
+    loaded = load_vlm(model, device=device, precision=precision)
     loaded.allow_other_base = allow_other_base
     check_applies(loaded, edit)  # an edit that does not fit fails now, not after the base model's evaluation
     published = benchmark == "mllmu"
-    result = {"benchmark": benchmark, "model": model, "concept": concept, "data": source,
-              "edit": str(edit) if edit else None, "protocol": asdict(cfg)}
+    result = {"benchmark": benchmark, "model": model, "precision": loaded.precision, "concept": concept,
+              "data": source, "edit": str(edit) if edit else None, "protocol": asdict(cfg)}
     if published:
         from benchmarks.mllmu_bench import split_names
 

@@ -129,6 +129,68 @@ def test_mllmeraser_text_pairs_perturb_prompt_embeddings(llava, tmp_path):
     assert content.info["text_forget_pairs"] == 2 and content.info["forget_pairs"] == 8
 
 
+def test_mllmeraser_refusal_text_enters_the_fitted_pairs(llava):
+    # Without the image perturbation the two sides of a pair differ only in their answer text: the map is the
+    # refusal's doing, and another refusal fits another map.
+    target = toy_target()
+
+    def steering(refusal):
+        config = build_vlm_config("mllmeraser", False, {"pgd_steps": 0, "mc_map": False, "refusal": refusal,
+                                                        "null_space": "energy", "retain_energy": 0.999999})
+        return get_vlm_method("mllmeraser").eraser(config).erase(llava, target).tensors
+
+    first, second = steering("I cannot share that information."), steering("No comment.")
+    layer = next(iter(first))
+    assert first[layer].norm() > 0
+    assert (first[layer] - second[layer]).norm() > 0.05 * first[layer].norm()
+
+
+def test_mllmeraser_energy_null_space_leaves_out_the_directions_holding_the_stated_energy():
+    from vlm.methods.mllmeraser import MLLMEraserConfig, null_space_basis
+
+    generator = torch.Generator().manual_seed(0)
+    retain = torch.randn(200, 24, generator=generator) * torch.logspace(0, -3, 24)  # a decaying spectrum
+    forget = torch.randn(20, 24, generator=generator)
+    for energy in (0.9, 0.99, 0.999):
+        _, singular, right = torch.linalg.svd(retain.double(), full_matrices=True)
+        share = singular.pow(2).cumsum(0) / singular.pow(2).sum()
+        kept = int(torch.searchsorted(share, torch.tensor(energy, dtype=share.dtype))) + 1  # reach `energy`
+        assert share[kept - 1] >= energy and (kept == 1 or share[kept - 2] < energy)
+        basis = null_space_basis(retain, forget, MLLMEraserConfig(null_space="energy", retain_energy=energy))
+        expected = right[kept:].T @ right[kept:]  # projector onto the directions beyond them
+        assert basis.shape == (24, 24 - kept)
+        torch.testing.assert_close(basis.double() @ basis.double().T, expected, atol=1e-5, rtol=0)
+
+
+def test_prompt_task_reads_the_task_from_the_prompt():
+    from vlm.methods.mllmeraser import prompt_task
+    from vlm.mllmu import cloze_prompt, multiple_choice_prompt
+
+    assert prompt_task(multiple_choice_prompt("What is shown?", {"A": "star", "B": "cat"})) == "multiple_choice"
+    assert prompt_task("USER: Which one?\nA. star\nB. cat\nC. dog ASSISTANT:") == "multiple_choice"
+    assert prompt_task(cloze_prompt("The object is a __.")) == "cloze"
+    assert prompt_task("The patient lives in [Blank]. Please ONLY provide the answer.") == "cloze"
+    assert prompt_task("What object is in this image? A star, maybe.") == "generation"
+
+
+def test_mllmeraser_task_strengths_steer_only_the_tasks_they_name(llava, tmp_path):
+    edit = _erase(llava, "mllmeraser", {"pgd_steps": 1, "null_space": "energy", "retain_energy": 0.999999,
+                                        "generation_strength": 0.0, "cloze_strength": 1.0}, tmp_path)
+    layer = read_vlm_edit(edit)["info"]["layers"][-1]
+    images = [item.image for item in toy_target().forget]
+
+    def states(question):
+        items = [_item(k, image, "red", question) for k, image in enumerate(images)]
+        return layer_states(llava, items, [layer], "last")[layer]
+
+    questions = {"generation": "What colour is the star?", "cloze": "Fill in the blank: the star is __."}
+    before = {task: states(q) for task, q in questions.items()}
+    with applied(llava, edit):
+        after = {task: states(q) for task, q in questions.items()}
+    torch.testing.assert_close(after["generation"], before["generation"], atol=0, rtol=0)
+    assert (after["cloze"] - before["cloze"]).norm(dim=1).min() > 0
+
+
 @pytest.mark.parametrize("method", ["ga", "graddiff", "kl", "npo"])
 def test_baselines_make_forget_answers_less_likely(llava, method, tmp_path):
     target = toy_target()

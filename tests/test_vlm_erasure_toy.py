@@ -44,3 +44,20 @@ def test_erasing_star_fails_its_questions_and_keeps_the_rest(toy, method, option
         edited = {name: evaluate_set(loaded, items, EVAL)["score"] for name, items in sets.items()}
     assert edited["forget"] < 0.5 * base["forget"], (base, edited)
     assert edited["retain"] >= 0.9 * base["retain"], (base, edited)
+
+
+@pytest.mark.slow
+def test_mllmeraser_drops_the_erased_objects_multiple_choice_more_than_others(toy, tmp_path):
+    # The toy VLM checks each option where it is written (vlm/README "Why phase 3"): the multiple-choice map steers
+    # every prompt position, gated by retain prompts' positions, so the star's questions fall and others' hold.
+    from vlm.run import erase_loaded
+
+    loaded, sets, _ = toy
+    choice = {name: [item for item in items if item.qa.task == "classification"] for name, items in sets.items()}
+    base = {name: evaluate_set(loaded, items, EVAL)["mc"] for name, items in choice.items()}
+    edit = erase_loaded(loaded, "mllmeraser", "star", tmp_path / "edit",
+                        {"forget_samples": 24, "retain_samples": 256, "pgd_steps": 3})
+    with applied(loaded, edit):
+        edited = {name: evaluate_set(loaded, items, EVAL)["mc"] for name, items in choice.items()}
+    drop = {name: base[name] - edited[name] for name in base}
+    assert drop["forget"] > drop["retain"] + 0.3, (base, edited)

@@ -178,3 +178,35 @@ def test_load_errors(tmp_path, tiny_vlm_dirs):
     (broken / "config.json").write_text((tiny_vlm_dirs["llava"] / "config.json").read_text())
     with pytest.raises(UsageError, match="could not load"):
         load_vlm(str(broken), device="cpu")
+
+
+def test_precision_auto_is_bf16_on_a_bf16_gpu_fp16_on_an_older_one_fp32_on_cpu(monkeypatch):
+    from vlm.models import vlm_dtype
+
+    assert vlm_dtype("auto", "cpu") == vlm_dtype(None, "cpu") == torch.float32
+    assert vlm_dtype("bf16", "cpu") == torch.bfloat16
+    with pytest.raises(UsageError, match="fp16 needs a CUDA GPU"):
+        vlm_dtype("fp16", "cpu")
+    with pytest.raises(UsageError, match="--precision must be one of auto, fp32, fp16, bf16"):
+        vlm_dtype("fp64", "cpu")
+    # The GPU's answer is asked of torch, so both kinds of GPU are told apart here without one.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    assert vlm_dtype("auto", "cuda") == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
+    assert vlm_dtype("auto", "cuda") == torch.float16
+    with pytest.raises(UsageError, match="does not support bf16"):
+        vlm_dtype("bf16", "cuda")
+
+
+def test_precision_loads_the_model_in_it_and_the_edit_records_it(tiny_vlm_dirs, tmp_path, monkeypatch):
+    from test_vlm_erasers import toy_target
+
+    import vlm.run
+
+    loaded = load_vlm(str(tiny_vlm_dirs["llava"]), device="cpu", precision="bf16")
+    assert loaded.precision == "bf16" and next(loaded.model.parameters()).dtype == torch.bfloat16
+    assert load_vlm(str(tiny_vlm_dirs["llava"]), device="cpu").precision == "fp32"
+    target = toy_target()
+    monkeypatch.setattr(vlm.run, "resolve_target", lambda concept, data=None: target)
+    edit = vlm.run.erase_loaded(loaded, "mllmeraser", "red", tmp_path / "edit", {"pgd_steps": 1})
+    assert json.loads((edit / "erasure.json").read_text())["precision"] == "bf16"

@@ -17,7 +17,8 @@ def cmd_vlm_erase(args) -> None:
     from .run import erase
 
     options = {**parse_options(args.set), **({"seed": args.seed} if args.seed is not None else {})}
-    out = erase(args.model, args.method, args.concept, args.out, options, args.data, args.device, args.restart)
+    out = erase(args.model, args.method, args.concept, args.out, options, args.data, args.device, args.restart,
+                args.precision)
     print(f"wrote edit {out} (see {out}/erasure.json); try it with: erasure vlm ask --model {args.model} "
           f"--edit {out} --image IMAGE --question QUESTION")
 
@@ -34,12 +35,20 @@ def cmd_vlm_ask(args) -> None:
     image = open_image(args.image)
     if args.edit:
         read_vlm_edit(args.edit)  # a bad edit fails before the model loads
-    loaded = load_vlm(args.model, device=args.device)
+    loaded = load_vlm(args.model, device=args.device, precision=args.precision)
     loaded.allow_other_base = args.allow_other_base
     before, after = ask_before_after(loaded, args.edit, image, args.question, args.max_new_tokens)
     print(f"base:   {before}")
     if after is not None:
         print(f"edited: {after}")
+
+
+def add_precision_argument(parser) -> None:
+    """`--precision` of every command that loads a VLM (vlm.models.vlm_dtype)."""
+    from .models import VLM_PRECISIONS
+
+    parser.add_argument("--precision", choices=VLM_PRECISIONS, default="auto", help="dtype the model is held and "
+                        "run in (auto: bf16 on a CUDA GPU that supports it, else fp16 on CUDA, fp32 on CPU)")
 
 
 def add_commands(commands) -> None:
@@ -61,6 +70,7 @@ def add_commands(commands) -> None:
     erase.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a method option")
     erase.add_argument("--seed", type=SEED, help="seed of the run")
     erase.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    add_precision_argument(erase)
     erase.add_argument("--out", required=True, help="new directory for the edit")
     erase.add_argument("--restart", action="store_true", help="discard the checkpoints of an interrupted run in "
                        "OUT.partial/ and start from scratch (default: resume)")
@@ -74,4 +84,5 @@ def add_commands(commands) -> None:
     ask.add_argument("--question", required=True)
     ask.add_argument("--max-new-tokens", type=POSITIVE, default=50, help="longest answer, in tokens")
     ask.add_argument("--device")
+    add_precision_argument(ask)
     ask.set_defaults(run=cmd_vlm_ask)

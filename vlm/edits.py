@@ -93,7 +93,7 @@ def vlm_edit_metadata(loaded: LoadedVLM, method: str, config, concept: str, targ
     """What erasure.json says of a VLM edit beside its files, cost and versions."""
     return {"model_kind": "vlm", "method": method, "config": dataclasses.asdict(config), "concept": concept,
             "concept_source": target_source, "base_model": loaded.source, "base_family": loaded.family.name,
-            "base_weights": vlm_base_weights(loaded)}
+            "base_weights": vlm_base_weights(loaded), "precision": loaded.precision}
 
 
 def save_vlm_edit(out: str | Path, content, metadata: dict, cost: dict | None = None) -> Path:
@@ -236,7 +236,8 @@ def applied(loaded: LoadedVLM, path: str | Path | None):
     except (KeyError, RuntimeError, ValueError, TypeError, IndexError) as error:
         raise UsageError(f"{path / TENSORS} does not fit this model ({type(error).__name__}: "
                          f"{str(error).splitlines()[0]}); re-run the erase") from None
-    with hook_layers(loaded.model, edit=edits):
+    watch = edits.pop("input_ids", None)  # registry.VLMEraser.layer_edits: a reader of the prompt's token ids
+    with hook_layers(loaded.model, edit=edits, watch_input_ids=watch):
         yield metadata
 
 

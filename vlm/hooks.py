@@ -10,7 +10,8 @@
 The output of layer i is `hidden_states[i + 1]` of a forward with `output_hidden_states=True` (the input of
 block i + 1). Under generation with a cache, the first call of a hook sees the whole prompt (prefill) and each
 later call one new position; an edit can tell them apart by the sequence length. Hooks are removed on leaving the
-block, also after an exception.
+block, also after an exception. `watch_input_ids` is called with each forward's token ids before the layers run (a
+forward pre-hook on the input embedding), for edits that depend on the prompt's text.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ def _index(layer: int, count: int) -> int:
 
 @contextmanager
 def hook_layers(model: nn.Module, edit: Mapping[int, Edit] | None = None, capture: Iterable[int] = (),
-                detach: bool = True, to_cpu: bool = False):
+                detach: bool = True, to_cpu: bool = False,
+                watch_input_ids: Callable[[torch.Tensor], None] | None = None):
     """Hook decoder layers of `model` (LLaVA or Qwen2.5-VL): `edit` maps a layer to a function of its output
     hidden states (batch, seq, hidden) returning the replacement (or None to keep them); `capture` lists layers
     whose outputs (after any edit) are recorded. Layers may be negative (-1 is the last)."""
@@ -77,6 +79,9 @@ def hook_layers(model: nn.Module, edit: Mapping[int, Edit] | None = None, captur
         return hook
 
     handles = [layers[index].register_forward_hook(make_hook(index)) for index in sorted(edits.keys() | captures)]
+    if watch_input_ids is not None:
+        handles.append(model.get_input_embeddings().register_forward_pre_hook(
+            lambda _module, args: watch_input_ids(args[0])))
     try:
         yield hooks
     finally:

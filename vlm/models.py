@@ -62,6 +62,14 @@ class LoadedVLM:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def precision(self) -> str:
+        """fp32, fp16 or bf16: the dtype the model is held and run in (recorded with edits and results)."""
+        from erasers.precision import PRECISIONS
+
+        dtype = next(self.model.parameters()).dtype
+        return next((name for name, known in PRECISIONS.items() if known == dtype), str(dtype))
+
     def prompt(self, question: str, with_image: bool = True, examples: Sequence[tuple[bool, str]] = ()) -> str:
         """The model's chat prompt for one user turn, ending where the assistant's answer starts; `examples`
         ((with an image, text) pairs: few-shot examples) are user turns before it, as MLLMU-Bench's eval.py writes
@@ -136,12 +144,34 @@ def _family(model_type: str | None, model: str) -> VLMFamily:
     return VLM_FAMILIES[model_type]
 
 
-def load_vlm(model: str = TOY_VLM, device: str | None = None, dtype: torch.dtype | None = None) -> LoadedVLM:
-    """Load "toy-vlm", a local directory or a hub id holding a LLaVA(-1.5) or Qwen2.5-VL model and its processor."""
+VLM_PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+
+
+def vlm_dtype(precision: str | None, device: str) -> torch.dtype:
+    """The dtype `--precision` asks for on `device`: "auto" (or None) is bf16 on a CUDA GPU that supports it (the
+    dtype LLaVA-1.5 and Qwen2.5-VL were trained in; Qwen2.5-VL overflows in fp16), fp16 on an older GPU, fp32 on
+    CPU. A precision the device cannot run is a UsageError, before any weight is read."""
+    from erasers.precision import PRECISIONS, check_precision, default_precision
+
+    precision = precision or "auto"
+    if precision not in VLM_PRECISIONS:
+        raise UsageError(f"--precision must be one of {', '.join(VLM_PRECISIONS)}, not {precision!r}")
+    if precision == "auto":
+        precision = default_precision(device)
+    check_precision(precision, device)
+    return PRECISIONS[precision]
+
+
+def load_vlm(model: str = TOY_VLM, device: str | None = None, dtype: torch.dtype | None = None,
+             precision: str | None = None) -> LoadedVLM:
+    """Load "toy-vlm", a local directory or a hub id holding a LLaVA(-1.5) or Qwen2.5-VL model and its processor,
+    held in `dtype`, or else in `precision` (vlm_dtype: "auto" by default)."""
     import transformers
     from transformers import AutoConfig, AutoProcessor
 
     device = resolve_device(device)
+    if dtype is None:
+        dtype = vlm_dtype(precision, device)
     source, model_type = resolve_vlm_source(model)
     try:
         if model_type is None:
@@ -150,8 +180,6 @@ def load_vlm(model: str = TOY_VLM, device: str | None = None, dtype: torch.dtype
         raise UsageError(f"could not read the config of {model}: {first_line(error)}; check the hub id and your "
                          "network, or download the model and pass its directory") from None
     family = _family(model_type, model)
-    if dtype is None:
-        dtype = torch.float16 if device.startswith("cuda") else torch.float32
     try:
         vlm = getattr(transformers, family.model_class).from_pretrained(source, dtype=dtype)
         processor = AutoProcessor.from_pretrained(source)

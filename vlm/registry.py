@@ -51,9 +51,10 @@ class VLMEraser:
 
     @staticmethod
     def layer_edits(loaded: LoadedVLM, tensors: dict[str, torch.Tensor], config: dict,
-                    info: dict) -> dict[int, Edit]:
+                    info: dict) -> dict[int | str, Edit]:
         """Hook functions (decoder layer -> edit of its output) that apply a saved edit; adapter methods have
-        none."""
+        none. The key "input_ids" may map to a function called with each forward's token ids before the layers run
+        (vlm.hooks' watch_input_ids), for edits that depend on the prompt (MLLMEraser's per-task strengths)."""
         return {}
 
 

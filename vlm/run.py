@@ -52,14 +52,16 @@ def vlm_run_signature(loaded: LoadedVLM, method: str, config, concept: str, data
 
 
 def erase(model: str, method: str, concept: str, out: str | Path, options: dict | None = None,
-          data: str | Path | None = None, device: str | None = None, restart: bool = False) -> Path:
-    """Erase `concept` from `model`; an interrupted run of the same call resumes from `out`.partial unless
-    `restart`."""
+          data: str | Path | None = None, device: str | None = None, restart: bool = False,
+          precision: str | None = None) -> Path:
+    """Erase `concept` from `model` held in `precision` (vlm.models.vlm_dtype; default "auto"); an interrupted run
+    of the same call resumes from `out`.partial unless `restart`."""
     config = build_vlm_config(method, model == TOY_VLM, options)  # once, and before a slow model load
     check_new_output(Path(out))
     # So do an unknown concept and data the method cannot train on.
     get_vlm_method(method).eraser(config).check_target(resolve_target(concept, data))
-    return erase_loaded(load_vlm(model, device=device), method, concept, out, options, data, restart, config)
+    loaded = load_vlm(model, device=device, precision=precision)
+    return erase_loaded(loaded, method, concept, out, options, data, restart, config)
 
 
 def ask_before_after(loaded: LoadedVLM, edit: str | Path | None, image: Image.Image | None, question: str,
