@@ -42,8 +42,9 @@ def cmd_vlm_ask(args) -> None:
         print(f"edited: {after}")
 
 
-def add_commands(commands) -> None:
-    """`erasure vlm methods | erase | ask`, added to the `erasure` parser's subcommands."""
+def add_commands(commands):
+    """`erasure vlm methods | erase | ask`, added to the `erasure` parser's subcommands; returns the `vlm`
+    subcommands, to which apps/cli.py adds those of higher layers (`robustness`)."""
     from erasers.commands import add_edit_arguments
     from erasers.inputs import MLLMU_DATA_DIR, POSITIVE, SEED, VLM_EDIT_DIR, existing_file
 
@@ -75,3 +76,4 @@ def add_commands(commands) -> None:
     ask.add_argument("--max-new-tokens", type=POSITIVE, default=50, help="longest answer, in tokens")
     ask.add_argument("--device")
     ask.set_defaults(run=cmd_vlm_ask)
+    return sub
