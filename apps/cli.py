@@ -72,8 +72,9 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {version('erasure-suite')}")
     commands = parser.add_subparsers(dest="command", required=True)
     eraser_commands.add_commands(commands)
-    vlm_commands.add_commands(commands)
+    vlm_subcommands = vlm_commands.add_commands(commands)
     benchmark_commands.add_commands(commands)
+    benchmark_commands.add_vlm_commands(vlm_subcommands)
 
     app = commands.add_parser("app", help="the Gradio app: base and edits side by side",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -193,6 +193,7 @@ def _print_result(results: dict | None, out: Path) -> None:
 
 
 def cmd_bench_toycanvas(args) -> None:
+    from benchmarks.bench_attacks import check_attacks
     from benchmarks.erasure_bench import parse_methods, plan_edits, run
     from benchmarks.sequence import read_sequence
     from benchmarks.toycanvas.benchmark import toycanvas_benchmark
@@ -207,12 +208,14 @@ def cmd_bench_toycanvas(args) -> None:
     bench.allow_other_base = args.allow_other_base
     concepts = [bench.canonical(c) for c in _concepts(args)]
     sequence = read_sequence(bench, args.sequence) if args.sequence else []
+    attacks = check_attacks(args.attacks)
     plan_edits(bench, methods, concepts, args.edit or [], out, sequence)  # every check before anything is written
     with _claim_out(out, bench.jobs()):
         if _maybe_relaunch(args, ["bench", "toycanvas"]):
             return
         results = _run(args, ["bench", "toycanvas"], out, lambda runner: run(
-            bench, methods, concepts, args.edit or [], out, runner, args.batch_size, sequence=sequence))
+            bench, methods, concepts, args.edit or [], out, runner, args.batch_size, sequence=sequence,
+            attacks=attacks, attack_prompts=args.attack_prompts))
     _print_result(results, out)
 
 
@@ -344,6 +347,10 @@ def add_bench_commands(bench_commands) -> None:
     toy.add_argument("--seeds", type=inputs.SEED, nargs="+", default=[188], help="answer-set seeds")
     toy.add_argument("--no-fid", action="store_true", help="skip FID")
     _add_sequence(toy)
+    toy.add_argument("--attacks", help="robustness columns: comma-separated attacks (erasure attack --help) run on "
+                     "each edit and the base model at their toy defaults (benchmarks/bench_attacks.py)")
+    toy.add_argument("--attack-prompts", type=inputs.ATTACKED_PROMPTS, help="prompts per attack (default: the "
+                     "concept's 10 toy captions)")
     toy.set_defaults(run=cmd_bench_toycanvas, parser=toy)
 
     canvas = bench_commands.add_parser("unlearncanvas", help="UnlearnCanvas: its data layout, classifiers and "

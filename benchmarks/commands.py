@@ -84,6 +84,13 @@ def cmd_bench_mllmu_med(args) -> None:
         print(f"wrote {args.out}/results.json and {args.out}/report.md")
 
 
+def add_vlm_commands(vlm_commands) -> None:
+    """`erasure vlm robustness`, added to the `erasure vlm` subcommands."""
+    from benchmarks.vlm_robustness import add_vlm_robustness_command
+
+    add_vlm_robustness_command(vlm_commands)
+
+
 def add_commands(commands) -> None:
     """`compare`, `attack`, `toy` and `bench`, added to the `erasure` parser's subcommands."""
     compare = commands.add_parser("compare", help="before/after grid and UA/IRA/CRA table of an edit")

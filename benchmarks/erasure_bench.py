@@ -236,10 +236,12 @@ def load_for_benchmark(bench: Benchmark, edit: Edit | None):
 
 def run(bench: Benchmark, methods: list[str], concepts: list[str], given_edits: list[str], out: str | Path,
         runner: Runner | None = None, batch_size: int = 16, method_options: dict | None = None,
-        sequence: list[str] | tuple[str, ...] = ()) -> dict | None:
+        sequence: list[str] | tuple[str, ...] = (), attacks: list[str] | tuple[str, ...] = (),
+        attack_prompts: int | None = None) -> dict | None:
     """The whole benchmark; returns results (on the main process; None on the others). An edit that makes no
     usable images is a row marked failed (benchmarks.failures), found as early as it can be. With `sequence`, each
-    method also erases it in sequence (benchmarks.sequence)."""
+    method also erases it in sequence (benchmarks.sequence); with `attacks`, robustness columns
+    (benchmarks.bench_attacks, on the main process)."""
     out = Path(out)
     runner = runner or Runner(out)
     processes = runner.processes
@@ -289,6 +291,11 @@ def run(bench: Benchmark, methods: list[str], concepts: list[str], given_edits: 
     if not processes.is_main:
         return None
     results = collect(bench, runner, sets, jobs, failed)
+    if attacks:
+        from benchmarks.bench_attacks import attack_columns
+
+        results["robustness"] = attack_columns(runner, edits, failed, list(attacks), out, attack_prompts,
+                                               bench.device)
     write_atomically(out / "results.json", json.dumps(results, indent=2))
     record_bench(results, edits, out)  # each scored edit's row on its model card (erasers.cards)
     from benchmarks.report import write_report

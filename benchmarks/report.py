@@ -25,6 +25,11 @@ def _num(value, scale: float = 1.0, digits: int = 1) -> str:
     return "-" if value is None else f"{value / scale:.{digits}f}"
 
 
+ROBUSTNESS = ("Each attack (--attacks) on each edit and on the base model at its toy defaults: its success rate (ASR, "
+              "or a curve's last point, or the rate after quantization), the rate before it in brackets; n/a where "
+              "the attack does not apply to the edit (benchmarks/README.md#attacks).")
+
+
 def table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     header = ["Method", *(f"{kind} {m} %" for kind in ("Style", "Object") for m in METRICS),
               f"FID ({(results.get('fid_features') or 'n/a').split(' ')[0]})", "Time s", "Memory GiB", "Storage MiB"]
@@ -105,6 +110,10 @@ def write_report(results: dict, out: Path, image_path: Callable[[str, str], Path
         md += [markdown_table(*main_table), ""]
     if sequential[1]:
         md += ["## Sequential", "", SEQUENTIAL, "", markdown_table(*sequential), ""]
+    if results.get("robustness"):
+        from benchmarks.bench_attacks import robustness_rows
+
+        md += ["## Robustness", "", ROBUSTNESS, "", markdown_table(*robustness_rows(results)), ""]
     md += ["## Per edit", "", markdown_table(*edits), ""]
     md += [f"![{p.stem}](plots/{p.name})" for p in figures]
     _write(out / "report.md", "\n".join(md) + "\n")
@@ -115,6 +124,10 @@ def main_tables(results: dict) -> str:
     """The method table and a --sequence's table, in markdown, as the bench commands print them."""
     sequential = sequential_rows(results)
     tables = ([table_rows(results)] if method_table_shown(results) else []) + ([sequential] if sequential[1] else [])
+    if results.get("robustness"):
+        from benchmarks.bench_attacks import robustness_rows
+
+        tables.append(robustness_rows(results))
     return "\n\n".join(markdown_table(*table) for table in tables)
 
 
@@ -124,6 +137,8 @@ def method_table_shown(results: dict) -> bool:
 
 
 def html_report(results: dict, main_table, edits, figures: list[Path], sequential=None) -> str:
+    from benchmarks.bench_attacks import robustness_rows
+
     def table(header, body):
         head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
         rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>" for cells in body)
@@ -142,6 +157,8 @@ def html_report(results: dict, main_table, edits, figures: list[Path], sequentia
             f"<p>{html.escape(summary(results))}</p>{grouped}"
             + (f"<h2>Sequential</h2><p>{html.escape(SEQUENTIAL)}</p>{table(*sequential)}"
                if sequential and sequential[1] else "")
+            + (f"<h2>Robustness</h2><p>{html.escape(ROBUSTNESS)}</p>{table(*robustness_rows(results))}"
+               if results.get("robustness") else "")
             + f"<h2>Per edit</h2>{table(*edits)}{images}</body></html>")
 
 

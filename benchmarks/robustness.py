@@ -124,15 +124,19 @@ def attack_once(run: RobustnessRun, attack: str, edits: list[str | Path], out: P
 
 
 def headline(summary: dict) -> dict:
-    """An attack's figure for the table: {"rate", "pre" (or None), "measure"}."""
+    """An attack's figure for the table: {"rate", "pre" (or None), "measure"}. On a VLM edit the rate is the forget
+    set's score (benchmarks/attacks/vlm_harness.py), after the last step of relearning or at the quantization level
+    that brings the most back."""
+    rate = "forget score" if summary.get("model_kind") == "vlm" else "rate"
     if "curve" in summary:
         last = summary["curve"][-1]
         return {"rate": last["rate"], "pre": summary["curve"][0]["rate"] if len(summary["curve"]) > 1 else None,
-                "measure": f"rate after {last['steps']} steps"}
+                "measure": f"{rate} after {last['steps']} steps"}
     if "rate_quantized" in summary:
-        return {"rate": summary["asr"], "pre": summary["rate_unquantized"],
-                "measure": f"rate after quantization ({', '.join(summary['rate_quantized'])})",
-                "levels": summary["rate_quantized"]}
+        levels = summary["rate_quantized"]
+        return {"rate": summary["asr"] if "asr" in summary else max(levels.values()),
+                "pre": summary["rate_unquantized"],
+                "measure": f"{rate} after quantization ({', '.join(levels)})", "levels": levels}
     return {"rate": summary["asr"], "pre": summary.get("pre_asr"), "measure": "ASR"}
 
 
@@ -182,7 +186,11 @@ def run_robustness(run: RobustnessRun, edit: str | Path, attacks: str | None, ou
 
 def details(summary: dict) -> str:
     """The line under the table for one attack's run: its prompts and what its figure leaves out."""
-    text = f"{summary.get('n', len(summary.get('items', [])))} prompts"
+    vlm = summary.get("model_kind") == "vlm"
+    text = f"{summary.get('n', len(summary.get('items', [])))} {'forget questions' if vlm else 'prompts'}"
+    if vlm:
+        retain = [f"{r['label']} {_pct(r['retain']['score'])}%" for r in summary["items"]]
+        text += f"; retain score {', '.join(retain)}"
     if "rate_quantized" in summary:
         levels = ", ".join(f"{level} {_pct(rate)}%" for level, rate in summary["rate_quantized"].items())
         text += f"; {summary['backend']} {levels}, unquantized {_pct(summary['rate_unquantized'])}%"
@@ -220,6 +228,12 @@ def _has_pre(report: dict, attack: str) -> bool:
 
 def summary_text(report: dict) -> str:
     settings = report["settings"]
+    if report.get("model_kind") == "vlm":
+        return (f"Attacks on the VLM edit {settings['edit']} and on its base model {settings['model']}: "
+                f"{settings['questions']} forget and retain questions of {settings['concept']!r} drawn at seed "
+                f"{settings['seed']}, scored as MLLMU-Med scores a set (the mean of multiple-choice accuracy, cloze "
+                "accuracy and ROUGE-L); each attack at its defaults (the toy VLM's on it) with the options given. "
+                "In brackets: the forget score before the attack.")
     prompts = f"{settings['prompts']} prompts" if settings["prompts"] else "the attacks' default prompts"
     return (f"Attacks on {settings['edit']} and on its base model {settings['model']}: {prompts} of "
             f"{settings['concept']!r} from seed {settings['seed']}, judged by "
@@ -265,7 +279,7 @@ def write_plot(report: dict, path: Path) -> Path:
         rates = [100 * report["rows"][row][attack]["rate"] for attack in attacks]
         axes.bar([i + offset for i in range(len(attacks))], rates, width, label=row)
     axes.set_xticks(range(len(attacks)), attacks, rotation=20, ha="right")
-    axes.set_ylabel("success %")
+    axes.set_ylabel("forget score %" if report.get("model_kind") == "vlm" else "success %")
     axes.set_ylim(0, 105)
     axes.grid(axis="y", alpha=0.3)
     axes.legend()

@@ -89,11 +89,11 @@ def markdown(table: dict, methods: list[str], concepts: list[str], attacks: list
              "|---|---|" + "---|" * len(attacks)]
     for row in rows:
         lines.append(f"| {row['method']} | {row['concept']} | " +
-                     " | ".join(_cell(row["cells"].get(attack)) for attack in attacks) + " |")
+                     " | ".join(cell_text(row["cells"].get(attack)) for attack in attacks) + " |")
     return "\n".join(lines)
 
 
-def _cell(cell: dict | None) -> str:
+def cell_text(cell: dict | None) -> str:
     if cell is None:
         return "-"
     if "n/a" in cell:

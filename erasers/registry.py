@@ -125,7 +125,11 @@ class Registry:
     def build_config(self, name: str, toy: bool, overrides: dict[str, Any] | None = None):
         """The method's config: its dataclass defaults, the registry's defaults, the toy overrides on a toy
         model, then the user's overrides (checked against the dataclass's fields)."""
-        entry = self.get(name)
+        return self.entry_config(self.get(name), toy, overrides)
+
+    def entry_config(self, entry, toy: bool, overrides: dict[str, Any] | None = None):
+        """`build_config` of an entry in hand (an attack's VLM form, which the name alone does not pick)."""
+        name = entry.name
         config_class = self.config_class(entry)
         fields = {f.name: f for f in dataclasses.fields(config_class)}
         values = {**entry.defaults, **(entry.toy_defaults if toy else {})}

@@ -44,3 +44,23 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, ar
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("erasure: error:")]
     assert code == 2 and len(lines) == 1 and message in lines[0], lines
     assert not out.exists()
+
+
+@pytest.mark.slow  # 2 minutes on 2 busy CPU cores
+def test_bench_attacks_add_robustness_columns_with_na_where_an_attack_does_not_apply(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["bench", "toycanvas", "--methods", "negprompt", "--concepts", "arrow", "--objects", "arrow,star",
+            "--styles", "Flat", "--no-fid", "--attacks", "quantize,p4d", "--attack-prompts", "1", "--quiet",
+            "--out", str(out)]
+    assert main(argv) == 0, capsys.readouterr().err[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    rows = {row["set"]: row["cells"] for row in results["robustness"]["rows"]}
+    assert set(rows) == {"base", "negprompt-arrow"}
+    assert "n/a" in rows["negprompt-arrow"]["p4d"]  # P4D needs a changed denoiser; negprompt is training-free
+    assert 0 <= rows["negprompt-arrow"]["quantize"]["rate"] <= 1 and "rate" in rows["base"]["p4d"]
+    assert (out / "attacks" / "negprompt-arrow" / "quantize" / "attack.json").is_file()
+    assert "## Robustness" in (out / "report.md").read_text() and "quantize:" in capsys.readouterr().out
+
+    manifest = (out / "manifest.jsonl").read_text()
+    assert main(argv) == 0
+    assert (out / "manifest.jsonl").read_text() == manifest, "no attack runs again"

@@ -51,8 +51,9 @@ def add_precision_argument(parser) -> None:
                         "run in (auto: bf16 on a CUDA GPU that supports it, else fp16 on CUDA, fp32 on CPU)")
 
 
-def add_commands(commands) -> None:
-    """`erasure vlm methods | erase | ask`, added to the `erasure` parser's subcommands."""
+def add_commands(commands):
+    """`erasure vlm methods | erase | ask`, added to the `erasure` parser's subcommands; returns the `vlm`
+    subcommands, to which apps/cli.py adds those of higher layers (`robustness`)."""
     from erasers.commands import add_edit_arguments
     from erasers.inputs import MLLMU_DATA_DIR, POSITIVE, SEED, VLM_EDIT_DIR, existing_file
 
@@ -86,3 +87,4 @@ def add_commands(commands) -> None:
     ask.add_argument("--device")
     add_precision_argument(ask)
     ask.set_defaults(run=cmd_vlm_ask)
+    return sub

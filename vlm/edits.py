@@ -209,13 +209,7 @@ def applied(loaded: LoadedVLM, path: str | Path | None):
     metadata = read_vlm_edit(path)
     check_base(loaded, metadata, path)
     if ADAPTER in metadata["files"]:
-        from peft import PeftModel
-
-        try:
-            wrapped = PeftModel.from_pretrained(loaded.model, path / ADAPTER)
-        except Exception as error:  # noqa: BLE001 - one line instead of peft's traceback
-            raise UsageError(f"could not load the adapter in {path}: {str(error).splitlines()[0]}; re-run the "
-                             "erase that made it") from None
+        wrapped = load_adapter(loaded, path)
         try:
             yield metadata
         finally:
@@ -239,6 +233,18 @@ def applied(loaded: LoadedVLM, path: str | Path | None):
     watch = edits.pop("input_ids", None)  # registry.VLMEraser.layer_edits: a reader of the prompt's token ids
     with hook_layers(loaded.model, edit=edits, watch_input_ids=watch):
         yield metadata
+
+
+def load_adapter(loaded: LoadedVLM, path: Path):
+    """A LoRA edit's adapter (named "default") injected into `loaded.model`: the peft model, whose `unload()` takes
+    it out again."""
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(loaded.model, path / ADAPTER)
+    except Exception as error:  # noqa: BLE001 - one line instead of peft's traceback
+        raise UsageError(f"could not load the adapter in {path}: {str(error).splitlines()[0]}; re-run the "
+                         "erase that made it") from None
 
 
 def check_applies(loaded: LoadedVLM, path: str | Path | None) -> None:

@@ -27,6 +27,10 @@ Attack (harness.py) says what else an attack may override: `plan` (its items, wh
 `check` (before any image), `prepare` (with the base model, before the edits load), `run_item` (the whole item, for
 protocols other than plain-then-search) and `summarise` (an ASR, or a curve). tests/test_attacks.py runs every
 registered attack with its `quick` options and checks the result layout.
+
+An attack that also applies to VLM edits names its VLM form in its registration (`vlm=`: an AttackEntry whose class
+is a vlm_harness.VLMAttack, in a file vlm_NAME.py here), so one name, one registry entry and one rule ("does this
+attack apply to this kind of edit?", `model_kinds`) serve both `erasure robustness` and `erasure vlm robustness`.
 """
 
 from __future__ import annotations
@@ -56,15 +60,22 @@ class AttackEntry:
     defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
     # Overrides on the toy model, small enough to run in seconds there.
     toy_defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
-    # The pipeline families (erasers.models.FAMILIES) it runs on, and the kinds of model ("diffusion", "vlm").
+    # The pipeline families (erasers.models.FAMILIES) it runs on.
     families: tuple[str, ...] = ALL_FAMILIES
-    model_kinds: tuple[str, ...] = ("diffusion",)
     # The forms of edit (EDIT_FORMS) it attacks.
     edits: tuple[str, ...] = EDIT_FORMS
     # Why it leaves out a family or an edit form (name -> reason), said in the refusal.
     why_not: dict[str, str] = dataclasses.field(default_factory=dict)
     # Options for a run of a few steps on tiny pipelines or the toy (tests/test_attacks.py runs every attack so).
     quick: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # The attack's form for VLM edits (vlm_harness.py; its class, options and defaults), run by `erasure vlm
+    # robustness`; None for an attack on diffusion models only.
+    vlm: AttackEntry | None = None
+
+    @property
+    def model_kinds(self) -> tuple[str, ...]:
+        """The kinds of model ("diffusion", "vlm") it attacks."""
+        return ("diffusion", "vlm") if self.vlm is not None else ("diffusion",)
 
 
 class AttackRegistry(Registry):
@@ -79,6 +90,20 @@ register = REGISTRY.register
 available_attacks = REGISTRY.available
 get_attack = REGISTRY.get
 build_attack_config = REGISTRY.build_config
+
+
+def vlm_form(name: str) -> AttackEntry:
+    """The VLM form of attack `name`; refused in one line, with the attacks that have one, when it has none."""
+    entry = get_attack(name)
+    if entry.vlm is None:
+        raise UsageError(f"{name} attacks diffusion edits only; attacks on VLM edits: "
+                         f"{', '.join(sorted(n for n, e in available_attacks().items() if e.vlm is not None))}")
+    return entry.vlm
+
+
+def build_vlm_attack_config(name: str, toy: bool, overrides: dict[str, Any] | None = None):
+    """The options of attack `name`'s VLM form: its defaults, the toy's on the toy VLM, then `overrides`."""
+    return REGISTRY.entry_config(vlm_form(name), toy, overrides)
 
 
 def edit_form(metadata: dict) -> str:

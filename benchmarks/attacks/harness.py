@@ -29,7 +29,7 @@ from typing import Any, Callable, ClassVar
 import torch
 
 from erasers.core import check_new_output
-from erasers.edits import ADAPTER, apply_edits, check_edits, read_edit
+from erasers.edits import ADAPTER, apply_edits, check_edits, edit_kind, read_edit
 from erasers.errors import UsageError
 from erasers.images import check_drawn, drawn_images
 from erasers.inputs import ATTACKED_PROMPTS, IMAGE_SIDE
@@ -211,6 +211,10 @@ def run_attack(name: str, model: str, edits: list[str | Path], concept: str | No
     if not edits and concept is None:
         raise UsageError("pass at least one --edit directory to attack")
     check_model_kinds(entry, edits)
+    vlm = [path for path in edits if edit_kind(path) == "vlm"]
+    if vlm:  # an attack with a VLM form: that form runs through `erasure vlm robustness` (vlm_harness.py)
+        raise UsageError(f"{vlm[0]} is a vlm edit; {name} attacks VLM edits through `erasure vlm robustness --edit "
+                         f"{vlm[0]} --attacks {name}`")
     metadata = [read_edit(path) for path in edits]
     check_applies(entry, edits, metadata)
     concept = concept or metadata[0]["concepts"][0]

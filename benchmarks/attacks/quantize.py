@@ -18,17 +18,15 @@ seed on each model and judged for that concept, to show what quantizing costs th
     rate_unquantized   the concept's rate on the edit as saved (reported as Pre-ASR)
     rate_quantized     the concept's rate per level; ASR: the share of items where any level brings it back
     unrelated          the unrelated concepts' rates (the judge still finds them), unquantized and per level
+
+Its VLM form, on edits of `erasure vlm erase`, is vlm_quantize.py; the backends and levels, quantization.py.
 """
 
 from __future__ import annotations
 
-import importlib
 import warnings
 from dataclasses import dataclass
 
-import torch
-
-from erasers.errors import UsageError
 from erasers.images import BLANK
 from erasers.models import LoadedPipeline
 
@@ -36,34 +34,17 @@ from . import register
 from .harness import Attack, AttackContext, generate_from_ids
 from .judges import judge_reading
 from .prompts import Item
+from .quantization import QuantizationLevels, check_backend, library_config
 from .results import Outcome
+from .vlm_quantize import VLM_QUANTIZE
 
-# backend -> (the module it imports, the package that installs it, the extra that does, its levels)
-BACKENDS = {"quanto": ("optimum.quanto", "optimum-quanto", "quantize", ("int8", "int4", "int2")),
-            "bitsandbytes": ("bitsandbytes", "bitsandbytes", "gpu", ("int8", "int4", "nf4"))}
 NO_UNRELATED = "none"
 
 
 @dataclass
-class QuantizeConfig:
-    backend: str = "quanto"
-    levels: str = "int8,int4"  # comma-separated, in the order drawn
+class QuantizeConfig(QuantizationLevels):
     # Comma-separated concepts; "" (on the toy: the other concepts of the erased one's kind; elsewhere none) or "none".
     unrelated: str = ""
-
-    def __post_init__(self):
-        if self.backend not in BACKENDS:
-            raise UsageError(f"quantize option backend={self.backend!r} is not a backend here; choose one of "
-                             f"{', '.join(BACKENDS)}")
-        known = BACKENDS[self.backend][3]
-        levels = self.level_list()
-        wrong = [level for level in levels if level not in known]
-        if not levels or wrong or len(set(levels)) != len(levels):
-            raise UsageError(f"quantize option levels={self.levels!r}: the {self.backend} backend's levels are "
-                             f"{', '.join(known)}; pass some of them once each, comma-separated")
-
-    def level_list(self) -> list[str]:
-        return [level.strip() for level in self.levels.split(",") if level.strip()]
 
     def unrelated_list(self) -> list[str] | None:
         """The unrelated concepts given; None: the toy's default."""
@@ -74,25 +55,12 @@ class QuantizeConfig:
 
 @register("quantize", "quantization: the edit loaded with its denoiser and text encoders quantized (optimum-quanto "
           "int8/int4 on the CPU, bitsandbytes on a GPU); the concept's rate against the unquantized edit's",
-          quick={"levels": "int8"})
+          quick={"levels": "int8"}, vlm=VLM_QUANTIZE)
 class Quantize(Attack):
     config_class = QuantizeConfig
 
     def check_environment(self, device: str | None) -> None:
-        backend = self.config.backend
-        module, package, extra, _ = BACKENDS[backend]
-        if backend == "bitsandbytes":
-            if device is not None and not device.startswith("cuda"):
-                raise UsageError(f"quantize backend=bitsandbytes runs on a CUDA GPU only, not --device {device}; drop "
-                                 "--device, or pass --set backend=quanto")
-            if not torch.cuda.is_available():
-                raise UsageError("quantize backend=bitsandbytes needs a CUDA GPU and this machine has none; pass --set "
-                                 "backend=quanto (optimum-quanto runs on the CPU)")
-        try:
-            importlib.import_module(module)
-        except ImportError:
-            raise UsageError(f"quantize backend={backend} needs {package}, which is not installed here; pip install "
-                             f"'erasure-suite[{extra}]' (or {package})") from None
+        check_backend(self.config.backend, device)
 
     def prepare(self, context: AttackContext, items: list[Item]) -> None:
         """The edit loaded again at each level (with the base model's record, so its check is the unquantized
@@ -164,13 +132,7 @@ def quantization_config(loaded: LoadedPipeline, backend: str, level: str):
     from diffusers import PipelineQuantizationConfig
 
     def config(library):
-        if backend == "quanto":
-            # diffusers names the weights' type weights_dtype, transformers weights.
-            return library.QuantoConfig(**{"weights_dtype" if library is diffusers else "weights": level})
-        if level == "int8":
-            return library.BitsAndBytesConfig(load_in_8bit=True)
-        return library.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4" if level == "nf4" else "fp4",
-                                          bnb_4bit_compute_dtype=loaded.dtype)
+        return library_config(library, backend, level, loaded.dtype)
 
     mapping = {name: config(transformers) for name in loaded.family.text_encoders}
     return PipelineQuantizationConfig(quant_mapping={loaded.family.denoiser: config(diffusers), **mapping})

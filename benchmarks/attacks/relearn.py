@@ -16,6 +16,8 @@ one), read through its edited text encoders; against a training-free edit (sld, 
 fine-tuned and every image is drawn through the edit's guidance. Training is checkpointed in OUT.partial/ per step
 count, so an interrupted run resumes it.
 
+Its VLM form, on edits of `erasure vlm erase`, is vlm_relearn.py.
+
 Item images: NNNN-erased.png after 0 steps, NNNN-steps-K.png after K, NNNN.png after the last step count.
 """
 
@@ -38,6 +40,7 @@ from .concept_images import ConceptExamples, check_image_folder, concept_example
 from .harness import Attack, AttackContext
 from .prompts import Item
 from .results import Outcome
+from .vlm_relearn import VLM_RELEARN
 
 ADAPTER_NAME = "relearn"
 PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -65,16 +68,19 @@ class RelearnConfig:
             check_image_folder(self.images)
 
     def step_counts(self) -> list[int]:
-        """`steps` as a rising list of step counts."""
-        try:
-            counts = [int(part) for part in self.steps.split(",")]
-        except ValueError:
-            counts = []
-        if not counts or len(counts) > MAX_STEP_COUNTS or counts[0] < 0 or \
-                any(b <= a for a, b in zip(counts, counts[1:])):
-            raise UsageError(f"relearn steps must be up to {MAX_STEP_COUNTS} rising step counts from 0, comma-"
-                             f"separated (for example 0,10,50,100), not {self.steps!r}")
-        return counts
+        return parse_step_counts(self.steps)
+
+
+def parse_step_counts(steps: str) -> list[int]:
+    """`steps` ("0,10,50,100") as a rising list of step counts (relearn's option, in both of its forms)."""
+    try:
+        counts = [int(part) for part in steps.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or len(counts) > MAX_STEP_COUNTS or counts[0] < 0 or any(b <= a for a, b in zip(counts, counts[1:])):
+        raise UsageError(f"relearn steps must be up to {MAX_STEP_COUNTS} rising step counts from 0, comma-"
+                         f"separated (for example 0,10,50,100), not {steps!r}")
+    return counts
 
 
 # Measured on the toy (benchmarks/README.md#attacks): its tiny denoiser relearns in tens of steps at a larger lr.
@@ -82,7 +88,8 @@ TOY_DEFAULTS = {"steps": "0,10,25,50", "lr": 1e-3}
 
 
 @register("relearn", "Relearning: a few LoRA fine-tuning steps on images of the concept; the concept's rate after "
-          "each step count (a curve)", toy_defaults=TOY_DEFAULTS, quick={"steps": "0,2", "image_count": 2})
+          "each step count (a curve)", toy_defaults=TOY_DEFAULTS, quick={"steps": "0,2", "image_count": 2},
+          vlm=VLM_RELEARN)
 class Relearn(Attack):
     config_class = RelearnConfig
 
