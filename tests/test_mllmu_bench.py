@@ -75,6 +75,7 @@ class StubVLM:
     """Fixed replies by kind of question; records what each question was shown."""
 
     allow_other_base = False
+    precision = "fp32"
 
     def __init__(self):
         self.asked = []
