@@ -147,4 +147,6 @@ def time_attack_steps(loaded, attack: str, steps: int, concept: str) -> dict:
     context.base = base_model(loaded, [], runner.needs_base)
     started = time.perf_counter()
     runner.run_item(context, items[0])
-    return {"seconds_per_step": seconds_per_step(runner.history, time.perf_counter() - started, steps)}
+    history = runner.history or []
+    return {"seconds_per_step": seconds_per_step(history, time.perf_counter() - started, steps),
+            "timed_steps": history[-1]["step"] - history[0]["step"] if history else 0}
