@@ -27,6 +27,8 @@ Attack (harness.py) says what else an attack may override: `plan` (its items, wh
 `check` (before any image), `prepare` (with the base model, before the edits load), `run_item` (the whole item, for
 protocols other than plain-then-search) and `summarise` (an ASR, or a curve). tests/test_attacks.py runs every
 registered attack with its `quick` options and checks the result layout.
+Its registration's `step` (an AttackStep: what one step is, the options of a timed run) puts it in
+benchmarks.step_cost; its search logs its steps' times in `self.history`.
 
 An attack that also applies to VLM edits names its VLM form in its registration (`vlm=`: an AttackEntry whose class
 is a vlm_harness.VLMAttack, in a file vlm_NAME.py here), so one name, one registry entry and one rule ("does this
