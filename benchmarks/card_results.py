@@ -15,6 +15,8 @@ BENCH_CLASSIFIERS = {"toycanvas": TOY_CLASSIFIER,
                      "unlearncanvas": "UnlearnCanvas ViT-L/16 style and object classifiers (--classifier)"}
 BENCH_DATASETS = {"toycanvas": "ToyCanvas answer set", "unlearncanvas": "UnlearnCanvas answer set"}
 SCORES = ("UA", "IRA", "CRA")
+# How MLLMU-Med and the VLM attacks (benchmarks.attacks.vlm_harness) score a set of questions.
+VLM_SCORING = "MC accuracy, cloze accuracy, ROUGE-L F1 (mean)"
 
 
 def _stacked(source: str, edit: str, edits: list[str]) -> tuple[str, list[str]]:
@@ -62,20 +64,47 @@ def record_attack(summary: dict, out: Path, loaded, judge: str) -> None:
         record_results(edit, source, metrics, {**protocol, "stacked_with": others or None})
 
 
+def vlm_attack_metrics(summary: dict) -> dict:
+    """A VLM attack's figures as the card names them: each item's forget and retain scores ("forget score after 10
+    steps", "retain score int8", ...), as attack.json's items hold them."""
+    return {f"{name} score {item['label']}": item[name]["score"] for item in summary["items"]
+            for name in ("forget", "retain")}
+
+
+def record_vlm_attack(summary: dict, out: Path) -> None:
+    """A VLM attack's forget and retain scores per item (its attack.json `summary`) on the edit's card, under the
+    attack's name, with the protocol: the questions drawn (how many, their seed, the data), how they were scored
+    and the attack's options."""
+    name = summary["attack"]
+    protocol = {"task": f"Adversarial attack ({name}, VLM)", "task_type": "image-text-to-text",
+                "dataset": f"forget and retain questions of {summary['concept']}", "dataset_type": name,
+                "judge": VLM_SCORING, "results": Path(out) / "attack.json", "model": summary["model"],
+                "concept": summary["concept"], "questions": summary["questions"], "seed": summary.get("seed"),
+                "data": summary.get("data"), "scoring": summary.get("scoring"), "attack": summary["config"]}
+    for edit in summary["edits"]:
+        record_results(edit, f"erasure vlm attack {name} ({summary['concept']})", vlm_attack_metrics(summary),
+                       protocol)
+
+
 def record_robustness(report: dict, edit, out: Path) -> None:
-    """`erasure robustness`: each attack's figure on the edit (benchmarks.robustness.headline) on its card, the
-    base model's beside it."""
+    """`erasure robustness` and `erasure vlm robustness`: each attack's figure on the edit (benchmarks.robustness.
+    headline: a rate, or a VLM edit's forget score) on its card, the base model's beside it."""
     settings, rows = report["settings"], report["rows"]
+    vlm = report.get("model_kind") == "vlm"
 
     def label(attack: str) -> str:
         return f"{attack} {rows['edit'][attack]['measure']}"
 
-    protocol = {"task": "Robustness to attacks", "dataset": f"prompts of {settings['concept']}",
-                "dataset_type": "robustness", "judge": settings["judge"] or TOY_CLASSIFIER,
+    protocol = {"task": "Robustness to attacks", "dataset": f"{'questions' if vlm else 'prompts'} of "
+                f"{settings['concept']}", "dataset_type": "robustness",
+                "judge": VLM_SCORING if vlm else settings["judge"] or TOY_CLASSIFIER,
                 "results": Path(out) / "robustness.json", "concept": settings["concept"],
-                "prompts": settings["prompts"], "seed": settings["seed"],
+                **{key: settings.get(key) for key in ("prompts", "questions", "data") if key in settings},
+                "seed": settings["seed"],
                 "base": {label(attack): rows["base"][attack]["rate"] for attack in report["attacks"]}}
-    record_results(edit, f"erasure robustness ({settings['concept']})",
+    if vlm:
+        protocol.update(task_type="image-text-to-text", model=settings["model"])
+    record_results(edit, f"erasure {'vlm ' * vlm}robustness ({settings['concept']})",
                    {label(attack): rows["edit"][attack]["rate"] for attack in report["attacks"]}, protocol)
 
 
@@ -125,7 +154,7 @@ def record_mllmu(result: dict, out: Path) -> None:
     edited, base = result["edited"], result["base"]
     sets = ("forget", "test", "retain")
     protocol = {"task": "Unlearning (MLLMU-Med)", "task_type": "image-text-to-text", "dataset": "MLLMU-Med",
-                "dataset_type": "mllmu-med", "judge": "MC accuracy, cloze accuracy, ROUGE-L F1 (mean)",
+                "dataset_type": "mllmu-med", "judge": VLM_SCORING,
                 "results": Path(out) / "results.json", "model": result["model"], "concept": result["concept"],
                 "data": result["data"], **result["protocol"],
                 "base": {f"{s} score": base[s].get("score") for s in sets}}

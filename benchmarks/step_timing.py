@@ -74,15 +74,9 @@ def time_plain_step(loaded, steps: int, prompt: str, release_text_encoders: bool
     return sum(times[1:]) / steps, loss.detach()  # the first step pays one-off allocation
 
 
-def time_guided_sampling(loaded, method: str, steps: int, prompt: str) -> dict:
-    """A training-free method's cost is at generation: seconds per sampling step (classifier-free guidance at the
-    family's default scale) with its edit installed and without, in one process, and whether the edit moved the
-    result. Its edit is installed as loading it would (the registry entry's `apply`) with its default config."""
-    from erasers.registry import build_config, get_method
-
-    entry = get_method(method)
-    config = build_config(method, loaded.is_toy, entry.quick)
-    metadata = {"method": method, "concepts": ["cat"], "kind": "concept", "config": dataclasses.asdict(config)}
+def time_sampling_step(loaded, steps: int, prompt: str) -> tuple[float, torch.Tensor]:
+    """Seconds per sampling step of `loaded` (classifier-free guidance at the family's default scale, latents out,
+    seed 0) and the latents, after one untimed run that pays the one-off allocation."""
     loaded.pipeline.set_progress_bar_config(disable=True)
 
     def sample():
@@ -95,10 +89,64 @@ def time_guided_sampling(loaded, method: str, steps: int, prompt: str) -> dict:
         synchronize(loaded.device)
         return (time.perf_counter() - started) / steps, out.images
 
-    sample()  # warm-up: one-off allocation
-    plain_seconds, plain = sample()
-    entry.apply(loaded, None, metadata)
     sample()
-    seconds, guided = sample()
+    return sample()
+
+
+def time_guided_sampling(loaded, method: str, steps: int, prompt: str) -> dict:
+    """A training-free method's cost is at generation: seconds per sampling step (classifier-free guidance at the
+    family's default scale) with its edit installed and without, in one process, and whether the edit moved the
+    result. Its edit is installed as loading it would (the registry entry's `apply`) with its default config."""
+    from erasers.registry import build_config, get_method
+
+    entry = get_method(method)
+    config = build_config(method, loaded.is_toy, entry.quick)
+    metadata = {"method": method, "concepts": ["cat"], "kind": "concept", "config": dataclasses.asdict(config)}
+    plain_seconds, plain = time_sampling_step(loaded, steps, prompt)
+    entry.apply(loaded, None, metadata)
+    seconds, guided = time_sampling_step(loaded, steps, prompt)
     return {"seconds_per_step": seconds, "plain_seconds_per_step": plain_seconds,
             "finite": bool(torch.isfinite(guided).all()), "moved": not torch.equal(plain, guided)}
+
+
+# The images an attack draws around its steps (targets, the plain prompt, checks, the images it trains on) are not
+# timed; drawn with one sampling step, they cost a measurement little.
+ATTACK_SAMPLING_STEPS = 1
+
+
+def never_found(images: list, concept: str) -> list[bool]:
+    """A judge that never finds the concept, so the timed item always goes on to the attack's search."""
+    return [False] * len(images)
+
+
+def time_attack_steps(loaded, attack: str, steps: int, concept: str) -> dict:
+    """Seconds per step of `attack` on `loaded` (what a step is: its registry entry's AttackStep): a run of its
+    step options over `steps` timed steps and one untimed first, on one item (the concept's first prompt) which
+    `never_found` sends to the search, timed from the attack's `history`. The base model stands for an edit (an
+    edit keeps the modules' shapes, so a step costs the same). An attack whose step is a sampling step (quantize):
+    each pipeline it loads, against `loaded`'s sampling step (`baseline_seconds`)."""
+    from benchmarks.attacks import build_attack_config, get_attack
+    from benchmarks.attacks.harness import AttackContext, base_model
+    from benchmarks.attacks.prompts import PromptRow
+    from erasers.prompts import make_request
+
+    step = get_attack(attack).step
+    loaded.default_steps = ATTACK_SAMPLING_STEPS
+    request = make_request([concept], loaded.tokenizer, loaded.vocabulary)
+    prompt = request.erase_prompts()[1] if loaded.vocabulary else request.concept
+    runner = get_attack(attack).attack(build_attack_config(attack, loaded.is_toy, step.options(steps + 1)))
+    items = runner.plan([PromptRow(prompt)], 1, 0)
+    runner.check(loaded, items)
+    context = AttackContext(loaded, request, never_found, [], [], progress=False)
+    runner.prepare(context, items)
+    if step.sampling:
+        baseline, _ = time_sampling_step(loaded, steps, prompt)
+        timed = {name: time_sampling_step(other, steps, prompt)[0]
+                 for name, other in runner.loaded_pipelines().items()}
+        return {"seconds_per_step": max(timed.values()), "baseline_seconds": baseline, "by_pipeline": timed}
+    context.base = base_model(loaded, [], runner.needs_base)
+    started = time.perf_counter()
+    runner.run_item(context, items[0])
+    history = runner.history or []
+    return {"seconds_per_step": seconds_per_step(history, time.perf_counter() - started, steps),
+            "timed_steps": history[-1]["step"] - history[0]["step"] if history else 0}

@@ -107,6 +107,9 @@ def run_vlm_robustness(run: VLMRobustnessRun, edit: str | Path, attacks: str | N
         report["attacks"] = chosen
         write_report(report, out)
         write_atomically(out / MANIFEST, json.dumps(report, indent=2))
+    from benchmarks.card_results import record_robustness
+
+    record_robustness(report, edit, out)
     return report
 
 

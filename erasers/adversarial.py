@@ -18,6 +18,7 @@ model predicts for the concept, MSE(eps_theta(x_t, c_adv), eps*(x_t, c)).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -254,6 +255,8 @@ class TokenSearch:
     sign_gradient: bool = False
     check: Callable[[int], bool] | None = None
     positions: dict[str, list[int]] | None = None
+    # When a list: each step's {"step", "seconds" since the search started, "loss"}, logged before its check.
+    history: list[dict] | None = None
 
 
 def optimise_tokens(adversary: nn.ModuleDict, loaded: LoadedPipeline, input_ids: dict[str, torch.Tensor],
@@ -268,6 +271,7 @@ def optimise_tokens(adversary: nn.ModuleDict, loaded: LoadedPipeline, input_ids:
     base = {name: words[name][input_ids[name]] for name in encoders}
     parameters = list(adversary.parameters())
     losses = []
+    started = time.perf_counter()
     for step in range(search.steps):
         drawn = {}
         embeds = {}
@@ -292,6 +296,8 @@ def optimise_tokens(adversary: nn.ModuleDict, loaded: LoadedPipeline, input_ids:
         for part in {id(p): p for p in adversary.values()}.values():
             part.project()
         losses.append(loss.item())
+        if search.history is not None:
+            search.history.append({"step": step, "seconds": time.perf_counter() - started, "loss": losses[-1]})
         if check is not None and check(step):
             break
     return losses

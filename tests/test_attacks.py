@@ -230,3 +230,38 @@ def test_p4d_k_puts_one_learnable_token_after_every_three_of_the_prompts():
     assert torch.equal(read.detach(), words_table[part.token_ids()])
     read.sum().backward()
     assert part.vectors.grad is not None and part.vectors.grad.abs().sum() > 0
+
+
+STEPPED = sorted(name for name, entry in available_attacks().items() if entry.step is not None)
+
+
+def test_step_cost_plans_every_attack_with_a_step_on_the_models_its_step_names():
+    from benchmarks import step_cost
+
+    assert set(STEPPED) == set(ATTACKS), "every diffusion attack says what its step is"
+    rows = step_cost.plan(["toy", "sd15"], methods=[])
+    for name in STEPPED:
+        for model in ("toy", "sd15"):
+            assert ((model, f"attack:{name}") in rows) == (model in get_attack(name).step.models)
+    assert step_cost.plan(["toy"], methods=[], attacks=[]) == [("toy", "plain")]
+
+
+@pytest.mark.parametrize("name", STEPPED)
+def test_each_attacks_step_cost_row_runs_on_the_tiny_pipeline(name, tiny_pipeline_dirs, monkeypatch):
+    """step_cost's attack rows, the tiny SD pipeline standing in for SD 1.5: the steps timed are the attack's own
+    (its logged history spans the asked steps); quantize's row times the int8 pipeline's sampling step against the
+    unquantized one's, both measured."""
+    import benchmarks.architectures
+    from benchmarks import step_cost
+    from erasers.models import load_pipeline
+
+    monkeypatch.setattr(benchmarks.architectures, "build_architecture",
+                        lambda family: load_pipeline(str(tiny_pipeline_dirs["sd"]), device="cpu").pipeline)
+    monkeypatch.setitem(step_cost.SETTINGS, "sd15", (RESOLUTION["sd"], False))
+    row = step_cost.measure("sd15", f"attack:{name}", 2)
+    assert row["method"] == f"attack:{name}" and row["peak_rss_bytes"] > 0
+    assert 0 < row["seconds_per_step"] < 60, row
+    if get_attack(name).step.sampling:
+        assert set(row["by_pipeline"]) == {"int8"} and row["baseline_seconds"] > 0, row
+    else:
+        assert row["timed_steps"] == 2, row

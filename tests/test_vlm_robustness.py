@@ -54,8 +54,8 @@ def test_int8_quantization_scores_the_base_model_as_unquantized_and_quantizes_it
     quantized_layers = []
     original = vlm_quantize.quantized_edit
 
-    def counting(context, backend, level):
-        manager = original(context, backend, level)
+    def counting(*args):
+        manager = original(*args)
 
         class Counted:
             def __enter__(self):
@@ -94,6 +94,14 @@ def test_vlm_robustness_reports_the_base_row_beside_the_edit_and_a_rerun_recompu
     assert "| base (toy-vlm) |" in text and "forget score" in text
     for name in ("robustness.html", "robustness.png", "quantize/base/attack.json", "relearn/edit/attack.json"):
         assert (out / name).is_file(), name
+    from erasers.cards import card_results
+
+    card = {r.metric_name: r for r in card_results(ga_star) if r.source_name == "erasure vlm robustness (star)"}
+    for attack in ("quantize", "relearn"):
+        row = report["rows"]["edit"][attack]
+        result = card[f"{attack} {row['measure']}"]
+        assert result.metric_value == row["rate"], attack
+        assert result.metric_args == {"base_model": report["rows"]["base"][attack]["rate"]}, attack
 
     from benchmarks.attacks import vlm_harness
 
@@ -102,3 +110,53 @@ def test_vlm_robustness_reports_the_base_row_beside_the_edit_and_a_rerun_recompu
 
     monkeypatch.setattr(vlm_harness, "run_vlm_attack", no_rerun)
     main()
+
+
+def test_quantize_on_a_lora_edit_without_an_output_folder_leaves_no_merged_weights_behind(ga_star, tmp_path,
+                                                                                       monkeypatch):
+    """The GA edit is a LoRA adapter: quantizing it merges it into weights saved in a temporary folder, which is
+    there while the quantized model scores and gone once the run ends."""
+    import tempfile
+
+    from benchmarks.attacks import vlm_quantize
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    merged = []
+    original = vlm_quantize.merged_weights
+
+    def recording(context, work):
+        merged.append(original(context, work))
+        assert (merged[-1] / "config.json").is_file()
+        return merged[-1]
+
+    monkeypatch.setattr(vlm_quantize, "merged_weights", recording)
+    run = VLMAttackRun(count=4, device="cpu", progress=False)
+    summary = run_vlm_attack("quantize", "toy-vlm", ga_star, config={"levels": "int8"}, run=run)
+    assert set(summary["rate_quantized"]) == {"int8"}
+    assert merged and merged[0].is_relative_to(scratch), merged
+    assert not merged[0].exists() and list(scratch.iterdir()) == []
+
+
+def test_a_vlm_attacks_scores_go_on_the_edits_card_as_attack_json_holds_them(ga_star, tmp_path):
+    """Each item's forget and retain scores on the GA edit's card, equal to attack.json's, with the protocol (the
+    questions' count, seed and scoring, the attack's options, the results file)."""
+    from benchmarks.card_results import VLM_SCORING
+    from erasers.cards import card_results
+
+    out = tmp_path / "quantize"
+    run = VLMAttackRun(count=4, seed=7, device="cpu", out=out, progress=False)
+    run_vlm_attack("quantize", "toy-vlm", ga_star, config={"levels": "int8"}, run=run)
+    written = json.loads((out / "attack.json").read_text())
+    results = [r for r in card_results(ga_star) if r.source_name == "erasure vlm attack quantize (star)"]
+    on_card = {r.metric_name: r.metric_value for r in results}
+    expected = {f"{name} score {item['label']}": item[name]["score"] for item in written["items"]
+                for name in ("forget", "retain")}
+    assert {"forget score unquantized", "retain score int8"} <= set(on_card)
+    assert on_card == {key: value for key, value in expected.items() if value is not None}
+    protocol = results[0].dataset_args
+    assert protocol["seed"] == 7 and protocol["questions"] == written["questions"] == {"forget": 4, "retain": 4}
+    assert protocol["attack"] == written["config"] and protocol["scoring"] == written["scoring"]
+    assert results[0].metric_config == VLM_SCORING and results[0].task_type == "image-text-to-text"
+    assert results[0].source_url == str((out / "attack.json").resolve())

@@ -27,6 +27,8 @@ Attack (harness.py) says what else an attack may override: `plan` (its items, wh
 `check` (before any image), `prepare` (with the base model, before the edits load), `run_item` (the whole item, for
 protocols other than plain-then-search) and `summarise` (an ASR, or a curve). tests/test_attacks.py runs every
 registered attack with its `quick` options and checks the result layout.
+Its registration's `step` (an AttackStep: what one step is, the options of a timed run) puts it in
+benchmarks.step_cost; its search logs its steps' times in `self.history`.
 
 An attack that also applies to VLM edits names its VLM form in its registration (`vlm=`: an AttackEntry whose class
 is a vlm_harness.VLMAttack, in a file vlm_NAME.py here), so one name, one registry entry and one rule ("does this
@@ -37,7 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from erasers.edits import edit_kind
 from erasers.errors import UsageError
@@ -47,6 +49,21 @@ from erasers.registry import ALL_FAMILIES, Registry
 # (an erasure.json without weights, acting at generation time: sld, negprompt; erasers/guidance.py).
 EDIT_FORMS = ("weights", "training-free")
 DEFAULT_ATTACK = "unlearndiffatk"
+
+
+@dataclasses.dataclass(frozen=True)
+class AttackStep:
+    """What one step of an attack is, for benchmarks.step_cost: said in words (`what`), and the options that make a
+    run of `count` steps with nothing else timed in between (`options(count)`: image checks only at the end, few
+    images drawn beforehand). The run's steps are read from the attack's `history` (Attack.history); an attack
+    whose cost is at sampling (`sampling`: quantize) has the sampling step of each pipeline it loads
+    (Attack.loaded_pipelines) timed against the unquantized pipeline's."""
+
+    what: str
+    options: Callable[[int], dict[str, Any]]
+    # The architectures step_cost measures it on by default (benchmarks.step_cost.MODELS).
+    models: tuple[str, ...] = ("toy", "sd15")
+    sampling: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +88,8 @@ class AttackEntry:
     # The attack's form for VLM edits (vlm_harness.py; its class, options and defaults), run by `erasure vlm
     # robustness`; None for an attack on diffusion models only.
     vlm: AttackEntry | None = None
+    # What step_cost times as one of its steps (None: not timed; the VLM forms).
+    step: AttackStep | None = None
 
     @property
     def model_kinds(self) -> tuple[str, ...]:

@@ -130,6 +130,9 @@ class Attack:
 
     def __init__(self, config):
         self.config = config
+        # The last search's logged steps ({"step", "seconds", ...}, seconds since it started), which
+        # benchmarks.step_cost times an attack's step from.
+        self.history: list[dict] | None = None
 
     def plan(self, rows: list[PromptRow], count: int | None, seed: int) -> list[Item]:
         """The items to run, from the prompts (an attack whose items are not prompts, such as steps of a curve, plans
@@ -164,6 +167,10 @@ class Attack:
 
     def search(self, context: AttackContext, item: Item) -> Found:
         raise NotImplementedError
+
+    def loaded_pipelines(self) -> dict[str, LoadedPipeline]:
+        """The pipelines `prepare` loaded beside the attacked one (quantize: one per level), by name."""
+        return {}
 
     def summarise(self, records: list[dict]) -> dict:
         return asr_summary(records)
@@ -262,7 +269,7 @@ def run_attack(name: str, model: str, edits: list[str | Path], concept: str | No
         context = AttackContext(loaded, request, judge, [str(e) for e in edits], metadata, settings.progress,
                                 work_dir=work_dir)
         attack.prepare(context, pending)
-        context.base = _base_model(loaded, metadata, attack.needs_base)
+        context.base = base_model(loaded, metadata, attack.needs_base)
         apply_edits(loaded, edits, settings.allow_other_base)
         from tqdm.auto import tqdm
 
@@ -283,7 +290,8 @@ def run_attack(name: str, model: str, edits: list[str | Path], concept: str | No
     return summary
 
 
-def _base_model(loaded: LoadedPipeline, metadata: list[dict], needs: tuple[str, ...]) -> BaseModel:
+def base_model(loaded: LoadedPipeline, metadata: list[dict], needs: tuple[str, ...]) -> BaseModel:
+    """The base model's modules the attack `needs`, kept before the edits of `metadata` load (BaseModel)."""
     base = BaseModel()
     if "text_encoders" in needs:
         base.text_encoders = dict(loaded.text_encoders)

@@ -38,7 +38,7 @@ from erasers.precision import autocast
 from erasers.prompts import guide_prompt, supercategory_word
 from erasers.train import ParameterState, TrainingLoop
 
-from . import register
+from . import AttackStep, register
 from .concept_images import ConceptExamples, check_image_folder, concept_examples, noised_batch, unique_prompts
 from .harness import Attack, AttackContext, Found
 from .prompts import Item
@@ -76,7 +76,10 @@ TOY_DEFAULTS = {"image_count": 10, "steps": 60, "lr": 5e-2, "accumulation": 1}
           "concept's prompts with the token for its name (needs the weights)", toy_defaults=TOY_DEFAULTS,
           edits=("weights",), why_not={"training-free": "it learns a token through the edited weights, and a "
                                        "training-free edit changes none (its guidance acts while sampling)"},
-          quick={"steps": 2, "image_count": 2})
+          quick={"steps": 2, "image_count": 2},
+          step=AttackStep("one AdamW step on the token's embedding rows: batch_size x accumulation captions (4 x 4; "
+                          "4 x 1 on the toy) through the text encoder and the edited denoiser, forward and backward",
+                          lambda count: {"steps": count, "image_count": 2}))
 class ConceptInversion(Attack):
     config_class = InversionConfig
 

@@ -40,7 +40,7 @@ from erasers.errors import UsageError
 from erasers.losses import predict_noise
 from erasers.models import LoadedPipeline
 
-from . import register
+from . import AttackStep, register
 from .harness import Attack, AttackContext, Found, draw_targets, generate_from_ids, item_generator
 from .prompts import Item
 
@@ -72,7 +72,10 @@ TRAINING_FREE = ("its loss compares the edited denoiser with the original one, a
 @register("p4d", "P4D: learnable prompt tokens (projected to the vocabulary) that make the erased denoiser predict "
           "what the original predicts for the prompt (needs the denoiser; weight edits)", toy_defaults=TOY_DEFAULTS,
           quick={"tokens": 4, "iterations": 2, "check_every": 1}, edits=("weights",),
-          why_not={"training-free": TRAINING_FREE})
+          why_not={"training-free": TRAINING_FREE},
+          step=AttackStep("one AdamW step on the projected tokens: the original denoiser forward (no gradient), the "
+                          "text encoder and the edited denoiser forward and backward, at batch 1",
+                          lambda count: {"iterations": count, "check_every": count}))
 class P4D(Attack):
     config_class = P4DConfig
     needs_base = ("denoiser",)
@@ -128,7 +131,8 @@ class P4D(Attack):
             return False
 
         loaded.freeze()
-        search = TokenSearch(optimizer, config.iterations, check=check, positions=positions)
+        self.history = []
+        search = TokenSearch(optimizer, config.iterations, check=check, positions=positions, history=self.history)
         losses = optimise_tokens(adversary, loaded, ids, loss_fn, search, generator)
         success, reading = context.verdict(best["image"])
         name = loaded.adapter.token_states_encoder  # the prompt reported: CLIP's on SD/SDXL, T5's on Flux

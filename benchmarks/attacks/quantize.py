@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from erasers.images import BLANK
 from erasers.models import LoadedPipeline
 
-from . import register
+from . import AttackStep, register
 from .harness import Attack, AttackContext, generate_from_ids
 from .judges import judge_reading
 from .prompts import Item
@@ -55,7 +55,10 @@ class QuantizeConfig(QuantizationLevels):
 
 @register("quantize", "quantization: the edit loaded with its denoiser and text encoders quantized (optimum-quanto "
           "int8/int4 on the CPU, bitsandbytes on a GPU); the concept's rate against the unquantized edit's",
-          quick={"levels": "int8"}, vlm=VLM_QUANTIZE)
+          quick={"levels": "int8"}, vlm=VLM_QUANTIZE,
+          step=AttackStep("a sampling step (classifier-free guidance, batch 2, no gradient) of the pipeline loaded "
+                          "int8-quantized (optimum-quanto), against the unquantized pipeline's",
+                          lambda count: {"levels": "int8", "unrelated": NO_UNRELATED}, sampling=True))
 class Quantize(Attack):
     config_class = QuantizeConfig
 
@@ -83,6 +86,9 @@ class Quantize(Attack):
                 # The harness has checked the edits against this base model, as the user allowed (--allow-other-base).
                 apply_edits(quantized, context.edits, allow_other_base=True)
             self.quantized[level] = quantized
+
+    def loaded_pipelines(self) -> dict[str, LoadedPipeline]:
+        return dict(self.quantized)
 
     def run_item(self, context: AttackContext, item: Item) -> Outcome:
         plain = context.generate(item.prompt, item.seed, item.guidance)

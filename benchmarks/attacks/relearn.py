@@ -35,7 +35,7 @@ from erasers.models import LoadedPipeline
 from erasers.precision import autocast, build_optimizer, train_only
 from erasers.train import ParameterState, TrainingLoop
 
-from . import register
+from . import AttackStep, register
 from .concept_images import ConceptExamples, check_image_folder, concept_examples, noised_batch, unique_prompts
 from .harness import Attack, AttackContext
 from .prompts import Item
@@ -89,7 +89,10 @@ TOY_DEFAULTS = {"steps": "0,10,25,50", "lr": 1e-3}
 
 @register("relearn", "Relearning: a few LoRA fine-tuning steps on images of the concept; the concept's rate after "
           "each step count (a curve)", toy_defaults=TOY_DEFAULTS, quick={"steps": "0,2", "image_count": 2},
-          vlm=VLM_RELEARN)
+          vlm=VLM_RELEARN,
+          step=AttackStep("one Adam step of the LoRA adapter (rank 4) on the denoiser's attention projections: the "
+                          "edited denoiser forward and backward at batch 1",
+                          lambda count: {"steps": f"0,{count}", "image_count": 2}))
 class Relearn(Attack):
     config_class = RelearnConfig
 
@@ -111,8 +114,9 @@ class Relearn(Attack):
     def run_item(self, context: AttackContext, item: Item) -> Outcome:
         """The item's prompt after each step count, judged."""
         if self.snapshots is None:  # once, on the erased model, at the first item
+            self.history = []
             self.parameters, self.snapshots = relearn(context.loaded, self.examples, self.config, context.work_dir(),
-                                                      context.progress)
+                                                      context.progress, self.history)
         counts = self.config.step_counts()
         curve, images = [], {}
         for k in counts:
@@ -152,10 +156,12 @@ def attention_projections(loaded: LoadedPipeline) -> list[str]:
 
 
 def relearn(loaded: LoadedPipeline, examples: ConceptExamples, config: RelearnConfig, work_dir=None,
-            progress: bool = True) -> tuple[list[torch.nn.Parameter], dict[int, list[torch.Tensor]]]:
+            progress: bool = True, history: list[dict] | None = None
+            ) -> tuple[list[torch.nn.Parameter], dict[int, list[torch.Tensor]]]:
     """Fine-tune a new LoRA adapter on `loaded`'s denoiser (beside any adapter already active) on `examples`,
     through every step count of `config.steps`; returns the adapter's parameters and their values after each step
-    count (a checkpoint per step count in `work_dir`/ckpt, from which a later run resumes)."""
+    count (a checkpoint per step count in `work_dir`/ckpt, from which a later run resumes). `history`, when a list,
+    gets the training loops' logged steps."""
     denoiser = loaded.denoiser
     active = list(denoiser.active_adapters()) if has_adapters(denoiser) else []
     if ADAPTER_NAME in (getattr(denoiser, "peft_config", None) or {}):
@@ -188,7 +194,9 @@ def relearn(loaded: LoadedPipeline, examples: ConceptExamples, config: RelearnCo
                 loop = TrainingLoop(f"relearn-{count}", count, state, config.seed, work_dir, checkpoint_every=50,
                                     progress=progress)
                 loop.start = max(loop.start, done)  # a step count without a checkpoint of its own goes on from the last
-                loop.run(step)
+                logged = loop.run(step)
+                if history is not None:
+                    history += logged
                 done = count
             snapshots[count] = [parameter.detach().clone() for parameter in parameters]
     finally:

@@ -22,6 +22,7 @@ style."); on other models, PAIR_TEMPLATES filled both ways.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -29,7 +30,7 @@ import torch
 from erasers.models import LoadedPipeline
 from erasers.prompts import EraseRequest
 
-from . import register
+from . import AttackStep, register
 from .harness import Attack, AttackContext, Found, item_generator
 from .prompts import Item
 
@@ -52,7 +53,10 @@ class RingABellConfig:
 
 @register("ringabell", "Ring-A-Bell: a genetic search for tokens whose text-encoder output is the prompt's plus the "
           "concept's direction (text encoder only)", toy_defaults=TOY_DEFAULTS,
-          quick={"tokens": 4, "population": 4, "generations": 2})
+          quick={"tokens": 4, "population": 4, "generations": 2},
+          step=AttackStep("one genetic generation: the base text encoder over the whole population (200 "
+                          "candidates; 24 on the toy), then selection, crossover and mutation",
+                          lambda count: {"generations": count}))
 class RingABell(Attack):
     config_class = RingABellConfig
     needs_base = ("text_encoders",)
@@ -80,7 +84,8 @@ class RingABell(Attack):
             states = encode(loaded, candidate_ids(loaded, candidates), encoders)
             return (states - target).pow(2).flatten(1).sum(-1)
 
-        best, scores = genetic_search(fitness, allowed_ids(loaded), config, generator)
+        self.history = []
+        best, scores = genetic_search(fitness, allowed_ids(loaded), config, generator, self.history)
         name, tokenizer = _searched(loaded)
         prompt = tokenizer.decode(best.tolist(), skip_special_tokens=True).strip()
         image = context.generate(prompt, item.seed, item.guidance)
@@ -147,10 +152,11 @@ def candidate_ids(loaded: LoadedPipeline, candidates: torch.Tensor) -> dict[str,
     return ids
 
 
-def genetic_search(fitness, vocabulary: torch.Tensor, config: RingABellConfig,
-                   generator: torch.Generator) -> tuple[torch.Tensor, list[float]]:
+def genetic_search(fitness, vocabulary: torch.Tensor, config: RingABellConfig, generator: torch.Generator,
+                   history: list[dict] | None = None) -> tuple[torch.Tensor, list[float]]:
     """The genetic algorithm of the module's docstring over `config.tokens` ids drawn from `vocabulary`: (the best
-    candidate, the best fitness of each generation and of the final population)."""
+    candidate, the best fitness of each generation and of the final population). `history`, when a list, gets
+    each generation's {"step", "seconds" since the search started}."""
     size, tokens = config.population, config.tokens
 
     def random_tokens(*shape) -> torch.Tensor:
@@ -158,7 +164,8 @@ def genetic_search(fitness, vocabulary: torch.Tensor, config: RingABellConfig,
 
     population = random_tokens(size, tokens)
     best_scores = []
-    for _ in range(config.generations):
+    started = time.perf_counter()
+    for generation in range(config.generations):
         scores = fitness(population).cpu()
         order = scores.argsort()
         best_scores.append(scores[order[0]].item())
@@ -174,6 +181,8 @@ def genetic_search(fitness, vocabulary: torch.Tensor, config: RingABellConfig,
         slots = torch.randint(tokens, (len(mutating),), generator=generator)
         offspring[mutating, slots] = random_tokens(len(mutating))
         population = torch.cat([survivors, offspring])
+        if history is not None:
+            history.append({"step": generation, "seconds": time.perf_counter() - started})
     scores = fitness(population).cpu()
     best_scores.append(scores.min().item())
     return population[scores.argmin()], best_scores

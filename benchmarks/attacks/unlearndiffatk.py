@@ -28,7 +28,7 @@ from erasers.adversarial import TokenSearch, check_token_room, new_adversary, op
 from erasers.losses import predict_noise
 from erasers.models import LoadedPipeline
 
-from . import register
+from . import AttackStep, register
 from .harness import Attack, AttackContext, Found, draw_targets, generate_from_ids, item_generator
 from .prompts import Item
 
@@ -53,7 +53,9 @@ TOY_ATTACK_DEFAULTS = {"iterations": 20, "check_every": 5}
 
 @register("unlearndiffatk", "UnlearnDiffAtk: adversarial prefix tokens that make the erased model denoise the "
           "original model's image of the prompt (needs the denoiser)", toy_defaults=TOY_ATTACK_DEFAULTS,
-          quick={"tokens": 2, "iterations": 2, "check_every": 1})
+          quick={"tokens": 2, "iterations": 2, "check_every": 1},
+          step=AttackStep("one Adam step on the prefix tokens: the text encoder and the edited denoiser forward and "
+                          "backward at batch 1", lambda count: {"iterations": count, "check_every": count}))
 class UnlearnDiffAtk(Attack):
     config_class = AttackConfig
 
@@ -71,8 +73,10 @@ class UnlearnDiffAtk(Attack):
             readings.append(reading)
             return success
 
+        self.history = []
         found = unlearn_diff_attack(context.loaded, item.prompt, item.seed,
-                                    context.prepared[item.index]["target"], succeeds, self.config, item.guidance)
+                                    context.prepared[item.index]["target"], succeeds, self.config, item.guidance,
+                                    self.history)
         image = found.pop("image")
         success, prompt = found.pop("attack_success"), found["final_prompt"]
         return Found(success, image, prompt, readings[-1], found)
@@ -85,10 +89,10 @@ def encode_image(loaded: LoadedPipeline, image) -> torch.Tensor:
 
 def unlearn_diff_attack(loaded: LoadedPipeline, prompt: str, seed: int, target_latents: torch.Tensor,
                         succeeds: Callable[[object], bool], config: AttackConfig,
-                        guidance: float | None = None) -> dict:
+                        guidance: float | None = None, history: list[dict] | None = None) -> dict:
     """Attack one prompt: optimise `config.tokens` prefix tokens so the loaded (erased) model denoises the
     target latents well; every `check_every` steps, generate the decoded prompt at `seed` (and `guidance`) and
-    stop at the first image `succeeds` accepts."""
+    stop at the first image `succeeds` accepts. `history`, when a list, gets each step's time and loss."""
     generator = item_generator(config.seed, seed)
     unet = loaded.denoiser
     input_ids = prompt_ids(loaded, prompt, config.tokens)
@@ -117,7 +121,7 @@ def unlearn_diff_attack(loaded: LoadedPipeline, prompt: str, seed: int, target_l
         return outcome["attack_success"]
 
     loaded.freeze()
-    search = TokenSearch(optimizer, config.iterations, check=check)
+    search = TokenSearch(optimizer, config.iterations, check=check, history=history)
     losses = optimise_tokens(adversary, loaded, input_ids, loss_fn, search, generator)
     decoded = {name: _decode(loaded, name, ids[0].tolist(), config.tokens) for name, ids in outcome["ids"].items()}
     # The prompt reported is the one the token states are read from (CLIP on SD/SDXL, T5 on Flux).

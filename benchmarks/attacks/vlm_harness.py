@@ -9,7 +9,8 @@ harness.py:
     a set (benchmarks.mllmu_med.evaluate_set: multiple choice, cloze and ROUGE-L, their mean the set's score) and
     kept in OUT.partial/ as it finishes, so an interrupted run resumes at the next item;
  4. the summary (`VLMAttack.summarise`) in results.py's layout: OUT/attack.json, "model_kind": "vlm", the forget
-    set's score in place of a rate.
+    set's score in place of a rate, the questions' seed and data and their scoring; with an edit, each item's
+    forget and retain scores recorded on its model card (benchmarks.card_results.record_vlm_attack).
 
 No edit attacks the base model itself (`erasure vlm robustness`' reference row).
 """
@@ -174,9 +175,13 @@ def run_vlm_attack(name: str, model: str, edit: str | Path | None, concept: str 
         summary = {"attack": name, "model_kind": "vlm", "model": model, "edits": [str(edit)] if edit else [],
                    "concept": concept, "config": dataclasses.asdict(config),
                    "questions": {name: len(items) for name, items in sets.items()}, "n": len(sets["forget"]),
-                   **attack.summarise(records), "items": records}
+                   "seed": run.seed, "data": str(run.data) if run.data else None,
+                   "scoring": dataclasses.asdict(scoring), **attack.summarise(records), "items": records}
         if out is not None:
             write_results(out, summary, store)
+            from benchmarks.card_results import record_vlm_attack
+
+            record_vlm_attack(summary, out)  # on the edit's model card (erasers.cards), as `erasure attack` does
     return summary
 
 

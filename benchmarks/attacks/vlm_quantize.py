@@ -6,8 +6,9 @@ weight updates (arXiv 2410.16454: 4-bit quantization restores much of what LLM u
 
 What is quantized: every linear layer transformers quantizes by default (the language model and the vision tower;
 not the output head). A LoRA edit is merged into the weights first (what a user who quantizes the released model
-quantizes; kept in OUT.partial/merged/ while the run lasts), so its update is rounded with them; a hook edit
-(SAUCE, MLLMEraser) acts through its hooks on the quantized model, its tensors in full precision.
+quantizes; kept in OUT.partial/merged/ while the run lasts, or in a temporary folder removed at its end when the run
+writes nothing), so its update is rounded with them; a hook edit (SAUCE, MLLMEraser) acts through its hooks on the
+quantized model, its tensors in full precision.
 
 Items: the unquantized edit, then each level; each scores the forget and retain sets (`"rate"`: the forget score).
     rate_unquantized, retain_unquantized   the edit as saved
@@ -18,10 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import shutil
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -49,16 +53,24 @@ class VLMQuantize(VLMAttack):
     def run(self, context: VLMAttackContext, pending: set[int]):
         from vlm.edits import applied
 
-        for index, level in enumerate(self.items()):
-            if index not in pending:
-                continue
-            if level == UNQUANTIZED:
-                with applied(context.loaded, context.edit):
-                    scores = context.score()
-            else:
-                with quantized_edit(context, self.config.backend, level) as loaded:
-                    scores = context.score(loaded)
-            yield index, {"level": level, "label": level, **scores}
+        with contextlib.ExitStack() as cleanup:
+            @functools.cache
+            def scratch() -> Path:
+                """OUT.partial/, or (a run that writes nothing) a temporary folder removed when the run ends."""
+                work = context.work_dir()
+                return work if work is not None else \
+                    Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="vlm-quantize-")))
+
+            for index, level in enumerate(self.items()):
+                if index not in pending:
+                    continue
+                if level == UNQUANTIZED:
+                    with applied(context.loaded, context.edit):
+                        scores = context.score()
+                else:
+                    with quantized_edit(context, self.config.backend, level, scratch) as loaded:
+                        scores = context.score(loaded)
+                yield index, {"level": level, "label": level, **scores}
 
     def summarise(self, records: list[dict]) -> dict:
         by_level = {r["level"]: r for r in records}
@@ -71,9 +83,10 @@ class VLMQuantize(VLMAttack):
 
 
 @contextlib.contextmanager
-def quantized_edit(context: VLMAttackContext, backend: str, level: str):
+def quantized_edit(context: VLMAttackContext, backend: str, level: str, scratch: Callable[[], Path]):
     """A LoadedVLM of the edited model quantized at `level` (its processor shared), the edit in it: merged into the
-    weights (a LoRA edit) or hooked on (a hook edit, checked against the unquantized model already)."""
+    weights (a LoRA edit; kept in the folder `scratch()` gives) or hooked on (a hook edit, checked against the
+    unquantized model already)."""
     import transformers
 
     from vlm.edits import ADAPTER, applied
@@ -81,7 +94,7 @@ def quantized_edit(context: VLMAttackContext, backend: str, level: str):
 
     loaded = context.loaded
     merged = context.metadata is not None and ADAPTER in context.metadata["files"]
-    source = merged_weights(context) if merged else resolve_vlm_source(loaded.source)[0]
+    source = merged_weights(context, scratch()) if merged else resolve_vlm_source(loaded.source)[0]
     dtype = next(loaded.model.parameters()).dtype
     placement = {"device_map": {"": str(loaded.device)}} if loaded.device.type == "cuda" else {}
     with warnings.catch_warnings():
@@ -98,17 +111,12 @@ def quantized_edit(context: VLMAttackContext, backend: str, level: str):
             torch.cuda.empty_cache()
 
 
-def merged_weights(context: VLMAttackContext) -> Path:
-    """The edited model with its LoRA adapter merged, saved once in OUT.partial/merged/ (a temporary folder when the
-    run writes nothing); the loaded model is left as it was."""
-    import tempfile
-
+def merged_weights(context: VLMAttackContext, work: Path) -> Path:
+    """The edited model with its LoRA adapter merged, saved once in `work`/merged/ (OUT.partial/, where a resumed
+    run finds it); the loaded model is left as it was."""
     from erasers.files import writing_into
     from vlm.edits import load_adapter
 
-    work = context.work_dir()
-    if work is None:
-        work = Path(tempfile.mkdtemp(prefix="vlm-quantize-"))
     out = work / "merged"
     if (out / "config.json").is_file():
         return out
