@@ -26,17 +26,33 @@ def anchor_prompts(request: EraseRequest, prompts: list[str], anchor: str) -> li
     return request.neutral_prompts(prompts)
 
 
+def images_per_request(per_concept: int, request: EraseRequest) -> int:
+    """A method's image count is per concept, as in the papers (which erase one): a list of concepts draws that many
+    for each, so the last concepts of a long list are not left without images."""
+    return per_concept * len(request.concepts)
+
+
+def prompt_of_each_image(count: int, prompts: int) -> torch.Tensor:
+    """The prompt each of `count` images is drawn for. In turn (image i: prompt i mod n) when every prompt gets one;
+    with fewer images than prompts, spread evenly over the list, whose prompts come concept by concept, so that every
+    concept still gets images (in turn, the concepts at the end of the list would get none)."""
+    if count >= prompts:
+        return torch.arange(count) % prompts
+    return torch.arange(count) * prompts // count
+
+
 @torch.no_grad()
 def draw_anchor_latents(loaded: LoadedPipeline, anchors: list[str], count: int, steps: int, guidance: float,
                         seed: int, cache: Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """`count` latents x_0 the base model draws for the anchor prompts in turn (image i: anchor i mod n, seed
-    seed + i), and the anchor index of each. Kept in `cache` so a resumed run trains on the same images."""
+    """`count` latents x_0 the base model draws for the anchor prompts (image i: seed seed + i, its prompt by
+    `prompt_of_each_image`), and the anchor index of each. Kept in `cache` so a resumed run trains on the same
+    images. The methods pass a count per concept times the number of concepts (`images_per_request`)."""
     from safetensors.torch import load_file, save_file
 
     if cache is not None and cache.exists():
         saved = load_file(cache)
         return saved["latents"].to(loaded.device, loaded.dtype), saved["anchor_index"]
-    index = torch.arange(count) % len(anchors)
+    index = prompt_of_each_image(count, len(anchors))
     loaded.pipeline.set_progress_bar_config(disable=True)
     latents = []
     for start in range(0, count, 16):

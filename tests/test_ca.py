@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from erasers import UsageError, load_pipeline
-from erasers.anchors import anchor_prompts, draw_anchor_latents, noised_anchors
+from erasers.anchors import anchor_prompts, draw_anchor_latents, noised_anchors, prompt_of_each_image
 from erasers.edits import apply_edits, read_edit
 from erasers.losses import predict_noise
 from erasers.methods.ca import ConceptAblation, concept_token_ids
@@ -22,10 +22,31 @@ from erasers.run import erase
 FAST = {"iterations": 4, "batch_size": 2, "anchor_images": 3, "sample_steps": 2, "lr": 1e-2}
 
 
-def erase_with(loaded, options: dict, concept: str = "a star", work_dir=None) -> tuple[ConceptAblation, dict]:
+def erase_with(loaded, options: dict, concept: str | list[str] = "a star", work_dir=None
+               ) -> tuple[ConceptAblation, dict]:
     eraser = ConceptAblation(build_config("ca", toy=False, overrides={**FAST, **options}))
-    components = eraser.erase(loaded, make_request([concept], loaded.tokenizer), work_dir)
+    concepts = [concept] if isinstance(concept, str) else concept
+    components = eraser.erase(loaded, make_request(concepts, loaded.tokenizer), work_dir)
     return eraser, components
+
+
+def test_every_concept_of_a_list_gets_its_anchor_images(tiny_pipeline_dirs, tmp_path):
+    """The image count is per concept: two concepts draw twice the images, each concept's prompts as many as one
+    concept alone. (A fixed total in turn over a long list's prompts, concept by concept, left the last concepts
+    without images: 44 toy images over 9 styles' 99 prompts reached only the first 4 styles.)"""
+    loaded = load_pipeline(str(tiny_pipeline_dirs["sd"]), device="cpu")
+    erase_with(loaded, {"iterations": 1}, ["a star", "a moon"], work_dir=tmp_path)
+    from safetensors.torch import load_file
+    index = load_file(tmp_path / "ca_anchor_latents.safetensors")["anchor_index"]
+    assert len(index) == 2 * FAST["anchor_images"]
+    assert index.bincount().tolist() == [FAST["anchor_images"]] * 2
+
+
+def test_fewer_images_than_prompts_reach_the_end_of_the_list():
+    index = prompt_of_each_image(44, 99)
+    assert len(index) == 44 and index.max() >= 99 - 99 // 44 - 1  # the last concept's prompts are drawn
+    assert all(0 <= i < 99 for i in index.tolist()) and index.tolist() == sorted(set(index.tolist()))
+    assert prompt_of_each_image(44, 11).bincount().tolist() == [4] * 11  # in turn, as before, when all are drawn
 
 
 def test_config_defaults_are_the_papers_and_bad_values_are_refused():

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..anchors import ANCHORS, anchor_prompts, draw_anchor_latents, noised_anchors
+from ..anchors import ANCHORS, anchor_prompts, draw_anchor_latents, images_per_request, noised_anchors
 from ..errors import UsageError
 from ..losses import FrozenOriginal, predict_noise
 from ..models import LoadedPipeline
@@ -61,7 +61,7 @@ class CAConfig:
     prior_weight: float = 0.0          # prior preservation on the anchor images; 0 turns it off
     # "supercategory" or "empty" (erasers.anchors.ANCHORS); --anchor TEXT replaces both.
     anchor: str = "supercategory"
-    anchor_images: int = 1000          # anchor images the base model draws (spread over the anchor prompts)
+    anchor_images: int = 1000          # anchor images the base model draws per concept (over its anchor prompts)
     sample_steps: int = 25             # their sampling steps and guidance
     sample_guidance: float = 6.0
     seed: int = 0
@@ -143,7 +143,8 @@ class ConceptAblation(Eraser):
             concept_states = loaded.encode_text(prompts)
             anchor_states = loaded.encode_text(anchors)
         images, image_anchor = draw_anchor_latents(
-            loaded, anchors, cfg.anchor_images, cfg.sample_steps, cfg.sample_guidance, cfg.seed,
+            loaded, anchors, images_per_request(cfg.anchor_images, request), cfg.sample_steps, cfg.sample_guidance,
+            cfg.seed,
             Path(work_dir) / "ca_anchor_latents.safetensors" if work_dir is not None else None)
         # On the embedding rows the decay is masked_update's, which spares the rows that do not train.
         optimizer = build_optimizer(loaded, parameters, cfg.lr, weight_decay=0 if on_embedding else cfg.weight_decay)

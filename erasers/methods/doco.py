@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from diffusers.optimization import get_scheduler
 from torch import nn
 
-from ..anchors import ANCHORS, anchor_prompts, draw_anchor_latents, noised_anchors
+from ..anchors import ANCHORS, anchor_prompts, draw_anchor_latents, images_per_request, noised_anchors
 from ..errors import UsageError
 from ..losses import FrozenOriginal, esd_target, predict_noise
 from ..models import LoadedPipeline
@@ -78,7 +78,7 @@ class DoCoConfig:
     # "supercategory": each sensitive prompt with the concept replaced by its supercategory word ("A object image
     # in Flat style."); "empty": the empty prompt. --anchor TEXT replaces both.
     anchor: str = "supercategory"
-    anchor_images: int = 200           # anchor images the base model draws (spread over the anchor prompts)
+    anchor_images: int = 200           # anchor images the base model draws per concept (over its anchor prompts)
     # x_t for the ablation: "anchor", noised anchor images (the paper); "both", also as many images the base model
     # draws for the sensitive prompts, so the edit is trained where sampling with them goes (NOTES.md, DoCo).
     training_images: str = "anchor"
@@ -209,12 +209,13 @@ class DoCo(Eraser):
             concept_states = loaded.encode_text(prompts)
             anchor_states = loaded.encode_text(anchors)
             retain_states = loaded.encode_text(retained)
+        count = images_per_request(cfg.anchor_images, request)
         images, image_anchor = draw_anchor_latents(
-            loaded, anchors, cfg.anchor_images, cfg.sample_steps, cfg.sample_guidance, cfg.seed,
+            loaded, anchors, count, cfg.sample_steps, cfg.sample_guidance, cfg.seed,
             Path(work_dir) / "anchor_latents.safetensors" if work_dir is not None else None)
         if cfg.training_images == "both":  # index i of a concept image is prompt i's, so it pairs with anchor i
             concept_images, concept_index = draw_anchor_latents(
-                loaded, prompts, cfg.anchor_images, cfg.sample_steps, cfg.sample_guidance, cfg.seed,
+                loaded, prompts, count, cfg.sample_steps, cfg.sample_guidance, cfg.seed,
                 Path(work_dir) / "concept_latents.safetensors" if work_dir is not None else None)
             images, image_anchor = torch.cat([images, concept_images]), torch.cat([image_anchor, concept_index])
         adapter = loaded.adapter

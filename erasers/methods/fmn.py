@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..anchors import draw_anchor_latents
+from ..anchors import draw_anchor_latents, images_per_request
 from ..attention_maps import POSITIONS, ConceptAttention, concept_positions, key_positions, spellings
 from ..errors import UsageError
 from ..losses import predict_noise
@@ -56,7 +56,7 @@ class FMNConfig:
     lr: float = 2e-6
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0         # 0: no clipping
-    concept_images: int = 10           # images of the concept the base model draws (spread over its prompts)
+    concept_images: int = 10           # images the base model draws per concept (spread over its prompts)
     # Off a concept vocabulary, which template prompts the concept: "object" ("a photo of {c}") or "style".
     concept_type: str = "object"
     # The key positions re-steered: "concept", its tokens (the paper); "concept+end", and the end token (the
@@ -166,7 +166,8 @@ class ForgetMeNot(Eraser):
         unet, adapter = loaded.denoiser, loaded.adapter
         prompts = fmn_prompts(request, cfg.concept_type)
         images, image_prompt = draw_anchor_latents(
-            loaded, prompts, cfg.concept_images, cfg.sample_steps, cfg.sample_guidance, cfg.seed,
+            loaded, prompts, images_per_request(cfg.concept_images, request), cfg.sample_steps, cfg.sample_guidance,
+            cfg.seed,
             Path(work_dir) / "concept_latents.safetensors" if work_dir is not None else None)
         loaded.freeze()
         name = adapter.token_states_encoder

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..anchors import anchor_prompts, draw_anchor_latents, noised
+from ..anchors import anchor_prompts, draw_anchor_latents, images_per_request, noised
 from ..errors import UsageError
 from ..files import save_atomically
 from ..losses import predict_noise
@@ -68,7 +68,7 @@ class SalUnConfig:
     epochs: int = 5
     # > 0: this many steps instead of epochs x ceil(forget_images / batch_size) (the benchmarks' short runs)
     iterations: int = field(default=0, metadata={"min": 0})
-    forget_images: int = 256           # images of the concept the base model draws (spread over its prompts)
+    forget_images: int = 256           # images the base model draws per concept (spread over its prompts)
     retain_images: int = 256
     sample_steps: int = 50             # their sampling steps and guidance
     sample_guidance: float = 7.5
@@ -190,8 +190,9 @@ class SalUn(Eraser):
         def cache(name):
             return Path(work_dir) / name if work_dir is not None else None
 
-        forget, forget_prompt = draw_anchor_latents(loaded, prompts, cfg.forget_images, cfg.sample_steps,
-                                                    cfg.sample_guidance, cfg.seed, cache("forget_latents.safetensors"))
+        forget, forget_prompt = draw_anchor_latents(loaded, prompts, images_per_request(cfg.forget_images, request),
+                                                    cfg.sample_steps, cfg.sample_guidance, cfg.seed,
+                                                    cache("forget_latents.safetensors"))
         retain, retain_prompt = draw_anchor_latents(loaded, retained, cfg.retain_images, cfg.sample_steps,
                                                     cfg.sample_guidance, cfg.seed + cfg.forget_images,
                                                     cache("retain_latents.safetensors"))
