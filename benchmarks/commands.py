@@ -91,6 +91,22 @@ def add_vlm_commands(vlm_commands) -> None:
     add_vlm_robustness_command(vlm_commands)
 
 
+def vlm_evaluation_arguments(parser, part: str) -> None:
+    """The arguments both MLLMU commands take: the model and edit ("head"), then decoding, device, precision and
+    output ("tail"), so that their help lists them in the same order around each command's own."""
+    if part == "head":
+        parser.add_argument("--model", default="toy-vlm")
+        add_edit_arguments(parser, "edit directory (leave out to evaluate the base model alone)",
+                           inputs.VLM_EDIT_DIR, repeat=False)
+        return
+    parser.add_argument("--max-new-tokens", type=inputs.POSITIVE, default=50)
+    parser.add_argument("--batch-size", type=inputs.POSITIVE, default=32)
+    parser.add_argument("--device")
+    add_precision_argument(parser)
+    parser.add_argument("--out", help="directory for results.json and report.md")
+    parser.set_defaults(run=cmd_bench_mllmu_med)
+
+
 def add_commands(commands) -> None:
     """`compare`, `attack`, `toy` and `bench`, added to the `erasure` parser's subcommands."""
     compare = commands.add_parser("compare", help="before/after grid and UA/IRA/CRA table of an edit")
@@ -124,24 +140,15 @@ def add_commands(commands) -> None:
     bench = commands.add_parser("bench", help="benchmarks")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True)
     med = bench_commands.add_parser("mllmu-med", help="forget / test / retain accuracy, ROUGE-L and UES of a VLM edit")
-    med.add_argument("--model", default="toy-vlm")
-    add_edit_arguments(med, "edit directory (leave out to evaluate the base model alone)", inputs.VLM_EDIT_DIR,
-                       repeat=False)
+    vlm_evaluation_arguments(med, "head")
     med.add_argument("--concept", help="ToyCanvas object or forget_5/10/15 (default: the edit's)")
     med.add_argument("--data", type=inputs.MLLMU_DATA_DIR, help="MLLMU-Bench layout directory (default: the toy "
                      "world's MLLMU-Med)")
-    med.add_argument("--max-new-tokens", type=inputs.POSITIVE, default=50)
-    med.add_argument("--batch-size", type=inputs.POSITIVE, default=32)
-    med.add_argument("--device")
-    add_precision_argument(med)
-    med.add_argument("--out", help="directory for results.json and report.md")
-    med.set_defaults(run=cmd_bench_mllmu_med)
+    vlm_evaluation_arguments(med, "tail")
 
     bench = bench_commands.add_parser("mllmu", help="MLLMU-Bench as published (eval.py's prompts and few-shot "
                                       "examples): forget / test / retain / Retain_Set, image+text and text-only apart")
-    bench.add_argument("--model", default="toy-vlm")
-    add_edit_arguments(bench, "edit directory (leave out to evaluate the base model alone)", inputs.VLM_EDIT_DIR,
-                       repeat=False)
+    vlm_evaluation_arguments(bench, "head")
     bench.add_argument("--concept", help="forget_5, forget_10 or forget_15 (default: the edit's)")
     bench.add_argument("--data", type=inputs.MLLMU_DATA_DIR, required=True, help="the MLLMU-Bench release's "
                        "directory: forget_N/, retain_M/, Test_Set/, Retain_Set/ (Full_Set/ for the examples)")
@@ -150,10 +157,5 @@ def add_commands(commands) -> None:
                        "each multiple-choice and cloze question (eval.py: 2 for LLaVA, 1 for idefics2)")
     bench.add_argument("--seed", type=inputs.SEED, default=0, help="seed of the examples and of each Test_Set "
                        "row's image")
-    bench.add_argument("--max-new-tokens", type=inputs.POSITIVE, default=50)
-    bench.add_argument("--batch-size", type=inputs.POSITIVE, default=32)
-    bench.add_argument("--device")
-    add_precision_argument(bench)
-    bench.add_argument("--out", help="directory for results.json and report.md")
-    bench.set_defaults(run=cmd_bench_mllmu_med)
+    vlm_evaluation_arguments(bench, "tail")
     add_bench_commands(bench_commands)

@@ -144,7 +144,6 @@ def run_robustness(run: RobustnessRun, edit: str | Path, attacks: str | None, ou
     """Every chosen attack on the edit and on the base model into `out` (the module's docstring), and the report."""
     from erasers.edits import read_edit
     from erasers.models import is_toy_model
-    from erasers.outputs import claim_output_dir, claimed_output_dir
 
     metadata = read_edit(edit)
     chosen = choose_attacks(attacks, edit, metadata)
@@ -161,17 +160,28 @@ def run_robustness(run: RobustnessRun, edit: str | Path, attacks: str | None, ou
         attack_config(run, attack)  # every option checked before the first attack runs
     settings = {"model": run.model, "edit": str(edit), "concept": run.concept, "prompts": run.count,
                 "seed": run.seed, "judge": run.judge_spec}
+    return fill_report(out, settings, {"method": metadata.get("method")}, chosen, edit,
+                       lambda attack, row, target, where: attack_once(run, attack, [target] if target else [], where))
+
+
+def fill_report(out: str | Path, settings: dict, header: dict, chosen: list[str], edit: str | Path,
+                attack_row) -> dict:
+    """The report both sides write: each chosen attack run by `attack_row(attack, row, target, folder)` (target the
+    edit, or None for the base row) into OUT/ATTACK/ROW, the manifest rewritten after each so an interrupted run
+    resumes, then the report files and the figures on the edit's card. A manifest of other settings is refused."""
+    from erasers.outputs import claim_output_dir, claimed_output_dir
+
     out = claim_output_dir(out, MANIFEST, create=False)
     report = read_json(out / MANIFEST, f"delete {out} to start again") if (out / MANIFEST).is_file() else {}
     if report and report.get("settings") != settings:
         raise UsageError(f"--out {out} holds a robustness report made with other settings ({report.get('settings')})"
                          "; choose a new --out")
-    report = {"settings": settings, "method": metadata.get("method"), "rows": report.get("rows", {}), "details": {}}
+    report = {**header, "settings": settings, "rows": report.get("rows", {}), "details": {}}
     with claimed_output_dir(out, MANIFEST) as out:
         for attack in chosen:
             (out / attack).mkdir(exist_ok=True)
-            for row, edits in zip(ROWS, ([], [edit])):
-                summary = attack_once(run, attack, edits, out / attack / row)
+            for row, target in zip(ROWS, (None, edit)):
+                summary = attack_row(attack, row, target, out / attack / row)
                 report["rows"].setdefault(row, {})[attack] = headline(summary)
                 report["details"].setdefault(row, {})[attack] = details(summary)
                 write_atomically(out / MANIFEST, json.dumps(report, indent=2))

@@ -14,9 +14,9 @@ import json
 from pathlib import Path
 
 from erasers.errors import UsageError
-from erasers.files import read_json, write_atomically
+from erasers.files import read_json
 
-from .robustness import MANIFEST, ROWS, attack_options, details, headline, table, write_report
+from .robustness import attack_options, fill_report, table
 
 
 @dataclasses.dataclass
@@ -75,7 +75,6 @@ def attack_once(run: VLMRobustnessRun, attack: str, edit: str | Path | None, con
 
 def run_vlm_robustness(run: VLMRobustnessRun, edit: str | Path, attacks: str | None, out: str | Path) -> dict:
     """Every chosen attack on the VLM edit and on the base model into `out`, and the report."""
-    from erasers.outputs import claim_output_dir, claimed_output_dir
     from vlm.edits import read_vlm_edit
 
     chosen = choose_vlm_attacks(attacks, edit)
@@ -89,28 +88,9 @@ def run_vlm_robustness(run: VLMRobustnessRun, edit: str | Path, attacks: str | N
         vlm_attack_config(attack, run.model, run.options.get(attack), run.device)  # all before the first runs
     settings = {"model": run.model, "edit": str(edit), "concept": metadata["concept"],
                 "questions": run.count or DEFAULT_QUESTIONS, "seed": run.seed, "data": run.data}
-    out = claim_output_dir(out, MANIFEST, create=False)
-    report = read_json(out / MANIFEST, f"delete {out} to start again") if (out / MANIFEST).is_file() else {}
-    if report and report.get("settings") != settings:
-        raise UsageError(f"--out {out} holds a robustness report made with other settings ({report.get('settings')})"
-                         "; choose a new --out")
-    report = {"model_kind": "vlm", "settings": settings, "method": metadata["method"],
-              "rows": report.get("rows", {}), "details": {}}
-    with claimed_output_dir(out, MANIFEST) as out:
-        for attack in chosen:
-            (out / attack).mkdir(exist_ok=True)
-            for row, target in zip(ROWS, (None, edit)):
-                summary = attack_once(run, attack, target, metadata["concept"], out / attack / row)
-                report["rows"].setdefault(row, {})[attack] = headline(summary)
-                report["details"].setdefault(row, {})[attack] = details(summary)
-                write_atomically(out / MANIFEST, json.dumps(report, indent=2))
-        report["attacks"] = chosen
-        write_report(report, out)
-        write_atomically(out / MANIFEST, json.dumps(report, indent=2))
-    from benchmarks.card_results import record_robustness
-
-    record_robustness(report, edit, out)
-    return report
+    return fill_report(out, settings, {"model_kind": "vlm", "method": metadata["method"]}, chosen, edit,
+                       lambda attack, row, target, where: attack_once(run, attack, target, metadata["concept"],
+                                                                      where))
 
 
 def cmd_vlm_robustness(args) -> None:
