@@ -123,14 +123,14 @@ def main(argv: list[str] | None = None) -> None:
             seconds = time.time() - started
             edited = evaluate_target(loaded, target, out, cfg, progress=True)
             edited_held = evaluate_target(loaded, held, out, cfg, progress=True)
+            held_ues = unlearning_efficiency(entry["base_heldout"], edited_held)
             entry["methods"][label] = {"method": method, "options": options, "seconds": round(seconds, 1),
                                        "edited": edited,
                                        "unlearning_efficiency": unlearning_efficiency(entry["base"], edited),
-                                       "heldout": {"edited": edited_held, "unlearning_efficiency": unlearning_efficiency(
-                                           entry["base_heldout"], edited_held)}}
+                                       "heldout": {"edited": edited_held, "unlearning_efficiency": held_ues}}
             save_json(results, results_file)
-            print(label, concept, {k: (edited[k]["score"], edited_held[k]["score"]) for k in ("forget", "test", "retain")},
-                  flush=True)
+            scores = {k: (edited[k]["score"], edited_held[k]["score"]) for k in ("forget", "test", "retain")}
+            print(label, concept, "(own, held-out wordings)", scores, flush=True)
     write_atomically(TABLE, markdown(results))
     save_json(results, TABLE.with_suffix(".json"))  # every figure, with example answers, beside the table
     print(TABLE.read_text())

@@ -14,7 +14,7 @@ import zlib
 from pathlib import Path
 
 from vlm.forward import Item
-from vlm.mllmu import IMAGE_TEXTUAL, QA, cloze_prompt, multiple_choice_prompt, read_split
+from vlm.mllmu import IMAGE_TEXTUAL, cloze_prompt, multiple_choice_prompt, read_split
 
 from .world import COUNT_WORDS
 

@@ -38,7 +38,8 @@ from .phases import stage_train
 from .wordings import stage_wordings
 
 STAGE_RUNNERS = {"world": stage_world, "tokenizer": stage_tokenizer, "features": stage_features, "train": stage_train,
-                 "options": stage_options, "wordings": stage_wordings, "export": stage_export, "evaluate": stage_evaluate}
+                 "options": stage_options, "wordings": stage_wordings, "export": stage_export,
+                 "evaluate": stage_evaluate}
 STAGES = tuple(STAGE_RUNNERS)
 
 

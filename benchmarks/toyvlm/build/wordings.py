@@ -47,7 +47,8 @@ CANVAS_FRAMES = {
     },
     "color": {
         "generation": ("What colour is the {shape} in {image}?", "What color is the {shape} in {image}?",
-                       "Which colour does the {shape} in {image} have?", "What is the colour of the {shape} in {image}?",
+                       "Which colour does the {shape} in {image} have?",
+                       "What is the colour of the {shape} in {image}?",
                        "Which color is the {shape} shown in {image}?", "Name the colour of the {shape} in {image}."),
         "mask": ("The {shape} in {image} is __.", "The colour of the {shape} in {image} is __.",
                  "The color of the {shape} in {image} is __.", "The {shape} in {image} is coloured __."),
@@ -128,8 +129,8 @@ def reworded(scope: str, fact: str, task: str, values: dict[str, str], row_id: s
 
 
 def wording_rows(cfg: ToyVLMConfig, rows: dict[str, list[dict]], generator: torch.Generator):
-    """One step's Packer rows (image rows, text rows) of reworded open questions: ToyCanvas images, patient scans (any training view) and
-    patients by name, each question a fact and a wording drawn at random."""
+    """One step's Packer rows (image rows, text rows) of reworded open questions: ToyCanvas images, patient scans
+    (any training view) and patients by name, each question a fact and a wording drawn at random."""
     wordings = training_wordings()
 
     def draw(n: int) -> int:
