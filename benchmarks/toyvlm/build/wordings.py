@@ -27,8 +27,9 @@ from .options import lookup_rows
 from .phases import answer_loss, pooled_mean, run_phase, save_trained, training_setup
 from .pools import draw_rows
 
-IMAGES = ("this image", "this picture", "the image", "the picture", "this drawing", "the drawing")
-SHAPES = ("object", "shape", "figure", "symbol", "thing")
+IMAGES = ("this image", "this picture", "the image", "the picture", "this drawing", "the drawing", "this canvas",
+          "the canvas")
+SHAPES = ("object", "shape", "figure", "symbol", "thing", "item")
 CANVAS_FRAMES = {
     "object": {
         "generation": ("What {shape} is in {image}?", "Which {shape} is shown in {image}?",
@@ -174,6 +175,9 @@ def stage_wordings(cfg: ToyVLMConfig) -> None:
     model.model.vision_tower.requires_grad_(False)
     setup = training_setup(cfg, model.config.image_seq_length)
     rows = load_rows(cfg)
+    # Training wordings asked about fixed images, logged beside the old sets' accuracy as `acc_wordings`.
+    fixed = wording_rows(cfg, rows, torch.Generator().manual_seed(cfg.seed + 4))
+    setup.checks["wordings"] = [sample for _, questions in fixed[0] + fixed[1] for sample, _ in questions]
     old_cfg = dataclasses.replace(cfg, patient_rows=cfg.wording_old_rows, canvas_rows=cfg.wording_old_rows,
                                   text_rows=cfg.wording_old_rows)
 
