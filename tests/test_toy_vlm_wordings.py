@@ -72,6 +72,10 @@ def test_held_out_wordings_are_not_trained_on():
                 for w in table.values()}
     held = [w for wordings in HELDOUT_WORDINGS.values() for w in wordings] + list(OBJECT_WORDINGS + OBJECT_CLOZE)
     assert held and not [w for w in held if w.lower() in trained]
+    # Nor are the test set's paraphrases (the MLLMU-Med and ToyCanvas test sets ask in them).
+    from benchmarks.toyvlm.build.wordings import test_set_wordings
+
+    assert not test_set_wordings() & {w.lower() for wordings in training_wordings().values() for w in wordings}
     # Every question type of the world has held-out wordings, open and cloze.
     assert {(scope, fact) for scope, fact, _ in HELDOUT_WORDINGS} == {(scope, fact) for scope, fact, _ in
                                                                       training_wordings()}

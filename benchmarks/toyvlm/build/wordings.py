@@ -20,6 +20,7 @@ import torch
 
 from vlm.mllmu import IMAGE_TEXTUAL, PURE_TEXT, QA, cloze_prompt
 
+from .. import world
 from ..world import CANVAS_FACTS, COUNT_WORDS, FACTS
 from .batches import Sample
 from .config import ToyVLMConfig
@@ -95,10 +96,24 @@ def _fill(frame: str, **slots: str) -> str:
     return frame.format(**slots, **{_capital(k): _capital(v) for k, v in slots.items()})
 
 
+def test_set_wordings() -> set[str]:
+    """The world's test-set paraphrases, lower-cased: the test set measures new wordings too, so none is trained."""
+    tables = (world.CANVAS_PARAPHRASES, world.CANVAS_CLOZE_PARAPHRASES, world.IMAGE_PARAPHRASES,
+              world.IMAGE_CLOZE_PARAPHRASES, world.TEXT_PARAPHRASES, world.TEXT_CLOZE_PARAPHRASES)
+    return {wording.lower() for table in tables for wording in table.values()}
+
+
 @cache
 def training_wordings() -> dict[tuple[str, str, str], tuple[str, ...]]:
     """{(scope, fact, task): wordings}: scope "canvas", "patient_image" or "patient_text", task "generation" or
-    "mask" (cloze, with "__"). Patient text wordings keep "{name}" or "{address}" to fill."""
+    "mask" (cloze, with "__"). Patient text wordings keep "{name}" or "{address}" to fill. The test set's
+    paraphrases are left out."""
+    composed = _composed_wordings()
+    excluded = test_set_wordings()
+    return {key: tuple(w for w in wordings if w.lower() not in excluded) for key, wordings in composed.items()}
+
+
+def _composed_wordings() -> dict[tuple[str, str, str], tuple[str, ...]]:
     out = {}
     for fact, tasks in CANVAS_FRAMES.items():
         for task, frames in tasks.items():
