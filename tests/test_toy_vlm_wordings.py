@@ -150,12 +150,13 @@ def test_wordings_stage_resumes(tmp_path, monkeypatch):
         wordings.stage_wordings(dataclasses.replace(cfg, build_dir=str(build)))
         return load_file(build / "wordings" / "model.safetensors")
 
+    # wording_rows is called once for the fixed evaluation set, then once a step.
     straight = run("straight")
-    assert len(steps_run) == 4
+    assert len(steps_run) == 1 + 4
     with pytest.raises(RuntimeError, match="interrupted"):
-        run("resumed", crash_at=3)
+        run("resumed", crash_at=1 + 3)
     resumed = run("resumed")
-    assert len(steps_run) == 2, "the run resumed from its step-2 checkpoint"
+    assert len(steps_run) == 1 + 2, "the run resumed from its step-2 checkpoint"
     assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
     logged = [json.loads(line) for line in (tmp_path / "resumed" / "logs" / "toy-vlm-eval.jsonl").read_text()
               .splitlines()]
