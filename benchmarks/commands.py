@@ -45,6 +45,8 @@ def cmd_toy_build_vlm(args) -> None:
         raise UsageError(f"unknown stage {unknown[0]!r}; stages are {', '.join(toy.STAGES)}")
     config = toy.ToyVLMConfig(build_dir=args.build_dir, threads=args.threads)
     prepare_build_dir(config.build_dir, args.restart)
+    if args.from_shipped:
+        toy.seed_from_shipped(config)
     toy.run(config, tuple(args.stages or toy.STAGES))
 
 
@@ -135,6 +137,8 @@ def add_commands(commands) -> None:
     build_vlm.add_argument("--threads", type=inputs.POSITIVE, help="torch CPU threads (1 is fastest on a busy "
                            "machine)")
     build_vlm.add_argument("--restart", action="store_true", help="discard training checkpoints; start from step 0")
+    build_vlm.add_argument("--from-shipped", action="store_true", help="start from the shipped model (its tokenizer "
+                           "and weights as phase 3's output) to run the later stages only: wordings export evaluate")
     build_vlm.set_defaults(run=cmd_toy_build_vlm)
 
     bench = commands.add_parser("bench", help="benchmarks")

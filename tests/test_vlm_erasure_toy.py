@@ -61,3 +61,26 @@ def test_mllmeraser_drops_the_erased_objects_multiple_choice_more_than_others(to
         edited = {name: evaluate_set(loaded, items, EVAL)["mc"] for name, items in choice.items()}
     drop = {name: base[name] - edited[name] for name in base}
     assert drop["forget"] > drop["retain"] + 0.3, (base, edited)
+
+
+@pytest.mark.slow
+def test_kl_forgets_the_patients_of_forget_10_and_keeps_the_rest(tmp_path):
+    """The privacy scenario: KL with its toy defaults (profile_steps on a split of profiles) takes the forget_10
+    patients' score down and keeps the other patients'."""
+    import torch
+
+    from vlm.models import load_vlm
+    from vlm.run import erase_loaded
+    from vlm.targets import resolve_target
+
+    torch.manual_seed(0)
+    loaded = load_vlm("toy-vlm", device="cpu")
+    target = resolve_target("forget_10")
+    rng = random.Random(0)
+    sets = {"forget": rng.sample(target.forget, 90), "retain": rng.sample(target.retain, 120)}
+    base = {name: evaluate_set(loaded, items, EVAL)["score"] for name, items in sets.items()}
+    edit = erase_loaded(loaded, "kl", "forget_10", tmp_path / "kl")
+    with applied(loaded, edit):
+        edited = {name: evaluate_set(loaded, items, EVAL)["score"] for name, items in sets.items()}
+    assert edited["forget"] <= 0.65 * base["forget"], (base, edited)
+    assert edited["retain"] >= 0.8 * base["retain"], (base, edited)

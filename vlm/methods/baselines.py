@@ -32,6 +32,10 @@ LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_p
 @dataclass
 class FineTuneConfig:
     steps: int = 100
+    # Steps on a split of profiles (forget_N) instead of `steps`; None: `steps`. The toy VLM's patients are
+    # memorised to a near-zero loss and share most answer values with the retain patients, so they take several
+    # times the steps that erase a ToyCanvas object (vlm/README, "What the VLM table shows").
+    profile_steps: int | None = None
     batch_size: int = 8
     lr: float = 5e-4
     lora_r: int = 16
@@ -108,7 +112,8 @@ class FineTuneBaseline(VLMEraser):
             return {"loss": loss.item(), **metrics}
 
         state = {"adapter": AdapterState(model), "optimiser": optimiser}
-        loop = TrainingLoop(type(self).__name__.lower(), cfg.steps, state, cfg.seed, work_dir,
+        steps = cfg.profile_steps if target.kind == "profiles" and cfg.profile_steps else cfg.steps
+        loop = TrainingLoop(type(self).__name__.lower(), steps, state, cfg.seed, work_dir,
                             checkpoint_every=cfg.checkpoint_every)
         try:
             history = loop.run(step)
@@ -137,8 +142,10 @@ class GradDiff(FineTuneBaseline):
         return -nll_f + self.config.retain_weight * nll_r, {"nll_f": nll_f.item(), "nll_r": nll_r.item()}
 
 
+# Toy: the KL term weighted 5 keeps the star's retain at 85% (74% at 1); the patients take 200 steps, with retain
+# weighted 1.5 (benchmarks/results/NOTES.md, "Why no method forgot the toy's patients").
 @register_vlm("kl", "ascent on forget, descent and KL to the base model on retain (LoRA)",
-              toy_defaults={"steps": 40, "lr": 1e-3})
+              toy_defaults={"steps": 40, "lr": 1e-3, "kl_weight": 5.0, "retain_weight": 1.5, "profile_steps": 200})
 class KLMinimisation(FineTuneBaseline):
     uses_retain = True
 

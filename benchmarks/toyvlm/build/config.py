@@ -1,4 +1,4 @@
-"""The toy VLM's build settings: its size, the batches, and the three training phases' schedules (phase 3's
+"""The toy VLM's build settings: its size, the batches, and the four training phases' schedules (phase 3's
 comment says why it exists)."""
 
 from __future__ import annotations
@@ -62,6 +62,16 @@ class ToyVLMConfig:
     option_probe_layer: int = 4
     option_probe_weight: float = 1.0
     lookup_rows: int = 2
+    # Phase 4 ("wordings", build/wordings.py says why): per step, fewer of phase 3's rows (`wording_old_rows`
+    # patient and ToyCanvas image rows, as many text rows, and the lookups) plus rows of open questions in wordings
+    # composed from frames, nouns and image references, on a fresh one-cycle schedule at a lower rate.
+    wording_steps: int = 800
+    wording_old_rows: int = 4
+    wording_lr: float = 5e-4
+    wording_canvas_rows: int = 6
+    wording_patient_rows: int = 4
+    wording_text_rows: int = 2
+    wording_weight: float = 1.0
     checkpoint_every: int = 250
     eval_every: int = 500
     eval_items: int = 200

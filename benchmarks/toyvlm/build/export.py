@@ -32,7 +32,7 @@ def stage_export(cfg: ToyVLMConfig) -> None:
     from ...toycanvas.build.export import declare_float32
 
     tokenizer = load_tokenizer(cfg)
-    model = LlavaForConditionalGeneration.from_pretrained(Path(cfg.build_dir) / "options", dtype=torch.float32)
+    model = LlavaForConditionalGeneration.from_pretrained(Path(cfg.build_dir) / "wordings", dtype=torch.float32)
     final = Path(cfg.out_dir)
     with writing_into(final, replace=True) as tmp:  # a rebuild replaces the shipped model
         model.to(torch.float16).save_pretrained(tmp)
