@@ -1,7 +1,6 @@
-"""`erasure bench toycanvas | unlearncanvas | i2p`: their options and commands. Each validates everything that can be
-checked before a model loads (so bad input writes nothing), then runs: on this process, over N with accelerate
-(`--processes N`), or as cluster jobs (`--launcher slurm`, benchmarks.cluster); `--report` merges finished runs
-instead (benchmarks.merge)."""
+"""`erasure bench toycanvas | unlearncanvas | i2p`: options and commands. Each checks all it can before a model loads
+(bad input writes nothing), then runs: on this process, over N with accelerate (`--processes N`), or as cluster jobs
+(`--launcher slurm`, benchmarks.cluster); `--report` merges finished runs instead (benchmarks.merge)."""
 
 from __future__ import annotations
 
@@ -205,17 +204,16 @@ def cmd_bench_toycanvas(args) -> None:
     methods = parse_methods(args.methods) if args.methods else []
     bench = toycanvas_benchmark(_csv(args.objects), _csv(args.styles), tuple(args.seeds), not args.no_fid,
                                 args.device)
-    bench.allow_other_base = args.allow_other_base
+    bench.allow_other_base, bench.attacks = args.allow_other_base, tuple(check_attacks(args.attacks))
+    bench.attack_prompts = args.attack_prompts
     concepts = [bench.canonical(c) for c in _concepts(args)]
     sequence = read_sequence(bench, args.sequence) if args.sequence else []
-    attacks = check_attacks(args.attacks)
     plan_edits(bench, methods, concepts, args.edit or [], out, sequence)  # every check before anything is written
     with _claim_out(out, bench.jobs()):
         if _maybe_relaunch(args, ["bench", "toycanvas"]):
             return
         results = _run(args, ["bench", "toycanvas"], out, lambda runner: run(
-            bench, methods, concepts, args.edit or [], out, runner, args.batch_size, sequence=sequence,
-            attacks=attacks, attack_prompts=args.attack_prompts))
+            bench, methods, concepts, args.edit or [], out, runner, args.batch_size, sequence=sequence))
     _print_result(results, out)
 
 

@@ -77,10 +77,10 @@ def cmd_bench_mllmu_med(args) -> None:
     from benchmarks.mllmu_med import EvalConfig, report_markdown, run
 
     published = args.bench_command == "mllmu"
-    cfg = EvalConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                     **({"shots": args.shots, "seed": args.seed} if published else {}))
+    cfg = EvalConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, benchmark=args.bench_command,
+                     precision=args.precision, **({"shots": args.shots, "seed": args.seed} if published else {}))
     result = run(args.model, args.concept, args.edit, args.data, args.out, cfg, args.device,
-                 allow_other_base=args.allow_other_base, benchmark=args.bench_command, precision=args.precision)
+                 allow_other_base=args.allow_other_base)
     print(report_markdown(result))
     if args.out:
         print(f"wrote {args.out}/results.json and {args.out}/report.md")

@@ -77,6 +77,10 @@ class Benchmark:
     # What identifies the classifier and the data ({"classifier": digest, ...}), recorded in results.json so that
     # `--report` merges only runs of one protocol (benchmarks.merge).
     fingerprint: Callable[[], dict] | None = None
+    # Robustness columns (benchmarks.bench_attacks, on the main process): the attacks run on every edit and on the base
+    # model, and their prompts per attack (None: each attack's toy default).
+    attacks: tuple[str, ...] = ()
+    attack_prompts: int | None = None
 
     def concept_kind(self, concept: str) -> str:
         if concept in self.objects:
@@ -236,12 +240,10 @@ def load_for_benchmark(bench: Benchmark, edit: Edit | None):
 
 def run(bench: Benchmark, methods: list[str], concepts: list[str], given_edits: list[str], out: str | Path,
         runner: Runner | None = None, batch_size: int = 16, method_options: dict | None = None,
-        sequence: list[str] | tuple[str, ...] = (), attacks: list[str] | tuple[str, ...] = (),
-        attack_prompts: int | None = None) -> dict | None:
+        sequence: list[str] | tuple[str, ...] = ()) -> dict | None:
     """The whole benchmark; returns results (on the main process; None on the others). An edit that makes no
     usable images is a row marked failed (benchmarks.failures), found as early as it can be. With `sequence`, each
-    method also erases it in sequence (benchmarks.sequence); with `attacks`, robustness columns
-    (benchmarks.bench_attacks, on the main process)."""
+    method also erases it in sequence (benchmarks.sequence); with `bench.attacks`, robustness columns."""
     out = Path(out)
     runner = runner or Runner(out)
     processes = runner.processes
@@ -291,10 +293,10 @@ def run(bench: Benchmark, methods: list[str], concepts: list[str], given_edits: 
     if not processes.is_main:
         return None
     results = collect(bench, runner, sets, jobs, failed)
-    if attacks:
+    if bench.attacks:
         from benchmarks.bench_attacks import attack_columns
 
-        results["robustness"] = attack_columns(runner, edits, failed, list(attacks), out, attack_prompts,
+        results["robustness"] = attack_columns(runner, edits, failed, list(bench.attacks), out, bench.attack_prompts,
                                                bench.device)
     write_atomically(out / "results.json", json.dumps(results, indent=2))
     record_bench(results, edits, out)  # each scored edit's row on its model card (erasers.cards)

@@ -51,9 +51,14 @@ class EvalConfig:
     batch_size: int = 32
     shots: int = field(default=0, metadata={"min": 0, "max": 2})  # few-shot examples: `erasure bench mllmu` only
     seed: int = 0  # which profiles are the examples, which Test_Set image each question is shown
+    # "mllmu-med" (forget / test / retain, UES) or "mllmu" (MLLMU-Bench as published, benchmarks.mllmu_bench)
+    benchmark: str = "mllmu-med"
+    precision: str | None = None  # the model's dtype: vlm.models.vlm_dtype's (None: "auto")
 
     def __post_init__(self):
         validate_config(self, "mllmu-med")
+        if self.benchmark not in BENCHMARKS:
+            raise UsageError(f"unknown benchmark {self.benchmark!r}; choose {' or '.join(BENCHMARKS)}")
 
 
 def answer_items(loaded, items, cfg: EvalConfig = EvalConfig(), progress: bool = False) -> list[str]:
@@ -137,17 +142,14 @@ def unlearning_efficiency(base: dict, edited: dict) -> dict:
 
 def run(model: str, concept: str | None = None, edit: str | Path | None = None, data: str | Path | None = None,
         out: str | Path | None = None, cfg: EvalConfig = EvalConfig(), device: str | None = None,
-        progress: bool = True, allow_other_base: bool = False, benchmark: str = "mllmu-med",
-        precision: str | None = None) -> dict:
+        progress: bool = True, allow_other_base: bool = False) -> dict:
     """Evaluate the base model and, with `edit`, the edited one on `concept`'s sets; writes results.json and
-    report.md under `out` when given. `benchmark`: "mllmu-med" (forget / test / retain, UES) or "mllmu"
-    (MLLMU-Bench as published, `benchmarks.mllmu_bench`; needs `data`). `allow_other_base` applies an edit made for
-    another base model too; `precision`: vlm.models.vlm_dtype's (default "auto")."""
+    report.md under `out` when given. `cfg.benchmark` says which protocol ("mllmu" needs `data`).
+    `allow_other_base` applies an edit made for another base model too."""
     from vlm.edits import check_applies, read_vlm_edit
     from vlm.models import load_vlm
 
-    if benchmark not in BENCHMARKS:
-        raise UsageError(f"unknown benchmark {benchmark!r}; choose {' or '.join(BENCHMARKS)}")
+    benchmark = cfg.benchmark
     if out is not None:  # a folder this command did not make is refused before any work
         claim_output_dir(out, RESULTS, create=False)
     metadata = read_vlm_edit(edit) if edit is not None else None
@@ -157,7 +159,7 @@ def run(model: str, concept: str | None = None, edit: str | Path | None = None, 
     if metadata and metadata["concept"] != concept:
         raise UsageError(f"the edit erased {metadata['concept']!r}, not {concept!r}; leave out --concept")
     sets, source, scenarios = _sets(benchmark, concept, data, cfg)
-    loaded = load_vlm(model, device=device, precision=precision)
+    loaded = load_vlm(model, device=device, precision=cfg.precision)
     loaded.allow_other_base = allow_other_base
     check_applies(loaded, edit)  # an edit that does not fit fails now, not after the base model's evaluation
     published = benchmark == "mllmu"

@@ -32,27 +32,32 @@ def images_per_request(per_concept: int, request: EraseRequest) -> int:
     return per_concept * len(request.concepts)
 
 
-def prompt_of_each_image(count: int, prompts: int) -> torch.Tensor:
-    """The prompt each of `count` images is drawn for. In turn (image i: prompt i mod n) when every prompt gets one;
-    with fewer images than prompts, spread evenly over the list, whose prompts come concept by concept, so that every
-    concept still gets images (in turn, the concepts at the end of the list would get none)."""
+def prompt_of_each_image(count: int, prompts: int, groups: int = 1) -> torch.Tensor:
+    """The prompt each of `count` images is drawn for, the prompts listed group by group (a request's concepts, each
+    with its prompts, in nearly equal blocks). In turn (image i: prompt i mod n) when every prompt gets one; with fewer
+    images than prompts, in turn over the groups first (image i: group i mod k, that group's prompts in turn), so that
+    every concept still gets images (in turn over the whole list, the concepts at its end would get none). One group
+    is the plain turn in both cases."""
     if count >= prompts:
         return torch.arange(count) % prompts
-    return torch.arange(count) * prompts // count
+    bounds = [round(g * prompts / groups) for g in range(groups + 1)]
+    return torch.tensor([bounds[i % groups] + (i // groups) % (bounds[i % groups + 1] - bounds[i % groups])
+                         for i in range(count)], dtype=torch.long)
 
 
 @torch.no_grad()
 def draw_anchor_latents(loaded: LoadedPipeline, anchors: list[str], count: int, steps: int, guidance: float,
-                        seed: int, cache: Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        seed: int, cache: Path | None = None, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """`count` latents x_0 the base model draws for the anchor prompts (image i: seed seed + i, its prompt by
-    `prompt_of_each_image`), and the anchor index of each. Kept in `cache` so a resumed run trains on the same
-    images. The methods pass a count per concept times the number of concepts (`images_per_request`)."""
+    `prompt_of_each_image`; `groups`: how many concepts the prompts are listed by), and the anchor index of each.
+    Kept in `cache` so a resumed run trains on the same images. The methods pass a count per concept times the number
+    of concepts (`images_per_request`)."""
     from safetensors.torch import load_file, save_file
 
     if cache is not None and cache.exists():
         saved = load_file(cache)
         return saved["latents"].to(loaded.device, loaded.dtype), saved["anchor_index"]
-    index = prompt_of_each_image(count, len(anchors))
+    index = prompt_of_each_image(count, len(anchors), groups)
     loaded.pipeline.set_progress_bar_config(disable=True)
     latents = []
     for start in range(0, count, 16):

@@ -42,11 +42,12 @@ def test_every_concept_of_a_list_gets_its_anchor_images(tiny_pipeline_dirs, tmp_
     assert index.bincount().tolist() == [FAST["anchor_images"]] * 2
 
 
-def test_fewer_images_than_prompts_reach_the_end_of_the_list():
-    index = prompt_of_each_image(44, 99)
-    assert len(index) == 44 and index.max() >= 99 - 99 // 44 - 1  # the last concept's prompts are drawn
-    assert all(0 <= i < 99 for i in index.tolist()) and index.tolist() == sorted(set(index.tolist()))
-    assert prompt_of_each_image(44, 11).bincount().tolist() == [4] * 11  # in turn, as before, when all are drawn
+def test_fewer_images_than_prompts_reach_every_concept_and_one_concept_keeps_its_turn():
+    index = prompt_of_each_image(27, 99, groups=9)  # 9 concepts of 11 prompts, 3 images each
+    assert (index // 11).bincount().tolist() == [3] * 9
+    assert index[index // 11 == 8].tolist() == [88, 89, 90]  # the last concept's prompts in turn
+    assert prompt_of_each_image(4, 11).tolist() == [0, 1, 2, 3]  # one concept: the plain turn, as before
+    assert prompt_of_each_image(44, 11).bincount().tolist() == [4] * 11  # every prompt drawn: in turn, as before
 
 
 def test_config_defaults_are_the_papers_and_bad_values_are_refused():

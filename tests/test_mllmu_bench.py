@@ -17,6 +17,11 @@ from benchmarks.mllmu_med import EvalConfig
 from erasers.errors import UsageError
 from vlm.mllmu import image_cell, write_split
 
+
+def MLLMU(**options) -> EvalConfig:  # noqa: N802 - reads as the config it builds
+    """The protocol of `erasure bench mllmu` (MLLMU-Bench as published)."""
+    return EvalConfig(benchmark="mllmu", **options)
+
 FORGET, RETAIN, CELEBRITIES = ["P0", "P1"], ["P2", "P3", "P4"], ["C0", "C1"]
 CITIES = ["Paris", "Rome", "Oslo", "Paris", "Lima", "Paris", "Rome"]
 MC_REPLY, CLOZE_REPLY, GENERATION_REPLY = "B", "I believe it is Paris.", "She lived in the running towns of the north"
@@ -112,8 +117,8 @@ def _expected(rows: list[dict]) -> dict:
 
 
 def test_scores_equal_those_computed_by_hand(release, stub, tmp_path):
-    result = mllmu_med.run("stub", "forget_5", data=release, out=tmp_path / "out", cfg=EvalConfig(shots=0),
-                           progress=False, benchmark="mllmu")
+    result = mllmu_med.run("stub", "forget_5", data=release, out=tmp_path / "out", cfg=MLLMU(shots=0),
+                           progress=False)
     people = FORGET + RETAIN
     sets = {"forget": [_profile(i, p) for i, p in enumerate(FORGET)],
             "test": [_profile(i, p, test=True) for i, p in enumerate(FORGET)],
@@ -140,7 +145,7 @@ def test_scores_equal_those_computed_by_hand(release, stub, tmp_path):
 
 
 def test_prompts_are_eval_py_and_text_questions_get_no_image(release, stub):
-    mllmu_med.run("stub", "forget_5", data=release, cfg=EvalConfig(shots=0), progress=False, benchmark="mllmu")
+    mllmu_med.run("stub", "forget_5", data=release, cfg=MLLMU(shots=0), progress=False)
     prompts = [p for _, p, _ in stub.asked]
     assert "The person in the image lives in [Blank].\nPlease **ONLY** provide the correct answer that should " \
            "replace the [Blank]." in prompts
@@ -167,8 +172,8 @@ def test_one_seeded_test_image_per_row_and_task(release, stub):
     draws = []
     for seed in (3, 3, 4, 5, 6):
         stub.asked.clear()
-        mllmu_med.run("stub", "forget_5", data=release, cfg=EvalConfig(shots=0, seed=seed), progress=False,
-                      benchmark="mllmu")
+        mllmu_med.run("stub", "forget_5", data=release, cfg=MLLMU(shots=0, seed=seed),
+                      progress=False)
         views = _test_views(stub.asked)
         # Each forget profile's image questions of a task (2 MC, 1 cloze, 1 generation) on one of its 3 images.
         assert sorted(views) == [(row, task) for row in range(len(FORGET)) for task in ("cloze", "generation", "mc")]
@@ -180,8 +185,8 @@ def test_one_seeded_test_image_per_row_and_task(release, stub):
 
 
 def test_few_shot_examples_precede_and_are_left_out(release, stub):
-    result = mllmu_med.run("stub", "forget_5", data=release, cfg=EvalConfig(shots=2, seed=0), progress=False,
-                           benchmark="mllmu")
+    result = mllmu_med.run("stub", "forget_5", data=release, cfg=MLLMU(shots=2, seed=0),
+                           progress=False)
     # forget has 2 profiles: both are the examples of its multiple choice and cloze, so only generation is left.
     forget = result["base"]["forget"]
     assert "mc" not in forget and "cloze" not in forget and forget["n"] == 2 * len(FORGET)
@@ -212,11 +217,11 @@ def test_bad_layouts_are_refused(release, tmp_path, stub):
     shutil.copytree(release, broken)
     shutil.rmtree(broken / "Retain_Set")
     with pytest.raises(UsageError, match="no Retain_Set/"):
-        mllmu_med.run("stub", "forget_5", data=broken, progress=False, benchmark="mllmu")
+        mllmu_med.run("stub", "forget_5", data=broken, progress=False, cfg=MLLMU())
     shutil.copytree(release / "Retain_Set", broken / "Retain_Set")
     shutil.rmtree(broken / "retain_95")
     with pytest.raises(UsageError, match="no retain_95/"):  # forget_5 without its retain split
-        mllmu_med.run("stub", "forget_5", data=broken, progress=False, benchmark="mllmu")
+        mllmu_med.run("stub", "forget_5", data=broken, progress=False, cfg=MLLMU())
     shutil.copytree(release / "retain_95", broken / "retain_95")
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -224,7 +229,7 @@ def test_bad_layouts_are_refused(release, tmp_path, stub):
     pq.write_table(pa.table({"ID": ["P0"], "image": [_image(0)]}),
                    broken / "forget_5" / "train-00000-of-00001.parquet")
     with pytest.raises(UsageError, match="lacks Classification_Task"):
-        mllmu_med.run("stub", "forget_5", data=broken, progress=False, benchmark="mllmu")
+        mllmu_med.run("stub", "forget_5", data=broken, progress=False, cfg=MLLMU())
     assert not stub.asked  # every refusal comes before a question is asked
 
 
@@ -318,7 +323,7 @@ def _check_report(result: dict, release, shots: int, seed: int, asked: int) -> N
 @pytest.mark.parametrize("family", ["llava", "qwen2.5-vl"])
 def test_few_shot_prompts_through_real_processors(release, tiny_vlms, batches, family, shots):
     result = mllmu_med.run(str(tiny_vlms[family]), "forget_5", data=release, device="cpu", progress=False,
-                           cfg=EvalConfig(shots=shots, seed=1, max_new_tokens=2, batch_size=8), benchmark="mllmu")
+                           cfg=MLLMU(shots=shots, seed=1, max_new_tokens=2, batch_size=8))
     assert batches and all(loaded.family.name == family for loaded, *_ in batches)
     with_examples = {"image": 0, "text": 0}  # rows with few-shot examples, by whether the question shows an image
     for call in batches:

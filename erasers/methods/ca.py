@@ -144,8 +144,8 @@ class ConceptAblation(Eraser):
             anchor_states = loaded.encode_text(anchors)
         images, image_anchor = draw_anchor_latents(
             loaded, anchors, images_per_request(cfg.anchor_images, request), cfg.sample_steps, cfg.sample_guidance,
-            cfg.seed,
-            Path(work_dir) / "ca_anchor_latents.safetensors" if work_dir is not None else None)
+            cfg.seed, Path(work_dir) / "ca_anchor_latents.safetensors" if work_dir is not None else None,
+            groups=len(request.concepts))
         # On the embedding rows the decay is masked_update's, which spares the rows that do not train.
         optimizer = build_optimizer(loaded, parameters, cfg.lr, weight_decay=0 if on_embedding else cfg.weight_decay)
 

@@ -212,11 +212,13 @@ class DoCo(Eraser):
         count = images_per_request(cfg.anchor_images, request)
         images, image_anchor = draw_anchor_latents(
             loaded, anchors, count, cfg.sample_steps, cfg.sample_guidance, cfg.seed,
-            Path(work_dir) / "anchor_latents.safetensors" if work_dir is not None else None)
+            Path(work_dir) / "anchor_latents.safetensors" if work_dir is not None else None,
+            groups=len(request.concepts))
         if cfg.training_images == "both":  # index i of a concept image is prompt i's, so it pairs with anchor i
             concept_images, concept_index = draw_anchor_latents(
                 loaded, prompts, count, cfg.sample_steps, cfg.sample_guidance, cfg.seed,
-                Path(work_dir) / "concept_latents.safetensors" if work_dir is not None else None)
+                Path(work_dir) / "concept_latents.safetensors" if work_dir is not None else None,
+                groups=len(request.concepts))
             images, image_anchor = torch.cat([images, concept_images]), torch.cat([image_anchor, concept_index])
         adapter = loaded.adapter
         image_shape = adapter.as_image(torch.zeros(loaded.adapter.latent_shape(1))).shape

@@ -167,8 +167,8 @@ class ForgetMeNot(Eraser):
         prompts = fmn_prompts(request, cfg.concept_type)
         images, image_prompt = draw_anchor_latents(
             loaded, prompts, images_per_request(cfg.concept_images, request), cfg.sample_steps, cfg.sample_guidance,
-            cfg.seed,
-            Path(work_dir) / "concept_latents.safetensors" if work_dir is not None else None)
+            cfg.seed, Path(work_dir) / "concept_latents.safetensors" if work_dir is not None else None,
+            groups=len(request.concepts))
         loaded.freeze()
         name = adapter.token_states_encoder
         tokenizer = loaded.tokenizers[name.replace("text_encoder", "tokenizer")]

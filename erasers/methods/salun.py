@@ -192,7 +192,7 @@ class SalUn(Eraser):
 
         forget, forget_prompt = draw_anchor_latents(loaded, prompts, images_per_request(cfg.forget_images, request),
                                                     cfg.sample_steps, cfg.sample_guidance, cfg.seed,
-                                                    cache("forget_latents.safetensors"))
+                                                    cache("forget_latents.safetensors"), groups=len(request.concepts))
         retain, retain_prompt = draw_anchor_latents(loaded, retained, cfg.retain_images, cfg.sample_steps,
                                                     cfg.sample_guidance, cfg.seed + cfg.forget_images,
                                                     cache("retain_latents.safetensors"))
