@@ -193,10 +193,12 @@ def question_sets(target, count: int, seed: int) -> dict[str, list]:
 
 
 def scoring_config(loaded):
-    """MLLMU-Med's protocol (benchmarks.mllmu_med.EvalConfig), with short answers on the toy VLM."""
+    """MLLMU-Med's protocol (benchmarks.mllmu_med.EvalConfig) in the precision the model runs in, with short answers
+    on the toy VLM."""
     from benchmarks.mllmu_med import EvalConfig
 
-    return EvalConfig(max_new_tokens=TOY_ANSWER_TOKENS) if loaded.is_toy else EvalConfig()
+    short = {"max_new_tokens": TOY_ANSWER_TOKENS} if loaded.is_toy else {}
+    return EvalConfig(precision=loaded.precision, **short)
 
 
 def score_lines(summary: dict) -> list[str]:
