@@ -26,12 +26,6 @@ def anchor_prompts(request: EraseRequest, prompts: list[str], anchor: str) -> li
     return request.neutral_prompts(prompts)
 
 
-def images_per_request(per_concept: int, request: EraseRequest) -> int:
-    """A method's image count is per concept, as in the papers (which erase one): a list of concepts draws that many
-    for each, so the last concepts of a long list are not left without images."""
-    return per_concept * len(request.concepts)
-
-
 def prompt_of_each_image(count: int, prompts: int, groups: int = 1) -> torch.Tensor:
     """The prompt each of `count` images is drawn for, the prompts listed group by group (a request's concepts, each
     with its prompts, in nearly equal blocks). In turn (image i: prompt i mod n) when every prompt gets one; with fewer
@@ -46,18 +40,19 @@ def prompt_of_each_image(count: int, prompts: int, groups: int = 1) -> torch.Ten
 
 
 @torch.no_grad()
-def draw_anchor_latents(loaded: LoadedPipeline, anchors: list[str], count: int, steps: int, guidance: float,
-                        seed: int, cache: Path | None = None, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """`count` latents x_0 the base model draws for the anchor prompts (image i: seed seed + i, its prompt by
-    `prompt_of_each_image`; `groups`: how many concepts the prompts are listed by), and the anchor index of each.
-    Kept in `cache` so a resumed run trains on the same images. The methods pass a count per concept times the number
-    of concepts (`images_per_request`)."""
+def draw_anchor_latents(loaded: LoadedPipeline, anchors: list[str], per_concept: int, steps: int, guidance: float,
+                        seed: int, cache: Path | None = None, concepts: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """`per_concept` latents x_0 for each of `concepts` concepts whose anchor prompts are listed one concept after
+    another, drawn by the base model (image i: seed seed + i, its prompt by `prompt_of_each_image`), and the anchor
+    index of each. The count is per concept, as in the papers (which erase one), so a long list's last concepts are
+    not left without images. Kept in `cache` so a resumed run trains on the same images."""
     from safetensors.torch import load_file, save_file
 
     if cache is not None and cache.exists():
         saved = load_file(cache)
         return saved["latents"].to(loaded.device, loaded.dtype), saved["anchor_index"]
-    index = prompt_of_each_image(count, len(anchors), groups)
+    count = per_concept * concepts
+    index = prompt_of_each_image(count, len(anchors), concepts)
     loaded.pipeline.set_progress_bar_config(disable=True)
     latents = []
     for start in range(0, count, 16):

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from diffusers.optimization import get_scheduler
 from torch import nn
 
-from ..anchors import ANCHORS, anchor_prompts, draw_anchor_latents, images_per_request, noised_anchors
+from ..anchors import ANCHORS, anchor_prompts, draw_anchor_latents, noised_anchors
 from ..errors import UsageError
 from ..losses import FrozenOriginal, esd_target, predict_noise
 from ..models import LoadedPipeline
@@ -209,16 +209,15 @@ class DoCo(Eraser):
             concept_states = loaded.encode_text(prompts)
             anchor_states = loaded.encode_text(anchors)
             retain_states = loaded.encode_text(retained)
-        count = images_per_request(cfg.anchor_images, request)
         images, image_anchor = draw_anchor_latents(
-            loaded, anchors, count, cfg.sample_steps, cfg.sample_guidance, cfg.seed,
+            loaded, anchors, cfg.anchor_images, cfg.sample_steps, cfg.sample_guidance, cfg.seed,
             Path(work_dir) / "anchor_latents.safetensors" if work_dir is not None else None,
-            groups=len(request.concepts))
+            concepts=len(request.concepts))
         if cfg.training_images == "both":  # index i of a concept image is prompt i's, so it pairs with anchor i
             concept_images, concept_index = draw_anchor_latents(
-                loaded, prompts, count, cfg.sample_steps, cfg.sample_guidance, cfg.seed,
+                loaded, prompts, cfg.anchor_images, cfg.sample_steps, cfg.sample_guidance, cfg.seed,
                 Path(work_dir) / "concept_latents.safetensors" if work_dir is not None else None,
-                groups=len(request.concepts))
+                concepts=len(request.concepts))
             images, image_anchor = torch.cat([images, concept_images]), torch.cat([image_anchor, concept_index])
         adapter = loaded.adapter
         image_shape = adapter.as_image(torch.zeros(loaded.adapter.latent_shape(1))).shape

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..anchors import draw_anchor_latents, images_per_request
+from ..anchors import draw_anchor_latents
 from ..attention_maps import POSITIONS, ConceptAttention, concept_positions, key_positions, spellings
 from ..errors import UsageError
 from ..losses import predict_noise
@@ -166,9 +166,9 @@ class ForgetMeNot(Eraser):
         unet, adapter = loaded.denoiser, loaded.adapter
         prompts = fmn_prompts(request, cfg.concept_type)
         images, image_prompt = draw_anchor_latents(
-            loaded, prompts, images_per_request(cfg.concept_images, request), cfg.sample_steps, cfg.sample_guidance,
+            loaded, prompts, cfg.concept_images, cfg.sample_steps, cfg.sample_guidance,
             cfg.seed, Path(work_dir) / "concept_latents.safetensors" if work_dir is not None else None,
-            groups=len(request.concepts))
+            concepts=len(request.concepts))
         loaded.freeze()
         name = adapter.token_states_encoder
         tokenizer = loaded.tokenizers[name.replace("text_encoder", "tokenizer")]

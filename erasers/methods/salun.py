@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..anchors import anchor_prompts, draw_anchor_latents, images_per_request, noised
+from ..anchors import anchor_prompts, draw_anchor_latents, noised
 from ..errors import UsageError
 from ..files import save_atomically
 from ..losses import predict_noise
@@ -190,9 +190,9 @@ class SalUn(Eraser):
         def cache(name):
             return Path(work_dir) / name if work_dir is not None else None
 
-        forget, forget_prompt = draw_anchor_latents(loaded, prompts, images_per_request(cfg.forget_images, request),
+        forget, forget_prompt = draw_anchor_latents(loaded, prompts, cfg.forget_images,
                                                     cfg.sample_steps, cfg.sample_guidance, cfg.seed,
-                                                    cache("forget_latents.safetensors"), groups=len(request.concepts))
+                                                    cache("forget_latents.safetensors"), concepts=len(request.concepts))
         retain, retain_prompt = draw_anchor_latents(loaded, retained, cfg.retain_images, cfg.sample_steps,
                                                     cfg.sample_guidance, cfg.seed + cfg.forget_images,
                                                     cache("retain_latents.safetensors"))
