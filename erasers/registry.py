@@ -41,25 +41,34 @@ ALL_FAMILIES = ("sd", "sdxl", "flux")
 
 
 @dataclasses.dataclass(frozen=True)
-class MethodEntry:
-    """A registered method. Beyond the eraser and its defaults, what every harness reads instead of keeping its own
-    list: the families matrix and tests, `benchmarks.method_table`, `step_cost`, `gpu_check`, `erasure bench
-    --methods all` and the app."""
+class Entry:
+    """What every registered plug-in declares (an eraser, here and in vlm.registry; an attack, benchmarks.attacks):
+    its class (whose `config_class` holds its options), its defaults and where it applies. Registry builds configs
+    from these and refuses the families it leaves out."""
 
     name: str
-    eraser: type
+    plugin: type
     summary: str
     defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
     # Overrides for the toy models, whose tiny sizes and short schedules need other step sizes than the real
     # models'; the README's tables are measured with them.
     toy_defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
-    # The pipeline families (erasers.models.FAMILIES) it edits; the erase refuses the others.
+    # The pipeline families (erasers.models.FAMILIES) it applies to; the others are refused.
     families: tuple[str, ...] = ALL_FAMILIES
-    # Why it does not edit each family it leaves out (family -> reason): the families matrix prints it.
+    # Why it leaves out each family (or form of edit) it leaves out (name -> reason): the refusal and the families
+    # matrix say it.
     why_not: dict[str, str] = dataclasses.field(default_factory=dict)
-    # Options for a run of a few steps on tiny random pipelines (the families tests; gpu_check and step_cost add
-    # their own step counts).
+    # Options for a run of a few steps on tiny random pipelines or the toy (the families tests, tests/test_attacks;
+    # gpu_check and step_cost add their own step counts).
     quick: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodEntry(Entry):
+    """A registered method. Beyond the eraser and its defaults, what every harness reads instead of keeping its own
+    list: the families matrix and tests, `benchmarks.method_table`, `step_cost`, `gpu_check`, `erasure bench
+    --methods all` and the app."""
+
     # Resources beyond the pipeline that a harness must provide: "ip_adapter" (an IP-Adapter and a refinement CLIP).
     needs: tuple[str, ...] = ()
     # Whether a preservation term keeps prompts it is told to retain (the families test holds it to 3x selectivity).
@@ -81,6 +90,10 @@ class MethodEntry:
     # installs its "adapter" component (SPM's LoRA) or its guidance (SLD) on a loaded pipeline. None: the edit's
     # components load with `from_pretrained` in place of the pipeline's.
     apply: Callable | None = None
+
+    @property
+    def eraser(self) -> type:
+        return self.plugin
 
 
 class Registry:
@@ -141,9 +154,9 @@ class Registry:
             values[key] = _coerce(value, fields[key], name)
         return validate_config(config_class(**values), name)
 
-    def config_class(self, entry) -> type:
+    def config_class(self, entry: Entry) -> type:
         """The dataclass of an entry's options."""
-        return entry.eraser.config_class
+        return entry.plugin.config_class
 
 
 REGISTRY = Registry("method", "erasers.methods")

@@ -43,7 +43,7 @@ from typing import Any, Callable
 
 from erasers.edits import edit_kind
 from erasers.errors import UsageError
-from erasers.registry import ALL_FAMILIES, Registry
+from erasers.registry import Entry, Registry
 
 # The forms of edit an attack may apply to: "weights" (an edit holding weights or an adapter) and "training-free"
 # (an erasure.json without weights, acting at generation time: sld, negprompt; erasers/guidance.py).
@@ -67,29 +67,22 @@ class AttackStep:
 
 
 @dataclasses.dataclass(frozen=True)
-class AttackEntry:
-    """A registered attack: its class, its defaults and what it applies to, which `erasure attack` checks before
-    any model loads (one line, exit 2, nothing written)."""
+class AttackEntry(Entry):
+    """A registered attack: its class, its defaults and what it applies to (the shared Entry's fields; `why_not`
+    also names the edit forms it leaves out), which `erasure attack` checks before any model loads (one line, exit
+    2, nothing written)."""
 
-    name: str
-    attack: type
-    summary: str
-    defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
-    # Overrides on the toy model, small enough to run in seconds there.
-    toy_defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
-    # The pipeline families (erasers.models.FAMILIES) it runs on.
-    families: tuple[str, ...] = ALL_FAMILIES
     # The forms of edit (EDIT_FORMS) it attacks.
     edits: tuple[str, ...] = EDIT_FORMS
-    # Why it leaves out a family or an edit form (name -> reason), said in the refusal.
-    why_not: dict[str, str] = dataclasses.field(default_factory=dict)
-    # Options for a run of a few steps on tiny pipelines or the toy (tests/test_attacks.py runs every attack so).
-    quick: dict[str, Any] = dataclasses.field(default_factory=dict)
     # The attack's form for VLM edits (vlm_harness.py; its class, options and defaults), run by `erasure vlm
     # robustness`; None for an attack on diffusion models only.
     vlm: AttackEntry | None = None
     # What step_cost times as one of its steps (None: not timed; the VLM forms).
     step: AttackStep | None = None
+
+    @property
+    def attack(self) -> type:
+        return self.plugin
 
     @property
     def model_kinds(self) -> tuple[str, ...]:
@@ -99,9 +92,6 @@ class AttackEntry:
 
 class AttackRegistry(Registry):
     entry_class = AttackEntry
-
-    def config_class(self, entry: AttackEntry) -> type:
-        return entry.attack.config_class
 
 
 REGISTRY = AttackRegistry("attack", __name__)
