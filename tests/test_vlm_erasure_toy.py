@@ -31,19 +31,18 @@ def toy():
     yield loaded, sets, base
 
 
-@pytest.mark.parametrize("method, options", [
-    ("mllmeraser", {"forget_samples": 24, "retain_samples": 256, "pgd_steps": 3}),
-    ("sauce", {}),
-])
-def test_erasing_star_fails_its_questions_and_keeps_the_rest(toy, method, options, tmp_path):
+@pytest.mark.parametrize("method", ["mllmeraser", "sauce"])
+def test_erasing_star_fails_its_questions_and_keeps_the_rest(toy, method, tmp_path):
+    """The toy defaults: the star's score falls below half the base's; retain stays at or above #44's bar (85% of
+    the base's; on these 90 questions both keep about 90%)."""
     from vlm.run import erase_loaded
 
     loaded, sets, base = toy
-    edit = erase_loaded(loaded, method, "star", tmp_path / method, options)
+    edit = erase_loaded(loaded, method, "star", tmp_path / method, {})
     with applied(loaded, edit):
         edited = {name: evaluate_set(loaded, items, EVAL)["score"] for name, items in sets.items()}
     assert edited["forget"] < 0.5 * base["forget"], (base, edited)
-    assert edited["retain"] >= 0.9 * base["retain"], (base, edited)
+    assert edited["retain"] >= 0.85 * base["retain"], (base, edited)
 
 
 @pytest.mark.slow

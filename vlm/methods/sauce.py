@@ -56,18 +56,11 @@ def feature_scores(z_concept: list[torch.Tensor], z_neutral: list[torch.Tensor])
     return fires_concept - fires_neutral + 1e-3 * ratio, concept.sum(0) / firing
 
 
-# On the toy VLM (2026-12-02, star, the erasure test's 45 forget / 90 retain questions) layer 1 trades best: forget
-# score 0.13 of the base model's with retain at 0.95 of it. Layer 0 with 1,000 SAE steps and clamp -1 (the previous
-# release's default) forgot everything (0.02) but cost retain (0.84), layer 2 forgot less (0.30);
-# and at layers 0-1 an autoencoder trained for 1,000 steps instead of 400 cost retain more (0.79-0.84).
-# 2026-12-03, a fresh install of the same pins (the test's questions; forget / retain as shares of the base model's):
-# clamp -2.0 forgot more (0.05) but kept retain at 0.895, under the test's 0.9; clamp -1.5: 0.075 / 0.941; clamp
-# -1.0: 0.12 / 0.99; 32 features at -2.0: 0.20 / 0.92.
-# 2026-12-07, the toy VLM after phase 4 (vlm/README): -1.5 kept the test's retain at 0.80 only; on the star's 180
-# forget / 720 retain questions, -1.0 gave forget 0.22 / retain 0.89 and -0.75 0.23 / 0.91 (scores, not shares), so
-# the toy default is now -0.75.
+# Measured on the toy VLM (benchmarks/results/NOTES.md, "The VLM methods' toy defaults", has the runs): on the phase-4
+# model the first layer's features are the ones that also carry the star into multiple-choice prompts in wordings no
+# eraser saw (held-out multiple choice: 38% clamped at layer 1, 22% at layer 0); a mild clamp keeps retain.
 @register_vlm("sauce", "SAUCE: sparse-autoencoder features of the concept clamped at inference (training-free "
-              "for the model)", toy_defaults={"layer": 1, "sae_steps": 400, "clamp_value": -0.75})
+              "for the model)", toy_defaults={"layer": 0, "sae_steps": 400, "clamp_value": -0.75})
 class Sauce(VLMEraser):
     config_class = SauceConfig
 
