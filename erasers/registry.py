@@ -97,20 +97,20 @@ class MethodEntry(Entry):
 
 
 class Registry:
-    """Method name -> its MethodEntry, filled by the @register decorators of the modules of `package` (every one is
-    imported on first lookup). One for diffusion erasers (here), one for VLM erasers (vlm.registry); a subclass
-    with its own `entry_class` serves other plug-ins (benchmarks.attacks)."""
+    """Name -> its Entry (a MethodEntry unless `entry_class` says otherwise), filled by the @register decorators of
+    the modules of `package` (every one is imported on first lookup). One for diffusion erasers (here), one for VLM
+    erasers (vlm.registry); a subclass with its own `entry_class` serves other plug-ins (benchmarks.attacks)."""
 
     entry_class: ClassVar[type] = MethodEntry
 
     def __init__(self, kind: str, package: str):
         self.kind = kind  # how errors name a method: "method", "VLM method"
         self.package = package
-        self.entries: dict[str, MethodEntry] = {}
+        self.entries: dict[str, Entry] = {}
         self._loaded = False
 
     def register(self, name: str, summary: str, **entry_fields):
-        """A class decorator: `entry_fields` are MethodEntry's (defaults, toy_defaults, families, quick, ...)."""
+        """A class decorator: `entry_fields` are the entry class's (defaults, toy_defaults, families, quick, ...)."""
         def wrap(cls: type) -> type:
             self.entries[name] = self.entry_class(name, cls, summary, **entry_fields)
             return cls
@@ -125,11 +125,11 @@ class Registry:
         for module in sorted(m.name for m in pkgutil.iter_modules(package.__path__)):
             importlib.import_module(f"{self.package}.{module}")
 
-    def available(self) -> dict[str, MethodEntry]:
+    def available(self) -> dict[str, Entry]:
         self._load()
         return self.entries
 
-    def get(self, name: str) -> MethodEntry:
+    def get(self, name: str) -> Entry:
         self._load()
         if name not in self.entries:
             raise UsageError(f"unknown {self.kind} {name!r}; available: {', '.join(sorted(self.entries))}")

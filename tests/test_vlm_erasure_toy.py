@@ -33,8 +33,8 @@ def toy():
 
 @pytest.mark.parametrize("method", ["mllmeraser", "sauce"])
 def test_erasing_star_fails_its_questions_and_keeps_the_rest(toy, method, tmp_path):
-    """The toy defaults: the star's score falls below half the base's; retain stays at or above #44's bar (85% of
-    the base's; on these 90 questions both keep about 90%)."""
+    """The toy defaults: the star's score falls below half the base's; retain stays at or above issue #44's bar
+    (85% of the base's)."""
     from vlm.run import erase_loaded
 
     loaded, sets, base = toy

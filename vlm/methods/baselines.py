@@ -142,8 +142,9 @@ class GradDiff(FineTuneBaseline):
         return -nll_f + self.config.retain_weight * nll_r, {"nll_f": nll_f.item(), "nll_r": nll_r.item()}
 
 
-# Toy: the KL term weighted 5 keeps the star's retain at 85% (74% at 1); the patients take 200 steps, with retain
-# weighted 1.5 (benchmarks/results/NOTES.md, "Why no method forgot the toy's patients").
+# Toy: the KL term weighted 5 keeps the star's retain (weighted 1, ascent takes it with the star); the memorised
+# patients take 200 steps, and retain weighted 1.25 lets them go while the other patients hold
+# (benchmarks/results/NOTES.md, "Why no method forgot the toy's patients", has the runs).
 @register_vlm("kl", "ascent on forget, descent and KL to the base model on retain (LoRA)",
               toy_defaults={"steps": 40, "lr": 1e-3, "kl_weight": 5.0, "retain_weight": 1.25, "profile_steps": 200})
 class KLMinimisation(FineTuneBaseline):

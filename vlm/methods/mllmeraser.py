@@ -237,9 +237,9 @@ def _sample_rows(states: torch.Tensor, count: int, generator: torch.Generator) -
     return states[torch.randperm(len(states), generator=generator)[:count]] if len(states) > count else states
 
 
-# Toy defaults (benchmarks/results/NOTES.md, "The VLM methods' toy defaults"): the 128-wide toy has no retain-free
-# directions for `energy`; the multiple-choice map's gate keeps 16 directions at strength 1.2 so the star's multiple
-# choice falls in wordings no eraser saw too (held-out: 35% at 12 directions and 1.0, 25% here; retain 92% of base).
+# Toy defaults (benchmarks/results/NOTES.md, "The VLM methods' toy defaults", has the runs): the 128-wide toy has no
+# retain-free directions for `energy`; the multiple-choice map's gate keeps 16 directions, at strength 1.2, so that
+# the star's multiple choice falls in wordings no eraser saw too, not only in the ones the map was fitted on.
 @register_vlm("mllmeraser", "MLLMEraser: closed-form, retain-gated activation steering at prefill (training-free)",
               toy_defaults={"forget_samples": 48, "retain_samples": 384, "null_space": "contrast", "null_dims": 2,
                             "generation_strength": 0.3, "cloze_strength": 0.3, "mc_null_dims": 16,

@@ -58,7 +58,7 @@ def feature_scores(z_concept: list[torch.Tensor], z_neutral: list[torch.Tensor])
 
 # Measured on the toy VLM (benchmarks/results/NOTES.md, "The VLM methods' toy defaults", has the runs): on the phase-4
 # model the first layer's features are the ones that also carry the star into multiple-choice prompts in wordings no
-# eraser saw (held-out multiple choice: 38% clamped at layer 1, 22% at layer 0); a mild clamp keeps retain.
+# eraser saw (clamped at layer 1, those still answer); a mild clamp keeps retain.
 @register_vlm("sauce", "SAUCE: sparse-autoencoder features of the concept clamped at inference (training-free "
               "for the model)", toy_defaults={"layer": 0, "sae_steps": 400, "clamp_value": -0.75})
 class Sauce(VLMEraser):
