@@ -188,3 +188,20 @@ def test_relearn_trains_a_lora_on_the_attention_projections(bases, family):
                            for name in wrapped)
     assert any(not torch.equal(a, b) for a, b in zip(snapshots[0], snapshots[2]))
     assert all(torch.equal(p, s) for p, s in zip(parameters, snapshots[2]))
+
+
+def test_relearn_adds_its_adapter_beside_an_edits_own(tiny_pipeline_dirs):
+    """On an SPM edit the attention projections are already peft LoRA layers: the relearning adapter goes on them
+    too, and both adapters stay active."""
+    from erasers.lora_adapters import add_lora, transformer_block_modules
+
+    loaded = load_pipeline(str(tiny_pipeline_dirs["sd"]), device="cpu")
+    add_lora(loaded, "edit", transformer_block_modules(loaded))
+    examples = concept_examples(loaded, ["a star"], 1, 0, progress=False)
+    parameters, snapshots = relearn(loaded, examples, RelearnConfig(steps="0,2", lr=1e-2), progress=False)
+    assert sorted(loaded.denoiser.active_adapters()) == ["edit", "relearn"]
+    relearned = [name for name, module in loaded.denoiser.named_modules()
+                 if "relearn" in getattr(module, "lora_A", {})]
+    assert relearned and all(name.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v") or name.endswith("to_out.0")
+                             for name in relearned)
+    assert any(not torch.equal(a, b) for a, b in zip(snapshots[0], snapshots[2]))

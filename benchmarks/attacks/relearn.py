@@ -141,7 +141,7 @@ class Relearn(Attack):
 
 def attention_projections(loaded: LoadedPipeline) -> list[str]:
     """The query, key, value and output projections of every attention of the denoiser (Flux's single blocks
-    have no output projection)."""
+    have no output projection), wrapped by an adapter or not."""
     denoiser = loaded.denoiser
     names = []
     for attention in loaded.adapter.attention_names():
@@ -150,7 +150,8 @@ def attention_projections(loaded: LoadedPipeline) -> list[str]:
                 module = denoiser.get_submodule(f"{attention}.{projection}")
             except AttributeError:
                 continue
-            if isinstance(module, torch.nn.Linear):
+            # An edit's own adapter (SPM's) wraps the projection: peft adds the new adapter beside it.
+            if isinstance(getattr(module, "base_layer", module), torch.nn.Linear):
                 names.append(f"{attention}.{projection}")
     return names
 
