@@ -93,11 +93,35 @@ def markdown(table: dict, methods: list[str], concepts: list[str], attacks: list
     return "\n".join(lines)
 
 
-def cell_text(cell: dict | None) -> str:
+def side_by_side(table: dict, methods: list[str], concepts: list[str], attacks: list[str]) -> str:
+    """The README's form: a row per method, the concept's rate on the edit with no attack (the first attack's rate
+    before it), then each attack's rate, every concept in one cell ("arrow / Stripes")."""
+    def unattacked(row: dict | None) -> str:
+        pre = next((cell["pre"] for cell in (row or {}).get("cells", {}).values() if cell.get("pre") is not None),
+                   None)
+        return "-" if pre is None else f"{100 * pre:.0f}"
+
+    names = " / ".join(concepts)
+    lines = [f"| method | no attack ({names}) | " + " | ".join(f"{attack} ({names})" for attack in attacks) + " |",
+             "|---|---|" + "---|" * len(attacks)]
+    for method in ["base", *methods]:
+        rows = [table.get(f"{method}/{concept}") for concept in concepts]
+        if not any(rows):
+            continue
+        cells = [" / ".join(unattacked(row) for row in rows)]
+        cells += [" / ".join(cell_text(row["cells"].get(attack) if row else None, before=False) for row in rows)
+                  for attack in attacks]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def cell_text(cell: dict | None, before: bool = True) -> str:
     if cell is None:
         return "-"
     if "n/a" in cell:
         return "n/a"
+    if not before:
+        return f"{100 * cell['rate']:.0f}"
     pre = "" if cell.get("pre") is None else f" ({100 * cell['pre']:.1f})"
     return f"{100 * cell['rate']:.1f}{pre}"
 
@@ -127,7 +151,8 @@ def main() -> None:
     results = Path(args.results)
     table = run(methods, concepts, attacks, args.prompts, Path(args.work), results)
     text = markdown(table, methods, concepts, attacks)
-    write_atomically(results.with_suffix(".md"), text + "\n")
+    write_atomically(results.with_suffix(".md"), text + "\n\n" + side_by_side(table, methods, concepts, attacks)
+                     + "\n")
     print(text)
 
 

@@ -114,6 +114,11 @@ def writing_into(final: Path, replace: bool = False) -> Iterator[Path]:
         raise
 
 
+def work_file(work_dir: str | Path | None, name: str) -> Path | None:
+    """Where a method keeps `name` (drawn images, a mask) in a resumable run's work directory; None without one."""
+    return Path(work_dir) / name if work_dir is not None else None
+
+
 def save_atomically(path: str | Path, save: Callable[[Path], None]) -> Path:
     """Write one file: `save(tmp)` writes a unique hidden file beside `path` (same suffix, so savers that go by
     it work), which then replaces `path` in one rename; on any error it is removed. A full disk becomes one

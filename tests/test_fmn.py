@@ -8,7 +8,7 @@ from toy_scores import arrow_scores_before_and_after
 from erasers import UsageError, load_pipeline
 from erasers.attention_maps import ConceptAttention, concept_positions, end_positions
 from erasers.edits import apply_edits, read_edit
-from erasers.methods.fmn import ConceptVectors, ForgetMeNot, slotted_ids
+from erasers.methods.fmn import ConceptVectors, ForgetMeNot, ProjectionDrift, slotted_ids
 from erasers.prompts import make_request
 from erasers.registry import build_config, families_matrix, get_method
 from erasers.run import erase
@@ -101,6 +101,45 @@ def test_training_lowers_the_concepts_attention_and_keeps_the_processors(tiny_pi
     text_attention = tuple(f"{name}." for name in loaded.adapter.text_attention_names())
     changed = {k for k, v in loaded.denoiser.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and all(k.startswith(text_attention) for k in changed), changed
+
+
+def test_the_preservation_term_holds_the_retain_prompts_keys_while_the_concept_is_re_steered(tiny_pipeline_dirs):
+    """preserve_weight (not in the paper): the drift is ||(W - W0) X^T||^2 / ||W0 X^T||^2 on the retain prompts'
+    text states, and with it the key/value projections move far less on a --preserve prompt than without it, while
+    the concept's attention still falls."""
+    sd = str(tiny_pipeline_dirs["sd"])
+    keep = ["a photo of a cat", "a painting of a house"]
+
+    def run(weight):
+        loaded = load_pipeline(sd, device="cpu")
+        kv = [linear for _, k, v in loaded.adapter.cross_attention_kv() for linear in (k, v)]
+        states = loaded.encode_text(keep).states.detach()
+        outputs_before = [linear(states).detach() for linear in kv]
+        eraser = ForgetMeNot(build_config("fmn", toy=False, overrides={
+            **FAST, "iterations": 60, "parameters": "xattn-strict", "preserve_weight": weight}))
+        eraser.erase(loaded, make_request(["a star"], loaded.tokenizer, preserve=keep))
+        moved = sum((linear(states) - before).pow(2).sum() for linear, before in zip(kv, outputs_before))
+        return eraser.history, float(moved / sum(before.pow(2).sum() for before in outputs_before))
+
+    free_history, free_drift = run(0.0)
+    kept_history, kept_drift = run(10.0)
+    assert kept_history[-1]["attention"] < 0.95 * kept_history[0]["attention"], kept_history
+    assert kept_drift < 0.05 * free_drift, (kept_drift, free_drift)
+    assert all(row["drift"] == 0 for row in free_history)
+
+    loaded = load_pipeline(sd, device="cpu")
+    kv = [linear for _, k, v in loaded.adapter.cross_attention_kv() for linear in (k, v)]
+    drift = ProjectionDrift(loaded, keep, [linear.weight for linear in kv])
+    assert drift().item() == 0
+    states = loaded.encode_text(keep).states.detach().reshape(-1, kv[0].in_features)
+    moves = [torch.randn(linear.weight.shape, generator=torch.Generator().manual_seed(i)) * 1e-2
+             for i, linear in enumerate(kv)]
+    expected = (sum((states @ move.T).pow(2).sum() for move in moves)
+                / sum((states @ linear.weight.detach().T).pow(2).sum() for linear in kv))
+    with torch.no_grad():
+        for linear, move in zip(kv, moves):
+            linear.weight.add_(move)
+    assert drift().item() == pytest.approx(expected.item(), rel=1e-4)
 
 
 def test_an_interrupted_run_resumes_to_the_same_edit(tiny_pipeline_dirs, tmp_path):

@@ -131,6 +131,9 @@ def test_the_robustness_table_fills_its_cells_once_and_marks_attacks_that_do_not
     assert base["measure"] == "ASR" and 0 <= base["rate"] <= 1
     text = robustness_table.markdown(table, ["negprompt"], ["arrow"], ["p4d"])
     assert "| negprompt | arrow | n/a |" in text and f"| base | arrow | {100 * base['rate']:.1f}" in text
+    readme = robustness_table.side_by_side(table, ["negprompt", "uce"], ["arrow", "Stripes"], ["p4d"])
+    assert readme.splitlines()[2:] == [f"| base | {100 * base['pre']:.0f} / - | {100 * base['rate']:.0f} / - |",
+                                       "| negprompt | - / - | n/a / - |"]
 
     import benchmarks.attacks.harness as harness
 

@@ -32,6 +32,7 @@ from torch import nn
 
 from ..anchors import ANCHORS, anchor_prompts, draw_anchor_latents, noised_anchors
 from ..errors import UsageError
+from ..files import work_file
 from ..losses import FrozenOriginal, predict_noise
 from ..models import LoadedPipeline
 from ..parameters import trainable_parameters
@@ -144,7 +145,7 @@ class ConceptAblation(Eraser):
             anchor_states = loaded.encode_text(anchors)
         images, image_anchor = draw_anchor_latents(
             loaded, anchors, cfg.anchor_images, cfg.sample_steps, cfg.sample_guidance,
-            cfg.seed, Path(work_dir) / "ca_anchor_latents.safetensors" if work_dir is not None else None,
+            cfg.seed, work_file(work_dir, "ca_anchor_latents.safetensors"),
             concepts=len(request.concepts))
         # On the embedding rows the decay is masked_update's, which spares the rows that do not train.
         optimizer = build_optimizer(loaded, parameters, cfg.lr, weight_decay=0 if on_embedding else cfg.weight_decay)

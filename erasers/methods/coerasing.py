@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UsageError, first_line
+from ..files import work_file
 from ..images import IMAGES_REMEDY, image_files, open_image, read_images
 from ..losses import FrozenOriginal, check_contrast, contrast_states, esd_target, predict_noise, sample_partially
 from ..models import LoadedPipeline
@@ -97,7 +98,7 @@ def concept_images(loaded: LoadedPipeline, request: EraseRequest, cfg: CoErasing
     `work_dir/images` so a resumed run reuses them (image i: prompt i mod len(prompts), seed seed * 10^6 + i)."""
     if cfg.images:
         return read_images(image_files(cfg.images))
-    cache = Path(work_dir) / "images" if work_dir is not None else None
+    cache = work_file(work_dir, "images")
     if cache is not None and len(list(cache.glob("*.png"))) == cfg.image_count:
         return read_images(sorted(cache.glob("*.png")))
     prompts = request.erase_prompts()

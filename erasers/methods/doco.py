@@ -38,6 +38,7 @@ from torch import nn
 
 from ..anchors import ANCHORS, anchor_prompts, draw_anchor_latents, noised_anchors
 from ..errors import UsageError
+from ..files import work_file
 from ..losses import FrozenOriginal, esd_target, predict_noise
 from ..models import LoadedPipeline
 from ..parameters import trainable_parameters
@@ -211,12 +212,12 @@ class DoCo(Eraser):
             retain_states = loaded.encode_text(retained)
         images, image_anchor = draw_anchor_latents(
             loaded, anchors, cfg.anchor_images, cfg.sample_steps, cfg.sample_guidance, cfg.seed,
-            Path(work_dir) / "anchor_latents.safetensors" if work_dir is not None else None,
+            work_file(work_dir, "anchor_latents.safetensors"),
             concepts=len(request.concepts))
         if cfg.training_images == "both":  # index i of a concept image is prompt i's, so it pairs with anchor i
             concept_images, concept_index = draw_anchor_latents(
                 loaded, prompts, cfg.anchor_images, cfg.sample_steps, cfg.sample_guidance, cfg.seed,
-                Path(work_dir) / "concept_latents.safetensors" if work_dir is not None else None,
+                work_file(work_dir, "concept_latents.safetensors"),
                 concepts=len(request.concepts))
             images, image_anchor = torch.cat([images, concept_images]), torch.cat([image_anchor, concept_index])
         adapter = loaded.adapter

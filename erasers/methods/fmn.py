@@ -33,15 +33,16 @@ from torch import nn
 from ..anchors import draw_anchor_latents
 from ..attention_maps import POSITIONS, ConceptAttention, concept_positions, key_positions, spellings
 from ..errors import UsageError
+from ..files import work_file
 from ..losses import predict_noise
 from ..models import LoadedPipeline
 from ..parameters import trainable_parameters
 from ..precision import build_optimizer, finish, train_only
-from ..prompts import EraseRequest
+from ..prompts import EraseRequest, default_retain_prompts
 from ..registry import Eraser, register
 from ..train import ParameterState, TrainingLoop
 
-PARAMETER_SETS = ("full", "xattn")
+PARAMETER_SETS = ("full", "xattn", "xattn-strict")
 TEMPLATES = {"object": "a photo of {}", "style": "a photo in the style of {}"}
 
 
@@ -50,7 +51,8 @@ class FMNConfig:
     """Defaults are the paper's (the reference configuration for SD 2.1: whole UNet, lr 2e-6, 35 steps, batch 1,
     AdamW decay 1e-2, gradients clipped to norm 1, ~10 images of the concept)."""
 
-    parameters: str = "full"           # "full": the whole UNet; "xattn": its text-reading attentions
+    parameters: str = "full"           # "full": the whole UNet; "xattn": its text-reading attentions;
+    #                                    "xattn-strict": only their key/value projections
     iterations: int = 35
     batch_size: int = 1
     lr: float = 2e-6
@@ -62,6 +64,10 @@ class FMNConfig:
     # The key positions re-steered: "concept", its tokens (the paper); "concept+end", and the end token (the
     # reference configuration's use_pooler); "concept+after", and every later position (end token and padding).
     positions: str = "concept"
+    # Not in the paper (0: off): how strongly the text-reading key/value projections keep what they give for the
+    # retain prompts (the vocabulary's other captions and --preserve; with neither, COCO objects), as UCE's
+    # preservation term does.
+    preserve_weight: float = 0.0
     inversion: bool = False            # learn vectors that stand for the concept first, and re-steer those
     inversion_tokens: int = 4
     inversion_steps: int = 500
@@ -141,6 +147,37 @@ class ConceptVectors(nn.Module):
         return loaded.adapter.encode_ids({name: self.ids[name][rows] for name in self.vectors}, embeddings)
 
 
+class ProjectionDrift:
+    """How far the trained text-reading key/value projections have moved on what they read for the retain prompts,
+    relative to what they gave: sum_l ||(W_l - W0_l) X_l^T||^2 / sum_l ||W0_l X_l^T||^2 over every position of every
+    retain prompt (padding included: the re-steered later positions are padding too), through each group's Gram
+    matrix X^T X so a step costs no text or denoiser pass. In float32 outside the erase's autocast: a half-precision
+    Gram matrix of thousands of positions overflows, and early differences W - W0 are below fp16's resolution."""
+
+    def __init__(self, loaded: LoadedPipeline, prompts: list[str], trained: list[nn.Parameter]):
+        trained_ids = {id(parameter) for parameter in trained}
+        self.device_type = torch.device(loaded.device).type
+        self.terms = []
+        with torch.autocast(self.device_type, enabled=False):
+            for linears, inputs in loaded.adapter.text_projection_inputs(prompts):
+                columns = inputs.reshape(-1, inputs.shape[-1]).float()
+                columns = columns / len(columns) ** 0.5
+                gram = columns.T @ columns
+                self.terms += [(linear.weight, linear.weight.detach().float().clone(), gram) for linear in linears
+                               if id(linear.weight) in trained_ids]
+            self.scale = sum(((w0 @ gram) * w0).sum() for _, w0, gram in self.terms) if self.terms else 1.0
+
+    def __call__(self) -> torch.Tensor:
+        if not self.terms:
+            return torch.zeros(())
+        total = 0
+        with torch.autocast(self.device_type, enabled=False):
+            for weight, w0, gram in self.terms:
+                moved = weight.float() - w0
+                total = total + ((moved @ gram) * moved).sum()
+        return total / self.scale
+
+
 # Toy defaults, measured on ToyCanvas (benchmarks/results/NOTES.md, Forget-Me-Not, has every tuning run). The whole
 # UNet (the paper's) re-steered the arrow only by breaking every object (lr 3e-5: UA 70%, IRA 4%); the text-reading
 # attentions alone erase it. No setting erased Stripes without the other styles: its captions' later tokens (and
@@ -167,7 +204,7 @@ class ForgetMeNot(Eraser):
         prompts = fmn_prompts(request, cfg.concept_type)
         images, image_prompt = draw_anchor_latents(
             loaded, prompts, cfg.concept_images, cfg.sample_steps, cfg.sample_guidance,
-            cfg.seed, Path(work_dir) / "concept_latents.safetensors" if work_dir is not None else None,
+            cfg.seed, work_file(work_dir, "concept_latents.safetensors"),
             concepts=len(request.concepts))
         loaded.freeze()
         name = adapter.token_states_encoder
@@ -189,6 +226,8 @@ class ForgetMeNot(Eraser):
 
         parameters = train_only(loaded, trainable_parameters(loaded, cfg.parameters), unet)
         optimizer = build_optimizer(loaded, parameters, cfg.lr, cfg.weight_decay)
+        drift = (ProjectionDrift(loaded, request.retain_prompts() or default_retain_prompts(request), parameters)
+                 if cfg.preserve_weight else None)
 
         def step(_, generator):
             picked = torch.randint(len(images), (cfg.batch_size,), generator=generator)
@@ -196,13 +235,15 @@ class ForgetMeNot(Eraser):
             x_t, t, _ = adapter.noised(images[picked], generator)
             attention.positions = positions[k]
             predict_noise(unet, x_t, t, states[k])  # the processors add up the concept's attention
-            loss = attention.norm()
+            resteer = attention.norm()
+            kept = drift() if drift is not None else torch.zeros(())
+            loss = resteer + cfg.preserve_weight * kept
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(parameters, cfg.max_grad_norm)
             optimizer.step()
-            return {"loss": loss.item()}
+            return {"loss": loss.item(), "attention": resteer.item(), "drift": kept.item()}
 
         unet.train()
         with ConceptAttention(unet, adapter.text_attention_names()) as attention:

@@ -46,6 +46,7 @@ from ..anchors import draw_anchor_latents, noised
 from ..attention_maps import POSITIONS, ConceptAttention, concept_positions, key_positions, spellings
 from ..closed_form import LeastSquaresEdit, token_columns, token_counts
 from ..errors import UsageError
+from ..files import work_file
 from ..images import concept_folders, images_with_masks, read_images
 from ..lora_adapters import add_lora, has_adapters, lora_deltas, remove_lora
 from ..losses import predict_noise
@@ -318,7 +319,7 @@ class MACE(Eraser):
                                                              self.suppressed_positions(loaded, request))):
             prompts = image_prompts(request, concept, cfg.preset)
             if folder is None:
-                cache = Path(work_dir) / f"mace_concept_{i}_latents.safetensors" if work_dir is not None else None
+                cache = work_file(work_dir, f"mace_concept_{i}_latents.safetensors")
                 latents, index = draw_anchor_latents(loaded, prompts, cfg.concept_images, cfg.sample_steps,
                                                      cfg.sample_guidance, cfg.seed, cache)
                 masks = None

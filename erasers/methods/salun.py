@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from ..anchors import anchor_prompts, draw_anchor_latents, noised
 from ..errors import UsageError
-from ..files import save_atomically
+from ..files import save_atomically, work_file
 from ..losses import predict_noise
 from ..models import LoadedPipeline
 from ..parameters import trainable_parameters
@@ -187,17 +187,15 @@ class SalUn(Eraser):
             target_states = loaded.encode_text([text for row in targets for text in row])  # row k: prompt k's
             retain_states = loaded.encode_text(retained)
 
-        def cache(name):
-            return Path(work_dir) / name if work_dir is not None else None
-
         forget, forget_prompt = draw_anchor_latents(loaded, prompts, cfg.forget_images,
                                                     cfg.sample_steps, cfg.sample_guidance, cfg.seed,
-                                                    cache("forget_latents.safetensors"), concepts=len(request.concepts))
+                                                    work_file(work_dir, "forget_latents.safetensors"),
+                                                    concepts=len(request.concepts))
         retain, retain_prompt = draw_anchor_latents(loaded, retained, cfg.retain_images, cfg.sample_steps,
                                                     cfg.sample_guidance, cfg.seed + cfg.forget_images,
-                                                    cache("retain_latents.safetensors"))
+                                                    work_file(work_dir, "retain_latents.safetensors"))
         masks, threshold, share = cached_mask(loaded, parameters, forget, forget_states[forget_prompt], cfg,
-                                              cache("saliency_mask.safetensors"))
+                                              work_file(work_dir, "saliency_mask.safetensors"))
         self.mask_threshold, self.mask_share = threshold, share
         optimizer = build_optimizer(loaded, parameters, cfg.lr)
         decay = 1 - cfg.lr * cfg.weight_decay
