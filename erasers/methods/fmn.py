@@ -180,8 +180,9 @@ class ProjectionDrift:
 
 # Toy defaults, measured on ToyCanvas (benchmarks/results/NOTES.md, Forget-Me-Not, has every tuning run). The whole
 # UNet (the paper's) re-steered the arrow only by breaking every object (lr 3e-5: UA 70%, IRA 4%); the text-reading
-# attentions alone erase it. No setting erased Stripes without the other styles: its captions' later tokens (and
-# the end token, the padding) carry the style past the re-steered word.
+# attentions alone erase it. Re-steering alone erased Stripes only with the other styles: its captions' later
+# tokens (the end token, the padding) carry the style past the re-steered word, and re-steering those re-steers
+# every caption. preserve_weight holds the other captions' keys and values and gets closer, not yet to the bar.
 TOY_DEFAULTS = {"parameters": "xattn", "lr": 2e-4, "iterations": 100, "sample_steps": 25, "sample_guidance": 5.0}
 
 
