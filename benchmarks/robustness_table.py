@@ -3,7 +3,8 @@ Stripes, a column per registered attack (benchmarks/attacks/), each cell the att
 (benchmarks.robustness.headline: its ASR, a curve's last point, the rate after quantization) with the rate before
 the attack in brackets, at the attack's toy defaults on `--prompts` prompts of the concept (default: its 10 toy
 captions). The rows are the method table's (benchmarks/method_table.py plan: every registered eraser but esd-te,
-with their toy defaults; variants such as doco-noadv by name), erased as it erases them, so the edits are the same;
+with their toy defaults; variants such as doco-noadv by name) and esd-te, erased as it erases them, so the edits are
+the same;
 a cell an attack does not apply to (P4D on a training-free edit) reads "n/a".
 
 Resumable: each finished cell is kept in the results file (benchmarks/results/robustness_table.json) and never
@@ -132,7 +133,8 @@ def main() -> None:
     from erasers.registry import available_methods
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", help="comma-separated rows (default: the method table's, without its stacks)")
+    parser.add_argument("--methods", help="comma-separated rows (default: the method table's, without its stacks, "
+                        "and esd-te)")
     parser.add_argument("--concepts", default="arrow,Stripes")
     parser.add_argument("--attacks", help="comma-separated columns (default: every registered attack)")
     parser.add_argument("--prompts", type=inputs.ATTACKED_PROMPTS, help="prompts per attack (default: the "
@@ -141,7 +143,8 @@ def main() -> None:
                         "are kept while the table is filled")
     parser.add_argument("--results", default=str(RESULTS))
     args = parser.parse_args()
-    methods = args.methods.split(",") if args.methods else [row for row in plan() if "+" not in row]
+    # esd-te too, which the method table leaves to HiRM's and AdvUnlearn's rows: its edit is attacked like any other.
+    methods = args.methods.split(",") if args.methods else [row for row in plan() if "+" not in row] + ["esd-te"]
     attacks = args.attacks.split(",") if args.attacks else sorted(available_attacks())
     concepts = args.concepts.split(",")
     choose_attacks(",".join(attacks), None, None)  # unknown attacks refused before any erase
