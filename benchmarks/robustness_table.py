@@ -102,8 +102,8 @@ def side_by_side(table: dict, methods: list[str], concepts: list[str], attacks: 
                    None)
         return "-" if pre is None else f"{100 * pre:.0f}"
 
-    names = " / ".join(concepts)
-    lines = [f"| method | no attack ({names}) | " + " | ".join(f"{attack} ({names})" for attack in attacks) + " |",
+    names = " / ".join(concepts)  # said once in the header: every cell holds one rate per concept in this order
+    lines = [f"| method ({names}) | no attack | " + " | ".join(attacks) + " |",
              "|---|---|" + "---|" * len(attacks)]
     for method in ["base", *methods]:
         rows = [table.get(f"{method}/{concept}") for concept in concepts]
