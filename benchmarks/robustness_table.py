@@ -9,7 +9,8 @@ a cell an attack does not apply to (P4D on a training-free edit) reads "n/a".
 
 Resumable: each finished cell is kept in the results file (benchmarks/results/robustness_table.json) and never
 rerun; the edits and each attack's own results stay in --work (WORK/edits/METHOD-CONCEPT,
-WORK/METHOD-CONCEPT/ATTACK), so an interrupted attack resumes where it stopped and an edit is erased once.
+WORK/METHOD-CONCEPT/ATTACK), so an interrupted attack resumes where it stopped and an edit is erased once; a kept
+edit erased with options other than the method's toy defaults now is refused, naming what to delete.
 
     python -m benchmarks.robustness_table
     python -m benchmarks.robustness_table --methods uce,negprompt --concepts arrow --attacks quantize --prompts 2
@@ -18,6 +19,7 @@ WORK/METHOD-CONCEPT/ATTACK), so an interrupted attack resumes where it stopped a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -36,11 +38,28 @@ def edit_for(method: str, concept: str, work: Path) -> Path:
     from erasers.run import erase
 
     out = work / "edits" / f"{method}-{concept}"
+    name, options = variants().get(method, (method, {}))
     if (out / "erasure.json").is_file():
+        check_current(out, name, options, method, concept, work)
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    name, options = variants().get(method, (method, {}))
     return erase("toy", name, [concept], out, options=options)
+
+
+def check_current(edit: Path, name: str, options: dict, method: str, concept: str, work: Path) -> None:
+    """A kept edit made with other options than the method's toy defaults now (a default changed since) would
+    fill the row with the old edit's rates: refused, naming what to delete."""
+    from erasers.edits import read_edit
+    from erasers.registry import build_config
+
+    made = read_edit(edit)["config"]
+    wanted = json.loads(json.dumps(dataclasses.asdict(build_config(name, True, options))))
+    changed = sorted(key for key in made.keys() | wanted.keys() if made.get(key) != wanted.get(key))
+    if changed:
+        raise UsageError(f"{edit} was erased with other {name} options than its toy defaults now "
+                         f"({', '.join(f'{k}: {made.get(k)!r} -> {wanted.get(k)!r}' for k in changed)}); delete it, "
+                         f"{work / f'{method}-{concept}'} and the row {method}/{concept} in the results file to "
+                         "measure it again")
 
 
 def not_applying(attack: str, edits: list[Path]) -> str | None:
@@ -152,7 +171,10 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown methods {', '.join(unknown)}; the method table's rows are {', '.join(plan())}")
     results = Path(args.results)
-    table = run(methods, concepts, attacks, args.prompts, Path(args.work), results)
+    try:
+        table = run(methods, concepts, attacks, args.prompts, Path(args.work), results)
+    except UsageError as error:
+        parser.exit(2, f"erasure: error: {error}\n")
     text = markdown(table, methods, concepts, attacks)
     write_atomically(results.with_suffix(".md"), text + "\n\n" + side_by_side(table, methods, concepts, attacks)
                      + "\n")

@@ -142,3 +142,20 @@ def test_the_robustness_table_fills_its_cells_once_and_marks_attacks_that_do_not
 
     monkeypatch.setattr(harness, "run_attack", no_rerun)
     assert robustness_table.run(["negprompt"], ["arrow"], ["p4d"], 1, work, results, progress=False) == table
+
+
+def test_the_robustness_table_refuses_a_kept_edit_made_with_other_toy_defaults(tmp_path, monkeypatch):
+    """An edit kept in --work from before a toy default changed would fill the row with the old edit's rates."""
+    from benchmarks import robustness_table
+    from erasers.errors import UsageError
+    from erasers.registry import get_method
+
+    work = tmp_path / "work"
+    edit = robustness_table.edit_for("negprompt", "arrow", work)
+    assert robustness_table.edit_for("negprompt", "arrow", work) == edit  # kept, not erased again
+    entry = get_method("negprompt")
+    field = next(iter(json.loads((edit / "erasure.json").read_text())["config"]))
+    old = json.loads((edit / "erasure.json").read_text())["config"][field]
+    monkeypatch.setitem(entry.toy_defaults, field, "something else" if isinstance(old, str) else old + 1)
+    with pytest.raises(UsageError, match=f"{field}: .* delete it"):
+        robustness_table.edit_for("negprompt", "arrow", work)
