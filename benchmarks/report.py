@@ -167,27 +167,34 @@ def write_plots(results: dict, plots: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     edits = [r for r in results["rows"] if r["method"] != "base" and "step" not in r]  # steps: their own plot
     if not edits:
         return []
     written = []
-    figure, axes = plt.subplots(figsize=(6, 4.5))
+    # One colour per method (tab20: the default cycle repeats after ten) and one marker per kind, the legend
+    # beside the axes: with every method a legend inside covered the points.
+    figure, axes = plt.subplots(figsize=(7.5, 4.5), layout="constrained")
     markers = {"object": "o", "style": "s"}
-    for method in dict.fromkeys(r["method"] for r in edits):
+    colours = plt.get_cmap("tab20").colors
+    handles = []
+    for index, method in enumerate(dict.fromkeys(r["method"] for r in edits)):
+        colour = colours[index % len(colours)]
         for kind in ("object", "style"):
             points = [(s["UA"], _mean_retain(s)) for r in edits if r["method"] == method and r["kind"] == kind
                       for s in r["per_concept"].values() if s["UA"] is not None]
             if points:
-                axes.scatter(*zip(*points), marker=markers[kind], label=f"{method} ({kind})")
+                axes.scatter(*zip(*points), marker=markers[kind], color=colour, alpha=0.8)
+        handles.append(Line2D([], [], marker="o", linestyle="", color=colour, label=method))
+    handles += [Line2D([], [], marker=marker, linestyle="", color="black", markerfacecolor="none", label=kind)
+                for kind, marker in markers.items()]
     axes.set_xlabel("UA (unlearning accuracy)")
     axes.set_ylabel("retain accuracy (mean of IRA and CRA)")
     axes.set_xlim(-0.05, 1.05)
     axes.set_ylim(-0.05, 1.05)
     axes.grid(alpha=0.3)
-    if edits:
-        axes.legend(fontsize=7)
-    figure.tight_layout()
+    figure.legend(handles=handles, fontsize=7, loc="outside right upper")
     written.append(_save(figure, plots / "ua_vs_retain.png"))
     plt.close(figure)
 
