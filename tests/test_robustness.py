@@ -154,8 +154,9 @@ def test_the_robustness_table_refuses_a_kept_edit_made_with_other_toy_defaults(t
     edit = robustness_table.edit_for("negprompt", "arrow", work)
     assert robustness_table.edit_for("negprompt", "arrow", work) == edit  # kept, not erased again
     entry = get_method("negprompt")
-    field = next(iter(json.loads((edit / "erasure.json").read_text())["config"]))
-    old = json.loads((edit / "erasure.json").read_text())["config"][field]
+    config = json.loads((edit / "erasure.json").read_text())["config"]
+    field = next(iter(config))
+    old = config[field]
     monkeypatch.setitem(entry.toy_defaults, field, "something else" if isinstance(old, str) else old + 1)
     with pytest.raises(UsageError, match=f"{field}: .* delete it"):
         robustness_table.edit_for("negprompt", "arrow", work)
