@@ -6,7 +6,8 @@ concept's tokens, one boolean row per example), optionally only over the query p
     FMN   L = || concat_layers A_l[:, :, positions] ||_2                 attention.norm()
     MACE  L = sum_layers || A_l[:, mask pixels, positions] ||_F          attention.layer_norms()
 
-Also where a concept's tokens sit in tokenized prompts (`concept_positions`, `end_positions`, `key_positions`).
+Also where a concept's tokens sit in tokenized prompts (`concept_positions`, `end_positions`, `key_positions`), and how
+much of them a causal text encoder copies into its end token and padding (`copied_attention`, FMN's text stage).
 """
 
 from __future__ import annotations
@@ -139,3 +140,26 @@ class ConceptAttentionProcessor:
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+
+
+def read_positions(tokenizer, ids: torch.Tensor) -> torch.Tensor:
+    """(prompts, tokens) booleans: each row's end token and every position after it (the padding), where a causal
+    text encoder sums up the whole prompt and a denoiser reads most of it."""
+    return end_positions(tokenizer, ids).cumsum(dim=1) > 0
+
+
+def copied_attention(encoder: nn.Module, ids: torch.Tensor, positions: torch.Tensor,
+                     queries: torch.Tensor) -> torch.Tensor:
+    """The sum of squared self-attention probabilities that a text encoder's `queries` (one boolean row of query
+    positions per prompt) put on the concept's tokens (`positions`), over every layer and head: how much of the
+    concept the encoder copies into those positions. The encoder runs its eager attention for this call, the one
+    that returns its probabilities."""
+    previous = encoder.config._attn_implementation
+    encoder.set_attn_implementation("eager")
+    try:
+        attentions = encoder(ids, output_attentions=True).attentions
+    finally:
+        encoder.set_attn_implementation(previous)
+    mask = (queries[:, None, :, None] & positions[:, None, None, :]).float()
+    return sum((probabilities.float() * mask).pow(2).sum() for probabilities in attentions)
