@@ -6,7 +6,13 @@ import torch
 from toy_scores import arrow_scores_before_and_after
 
 from erasers import UsageError, load_pipeline
-from erasers.attention_maps import ConceptAttention, concept_positions, end_positions
+from erasers.attention_maps import (
+    ConceptAttention,
+    concept_positions,
+    copied_attention,
+    end_positions,
+    read_positions,
+)
 from erasers.edits import apply_edits, read_edit
 from erasers.methods.fmn import ConceptVectors, ForgetMeNot, ProjectionDrift, slotted_ids
 from erasers.prompts import make_request
@@ -29,6 +35,9 @@ def test_config_is_validated_before_anything_loads():
         build_config("fmn", toy=False, overrides={"concept_type": "person"})
     with pytest.raises(UsageError, match="inversion_tokens=0 is out of range"):
         build_config("fmn", toy=False, overrides={"inversion_tokens": "0"})
+    assert config.text_steps == 0 and build_config("fmn", toy=True).text_steps > 0
+    with pytest.raises(UsageError, match="inversion and text_steps do not combine"):
+        build_config("fmn", toy=True, overrides={"inversion": "true"})
     assert not families_matrix()["fmn"]["flux"] and "flux" in get_method("fmn").why_not
 
 
@@ -173,6 +182,47 @@ def test_the_edit_loads_with_from_pretrained_and_holds_no_tokenizer(tiny_pipelin
     before = {k: v.clone() for k, v in base.denoiser.state_dict().items()}
     apply_edits(base, [out])
     assert any(not torch.equal(v, before[k]) for k, v in base.denoiser.state_dict().items())
+
+
+def test_the_text_stage_stops_the_end_token_reading_the_concept_and_holds_other_prompts(tiny_pipeline_dirs,
+                                                                                       tmp_path):
+    """text_steps (not in the paper), on SDXL's two encoders: the end token and the padding stop attending to the
+    concept's tokens in both, the retain prompts' token states and the concept prompt's states before its end token
+    stay nearly as they were, and the edit holds both encoders, each loading with from_pretrained."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    sdxl = str(tiny_pipeline_dirs["sdxl"])
+    keep, prompt = ["a photo of a cat", "a painting of a house"], ["a photo of a star"]
+    base = load_pipeline(sdxl, device="cpu")
+    ids = base.adapter.tokenize(prompt)
+
+    def copied(loaded) -> dict[str, float]:
+        with torch.no_grad():
+            return {name: copied_attention(encoder, ids[name], concept_positions(tokenizer, ids[name], ["star"]),
+                                           read_positions(tokenizer, ids[name])).item()
+                    for (name, encoder), tokenizer in zip(loaded.text_encoders.items(), loaded.tokenizers.values())}
+
+    def states(loaded):
+        with torch.no_grad():
+            return loaded.encode_text(keep).states, loaded.encode_text(prompt).states
+
+    before, (kept_before, prompt_before) = copied(base), states(base)
+    assert set(before) == {"text_encoder", "text_encoder_2"} and min(before.values()) > 0
+    out = erase(sdxl, "fmn", ["a star"], tmp_path / "fmn", device="cpu", preserve=keep,
+                options={**FAST, "text_steps": 40, "text_lr": 1e-2})
+    assert sorted(read_edit(out)["components"]) == ["text_encoder", "text_encoder_2", "unet"]
+    edited = load_pipeline(sdxl, device="cpu")
+    apply_edits(edited, [out])
+    after, (kept_after, prompt_after) = copied(edited), states(edited)
+    assert all(after[name] < 0.1 * before[name] for name in before), (before, after)
+    end = int(read_positions(base.tokenizers["tokenizer"], ids["text_encoder"])[0].nonzero()[0])
+    moved = (prompt_after - prompt_before).norm(dim=-1)[0]
+    assert moved[:end].max() < 0.2 * moved[end:].max(), moved
+    assert (kept_after - kept_before).norm() < 0.1 * kept_before.norm()
+    for name, model in (("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection)):
+        reloaded, applied = model.from_pretrained(out / name).state_dict(), edited.text_encoders[name].state_dict()
+        assert reloaded.keys() == applied.keys() and all(torch.equal(reloaded[k], applied[k]) for k in applied)
+        assert any(not torch.equal(applied[k], base.text_encoders[name].state_dict()[k]) for k in applied)
 
 
 @pytest.mark.heavy  # about 20 s of one core

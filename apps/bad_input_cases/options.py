@@ -41,6 +41,10 @@ CASES = [
     Case("options: attack --resolution 7", "attack --edit {edit_ok} --resolution 7 --out {root}/a", "--resolution"),
     Case("options: attack --resolution 0", "attack --edit {edit_ok} --resolution 0 --out {root}/a", "at least 16"),
     Case("options: attack --tokens 500", "attack --edit {edit_ok} --tokens 500 --out {root}/a", "does not fit"),
+    Case("options: erase fmn inversion with the text stage", "erase --method fmn --concept arrow --set inversion=true "
+         "--out {root}/e", "inversion and text_steps do not combine"),
+    Case("options: erase fmn --preserve with nothing that keeps it", "erase --method fmn --concept arrow --preserve "
+         "circle --set text_steps=0 --set preserve_weight=0 --out {root}/e", "fmn keeps --preserve prompts only"),
     Case("options: erase advunlearn attack_tokens=500", "erase --method advunlearn --concept star "
          "--set attack_tokens=500 --out {root}/e", "does not fit"),
     Case("options: attack --prompts -1", "attack --edit {edit_ok} --prompts -1 --out {root}/a", "--prompts"),

@@ -222,9 +222,16 @@ TOY_DEFAULTS = {"parameters": "xattn-strict", "positions": "concept+after", "pre
                            "image tokens together (rotary positions, double and single blocks), so there are no "
                            "text-reading attention maps to re-steer as the paper does on SD's attn2"},
           step_cost_models=("toy", "sd15"),
-          multi_concept="one loss over all: images of every concept, each at its own tokens")
+          multi_concept="one loss over all: images of every concept, each at its own tokens",
+          reads_preserve=True)
 class ForgetMeNot(Eraser):
     config_class = FMNConfig
+
+    def check(self, loaded: LoadedPipeline, request: EraseRequest) -> None:
+        cfg = self.config
+        if request.preserve and not (cfg.preserve_weight or cfg.text_steps):
+            raise UsageError("fmn keeps --preserve prompts only through preserve_weight or the text stage, both off "
+                             "here; pass --set preserve_weight=30 or --set text_steps=100, or drop --preserve")
 
     def erase(self, loaded: LoadedPipeline, request: EraseRequest, work_dir: Path | None = None):
         cfg = self.config
