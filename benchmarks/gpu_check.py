@@ -14,7 +14,8 @@ by default, fewer blocks (--flux-depth 4,8 joint/single blocks and 4 T5 blocks):
 `--flux-depth full` builds all 19 + 38 blocks and T5's 24.
 DoCo and Co-Erasing run on every family; Co-Erasing with a random IP-Adapter written for each family's denoiser
 in the published layout (ViT-H/14-sized image encoder, 4 image tokens; on Flux XLabs' layout) and a random
-refinement CLIP. Then every VLM eraser on tiny LLaVA and Qwen2.5-VL models in the same precision
+refinement CLIP. FMN runs two steps of its text stage too (on in its toy default; the text encoders' eager
+attention under the same precision). Then every VLM eraser on tiny LLaVA and Qwen2.5-VL models in the same precision
 (benchmarks/gpu_check_vlm.py). Exit status 1 if any method's loss is not finite or nothing it trains moved, or a VLM
 edit is not finite or its model did not answer.
 """
@@ -115,7 +116,7 @@ def method_step(family: str, method: str, args) -> dict:
         return {"family": family, "method": method, **timed, "peak_bytes": _peak_memory(args.device),
                 "components": []}
     options = ip_adapter_files(loaded, args) if "ip_adapter" in get_method(method).needs else {}
-    config = short_run_config(method, args.steps, False, attack_steps=2, retain_batch=1, **options)
+    config = short_run_config(method, args.steps, False, attack_steps=2, retain_batch=1, text_steps=2, **options)
     eraser = get_method(method).eraser(config)
     request = make_request(["a photo of a cat"], loaded.tokenizer, None, preserve=["a photo of a dog"])
     before = _sums(loaded)

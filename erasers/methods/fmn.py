@@ -216,7 +216,7 @@ TOY_DEFAULTS = {"parameters": "xattn-strict", "positions": "concept+after", "pre
 
 @register("fmn", "Forget-Me-Not: fine-tune the UNet so its cross-attention stops looking at the concept's tokens",
           toy_defaults=TOY_DEFAULTS,
-          quick={"iterations": 6, "concept_images": 2, "sample_steps": 2, "lr": 1e-3},
+          quick={"iterations": 6, "concept_images": 2, "sample_steps": 2, "lr": 1e-3, "text_steps": 3},
           families=("sd", "sdxl"),
           why_not={"flux": "Flux has no cross-attention: its joint attention takes one softmax over the text and "
                            "image tokens together (rotary positions, double and single blocks), so there are no "
