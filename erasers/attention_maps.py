@@ -142,7 +142,6 @@ class ConceptAttentionProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
-
 def read_positions(tokenizer, ids: torch.Tensor) -> torch.Tensor:
     """(prompts, tokens) booleans: each row's end token and every position after it (the padding), where a causal
     text encoder sums up the whole prompt and a denoiser reads most of it."""

@@ -151,24 +151,31 @@ def test_the_preservation_term_holds_the_retain_prompts_keys_while_the_concept_i
     assert drift().item() == pytest.approx(expected.item(), rel=1e-4)
 
 
-def test_an_interrupted_run_resumes_to_the_same_edit(tiny_pipeline_dirs, tmp_path):
-    """Both stages resume: the inversion's vectors and the re-steering's weights and AdamW state are checkpointed,
-    the concept images cached."""
+@pytest.mark.parametrize("stage", ["inversion", "text"])
+def test_an_interrupted_run_resumes_to_the_same_edit(stage, tiny_pipeline_dirs, tmp_path):
+    """Both stages resume with the re-steering: the inversion's vectors, or the text stage's query/key projections,
+    and the re-steering's weights and AdamW state are checkpointed, the concept images cached."""
     sd = str(tiny_pipeline_dirs["sd"])
-    options = {**FAST, "inversion": True, "inversion_steps": 3}
+    options = {**FAST, "inversion": True, "inversion_steps": 3} if stage == "inversion" else FAST
 
     def run(iterations, work_dir):
         loaded = load_pipeline(sd, device="cpu")
-        config = build_config("fmn", toy=False, overrides={**options, "iterations": iterations})
+        steps = {"iterations": iterations, **({"text_steps": iterations} if stage == "text" else {})}
+        config = build_config("fmn", toy=False, overrides={**options, **steps})
         eraser = ForgetMeNot(config)
         eraser.erase(loaded, make_request(["a star"], loaded.tokenizer), work_dir)
-        return loaded.denoiser.state_dict(), eraser.inversion_history
+        weights = {**loaded.denoiser.state_dict(), **{f"text.{k}": v for k, v in
+                                                      loaded.text_encoders["text_encoder"].state_dict().items()}}
+        return weights, getattr(eraser, f"{stage}_history")
 
     run(2, tmp_path / "work")
     resumed, _ = run(4, tmp_path / "work")
     straight, history = run(4, None)
-    assert len(history) == 2 and "inversion_loss" in history[0]
+    assert len(history) == 2 and ("inversion_loss" if stage == "inversion" else "copied") in history[0]
     assert all(torch.allclose(resumed[k], straight[k], atol=1e-7) for k in straight)
+    if stage == "text":
+        base = load_pipeline(sd, device="cpu").text_encoders["text_encoder"].state_dict()
+        assert any(not torch.equal(straight[f"text.{k}"], v) for k, v in base.items())
 
 
 def test_the_edit_loads_with_from_pretrained_and_holds_no_tokenizer(tiny_pipeline_dirs, tmp_path):

@@ -214,6 +214,7 @@ class ProjectionDrift:
 TOY_DEFAULTS = {"parameters": "xattn-strict", "positions": "concept+after", "preserve_weight": 30.0, "lr": 4e-3,
                 "iterations": 100, "sample_steps": 25, "sample_guidance": 5.0, "text_steps": 100}
 
+
 @register("fmn", "Forget-Me-Not: fine-tune the UNet so its cross-attention stops looking at the concept's tokens",
           toy_defaults=TOY_DEFAULTS,
           quick={"iterations": 6, "concept_images": 2, "sample_steps": 2, "lr": 1e-3, "text_steps": 3},
