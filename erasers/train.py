@@ -97,6 +97,15 @@ class ParameterState:
                 p.copy_(state[str(i)])
 
 
+def descend(loss: torch.Tensor, optimizer, parameters, max_grad_norm: float = 0.0) -> None:
+    """One optimiser step on `loss`: gradients cleared, backpropagated, clipped to `max_grad_norm` (0: not)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
+    optimizer.step()
+
+
 @torch.no_grad()
 def masked_update(parameters, masks, decay: float = 1.0) -> None:
     """Before the optimiser step of a run that trains only the `masks`' elements of `parameters` (SalUn's salient

@@ -55,7 +55,7 @@ from ..parameters import trainable_parameters
 from ..precision import build_optimizer, finish, train_only
 from ..prompts import EraseRequest, default_retain_prompts
 from ..registry import Eraser, register
-from ..train import ParameterState, TrainingLoop
+from ..train import ParameterState, TrainingLoop, descend
 
 PARAMETER_SETS = ("full", "xattn", "xattn-strict")
 TEMPLATES = {"object": "a photo of {}", "style": "a photo in the style of {}"}
@@ -275,11 +275,7 @@ class ForgetMeNot(Eraser):
             resteer = attention.norm()
             kept = drift() if drift is not None else torch.zeros(())
             loss = resteer + cfg.preserve_weight * kept
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(parameters, cfg.max_grad_norm)
-            optimizer.step()
+            descend(loss, optimizer, parameters, cfg.max_grad_norm)
             return {"loss": loss.item(), "attention": resteer.item(), "drift": kept.item()}
 
         unet.train()
@@ -320,11 +316,7 @@ class ForgetMeNot(Eraser):
             copied = sum(copied_attention(encoders[n], ids[n], positions[n], queries[n]) for n in encoders).sqrt()
             drift = (loaded.encode_text(held_prompts).states.float() * kept - held).pow(2).sum() / held.pow(2).sum()
             loss = copied + cfg.text_preserve_weight * drift
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(parameters, cfg.max_grad_norm)
-            optimizer.step()
+            descend(loss, optimizer, parameters, cfg.max_grad_norm)
             return {"text_loss": loss.item(), "copied": copied.item(), "text_drift": drift.item()}
 
         for encoder in encoders.values():  # transformers checkpoints only a model in training mode
