@@ -118,7 +118,10 @@ def method_step(family: str, method: str, args) -> dict:
     options = ip_adapter_files(loaded, args) if "ip_adapter" in get_method(method).needs else {}
     config = short_run_config(method, args.steps, False, attack_steps=2, retain_batch=1, text_steps=2, **options)
     eraser = get_method(method).eraser(config)
-    request = make_request(["a photo of a cat"], loaded.tokenizer, None, preserve=["a photo of a dog"])
+    # A prompt to keep for the methods built around one (UCE, HiRM, AdvUnlearn); the others read their defaults
+    # (MACE's presets refuse --preserve without its weights, as an erase does).
+    keep = ["a photo of a dog"] if get_method(method).preserves else []
+    request = make_request(["a photo of a cat"], loaded.tokenizer, None, preserve=keep)
     before = _sums(loaded)
     _reset_memory(args.device)
     synchronize(args.device)
@@ -128,12 +131,17 @@ def method_step(family: str, method: str, args) -> dict:
     synchronize(args.device)
     history = getattr(eraser, "history", None)
     per_step = seconds_per_step(history, time.perf_counter() - started, args.steps)
-    losses = [v for row in history or [] for k, v in row.items() if k not in ("step", "seconds")]
+    # Every stage's losses (FMN's and Co-Erasing's text stages keep their own histories).
+    histories = [rows for key, rows in vars(eraser).items() if key.endswith("history") and isinstance(rows, list)]
+    losses = [v for rows in histories for row in rows for k, v in row.items() if k not in ("step", "seconds")]
     after = _sums(loaded)
-    moved = any(after[key] != before[key] for key in before if key.split(".", 1)[0] in components)
+    # Each edited component moved, not just one of them (FMN's edit holds the denoiser and the text encoders).
+    moved = all(any(after[key] != before[key] for key in before if key.split(".", 1)[0] == name)
+                for name in components if name != "adapter")
     adapter = components.get("adapter")
     if adapter is not None:  # an adapter edit (SPM) leaves the weights as loaded: it moved if its up-projections did
-        moved = any(bool(w.abs().sum() > 0) for key, w in zip(adapter.keys, adapter.weights) if "lora_B" in key)
+        moved = moved and any(bool(w.abs().sum() > 0) for key, w in zip(adapter.keys, adapter.weights)
+                              if "lora_B" in key)
     result = {"family": family, "method": method, "seconds_per_step": per_step, "peak_bytes": _peak_memory(args.device),
               "finite": all(map(lambda v: v == v and abs(v) != float("inf"), losses)), "moved": moved,
               "components": sorted(components)}

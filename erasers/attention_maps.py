@@ -142,7 +142,7 @@ class ConceptAttentionProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
-def read_positions(tokenizer, ids: torch.Tensor) -> torch.Tensor:
+def end_and_padding_positions(tokenizer, ids: torch.Tensor) -> torch.Tensor:
     """(prompts, tokens) booleans: each row's end token and every position after it (the padding), where a causal
     text encoder sums up the whole prompt and a denoiser reads most of it."""
     return end_positions(tokenizer, ids).cumsum(dim=1) > 0
@@ -157,6 +157,9 @@ def copied_attention(encoder: nn.Module, ids: torch.Tensor, positions: torch.Ten
     previous = encoder.config._attn_implementation
     encoder.set_attn_implementation("eager")
     try:
+        if encoder.config._attn_implementation != "eager":
+            raise UsageError(f"{type(encoder).__name__} cannot run its eager attention, the one that returns its "
+                             "probabilities; FMN's text stage needs it (--set text_steps=0 to go without)")
         attentions = encoder(ids, output_attentions=True).attentions
     finally:
         encoder.set_attn_implementation(previous)

@@ -10,8 +10,8 @@ from erasers.attention_maps import (
     ConceptAttention,
     concept_positions,
     copied_attention,
+    end_and_padding_positions,
     end_positions,
-    read_positions,
 )
 from erasers.edits import apply_edits, read_edit
 from erasers.methods.fmn import ConceptVectors, ForgetMeNot, ProjectionDrift, slotted_ids
@@ -194,8 +194,8 @@ def test_the_edit_loads_with_from_pretrained_and_holds_no_tokenizer(tiny_pipelin
 def test_the_text_stage_stops_the_end_token_reading_the_concept_and_holds_other_prompts(tiny_pipeline_dirs,
                                                                                        tmp_path):
     """text_steps (not in the paper), on SDXL's two encoders: the end token and the padding stop attending to the
-    concept's tokens in both, the retain prompts' token states and the concept prompt's states before its end token
-    stay nearly as they were, and the edit holds both encoders, each loading with from_pretrained."""
+    concept's tokens in both, the retain prompts' token states stay within 10%, the concept prompt's states before its
+    end token move far less than that token, and the edit holds both encoders, each loading with from_pretrained."""
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     sdxl = str(tiny_pipeline_dirs["sdxl"])
@@ -206,7 +206,7 @@ def test_the_text_stage_stops_the_end_token_reading_the_concept_and_holds_other_
     def copied(loaded) -> dict[str, float]:
         with torch.no_grad():
             return {name: copied_attention(encoder, ids[name], concept_positions(tokenizer, ids[name], ["star"]),
-                                           read_positions(tokenizer, ids[name])).item()
+                                           end_and_padding_positions(tokenizer, ids[name])).item()
                     for (name, encoder), tokenizer in zip(loaded.text_encoders.items(), loaded.tokenizers.values())}
 
     def states(loaded):
@@ -222,9 +222,9 @@ def test_the_text_stage_stops_the_end_token_reading_the_concept_and_holds_other_
     apply_edits(edited, [out])
     after, (kept_after, prompt_after) = copied(edited), states(edited)
     assert all(after[name] < 0.1 * before[name] for name in before), (before, after)
-    end = int(read_positions(base.tokenizers["tokenizer"], ids["text_encoder"])[0].nonzero()[0])
-    moved = (prompt_after - prompt_before).norm(dim=-1)[0]
-    assert moved[:end].max() < 0.2 * moved[end:].max(), moved
+    end = int(end_and_padding_positions(base.tokenizers["tokenizer"], ids["text_encoder"])[0].nonzero()[0])
+    moved = ((prompt_after - prompt_before).norm(dim=-1) / prompt_before.norm(dim=-1))[0]  # relative, per position
+    assert moved[:end].max() < 0.5 * moved[end], moved
     assert (kept_after - kept_before).norm() < 0.1 * kept_before.norm()
     for name, model in (("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection)):
         reloaded, applied = model.from_pretrained(out / name).state_dict(), edited.text_encoders[name].state_dict()

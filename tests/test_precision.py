@@ -178,6 +178,17 @@ def test_gpu_check_runs_every_method_on_the_tiny_pipelines(capsys):
     assert len(rows) == 3 and all(line.endswith("| yes | yes |") for line in rows), out
 
 
+def test_gpu_check_runs_fmn_with_its_text_stage_and_checks_every_component(capsys):
+    """FMN's edit holds the denoiser and both SDXL text encoders (two steps of its text stage): each must move."""
+    from benchmarks.gpu_check import main
+
+    code = main(["--tiny", "--steps", "1", "--families", "sdxl", "--methods", "fmn"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    row = next(line for line in out.splitlines() if line.startswith("| sdxl | fmn"))
+    assert row.endswith("| yes | yes |"), out
+
+
 def test_gpu_check_times_training_free_methods_as_sampling_steps(capsys):
     """SLD and negative prompts train nothing: the GPU check times a sampling step with the edit installed against a
     plain one (SLD adds a third of the guidance batch), and checks the result moved."""

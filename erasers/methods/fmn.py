@@ -43,8 +43,8 @@ from ..attention_maps import (
     ConceptAttention,
     concept_positions,
     copied_attention,
+    end_and_padding_positions,
     key_positions,
-    read_positions,
     spellings,
 )
 from ..errors import UsageError
@@ -83,11 +83,8 @@ class FMNConfig:
     # retain prompts (the vocabulary's other captions and --preserve; with neither, COCO objects), as UCE's
     # preservation term does.
     preserve_weight: float = 0.0
-    # Not in the paper (0: off): after the denoiser's re-steering, re-steer the text encoders' own self-attention
-    # for `text_steps`, so that the end token and the padding stop reading the concept's tokens (a causal encoder
-    # copies a style into them, and the denoiser reads most of a prompt there); their query/key projections train,
-    # holding the retain prompts' token states and the concept prompts' earlier ones (weight
-    # `text_preserve_weight`), and the edit holds the encoders too.
+    # Not in the paper (0: off): the text stage's steps (module docstring); a causal encoder copies a style into the
+    # end token and the padding, where the denoiser's re-steering cannot cut it without cutting every prompt.
     text_steps: int = field(default=0, metadata={"min": 0})
     text_lr: float = 1e-3
     text_preserve_weight: float = 10.0
@@ -109,7 +106,8 @@ class FMNConfig:
             raise UsageError(f"fmn positions must be one of {', '.join(POSITIONS)}, not {self.positions!r}")
         if self.inversion and self.text_steps:
             raise UsageError("fmn: inversion and text_steps do not combine (the inversion replaces the concept's "
-                             "words that the text stage re-steers the encoders away from); set one of them")
+                             "words that the text stage re-steers the encoders away from); pass --set text_steps=0 "
+                             "with inversion")
 
 
 def fmn_prompts(request: EraseRequest, concept_type: str) -> list[str]:
@@ -205,12 +203,10 @@ class ProjectionDrift:
 
 
 # Toy defaults, measured on ToyCanvas (benchmarks/results/NOTES.md, Forget-Me-Not, has every tuning run). The whole
-# UNet (the paper's) re-steered the arrow only by breaking every object (lr 3e-5: UA 70%, IRA 4%). The toy's text
-# encoder puts a caption's style in the end token and the padding (85% of the attention mass falls there, 1% on the
-# style's own word), so the later positions are re-steered too, and preserve_weight holds what the other captions'
-# keys and values give there; only the keys and values train. That alone left Stripes to the training seed (UA 85,
-# 15, 35 at seeds 0, 1, 2); the text stage (100 steps), which stops the encoder copying the concept into the end
-# token and the padding, erases the arrow and Stripes at each of those seeds.
+# UNet (the paper's) re-steered the arrow only by breaking every object. The toy's text encoder puts a caption's
+# style in the end token and the padding, so the later positions are re-steered too, with preserve_weight holding
+# what the other captions' keys and values give there; without the text stage, which stops the encoder copying the
+# concept there, Stripes was erased at some training seeds only.
 TOY_DEFAULTS = {"parameters": "xattn-strict", "positions": "concept+after", "preserve_weight": 30.0, "lr": 4e-3,
                 "iterations": 100, "sample_steps": 25, "sample_guidance": 5.0, "text_steps": 100}
 
@@ -292,35 +288,47 @@ class ForgetMeNot(Eraser):
                      work_dir: Path | None) -> dict[str, nn.Module]:
         """The text stage: the encoders' self-attention query/key projections train so that the end token and the
         padding stop attending to the concept's tokens (the L2 norm of those probabilities, as the re-steering's),
-        while the retain prompts' token states and the concept prompts' states before the end token stay where
-        they were (relative squared drift). Returns the edited encoders, frozen again."""
+        while the retain prompts' token states (and SDXL's pooled embedding) and the concept prompts' states before
+        the end token stay where they were (relative squared drift). Returns the edited encoders, frozen again."""
         cfg = self.config
         encoders = loaded.trained_text_encoders
         ids = loaded.adapter.tokenize(prompts)
         tokenizers = {name: loaded.tokenizers[name.replace("text_encoder", "tokenizer")] for name in encoders}
         positions = {name: concept_positions(tokenizers[name], ids[name], spellings(request)) for name in encoders}
-        queries = {name: read_positions(tokenizers[name], ids[name]) for name in encoders}
+        queries = {name: end_and_padding_positions(tokenizers[name], ids[name]) for name in encoders}
         retain = request.retain_prompts() or default_retain_prompts(request)
         held_prompts = retain + prompts
-        name = loaded.adapter.token_states_encoder
-        kept = torch.cat([torch.ones(len(retain), queries[name].shape[1], dtype=torch.bool, device=loaded.device),
-                          ~queries[name]])[..., None]
+        cut = queries[loaded.adapter.token_states_encoder]
+        held_positions = torch.cat([torch.ones(len(retain), cut.shape[1], dtype=torch.bool, device=loaded.device),
+                                    ~cut])[..., None]
         with torch.no_grad():
-            held = loaded.encode_text(held_prompts).states.float() * kept
+            base = loaded.encode_text(held_prompts)
+        held = base.states.float() * held_positions
+        # SDXL's pooled text_embeds are the second encoder's end token, which this stage trains: held for the
+        # retain prompts too.
+        held_pooled = None if base.pooled is None else base.pooled[:len(retain)].float()
+
+        def drift_from(conditioning) -> torch.Tensor:
+            drift = (conditioning.states.float() * held_positions - held).pow(2).sum() / held.pow(2).sum()
+            if held_pooled is not None:
+                pooled = conditioning.pooled[:len(retain)].float()
+                drift = drift + (pooled - held_pooled).pow(2).sum() / held_pooled.pow(2).sum()
+            return drift
+
+        # No gradient checkpointing here: copied_attention switches the encoders to their eager attention for its
+        # own call only, and a checkpointed layer would recompute it in the backward pass with the other one.
         parameters = train_only(loaded, [p for encoder in encoders.values() for key, p in encoder.named_parameters()
-                                         if "self_attn.q_proj" in key or "self_attn.k_proj" in key],
-                                *encoders.values())
+                                         if "self_attn.q_proj" in key or "self_attn.k_proj" in key])
         optimizer = build_optimizer(loaded, parameters, cfg.text_lr, cfg.weight_decay)
 
         def step(_, generator):
-            copied = sum(copied_attention(encoders[n], ids[n], positions[n], queries[n]) for n in encoders).sqrt()
-            drift = (loaded.encode_text(held_prompts).states.float() * kept - held).pow(2).sum() / held.pow(2).sum()
+            copied = sum(copied_attention(encoders[encoder_name], ids[encoder_name], positions[encoder_name],
+                                          queries[encoder_name]) for encoder_name in encoders).sqrt()
+            drift = drift_from(loaded.encode_text(held_prompts))
             loss = copied + cfg.text_preserve_weight * drift
             descend(loss, optimizer, parameters, cfg.max_grad_norm)
             return {"text_loss": loss.item(), "copied": copied.item(), "text_drift": drift.item()}
 
-        for encoder in encoders.values():  # transformers checkpoints only a model in training mode
-            encoder.train()
         self.text_history = TrainingLoop("fmn-text", cfg.text_steps, {"params": ParameterState(parameters),
                                                                       "opt": optimizer}, cfg.seed, work_dir,
                                          checkpoint_every=50).run(step)
