@@ -24,7 +24,7 @@ from pathlib import Path
 
 from erasers import inputs
 from erasers.errors import UsageError
-from erasers.files import read_json, save_atomically, write_atomically
+from erasers.files import plain_json, read_json, save_atomically, write_atomically
 
 MANIFEST = "robustness.json"
 ROWS = ("base", "edit")
@@ -113,7 +113,7 @@ def attack_once(run: RobustnessRun, attack: str, edits: list[str | Path], out: P
     if done.is_file():
         summary = read_json(done, f"delete {out} to run the attack again")
         wanted = {"attack": attack, "model": run.model, "edits": [str(e) for e in edits],
-                  "config": json.loads(json.dumps(dataclasses.asdict(config)))}
+                  "config": plain_json(dataclasses.asdict(config))}
         if any(summary.get(key) != value for key, value in wanted.items()) or \
                 (run.count is not None and summary.get("n", len(summary.get("items", []))) != run.count):
             raise UsageError(f"{out} holds a {attack} run with other settings than these; choose a new --out")

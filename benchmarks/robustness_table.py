@@ -26,7 +26,7 @@ from pathlib import Path
 from benchmarks.robustness import RobustnessRun, attack_once, choose_attacks, headline
 from erasers import inputs
 from erasers.errors import UsageError
-from erasers.files import read_json, write_atomically
+from erasers.files import plain_json, read_json, write_atomically
 
 RESULTS = Path(__file__).parent / "results" / "robustness_table.json"
 
@@ -53,7 +53,7 @@ def check_current(edit: Path, name: str, options: dict, method: str, concept: st
     from erasers.registry import build_config
 
     made = read_edit(edit)["config"]
-    wanted = json.loads(json.dumps(dataclasses.asdict(build_config(name, True, options))))
+    wanted = plain_json(dataclasses.asdict(build_config(name, True, options)))
     changed = sorted(key for key in made.keys() | wanted.keys() if made.get(key) != wanted.get(key))
     if changed:
         raise UsageError(f"{edit} was erased with other {name} options than its toy defaults now "

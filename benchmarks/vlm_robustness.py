@@ -10,11 +10,10 @@ resumes from its OUT.partial/, a rerun with other settings is refused.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 from erasers.errors import UsageError
-from erasers.files import read_json
+from erasers.files import plain_json, read_json
 
 from .robustness import attack_options, fill_report, table
 
@@ -65,7 +64,7 @@ def attack_once(run: VLMRobustnessRun, attack: str, edit: str | Path | None, con
     if done.is_file():
         summary = read_json(done, f"delete {out} to run the attack again")
         wanted = {"attack": attack, "model": run.model, "edits": [str(edit)] if edit else [],
-                  "config": json.loads(json.dumps(dataclasses.asdict(config)))}
+                  "config": plain_json(dataclasses.asdict(config))}
         if any(summary.get(key) != value for key, value in wanted.items()):
             raise UsageError(f"{out} holds a {attack} run with other settings than these; choose a new --out")
         return summary

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from .edits import METADATA
 from .errors import UsageError
-from .files import save_atomically
+from .files import plain_json, save_atomically
 
 CARD = "README.md"
 LIBRARY = "erasure-suite"
@@ -131,8 +131,8 @@ def eval_results(edit_dir: Path, source: str, metrics: dict, protocol: dict) -> 
     """`metrics` as huggingface_hub EvalResults carrying `protocol` (see record_results)."""
     from huggingface_hub import EvalResult
 
-    settings = _plain({k: v for k, v in protocol.items() if k not in _PLACEMENT and v is not None})
-    base = _plain(protocol.get("base") or {})
+    settings = plain_json({k: v for k, v in protocol.items() if k not in _PLACEMENT and v is not None})
+    base = plain_json(protocol.get("base") or {})
     dataset = protocol.get("dataset", source)
     results = []
     for name, value in metrics.items():
@@ -142,7 +142,7 @@ def eval_results(edit_dir: Path, source: str, metrics: dict, protocol: dict) -> 
             task_type=protocol.get("task_type", "text-to-image"), task_name=protocol.get("task"),
             dataset_type=protocol.get("dataset_type", _slug(dataset)), dataset_name=dataset,
             dataset_config=source, dataset_args=settings or None,
-            metric_type=_slug(name), metric_name=name, metric_value=_plain(value),
+            metric_type=_slug(name), metric_name=name, metric_value=plain_json(value),
             metric_config=protocol.get("judge"),
             metric_args={"base_model": base[name]} if base.get(name) is not None else None,
             source_name=source, source_url=_where(edit_dir, protocol.get("results"))))
@@ -162,11 +162,6 @@ def _where(edit_dir: Path, results: str | Path | None) -> str:
 
 def _slug(name: str) -> str:
     return "-".join(str(name).lower().replace("_", " ").split())
-
-
-def _plain(value):
-    """`value` as plain JSON types, which the card's YAML writes and reads back unchanged (tuples become lists)."""
-    return json.loads(json.dumps(value, default=str))
 
 
 def build_card(metadata: dict, edit_dir: Path, shown_as: Path, results: list):
@@ -192,6 +187,6 @@ def build_card(metadata: dict, edit_dir: Path, shown_as: Path, results: list):
     data = ModelCardData(library_name=LIBRARY, base_model=metadata.get("base_model"), tags=tags,
                          pipeline_tag="image-text-to-text" if vlm else "text-to-image",
                          model_name=shown_as.resolve().name, eval_results=results or None,
-                         **{k: _plain(v) for k, v in fields.items() if v is not None})
+                         **{k: plain_json(v) for k, v in fields.items() if v is not None})
     return ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n\n{{ body }}",
                                    body=card_body(metadata, edit_dir, shown_as, results))

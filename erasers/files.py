@@ -275,6 +275,12 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+def plain_json(value):
+    """`value` as the plain JSON types it reads back as from a file (tuples as lists; what JSON cannot hold, as its
+    text), so it compares equal to a saved copy of itself."""
+    return json.loads(json.dumps(value, default=str))
+
+
 def read_json(path: str | Path, remedy: str, kind: type = dict):
     """The JSON value in `path` (a dict unless `kind` says otherwise); unreadable, not JSON (binary or text
     garbage) or of another kind, it is a UsageError ending in `remedy` ("pass --restart ...")."""

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from .chains import BaseEdit
 from .core import check_new_output, run_resumably
 from .edits import base_fingerprint, edit_metadata, save_edit
 from .errors import UsageError
+from .files import plain_json
 from .inputs import IMAGE_SIDE
 from .models import is_toy_model, load_pipeline, resolve_device
 from .outputs import RunDirectory
@@ -123,6 +123,5 @@ def run_signature(method: str, config, request, fingerprint: dict, training: Tra
                   resolution: int | None = None) -> dict:
     """What makes two erase runs the same run: an interrupted one resumes only from its own checkpoints. As JSON
     values (tuples as lists), so it compares equal to the run.json an interrupted run left."""
-    return json.loads(json.dumps({"method": method, "config": asdict(config), "request": asdict(request),
-                                  "base": fingerprint, "training": asdict(training or TrainingOptions()),
-                                  "resolution": resolution}))
+    return plain_json({"method": method, "config": asdict(config), "request": asdict(request), "base": fingerprint,
+                       "training": asdict(training or TrainingOptions()), "resolution": resolution})
