@@ -259,8 +259,8 @@ class ForgetMeNot(Eraser):
 
         parameters = train_only(loaded, trainable_parameters(loaded, cfg.parameters), unet)
         optimizer = build_optimizer(loaded, parameters, cfg.lr, cfg.weight_decay)
-        drift = (ProjectionDrift(loaded, request.retain_prompts() or default_retain_prompts(request), parameters)
-                 if cfg.preserve_weight else None)
+        retain = request.retain_prompts() or default_retain_prompts(request)
+        drift = ProjectionDrift(loaded, retain, parameters) if cfg.preserve_weight else None
 
         def step(_, generator):
             picked = torch.randint(len(images), (cfg.batch_size,), generator=generator)
@@ -281,10 +281,10 @@ class ForgetMeNot(Eraser):
                                          checkpoint_every=50).run(step)
         edited = {loaded.family.denoiser: finish(loaded, unet.eval())}
         if cfg.text_steps:  # after the re-steering, which is trained on what the base encoders give
-            edited.update(self.resteer_text(loaded, request, prompts, work_dir))
+            edited.update(self.resteer_text(loaded, request, prompts, retain, work_dir))
         return edited
 
-    def resteer_text(self, loaded: LoadedPipeline, request: EraseRequest, prompts: list[str],
+    def resteer_text(self, loaded: LoadedPipeline, request: EraseRequest, prompts: list[str], retain: list[str],
                      work_dir: Path | None) -> dict[str, nn.Module]:
         """The text stage: the encoders' self-attention query/key projections train so that the end token and the
         padding stop attending to the concept's tokens (the L2 norm of those probabilities, as the re-steering's),
@@ -296,7 +296,6 @@ class ForgetMeNot(Eraser):
         tokenizers = {name: loaded.tokenizers[name.replace("text_encoder", "tokenizer")] for name in encoders}
         positions = {name: concept_positions(tokenizers[name], ids[name], spellings(request)) for name in encoders}
         queries = {name: end_and_padding_positions(tokenizers[name], ids[name]) for name in encoders}
-        retain = request.retain_prompts() or default_retain_prompts(request)
         held_prompts = retain + prompts
         cut = queries[loaded.adapter.token_states_encoder]
         held_positions = torch.cat([torch.ones(len(retain), cut.shape[1], dtype=torch.bool, device=loaded.device),
@@ -332,9 +331,7 @@ class ForgetMeNot(Eraser):
         self.text_history = TrainingLoop("fmn-text", cfg.text_steps, {"params": ParameterState(parameters),
                                                                       "opt": optimizer}, cfg.seed, work_dir,
                                          checkpoint_every=50).run(step)
-        edited = {name: finish(loaded, encoder.eval()) for name, encoder in encoders.items()}
-        loaded.freeze()
-        return edited
+        return {name: finish(loaded, encoder.eval()) for name, encoder in encoders.items()}
 
     def invert(self, loaded: LoadedPipeline, vectors: ConceptVectors, images, image_prompt, work_dir) -> list[dict]:
         """Textual inversion: the vectors learn to reproduce the concept's images under the plain denoising loss,
